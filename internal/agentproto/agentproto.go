@@ -1,0 +1,105 @@
+// Package agentproto holds the wire contract between bangerd (host side,
+// package agent) and banger-vsock-agent (guest side, package guestagent).
+//
+// The transport is one byte stream (a virtio-serial port with QEMU, a vsock
+// connection with Firecracker). It carries an SSH connection
+// (golang.org/x/crypto/ssh): the guest agent is the SSH server, the host is
+// the client. Both keys are created by the host per VM and handed to the
+// guest in the boot initramfs (see Config), so each side authenticates the
+// other and nothing is trusted on first use.
+package agentproto
+
+// Version is the agent protocol version. The host refuses agents whose
+// major version differs.
+const Version = "1.0"
+
+// VirtioPortName is the name of the virtio-serial port carrying the agent
+// connection (/sys/class/virtio-ports/*/name in the guest).
+const VirtioPortName = "org.banger.agent.0"
+
+// DefaultVsockPort is the vsock port the agent listens on under Firecracker.
+const DefaultVsockPort = 1024
+
+// ConfigPath is where the agent's configuration lives inside the initramfs
+// that banger builds.
+const ConfigPath = "/banger/agent.json"
+
+// InitPath is the agent's path inside the banger initramfs; the kernel is
+// booted with rdinit=InitPath.
+const InitPath = "/banger/init"
+
+// Config is handed by the host to the guest agent (JSON, at ConfigPath in the
+// initramfs).
+type Config struct {
+	// Transport is "virtio-serial" or "vsock".
+	Transport string `json:"transport"`
+	// PortName is the virtio-serial port name (Transport virtio-serial).
+	PortName string `json:"port_name,omitempty"`
+	// VsockPort is the vsock port to listen on (Transport vsock).
+	VsockPort uint32 `json:"vsock_port,omitempty"`
+	// HostKey is the agent's SSH host private key (OpenSSH PEM).
+	HostKey string `json:"host_key"`
+	// AuthorizedKey is the host client's public key (authorized_keys format).
+	AuthorizedKey string `json:"authorized_key"`
+	// Hostname to set in the guest.
+	Hostname string `json:"hostname,omitempty"`
+	// Modules lists kernel module files (paths inside the initramfs), in
+	// load order, to load before mounting the root disk.
+	Modules []string `json:"modules,omitempty"`
+	// RootDevice is the guest block device holding the root filesystem
+	// (default /dev/vda).
+	RootDevice string `json:"root_device,omitempty"`
+	// RootFSType is the root filesystem type (default ext4).
+	RootFSType string `json:"root_fstype,omitempty"`
+	// Init is the init program to hand over to after mounting the root:
+	// "" or "auto" = /sbin/init if present in the root filesystem, else the
+	// agent stays PID 1; "none" = the agent stays PID 1; otherwise a path.
+	Init string `json:"init,omitempty"`
+}
+
+// SSH-level names. Standard SSH session semantics are used wherever they
+// exist: "session" channels, "pty-req", "window-change", "env", "signal",
+// "exit-status", "exit-signal", stdout as channel data, stderr as extended
+// data type 1.
+const (
+	// ReqExecArgv is a session channel request whose payload is an ExecRequest
+	// (JSON inside an SSH string). It runs argv without a shell.
+	ReqExecArgv = "banger-exec@banger.dev"
+	// ChanCopyIn is a channel type: the host sends a tar stream that the guest
+	// extracts under CopyRequest.Path.
+	ChanCopyIn = "banger-copy-in@banger.dev"
+	// ChanCopyOut is a channel type: the guest sends a tar stream of
+	// CopyRequest.Path.
+	ChanCopyOut = "banger-copy-out@banger.dev"
+	// GlobalInfo is a global request answered with an Info (JSON).
+	GlobalInfo = "banger-info@banger.dev"
+	// GlobalShutdown is a global request asking the guest to power off
+	// (Reboot=false) cleanly. The reply is sent before shutdown starts.
+	GlobalShutdown = "banger-shutdown@banger.dev"
+)
+
+// ExecRequest is the payload of ReqExecArgv.
+type ExecRequest struct {
+	Argv []string `json:"argv"`
+	Env  []string `json:"env,omitempty"` // KEY=VALUE, added to the agent's default environment
+	Dir  string   `json:"dir,omitempty"`
+	User string   `json:"user,omitempty"` // reserved; commands run as root for now
+}
+
+// CopyRequest is the extra data of ChanCopyIn and ChanCopyOut channels.
+type CopyRequest struct {
+	Path string `json:"path"`
+}
+
+// Info describes the guest, answered to GlobalInfo.
+type Info struct {
+	AgentVersion  string `json:"agent_version"`
+	ProtoVersion  string `json:"proto_version"`
+	KernelRelease string `json:"kernel_release"`
+	Hostname      string `json:"hostname"`
+	// InitMode is "systemd" (or another init) when the agent handed PID 1 to
+	// the image's init, "agent" when the agent is PID 1.
+	InitMode string `json:"init_mode"`
+	Init     string `json:"init,omitempty"`
+	UptimeMS int64  `json:"uptime_ms"`
+}

@@ -1,0 +1,97 @@
+// Package vmm defines the contract between bangerd and a virtual machine
+// monitor backend (QEMU microvm today, Firecracker next).
+//
+// The contract, in call order:
+//
+//   - Start boots a VM described by a Spec and returns a Handle as soon as the
+//     VMM process runs. The VMM process is not tied to the caller's context or
+//     to the daemon's process: it keeps running when bangerd exits, so that a
+//     restarted daemon can adopt it. Start either returns a running VM or
+//     leaves nothing behind (no process, no socket).
+//   - Alive, Wait, Shutdown, Kill and DialAgent accept a Handle produced by
+//     Start, possibly by an earlier daemon process (the Handle is recorded in
+//     the state database as JSON).
+//   - Shutdown asks the guest to power off (ACPI power button). It returns once
+//     the request is delivered; use Wait to learn when the VMM exited.
+//   - Kill stops the VMM process immediately. Kill on a VM that already
+//     exited is not an error. Kill removes the driver's runtime files.
+//   - Cleanup removes runtime files (sockets, pid files) of a VMM that is no
+//     longer running. It is idempotent.
+//
+// All methods are safe for concurrent use on different handles. Callers
+// serialise operations on one VM.
+package vmm
+
+import (
+	"context"
+	"errors"
+	"net"
+)
+
+// Accelerators a driver may use.
+const (
+	AccelAuto = "auto"
+	AccelKVM  = "kvm"
+	AccelTCG  = "tcg"
+)
+
+// Disk formats a driver may accept for the root disk.
+const (
+	FormatQcow2 = "qcow2"
+	FormatRaw   = "raw"
+)
+
+// ErrNotRunning is returned when an operation needs a running VMM.
+var ErrNotRunning = errors.New("vmm not running")
+
+// Disk is a block device given to the guest.
+type Disk struct {
+	Path   string
+	Format string // FormatQcow2 or FormatRaw
+}
+
+// Spec describes a VM to boot.
+type Spec struct {
+	ID        string // stable unique id, used to tag the process
+	Name      string
+	Dir       string // runtime directory owned by this VM; the driver puts sockets and pid files here
+	CPUs      int
+	MemoryMiB int
+	Kernel    string
+	Initrd    string // optional
+	Cmdline   string // kernel command line (driver may append console settings)
+	RootDisk  Disk
+	Accel     string // AccelAuto, AccelKVM or AccelTCG
+	// ConsoleLog is the file the guest's serial console is written to.
+	ConsoleLog string
+}
+
+// Handle identifies a running VMM process. It is serialised to the state
+// database and must stay meaningful across daemon restarts.
+type Handle struct {
+	Driver        string `json:"driver"`
+	PID           int    `json:"pid"`
+	StartTime     uint64 `json:"start_time"` // process start time in clock ticks, guards against pid reuse
+	ControlSocket string `json:"control_socket"`
+	AgentSocket   string `json:"agent_socket"`
+	PIDFile       string `json:"pid_file,omitempty"`
+	Accel         string `json:"accel"`
+}
+
+// Driver is a VMM backend.
+type Driver interface {
+	// Name is the backend's name ("qemu", "firecracker").
+	Name() string
+	// DiskFormats lists the root disk formats the driver accepts, preferred first.
+	DiskFormats() []string
+	Start(ctx context.Context, spec Spec) (Handle, error)
+	// Alive reports whether the VMM process of h still runs.
+	Alive(h Handle) bool
+	// Wait blocks until the VMM process of h exits or ctx ends.
+	Wait(ctx context.Context, h Handle) error
+	Shutdown(ctx context.Context, h Handle) error
+	Kill(ctx context.Context, h Handle) error
+	Cleanup(h Handle) error
+	// DialAgent connects to the guest agent's transport (virtio-serial or vsock).
+	DialAgent(ctx context.Context, h Handle) (net.Conn, error)
+}
