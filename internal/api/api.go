@@ -1,0 +1,204 @@
+// Package api holds the types of bangerd's RPC: method names, parameters,
+// results, stream frames and error codes. It is shared by the daemon and
+// the typed client and depends on nothing else in banger.
+package api
+
+import "time"
+
+// Version is the RPC protocol version. Methods are named "v1.<noun>.<verb>".
+const Version = 1
+
+// Method names.
+const (
+	MethodPing          = "v1.daemon.ping"
+	MethodImageRegister = "v1.image.register"
+	MethodImagePromote  = "v1.image.promote"
+	MethodImageList     = "v1.image.list"
+	MethodImageInspect  = "v1.image.inspect"
+	MethodImageRemove   = "v1.image.remove"
+	MethodVMCreate      = "v1.vm.create"
+	MethodVMStart       = "v1.vm.start"
+	MethodVMStop        = "v1.vm.stop"
+	MethodVMKill        = "v1.vm.kill"
+	MethodVMRemove      = "v1.vm.remove"
+	MethodVMList        = "v1.vm.list"
+	MethodVMInspect     = "v1.vm.inspect"
+	MethodVMLogs        = "v1.vm.logs"
+	MethodVMExec        = "v1.vm.exec"
+	MethodVMCopyIn      = "v1.vm.copy_in"
+	MethodVMCopyOut     = "v1.vm.copy_out"
+)
+
+// Error codes carried on the wire. The daemon maps its errors to these at
+// the RPC edge; the client maps them back to sentinel errors.
+const (
+	CodeInternal         = "internal"
+	CodeInvalid          = "invalid_argument"
+	CodeNotFound         = "not_found"
+	CodeAlreadyExists    = "already_exists"
+	CodeFailedPrecond    = "failed_precondition"
+	CodePermissionDenied = "permission_denied"
+	CodeUnknownMethod    = "unknown_method"
+	CodeCanceled         = "canceled"
+)
+
+// PingResult answers MethodPing.
+type PingResult struct {
+	Version    string `json:"version"`
+	APIVersion int    `json:"api_version"`
+	PID        int    `json:"pid"`
+	StateDir   string `json:"state_dir"`
+}
+
+// Image is an image as the daemon reports it.
+type Image struct {
+	ID         string    `json:"id"`
+	Name       string    `json:"name"`
+	Managed    bool      `json:"managed"`
+	Rootfs     string    `json:"rootfs"`
+	Kernel     string    `json:"kernel"`
+	Initrd     string    `json:"initrd,omitempty"`
+	ModulesDir string    `json:"modules_dir,omitempty"`
+	SizeBytes  int64     `json:"size_bytes"`
+	CreatedAt  time.Time `json:"created_at"`
+	UsedBy     []string  `json:"used_by,omitempty"`
+}
+
+// ImageRegisterParams registers host files as an unmanaged image. Paths
+// must be absolute (the CLI absolutises them).
+type ImageRegisterParams struct {
+	Name       string `json:"name"`
+	Rootfs     string `json:"rootfs"`
+	Kernel     string `json:"kernel"`
+	Initrd     string `json:"initrd,omitempty"`
+	ModulesDir string `json:"modules_dir,omitempty"`
+}
+
+// NameParams names one object (a VM or an image, by name or id).
+type NameParams struct {
+	Name string `json:"name"`
+}
+
+// VM states.
+const (
+	StateStopped  = "stopped"
+	StateStarting = "starting"
+	StateRunning  = "running"
+	StateStopping = "stopping"
+	StateError    = "error"
+)
+
+// VM is a VM as the daemon reports it.
+type VM struct {
+	ID           string     `json:"id"`
+	Name         string     `json:"name"`
+	Image        string     `json:"image"`
+	ImageID      string     `json:"image_id"`
+	State        string     `json:"state"`
+	CPUs         int        `json:"cpus"`
+	MemoryMiB    int        `json:"memory_mib"`
+	DiskBytes    int64      `json:"disk_bytes"`
+	DiskPath     string     `json:"disk_path"`
+	DiskFormat   string     `json:"disk_format"`
+	DiskStrategy string     `json:"disk_strategy"`
+	VMM          string     `json:"vmm"`
+	Accel        string     `json:"accel"`
+	AccelWanted  string     `json:"accel_wanted"`
+	PID          int        `json:"pid,omitempty"`
+	Dir          string     `json:"dir"`
+	ConsoleLog   string     `json:"console_log"`
+	CreatedAt    time.Time  `json:"created_at"`
+	StartedAt    *time.Time `json:"started_at,omitempty"`
+	Guest        *GuestInfo `json:"guest,omitempty"`
+	LastError    string     `json:"last_error,omitempty"`
+}
+
+// GuestInfo is what the guest agent reports.
+type GuestInfo struct {
+	KernelRelease string `json:"kernel_release"`
+	InitMode      string `json:"init_mode"`
+	AgentVersion  string `json:"agent_version"`
+	Hostname      string `json:"hostname"`
+}
+
+// VMCreateParams creates a VM.
+type VMCreateParams struct {
+	Name      string `json:"name,omitempty"` // generated when empty
+	Image     string `json:"image,omitempty"`
+	CPUs      int    `json:"cpus,omitempty"`
+	MemoryMiB int    `json:"memory_mib,omitempty"`
+	DiskBytes int64  `json:"disk_bytes,omitempty"` // 0 = the image's size
+	Accel     string `json:"accel,omitempty"`      // auto, kvm, tcg
+	Start     bool   `json:"start,omitempty"`      // start and wait until ready
+}
+
+// VMStopParams stops a VM.
+type VMStopParams struct {
+	Name    string `json:"name"`
+	Timeout string `json:"timeout,omitempty"` // Go duration; default from daemon config
+}
+
+// VMRemoveParams removes a VM.
+type VMRemoveParams struct {
+	Name  string `json:"name"`
+	Force bool   `json:"force,omitempty"`
+}
+
+// VMLogsParams reads a VM's serial console.
+type VMLogsParams struct {
+	Name   string `json:"name"`
+	Follow bool   `json:"follow,omitempty"`
+	Tail   int    `json:"tail,omitempty"` // lines; 0 = everything
+}
+
+// VMExecParams runs a command in a VM. After the response header, the
+// connection carries Frames both ways.
+type VMExecParams struct {
+	Name string   `json:"name"`
+	Argv []string `json:"argv"` // empty with TTY = login shell
+	Env  []string `json:"env,omitempty"`
+	Dir  string   `json:"dir,omitempty"`
+	TTY  bool     `json:"tty,omitempty"`
+	Term string   `json:"term,omitempty"`
+	Rows int      `json:"rows,omitempty"`
+	Cols int      `json:"cols,omitempty"`
+}
+
+// VMCopyParams copies files: MethodVMCopyIn carries a tar stream from the
+// client (FrameStdin frames) extracted under Path in the guest;
+// MethodVMCopyOut sends a tar of Path as FrameStdout frames.
+type VMCopyParams struct {
+	Name string `json:"name"`
+	Path string `json:"path"`
+}
+
+// Frame types of a streaming call.
+const (
+	FrameProgress = "progress" // server → client: Progress
+	FrameStdout   = "stdout"   // server → client: Data
+	FrameStderr   = "stderr"   // server → client: Data
+	FrameStdin    = "stdin"    // client → server: Data
+	FrameEOF      = "eof"      // client → server: stdin closed
+	FrameResize   = "resize"   // client → server: Rows, Cols
+)
+
+// Progress reports a long operation's phase and byte counts.
+type Progress struct {
+	Phase string `json:"phase"`
+	Done  int64  `json:"done,omitempty"`
+	Total int64  `json:"total,omitempty"`
+}
+
+// ExecResult ends an exec call.
+type ExecResult struct {
+	ExitCode int `json:"exit_code"`
+}
+
+// Frame is one message of a streaming call after the request.
+type Frame struct {
+	Type     string    `json:"type"`
+	Data     []byte    `json:"data,omitempty"`
+	Progress *Progress `json:"progress,omitempty"`
+	Rows     int       `json:"rows,omitempty"`
+	Cols     int       `json:"cols,omitempty"`
+}

@@ -1,0 +1,200 @@
+// Package config loads banger's two TOML configuration files: the daemon's
+// (/etc/banger/bangerd.toml) and the CLI user's (~/.config/banger/config.toml).
+// Every key, with its default, is documented on the struct fields and in
+// docs/config.md. Unknown keys are an error, so a typo never goes unnoticed.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Defaults.
+const (
+	DefaultDaemonConfigPath = "/etc/banger/bangerd.toml"
+	DefaultSocketPath       = "/run/banger/bangerd.sock"
+	DefaultStateDir         = "/var/lib/banger"
+)
+
+// Duration is a time.Duration written as a Go duration string ("30s").
+type Duration struct{ time.Duration }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// Daemon is bangerd's configuration.
+type Daemon struct {
+	// SocketPath is the RPC socket. Default /run/banger/bangerd.sock.
+	SocketPath string `toml:"socket_path"`
+	// SocketGroup owns the socket (mode 0660), so its members can use banger
+	// without sudo. Default "" (root's group only).
+	SocketGroup string `toml:"socket_group"`
+	// StateDir holds the database, images and VM disks. Default /var/lib/banger.
+	StateDir string `toml:"state_dir"`
+	// QEMUBinary is the QEMU system emulator. Default qemu-system-x86_64 (PATH).
+	QEMUBinary string `toml:"qemu_binary"`
+	// QEMUImgBinary is qemu-img. Default qemu-img (PATH).
+	QEMUImgBinary string `toml:"qemu_img_binary"`
+	// AgentBinary is the static guest agent put into every VM's initramfs.
+	// Default: banger-vsock-agent next to the bangerd executable, else
+	// /usr/lib/banger/banger-vsock-agent.
+	AgentBinary string `toml:"agent_binary"`
+	// Accel is the default accelerator: auto, kvm or tcg. Default auto (KVM
+	// when it can really run guests, else TCG with a warning).
+	Accel string `toml:"accel"`
+	// DefaultImage is used when vm create/run names no image. Default "default".
+	DefaultImage string `toml:"default_image"`
+	// DefaultCPUs for new VMs. Default 2.
+	DefaultCPUs int `toml:"default_cpus"`
+	// DefaultMemoryMiB for new VMs. Default 1024.
+	DefaultMemoryMiB int `toml:"default_memory_mib"`
+	// ReadyTimeout bounds the wait for the guest agent after a start. Default 120s
+	// (TCG boots are slow).
+	ReadyTimeout Duration `toml:"ready_timeout"`
+	// StopTimeout bounds a graceful stop before the VM is killed. Default 30s.
+	StopTimeout Duration `toml:"stop_timeout"`
+	// LogLevel is debug, info, warn or error. Default info.
+	LogLevel string `toml:"log_level"`
+	// LogFormat is text or json. Default text.
+	LogFormat string `toml:"log_format"`
+}
+
+// DefaultDaemon returns the daemon defaults.
+func DefaultDaemon() Daemon {
+	return Daemon{
+		SocketPath:       DefaultSocketPath,
+		StateDir:         DefaultStateDir,
+		QEMUBinary:       "qemu-system-x86_64",
+		QEMUImgBinary:    "qemu-img",
+		Accel:            "auto",
+		DefaultImage:     "default",
+		DefaultCPUs:      2,
+		DefaultMemoryMiB: 1024,
+		ReadyTimeout:     Duration{120 * time.Second},
+		StopTimeout:      Duration{30 * time.Second},
+		LogLevel:         "info",
+		LogFormat:        "text",
+	}
+}
+
+// LoadDaemon reads path over the defaults. A missing file is fine when
+// mustExist is false (the default path is optional).
+func LoadDaemon(path string, mustExist bool) (Daemon, error) {
+	c := DefaultDaemon()
+	if err := decodeFile(path, &c, mustExist); err != nil {
+		return Daemon{}, err
+	}
+	return c, c.Validate()
+}
+
+// Validate checks values.
+func (c Daemon) Validate() error {
+	var errs []error
+	switch c.Accel {
+	case "auto", "kvm", "tcg":
+	default:
+		errs = append(errs, fmt.Errorf("accel %q: want auto, kvm or tcg", c.Accel))
+	}
+	if !filepath.IsAbs(c.StateDir) {
+		errs = append(errs, fmt.Errorf("state_dir %q: must be an absolute path", c.StateDir))
+	}
+	if !filepath.IsAbs(c.SocketPath) {
+		errs = append(errs, fmt.Errorf("socket_path %q: must be an absolute path", c.SocketPath))
+	}
+	if c.DefaultCPUs < 1 {
+		errs = append(errs, fmt.Errorf("default_cpus %d: must be at least 1", c.DefaultCPUs))
+	}
+	if c.DefaultMemoryMiB < 64 {
+		errs = append(errs, fmt.Errorf("default_memory_mib %d: must be at least 64", c.DefaultMemoryMiB))
+	}
+	if c.ReadyTimeout.Duration <= 0 || c.StopTimeout.Duration <= 0 {
+		errs = append(errs, errors.New("ready_timeout and stop_timeout must be positive"))
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("log_level %q: want debug, info, warn or error", c.LogLevel))
+	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		errs = append(errs, fmt.Errorf("log_format %q: want text or json", c.LogFormat))
+	}
+	return errors.Join(errs...)
+}
+
+// CLI is the user's CLI configuration.
+type CLI struct {
+	// SocketPath is bangerd's socket. Default /run/banger/bangerd.sock; the
+	// BANGER_SOCKET environment variable overrides it.
+	SocketPath string `toml:"socket_path"`
+	// DefaultImage for vm create/run when --image is not given. Default ""
+	// (the daemon's default_image).
+	DefaultImage string `toml:"default_image"`
+	// DefaultCPUs for vm create/run. Default 0 (the daemon's default).
+	DefaultCPUs int `toml:"default_cpus"`
+	// DefaultMemoryMiB for vm create/run. Default 0 (the daemon's default).
+	DefaultMemoryMiB int `toml:"default_memory_mib"`
+}
+
+// DefaultCLIPath returns ~/.config/banger/config.toml (honouring
+// XDG_CONFIG_HOME).
+func DefaultCLIPath() string {
+	dir, err := os.UserConfigDir()
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(dir, "banger", "config.toml")
+}
+
+// LoadCLI reads path over the defaults; a missing file is fine unless
+// mustExist.
+func LoadCLI(path string, mustExist bool) (CLI, error) {
+	c := CLI{SocketPath: DefaultSocketPath}
+	if path != "" {
+		if err := decodeFile(path, &c, mustExist); err != nil {
+			return CLI{}, err
+		}
+	}
+	if s := os.Getenv("BANGER_SOCKET"); s != "" {
+		c.SocketPath = s
+	}
+	if c.DefaultCPUs < 0 || c.DefaultMemoryMiB < 0 {
+		return CLI{}, fmt.Errorf("config %s: default_cpus and default_memory_mib must not be negative", path)
+	}
+	return c, nil
+}
+
+func decodeFile(path string, v any, mustExist bool) error {
+	md, err := toml.DecodeFile(path, v)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) && !mustExist {
+			return nil
+		}
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	if undec := md.Undecoded(); len(undec) > 0 {
+		keys := make([]string, len(undec))
+		for i, k := range undec {
+			keys[i] = k.String()
+		}
+		return fmt.Errorf("config %s: unknown key(s) %s", path, strings.Join(keys, ", "))
+	}
+	return nil
+}

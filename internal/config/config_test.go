@@ -1,0 +1,72 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func write(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "c.toml")
+	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestDaemonDefaultsWhenMissing(t *testing.T) {
+	c, err := LoadDaemon(filepath.Join(t.TempDir(), "none.toml"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c != DefaultDaemon() {
+		t.Fatalf("got %+v", c)
+	}
+	if _, err := LoadDaemon(filepath.Join(t.TempDir(), "none.toml"), true); err == nil {
+		t.Fatal("missing explicit config accepted")
+	}
+}
+
+func TestDaemonOverrides(t *testing.T) {
+	c, err := LoadDaemon(write(t, "state_dir = \"/srv/banger\"\naccel = \"tcg\"\nstop_timeout = \"5s\"\n"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.StateDir != "/srv/banger" || c.Accel != "tcg" || c.StopTimeout.Duration != 5*time.Second || c.DefaultCPUs != 2 {
+		t.Fatalf("got %+v", c)
+	}
+}
+
+func TestDaemonBadConfig(t *testing.T) {
+	for body, want := range map[string]string{
+		"acel = \"tcg\"\n":          "unknown key(s) acel",
+		"accel = \"hvf\"\n":         "accel \"hvf\"",
+		"state_dir = \"rel/dir\"\n": "must be an absolute path",
+		"stop_timeout = \"soon\"\n": "soon",
+		"default_memory_mib = 10\n": "default_memory_mib 10",
+		"log_level = \"chatty\"\n":  "log_level",
+		"default_cpus = \"two\"\n":  "default_cpus",
+	} {
+		_, err := LoadDaemon(write(t, body), true)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: err = %v, want mention of %q", body, err, want)
+		}
+	}
+}
+
+func TestCLIEnvOverride(t *testing.T) {
+	t.Setenv("BANGER_SOCKET", "/tmp/x.sock")
+	c, err := LoadCLI(write(t, "socket_path = \"/a.sock\"\ndefault_image = \"deb\"\n"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.SocketPath != "/tmp/x.sock" || c.DefaultImage != "deb" {
+		t.Fatalf("got %+v", c)
+	}
+	if _, err := LoadCLI(write(t, "colour = true\n"), true); err == nil {
+		t.Fatal("unknown CLI key accepted")
+	}
+}

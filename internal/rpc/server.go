@@ -1,0 +1,226 @@
+package rpc
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/errdefs"
+)
+
+// Peer is the process at the other end of a connection (SO_PEERCRED).
+type Peer struct {
+	PID int32
+	UID uint32
+	GID uint32
+}
+
+// Perm is the permission a method needs.
+type Perm int
+
+const (
+	// PermRead methods only report state.
+	PermRead Perm = iota
+	// PermWrite methods change state or run code in VMs.
+	PermWrite
+)
+
+// Handler serves one call. Its result is JSON-encoded into the response.
+type Handler func(ctx context.Context, call *Call) (any, error)
+
+type method struct {
+	perm    Perm
+	handler Handler
+}
+
+// Authorizer decides whether peer may call a method needing perm.
+type Authorizer func(peer Peer, perm Perm) error
+
+// Server dispatches calls to a table of handlers.
+type Server struct {
+	log       *slog.Logger
+	authorize Authorizer
+	methods   map[string]method
+	wg        sync.WaitGroup
+}
+
+// NewServer returns a server; authorize may be nil (everyone allowed).
+func NewServer(log *slog.Logger, authorize Authorizer) *Server {
+	return &Server{log: log, authorize: authorize, methods: map[string]method{}}
+}
+
+// Handle registers a method. It panics on a duplicate name: the table is
+// built once at start-up.
+func (s *Server) Handle(name string, perm Perm, h Handler) {
+	if _, dup := s.methods[name]; dup {
+		panic("rpc: duplicate method " + name)
+	}
+	s.methods[name] = method{perm: perm, handler: h}
+}
+
+// Serve accepts connections until ctx ends or l fails. It waits for
+// in-flight calls to return before it returns.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+	defer s.wg.Wait()
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.serveConn(ctx, conn)
+		}()
+	}
+}
+
+func peerOf(conn net.Conn) (Peer, error) {
+	uc, ok := conn.(*net.UnixConn)
+	if !ok {
+		return Peer{}, errors.New("not a unix connection")
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return Peer{}, err
+	}
+	var cred *unix.Ucred
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return Peer{}, err
+	}
+	if serr != nil {
+		return Peer{}, serr
+	}
+	return Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}, nil
+}
+
+func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
+	defer conn.Close()
+	dec := json.NewDecoder(conn)
+	var req Request
+	if err := dec.Decode(&req); err != nil {
+		if !errors.Is(err, io.EOF) {
+			s.log.Debug("rpc: bad request", "err", err)
+		}
+		return
+	}
+	call := &Call{Method: req.Method, Params: req.Params, enc: json.NewEncoder(conn), frames: make(chan api.Frame, 64)}
+	m, ok := s.methods[req.Method]
+	if !ok {
+		call.finish(nil, fmt.Errorf("method %q (client and daemon versions differ?): %w", req.Method, errdefs.ErrUnknownMethod))
+		return
+	}
+	peer, err := peerOf(conn)
+	if err != nil {
+		s.log.Debug("rpc: no peer credentials", "err", err)
+	}
+	call.Peer = peer
+	if s.authorize != nil {
+		if err := s.authorize(peer, m.perm); err != nil {
+			call.finish(nil, err)
+			return
+		}
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// Read client frames; a closed connection cancels the call.
+	go func() {
+		defer cancel()
+		defer close(call.frames)
+		for {
+			var msg Message
+			if err := dec.Decode(&msg); err != nil {
+				return
+			}
+			if msg.Frame == nil {
+				continue
+			}
+			select {
+			case call.frames <- *msg.Frame:
+			case <-cctx.Done():
+				return
+			}
+		}
+	}()
+	log := s.log.With("method", req.Method, "peer_uid", peer.UID, "peer_pid", peer.PID)
+	log.Debug("rpc call")
+	res, err := m.handler(cctx, call)
+	if err != nil {
+		log.Debug("rpc call failed", "err", err)
+	}
+	call.finish(res, err)
+}
+
+// Call is one call being served.
+type Call struct {
+	Method string
+	Params json.RawMessage
+	Peer   Peer
+
+	mu     sync.Mutex
+	enc    *json.Encoder
+	frames chan api.Frame
+}
+
+// Decode decodes the call's parameters into v, rejecting unknown fields.
+func (c *Call) Decode(v any) error {
+	if len(c.Params) == 0 {
+		return nil
+	}
+	dec := json.NewDecoder(bytesReader(c.Params))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("decode %s params: %v: %w", c.Method, err, errdefs.ErrInvalid)
+	}
+	return nil
+}
+
+// Send sends a frame to the client.
+func (c *Call) Send(f api.Frame) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.enc.Encode(Message{Frame: &f})
+}
+
+// Progress sends a progress frame; errors are ignored (the client may
+// have gone; the call's context tells).
+func (c *Call) Progress(p api.Progress) {
+	_ = c.Send(api.Frame{Type: api.FrameProgress, Progress: &p})
+}
+
+// Frames returns the frames the client sends. The channel is closed when
+// the client closes its side.
+func (c *Call) Frames() <-chan api.Frame { return c.frames }
+
+func (c *Call) finish(res any, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err != nil {
+		_ = c.enc.Encode(Message{Error: &WireError{Code: errdefs.Code(err), Message: err.Error()}})
+		return
+	}
+	raw, merr := json.Marshal(res)
+	if merr != nil {
+		_ = c.enc.Encode(Message{Error: &WireError{Code: api.CodeInternal, Message: "encode result: " + merr.Error()}})
+		return
+	}
+	_ = c.enc.Encode(Message{Result: raw, Done: true})
+}

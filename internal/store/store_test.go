@@ -1,0 +1,113 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/errdefs"
+)
+
+func openTest(t *testing.T) (*Store, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "state.db")
+	s, err := Open(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, path
+}
+
+func TestMigrateAndReopen(t *testing.T) {
+	ctx := context.Background()
+	s, path := openTest(t)
+	v, err := s.SchemaVersion(ctx)
+	if err != nil || v != len(migrations) {
+		t.Fatalf("schema version = %d, %v; want %d", v, err, len(migrations))
+	}
+	var mode string
+	if err := s.db.QueryRow(`PRAGMA journal_mode`).Scan(&mode); err != nil || mode != "wal" {
+		t.Fatalf("journal_mode = %q, %v; want wal", mode, err)
+	}
+	if err := s.InsertImage(ctx, Image{ID: "i1", Name: "img", Rootfs: "/r", Kernel: "/k", CreatedAt: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s2, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if _, err := s2.GetImage(ctx, "img"); err != nil {
+		t.Fatalf("image lost across reopen: %v", err)
+	}
+}
+
+func TestRefusesNewerSchema(t *testing.T) {
+	ctx := context.Background()
+	s, path := openTest(t)
+	if _, err := s.db.Exec(`PRAGMA user_version = 99`); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if _, err := Open(ctx, path); err == nil {
+		t.Fatal("opened a database with a newer schema")
+	}
+}
+
+func TestImagesAndVMs(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTest(t)
+	now := time.Now().Truncate(time.Millisecond)
+	if err := s.InsertImage(ctx, Image{ID: "i1", Name: "img", Rootfs: "/r", Kernel: "/k", CreatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	err := s.InsertImage(ctx, Image{ID: "i2", Name: "img", Rootfs: "/r", Kernel: "/k", CreatedAt: now})
+	if !errors.Is(err, errdefs.ErrAlreadyExists) {
+		t.Fatalf("duplicate image name: err = %v, want ErrAlreadyExists", err)
+	}
+	if _, err := s.GetImage(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("missing image: err = %v", err)
+	}
+	vm := VM{ID: "v1", Name: "box", ImageID: "i1", State: "stopped", CPUs: 2, MemoryMiB: 512, DiskBytes: 1 << 30,
+		DiskPath: "/d", DiskFormat: "qcow2", DiskStrategy: "qcow2-overlay", VMM: "qemu", AccelWanted: "auto", Dir: "/x", CreatedAt: now}
+	if err := s.InsertVM(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.InsertVM(ctx, VM{ID: "v2", Name: "box", ImageID: "i1", State: "stopped", CreatedAt: now}); !errors.Is(err, errdefs.ErrAlreadyExists) {
+		t.Fatalf("duplicate vm name: err = %v", err)
+	}
+	if err := s.InsertVM(ctx, VM{ID: "v3", Name: "other", ImageID: "missing", State: "stopped", CreatedAt: now}); err == nil {
+		t.Fatal("VM with unknown image id accepted (foreign keys off?)")
+	}
+	if err := s.DeleteImage(ctx, "i1"); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("delete image in use: err = %v", err)
+	}
+	vm.State, vm.Handle, vm.StartedAt = "running", `{"pid":1}`, now
+	if err := s.UpdateVM(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.GetVM(ctx, "v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.State != "running" || got.Handle != `{"pid":1}` || !got.StartedAt.Equal(now) || got.DiskBytes != 1<<30 {
+		t.Fatalf("vm round trip: %+v", got)
+	}
+	vms, err := s.ListVMs(ctx)
+	if err != nil || len(vms) != 1 {
+		t.Fatalf("list = %v, %v", vms, err)
+	}
+	if !s.VMNameTaken(ctx, "box") || s.VMNameTaken(ctx, "free") {
+		t.Fatal("VMNameTaken wrong")
+	}
+	if err := s.DeleteVM(ctx, "v1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteImage(ctx, "i1"); err != nil {
+		t.Fatalf("delete unused image: %v", err)
+	}
+}
