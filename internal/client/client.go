@@ -1,0 +1,220 @@
+// Package client is the typed client of bangerd's RPC. The CLI (and tests)
+// reach the daemon only through it.
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/rpc"
+)
+
+// Client talks to one bangerd socket.
+type Client struct {
+	Socket string
+}
+
+// New returns a client for socketPath.
+func New(socketPath string) *Client { return &Client{Socket: socketPath} }
+
+// ProgressFunc receives progress of long operations; it may be nil.
+type ProgressFunc func(api.Progress)
+
+func (c *Client) call(ctx context.Context, method string, params, result any, progress ProgressFunc) error {
+	return rpc.Do(ctx, c.Socket, method, params, result, func(f api.Frame) {
+		if f.Type == api.FrameProgress && f.Progress != nil && progress != nil {
+			progress(*f.Progress)
+		}
+	})
+}
+
+// IsUnreachable reports whether err means the daemon could not be reached.
+func IsUnreachable(err error) bool { return errors.Is(err, rpc.ErrDaemonUnreachable) }
+
+// Ping checks the daemon.
+func (c *Client) Ping(ctx context.Context) (api.PingResult, error) {
+	var r api.PingResult
+	err := c.call(ctx, api.MethodPing, struct{}{}, &r, nil)
+	return r, err
+}
+
+// ImageRegister registers host files as an image.
+func (c *Client) ImageRegister(ctx context.Context, p api.ImageRegisterParams) (api.Image, error) {
+	var r api.Image
+	err := c.call(ctx, api.MethodImageRegister, p, &r, nil)
+	return r, err
+}
+
+// ImagePromote copies an image into daemon-managed storage.
+func (c *Client) ImagePromote(ctx context.Context, name string, progress ProgressFunc) (api.Image, error) {
+	var r api.Image
+	err := c.call(ctx, api.MethodImagePromote, api.NameParams{Name: name}, &r, progress)
+	return r, err
+}
+
+// ImageList lists images.
+func (c *Client) ImageList(ctx context.Context) ([]api.Image, error) {
+	var r []api.Image
+	err := c.call(ctx, api.MethodImageList, struct{}{}, &r, nil)
+	return r, err
+}
+
+// ImageInspect describes one image.
+func (c *Client) ImageInspect(ctx context.Context, name string) (api.Image, error) {
+	var r api.Image
+	err := c.call(ctx, api.MethodImageInspect, api.NameParams{Name: name}, &r, nil)
+	return r, err
+}
+
+// ImageRemove removes an image.
+func (c *Client) ImageRemove(ctx context.Context, name string) error {
+	return c.call(ctx, api.MethodImageRemove, api.NameParams{Name: name}, nil, nil)
+}
+
+// VMCreate creates (and with p.Start, starts) a VM.
+func (c *Client) VMCreate(ctx context.Context, p api.VMCreateParams, progress ProgressFunc) (api.VM, error) {
+	var r api.VM
+	err := c.call(ctx, api.MethodVMCreate, p, &r, progress)
+	return r, err
+}
+
+// VMStart starts a VM and waits until its agent is ready.
+func (c *Client) VMStart(ctx context.Context, name string, progress ProgressFunc) (api.VM, error) {
+	var r api.VM
+	err := c.call(ctx, api.MethodVMStart, api.NameParams{Name: name}, &r, progress)
+	return r, err
+}
+
+// VMStop stops a VM gracefully (then kills it after the timeout).
+func (c *Client) VMStop(ctx context.Context, p api.VMStopParams, progress ProgressFunc) (api.VM, error) {
+	var r api.VM
+	err := c.call(ctx, api.MethodVMStop, p, &r, progress)
+	return r, err
+}
+
+// VMKill stops a VM immediately.
+func (c *Client) VMKill(ctx context.Context, name string) (api.VM, error) {
+	var r api.VM
+	err := c.call(ctx, api.MethodVMKill, api.NameParams{Name: name}, &r, nil)
+	return r, err
+}
+
+// VMRemove removes a VM.
+func (c *Client) VMRemove(ctx context.Context, p api.VMRemoveParams) error {
+	return c.call(ctx, api.MethodVMRemove, p, nil, nil)
+}
+
+// VMList lists VMs.
+func (c *Client) VMList(ctx context.Context) ([]api.VM, error) {
+	var r []api.VM
+	err := c.call(ctx, api.MethodVMList, struct{}{}, &r, nil)
+	return r, err
+}
+
+// VMInspect describes one VM.
+func (c *Client) VMInspect(ctx context.Context, name string) (api.VM, error) {
+	var r api.VM
+	err := c.call(ctx, api.MethodVMInspect, api.NameParams{Name: name}, &r, nil)
+	return r, err
+}
+
+// VMLogs copies a VM's serial console to w (following it with p.Follow
+// until ctx ends or the VM stops).
+func (c *Client) VMLogs(ctx context.Context, p api.VMLogsParams, w io.Writer) error {
+	return c.stream(ctx, api.MethodVMLogs, p, nil, w, nil, nil, nil)
+}
+
+// ExecIO wires an exec call to local streams.
+type ExecIO struct {
+	Stdin  io.Reader // nil: no stdin (EOF at once)
+	Stdout io.Writer
+	Stderr io.Writer
+	// Resize delivers terminal size changes (TTY mode).
+	Resize <-chan [2]int // rows, cols
+}
+
+// VMExec runs a command and returns its exit code.
+func (c *Client) VMExec(ctx context.Context, p api.VMExecParams, io ExecIO) (int, error) {
+	var r api.ExecResult
+	err := c.stream(ctx, api.MethodVMExec, p, &r, io.Stdout, io.Stderr, io.Stdin, io.Resize)
+	return r.ExitCode, err
+}
+
+// VMCopyIn sends a tar stream to be extracted under p.Path in the guest.
+func (c *Client) VMCopyIn(ctx context.Context, p api.VMCopyParams, tarStream io.Reader) error {
+	return c.stream(ctx, api.MethodVMCopyIn, p, nil, nil, nil, tarStream, nil)
+}
+
+// VMCopyOut writes a tar stream of p.Path in the guest to w.
+func (c *Client) VMCopyOut(ctx context.Context, p api.VMCopyParams, w io.Writer) error {
+	return c.stream(ctx, api.MethodVMCopyOut, p, nil, w, nil, nil, nil)
+}
+
+func (c *Client) stream(ctx context.Context, method string, params, result any, stdout, stderr io.Writer, stdin io.Reader, resize <-chan [2]int) error {
+	s, err := rpc.Open(ctx, c.Socket, method, params)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	done := make(chan struct{})
+	defer close(done)
+	if stdin != nil {
+		go func() {
+			buf := make([]byte, 32*1024)
+			for {
+				n, err := stdin.Read(buf)
+				if n > 0 {
+					if s.Send(api.Frame{Type: api.FrameStdin, Data: append([]byte(nil), buf[:n]...)}) != nil {
+						return
+					}
+				}
+				if err != nil {
+					_ = s.Send(api.Frame{Type: api.FrameEOF})
+					return
+				}
+			}
+		}()
+	} else {
+		_ = s.Send(api.Frame{Type: api.FrameEOF})
+	}
+	if resize != nil {
+		go func() {
+			for {
+				select {
+				case sz := <-resize:
+					_ = s.Send(api.Frame{Type: api.FrameResize, Rows: sz[0], Cols: sz[1]})
+				case <-done:
+					return
+				}
+			}
+		}()
+	}
+	for {
+		f, err := s.Recv(result)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return err
+		}
+		var w io.Writer
+		switch f.Type {
+		case api.FrameStdout:
+			w = stdout
+		case api.FrameStderr:
+			w = stderr
+		}
+		if w == nil {
+			continue
+		}
+		if _, err := w.Write(f.Data); err != nil {
+			return fmt.Errorf("write output: %w", err)
+		}
+	}
+}
