@@ -1,0 +1,257 @@
+// Package harness runs the real bangerd and banger binaries for the
+// end-to-end tests and the benchmarks.
+package harness
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/api"
+)
+
+// Env is one bangerd with its own state directory and socket.
+type Env struct {
+	T                testing.TB
+	dir              string
+	socket           string
+	state            string
+	daemon           *exec.Cmd
+	binDir, imageDir string
+	logBuf           *bytes.Buffer
+}
+
+func New(t testing.TB, binDir, imageDir string) *Env {
+	t.Helper()
+	// Unix socket paths are limited to 108 bytes: keep the directory short.
+	dir, err := os.MkdirTemp("/tmp", "bgr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &Env{T: t, binDir: binDir, imageDir: imageDir, dir: dir, socket: filepath.Join(dir, "bangerd.sock"), state: filepath.Join(dir, "state")}
+	e.StartDaemon()
+	t.Cleanup(func() {
+		// Remove every VM so no process outlives the test, then stop the daemon.
+		out, _, _ := e.Banger("vm", "ls", "-q")
+		for _, n := range strings.Fields(out) {
+			e.Banger("vm", "rm", "-f", n)
+		}
+		e.StopDaemon()
+		if t.Failed() {
+			t.Logf("bangerd log:\n%s", e.logBuf.String())
+		}
+		os.RemoveAll(dir)
+	})
+	return e
+}
+
+func (e *Env) StartDaemon() {
+	e.T.Helper()
+	if e.logBuf == nil {
+		e.logBuf = &bytes.Buffer{}
+	}
+	cmd := exec.Command(filepath.Join(e.binDir, "bangerd"), "--socket", e.socket, "--state-dir", e.state, "--log-level", "debug")
+	cmd.Stdout, cmd.Stderr = e.logBuf, e.logBuf
+	if err := cmd.Start(); err != nil {
+		e.T.Fatal(err)
+	}
+	e.daemon = cmd
+	WaitFor(e.T, 20*time.Second, "bangerd answering", func() bool {
+		_, _, code := e.Banger("version")
+		out, _, _ := e.Banger("vm", "ls")
+		return code == 0 && strings.Contains(out, "NAME")
+	})
+}
+
+func (e *Env) StopDaemon() {
+	if e.daemon == nil {
+		return
+	}
+	e.daemon.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { e.daemon.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		e.daemon.Process.Kill()
+		<-done
+	}
+	e.daemon = nil
+}
+
+// Banger runs the CLI and returns stdout, stderr and the exit code.
+func (e *Env) Banger(args ...string) (string, string, int) {
+	return e.BangerIn(nil, args...)
+}
+
+func (e *Env) BangerIn(stdin []byte, args ...string) (string, string, int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(e.binDir, "banger"), append([]string{"--socket", e.socket}, args...)...)
+	cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+e.dir)
+	var so, se bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &so, &se
+	if stdin != nil {
+		cmd.Stdin = bytes.NewReader(stdin)
+	}
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		e.T.Fatalf("run banger %v: %v", args, err)
+	}
+	return so.String(), se.String(), code
+}
+
+// Must runs the CLI and fails the test unless it exits 0.
+func (e *Env) Must(args ...string) string {
+	e.T.Helper()
+	out, errOut, code := e.Banger(args...)
+	if code != 0 {
+		e.T.Fatalf("banger %s: exit %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+// Fails runs the CLI, expects a non-zero exit and stderr mentioning want.
+func (e *Env) Fails(want string, args ...string) {
+	e.T.Helper()
+	out, errOut, code := e.Banger(args...)
+	if code == 0 {
+		e.T.Fatalf("banger %s succeeded, want failure\nstdout: %s", strings.Join(args, " "), out)
+	}
+	if !strings.Contains(errOut, want) {
+		e.T.Fatalf("banger %s: stderr %q does not mention %q", strings.Join(args, " "), errOut, want)
+	}
+}
+
+func (e *Env) RegisterImages() {
+	e.T.Helper()
+	e.Must("image", "register", "debian", "--rootfs", filepath.Join(e.imageDir, "rootfs.ext4"),
+		"--kernel", filepath.Join(e.imageDir, "vmlinuz"), "--initrd", filepath.Join(e.imageDir, "initrd.img"))
+	e.Must("image", "register", "tiny", "--rootfs", filepath.Join(e.imageDir, "busybox-rootfs.ext4"),
+		"--kernel", filepath.Join(e.imageDir, "vmlinuz"), "--modules", filepath.Join(e.imageDir, "modules"))
+}
+
+func (e *Env) Inspect(name string) api.VM {
+	e.T.Helper()
+	var vm api.VM
+	if err := json.Unmarshal([]byte(e.Must("vm", "inspect", name)), &vm); err != nil {
+		e.T.Fatal(err)
+	}
+	return vm
+}
+
+func (e *Env) VMDirs() []string {
+	ents, _ := os.ReadDir(filepath.Join(e.state, "vms"))
+	var out []string
+	for _, d := range ents {
+		out = append(out, d.Name())
+	}
+	return out
+}
+
+func KernelRelease(t testing.TB, imageDir string) string {
+	b, err := os.ReadFile(filepath.Join(imageDir, "kernel-release"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// ProcessAlive reports whether pid runs (zombies count as dead).
+func ProcessAlive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i > 0 && i+2 < len(s) && s[i+2] != 'Z'
+}
+
+// ProcessesMentioning lists live pids whose command line contains s.
+func ProcessesMentioning(s string) []string {
+	var out []string
+	ents, _ := os.ReadDir("/proc")
+	for _, d := range ents {
+		b, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
+		if err != nil || !bytes.Contains(b, []byte(s)) {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscan(d.Name(), &pid); err == nil && ProcessAlive(pid) {
+			out = append(out, d.Name())
+		}
+	}
+	return out
+}
+
+func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		case <-tick.C:
+		}
+	}
+}
+
+// Locate finds the built binaries (build/bin, from the module root) and the
+// test image ($BANGER_TESTIMAGE_DIR or /var/cache/banger/testimage), and
+// checks that the caller is root.
+func Locate() (binDir, imageDir string, err error) {
+	if os.Geteuid() != 0 {
+		return "", "", errors.New("these tests need root (bangerd manages VMs as root)")
+	}
+	wd, _ := os.Getwd()
+	for d := wd; d != "/"; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			binDir = filepath.Join(d, "build", "bin")
+			break
+		}
+	}
+	for _, b := range []string{"banger", "bangerd", "banger-vsock-agent"} {
+		if _, err := os.Stat(filepath.Join(binDir, b)); err != nil {
+			return "", "", fmt.Errorf("missing %s: run make build first", b)
+		}
+	}
+	imageDir = os.Getenv("BANGER_TESTIMAGE_DIR")
+	if imageDir == "" {
+		imageDir = "/var/cache/banger/testimage"
+	}
+	if _, err := os.Stat(filepath.Join(imageDir, "stamp")); err != nil {
+		return "", "", fmt.Errorf("no test image in %s: run make testimage first", imageDir)
+	}
+	return binDir, imageDir, nil
+}
+
+// Socket is the daemon's socket path.
+func (e *Env) Socket() string { return e.socket }
+
+// StateDir is the daemon's state directory.
+func (e *Env) StateDir() string { return e.state }
+
+// DaemonPID is the running daemon's pid (0 when stopped).
+func (e *Env) DaemonPID() int {
+	if e.daemon == nil {
+		return 0
+	}
+	return e.daemon.Process.Pid
+}
