@@ -9,6 +9,13 @@
 // other and nothing is trusted on first use.
 package agentproto
 
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+)
+
 // Version is the agent protocol version. The host refuses agents whose
 // major version differs.
 const Version = "1.0"
@@ -23,6 +30,12 @@ const DefaultVsockPort = 1024
 // ConfigPath is where the agent's configuration lives inside the initramfs
 // that banger builds.
 const ConfigPath = "/banger/agent.json"
+
+// Transport names (Config.Transport).
+const (
+	TransportVirtioSerial = "virtio-serial"
+	TransportVsock        = "vsock"
+)
 
 // InitPath is the agent's path inside the banger initramfs; the kernel is
 // booted with rdinit=InitPath.
@@ -57,6 +70,12 @@ type Config struct {
 	Init string `json:"init,omitempty"`
 }
 
+// Encoding: every JSON document carried inside an SSH message (request
+// payloads such as ReqExecArgv, GlobalShutdown and ReqCopyStatus, reply
+// payloads such as GlobalInfo's, and the extra data of ChanCopyIn and
+// ChanCopyOut) is wrapped in a single SSH string (uint32 big-endian length,
+// then the bytes), i.e. ssh.Marshal(struct{ S string }{json}).
+
 // SSH-level names. Standard SSH session semantics are used wherever they
 // exist: "session" channels, "pty-req", "window-change", "env", "signal",
 // "exit-status", "exit-signal", stdout as channel data, stderr as extended
@@ -76,6 +95,13 @@ const (
 	// GlobalShutdown is a global request asking the guest to power off
 	// (Reboot=false) cleanly. The reply is sent before shutdown starts.
 	GlobalShutdown = "banger-shutdown@banger.dev"
+	// ReqCopyStatus is a channel request (want-reply false) that the guest
+	// sends on ChanCopyIn and ChanCopyOut channels just before closing them;
+	// its payload is a CopyStatus. On ChanCopyIn it is sent once the host's
+	// stream was fully read (host EOF) or as soon as extraction fails; on
+	// ChanCopyOut after the last byte of the tar stream. A channel closed
+	// without it means the copy did not complete.
+	ReqCopyStatus = "copy-status@banger.dev"
 )
 
 // ExecRequest is the payload of ReqExecArgv.
@@ -91,6 +117,16 @@ type CopyRequest struct {
 	Path string `json:"path"`
 }
 
+// CopyStatus is the payload of ReqCopyStatus. Error is empty on success.
+type CopyStatus struct {
+	Error string `json:"error,omitempty"`
+}
+
+// ShutdownRequest is the payload of GlobalShutdown.
+type ShutdownRequest struct {
+	Reboot bool `json:"reboot"`
+}
+
 // Info describes the guest, answered to GlobalInfo.
 type Info struct {
 	AgentVersion  string `json:"agent_version"`
@@ -102,4 +138,35 @@ type Info struct {
 	InitMode string `json:"init_mode"`
 	Init     string `json:"init,omitempty"`
 	UptimeMS int64  `json:"uptime_ms"`
+}
+
+// MarshalPayload encodes v as JSON wrapped in an SSH string (see Encoding).
+func MarshalPayload(v any) ([]byte, error) {
+	doc, err := json.Marshal(v)
+	if err != nil {
+		return nil, fmt.Errorf("encode payload: %w", err)
+	}
+	b := make([]byte, 4+len(doc))
+	binary.BigEndian.PutUint32(b, uint32(len(doc)))
+	copy(b[4:], doc)
+	return b, nil
+}
+
+// ErrBadPayload is returned by UnmarshalPayload for malformed payloads.
+var ErrBadPayload = errors.New("malformed payload")
+
+// UnmarshalPayload decodes a payload produced by MarshalPayload into v.
+// Trailing bytes after the SSH string are refused.
+func UnmarshalPayload(b []byte, v any) error {
+	if len(b) < 4 {
+		return fmt.Errorf("decode payload: %w: short length", ErrBadPayload)
+	}
+	n := binary.BigEndian.Uint32(b)
+	if uint64(n) != uint64(len(b)-4) {
+		return fmt.Errorf("decode payload: %w: length %d, have %d bytes", ErrBadPayload, n, len(b)-4)
+	}
+	if err := json.Unmarshal(b[4:], v); err != nil {
+		return fmt.Errorf("decode payload: %w: %w", ErrBadPayload, err)
+	}
+	return nil
 }

@@ -1,0 +1,295 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/agentproto"
+)
+
+// WindowSize is a terminal size in character cells.
+type WindowSize struct {
+	Rows, Cols int
+}
+
+// ExecOptions describes a command to run in the guest.
+type ExecOptions struct {
+	// Argv is the program and its arguments, run without a shell; the
+	// program is looked up in the guest's PATH. Required.
+	Argv []string
+	// Env entries (KEY=VALUE) are added to the agent's default
+	// environment (PATH, HOME=/root, USER=root, LANG=C.UTF-8, TERM).
+	Env []string
+	// Dir is the working directory (default /root, or / without it).
+	Dir string
+	// Stdin feeds the command's standard input; its EOF closes it. When
+	// nil, the command's stdin is empty. Exec does not wait for a Read
+	// that is still blocked when the command ends.
+	Stdin io.Reader
+	// Stdout and Stderr receive the command's output (discarded when nil).
+	// With TTY, both streams arrive merged on Stdout.
+	Stdout, Stderr io.Writer
+	// TTY runs the command on a pseudo-terminal of Rows x Cols (default
+	// 24x80) with TERM=Term (default "xterm-256color").
+	TTY        bool
+	Term       string
+	Rows, Cols int
+	// Resize, when not nil (and TTY is set), delivers terminal size
+	// changes until the command ends.
+	Resize <-chan WindowSize
+}
+
+// Standard SSH session payloads (RFC 4254).
+type (
+	ptyReqMsg struct {
+		Term          string
+		Columns, Rows uint32
+		Width, Height uint32
+		Modes         string
+	}
+	windowChangeMsg struct {
+		Columns, Rows uint32
+		Width, Height uint32
+	}
+	signalMsg struct {
+		Signal string
+	}
+	exitStatusMsg struct {
+		Status uint32
+	}
+	exitSignalMsg struct {
+		Signal     string
+		CoreDumped bool
+		Error      string
+		Lang       string
+	}
+)
+
+// ttyOpEnd terminates the (empty) encoded terminal modes of a pty-req.
+const ttyOpEnd = "\x00"
+
+// Exec runs a command in the guest and waits for it to end. It returns the
+// command's exit status; a command killed by signal N gives 128+N. An
+// unknown program gives 127 (with a message on Stderr). When ctx ends the
+// command's process group gets SIGKILL, the channel is closed and Exec
+// returns ctx's error. err is also set when writing to Stdout or Stderr
+// failed (the output is then drained and dropped) or the connection died.
+func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
+	if len(opts.Argv) == 0 || opts.Argv[0] == "" {
+		return -1, errors.New("exec: empty argv")
+	}
+	name := opts.Argv[0]
+	if err := ctx.Err(); err != nil {
+		return -1, fmt.Errorf("exec %s: %w", name, err)
+	}
+	ch, reqs, err := c.ssh.OpenChannel("session", nil)
+	if err != nil {
+		return -1, fmt.Errorf("exec %s: open session: %w", name, err)
+	}
+	defer ch.Close()
+
+	exitc := make(chan exitResult, 1)
+	go func() { exitc <- collectExit(reqs) }()
+
+	stop := context.AfterFunc(ctx, func() {
+		ch.SendRequest("signal", false, ssh.Marshal(signalMsg{Signal: "KILL"}))
+		ch.Close()
+	})
+	defer stop()
+	ctxErr := func() (int, error) {
+		return -1, fmt.Errorf("exec %s: %w", name, ctx.Err())
+	}
+
+	if opts.TTY {
+		term, rows, cols := opts.Term, opts.Rows, opts.Cols
+		if term == "" {
+			term = "xterm-256color"
+		}
+		if rows <= 0 || cols <= 0 {
+			rows, cols = 24, 80
+		}
+		ok, err := ch.SendRequest("pty-req", true, ssh.Marshal(ptyReqMsg{
+			Term: term, Columns: uint32(cols), Rows: uint32(rows), Modes: ttyOpEnd,
+		}))
+		if ctx.Err() != nil {
+			return ctxErr()
+		}
+		if err != nil {
+			return -1, fmt.Errorf("exec %s: request pty: %w: %w", name, ErrConnectionLost, err)
+		}
+		if !ok {
+			return -1, fmt.Errorf("exec %s: request pty: %w", name, ErrRefused)
+		}
+	}
+	payload, err := agentproto.MarshalPayload(agentproto.ExecRequest{Argv: opts.Argv, Env: opts.Env, Dir: opts.Dir})
+	if err != nil {
+		return -1, fmt.Errorf("exec %s: %w", name, err)
+	}
+	ok, err := ch.SendRequest(agentproto.ReqExecArgv, true, payload)
+	if ctx.Err() != nil {
+		return ctxErr()
+	}
+	if err != nil {
+		return -1, fmt.Errorf("exec %s: %w: %w", name, ErrConnectionLost, err)
+	}
+	if !ok {
+		return -1, fmt.Errorf("exec %s: %w", name, ErrRefused)
+	}
+
+	var (
+		output  sync.WaitGroup
+		errMu   sync.Mutex
+		outErr  error
+		setOutE = func(err error) {
+			errMu.Lock()
+			if outErr == nil {
+				outErr = err
+			}
+			errMu.Unlock()
+		}
+	)
+	output.Go(func() {
+		if err := drainTo(opts.Stdout, ch); err != nil {
+			setOutE(fmt.Errorf("write stdout: %w", err))
+		}
+	})
+	output.Go(func() {
+		if err := drainTo(opts.Stderr, ch.Stderr()); err != nil {
+			setOutE(fmt.Errorf("write stderr: %w", err))
+		}
+	})
+	if opts.Stdin != nil {
+		go func() {
+			io.Copy(ch, opts.Stdin)
+			ch.CloseWrite()
+		}()
+	} else {
+		ch.CloseWrite()
+	}
+	finished := make(chan struct{})
+	defer close(finished)
+	if opts.TTY && opts.Resize != nil {
+		go forwardResizes(ch, opts.Resize, finished)
+	}
+
+	resc := make(chan exitResult, 1)
+	go func() {
+		output.Wait()
+		resc <- <-exitc
+	}()
+	var res exitResult
+	select {
+	case res = <-resc:
+	case <-ctx.Done():
+		// The kill and close were sent by the AfterFunc; give the agent a
+		// moment to confirm, so the command is gone when Exec returns.
+		t := time.NewTimer(cancelGrace)
+		defer t.Stop()
+		select {
+		case <-resc:
+		case <-t.C:
+		}
+		return ctxErr()
+	}
+	if !res.ok {
+		if ctx.Err() != nil {
+			return ctxErr()
+		}
+		return -1, fmt.Errorf("exec %s: no exit status: %w", name, ErrConnectionLost)
+	}
+	if outErr != nil {
+		return res.code, fmt.Errorf("exec %s: %w", name, outErr)
+	}
+	return res.code, nil
+}
+
+type exitResult struct {
+	code int
+	ok   bool
+}
+
+// collectExit reads the channel requests until the channel closes and
+// returns the exit status reported by exit-status or exit-signal.
+func collectExit(reqs <-chan *ssh.Request) exitResult {
+	var res exitResult
+	for req := range reqs {
+		switch req.Type {
+		case "exit-status":
+			var m exitStatusMsg
+			if err := ssh.Unmarshal(req.Payload, &m); err == nil {
+				res = exitResult{code: int(m.Status), ok: true}
+			}
+		case "exit-signal":
+			var m exitSignalMsg
+			if err := ssh.Unmarshal(req.Payload, &m); err == nil {
+				code := 255
+				if sig := unix.SignalNum("SIG" + m.Signal); sig != 0 {
+					code = 128 + int(sig)
+				}
+				res = exitResult{code: code, ok: true}
+			}
+		}
+		if req.WantReply {
+			req.Reply(false, nil)
+		}
+	}
+	return res
+}
+
+// drainTo copies r to w (io.Discard when nil) and returns the first write
+// error. After a write error it keeps reading r and drops the data, so the
+// remote side is not blocked by flow control.
+func drainTo(w io.Writer, r io.Reader) error {
+	if w == nil {
+		w = io.Discard
+	}
+	sw := &stickyWriter{w: w}
+	io.Copy(sw, r)
+	return sw.err
+}
+
+// stickyWriter records the first error of w and discards writes after it.
+type stickyWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (s *stickyWriter) Write(p []byte) (int, error) {
+	if s.err != nil {
+		return len(p), nil
+	}
+	n, err := s.w.Write(p)
+	if err == nil && n < len(p) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		s.err = err
+	}
+	return len(p), nil
+}
+
+func forwardResizes(ch ssh.Channel, resize <-chan WindowSize, finished <-chan struct{}) {
+	for {
+		select {
+		case <-finished:
+			return
+		case ws, ok := <-resize:
+			if !ok {
+				return
+			}
+			if ws.Rows <= 0 || ws.Cols <= 0 {
+				continue
+			}
+			ch.SendRequest("window-change", false, ssh.Marshal(windowChangeMsg{
+				Columns: uint32(ws.Cols), Rows: uint32(ws.Rows),
+			}))
+		}
+	}
+}

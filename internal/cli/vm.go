@@ -1,0 +1,401 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/client"
+)
+
+// createFlags are shared by vm create and vm run.
+type createFlags struct {
+	name, image, memory, diskSize, accel string
+	cpus                                 int
+}
+
+func (f *createFlags) add(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.name, "name", "", "VM name (a DNS label; generated when omitted)")
+	cmd.Flags().StringVar(&f.image, "image", "", "image name or id (default: the configured default image)")
+	cmd.Flags().IntVar(&f.cpus, "cpus", 0, "virtual CPUs (default from config, 2)")
+	cmd.Flags().StringVar(&f.memory, "memory", "", "memory, e.g. 1024 (MiB) or 2G (default from config, 1024 MiB)")
+	cmd.Flags().StringVar(&f.diskSize, "disk-size", "", "root disk size, e.g. 10G (default: the image's size); the guest filesystem grows to it")
+	cmd.Flags().StringVar(&f.accel, "accel", "", "accelerator: auto, kvm or tcg (default from the daemon's config)")
+}
+
+func (a *app) createParams(f *createFlags) (api.VMCreateParams, error) {
+	p := api.VMCreateParams{Name: f.name, Image: f.image, CPUs: f.cpus, Accel: f.accel}
+	if p.Image == "" {
+		p.Image = a.cfg.DefaultImage
+	}
+	if p.CPUs == 0 {
+		p.CPUs = a.cfg.DefaultCPUs
+	}
+	if p.CPUs < 0 {
+		return p, fmt.Errorf("--cpus %d: must be positive", p.CPUs)
+	}
+	p.MemoryMiB = a.cfg.DefaultMemoryMiB
+	if f.memory != "" {
+		n, err := parseSize(f.memory, 1<<20)
+		if err != nil {
+			return p, fmt.Errorf("--memory: %w", err)
+		}
+		if n%(1<<20) != 0 {
+			return p, fmt.Errorf("--memory %s: must be a whole number of MiB", f.memory)
+		}
+		p.MemoryMiB = int(n >> 20)
+	}
+	if f.diskSize != "" {
+		n, err := parseSize(f.diskSize, 1)
+		if err != nil {
+			return p, fmt.Errorf("--disk-size: %w", err)
+		}
+		p.DiskBytes = n
+	}
+	return p, nil
+}
+
+func (a *app) vmCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "vm", Short: "Create, run and manage VMs"}
+	cmd.AddCommand(a.vmCreateCmd(), a.vmStartCmd(), a.vmStopCmd(), a.vmKillCmd(), a.vmRmCmd(), a.vmLsCmd(),
+		a.vmInspectCmd(), a.vmLogsCmd(), a.vmExecCmd(), a.vmRunCmd(), a.vmCpCmd())
+	return cmd
+}
+
+func (a *app) vmCreateCmd() *cobra.Command {
+	var f createFlags
+	var start bool
+	cmd := &cobra.Command{
+		Use:   "create",
+		Short: "Create a VM with a copy-on-write root disk",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p, err := a.createParams(&f)
+			if err != nil {
+				return err
+			}
+			p.Start = start
+			pr := a.progress()
+			vm, err := a.client().VMCreate(cmd.Context(), p, pr.update)
+			pr.done()
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(a.stdout, vm.Name)
+			return nil
+		},
+	}
+	f.add(cmd)
+	cmd.Flags().BoolVar(&start, "start", false, "start the VM and wait until it is ready")
+	return cmd
+}
+
+// forEach runs fn for each named VM, reporting every failure.
+func (a *app) forEach(names []string, fn func(name string) error) error {
+	var failed int
+	for _, n := range names {
+		if err := fn(n); err != nil {
+			fmt.Fprintf(a.stderr, "banger: %s: %s\n", n, explain(err, a.cfg.SocketPath))
+			failed++
+			continue
+		}
+		fmt.Fprintln(a.stdout, n)
+	}
+	if failed > 0 {
+		return exitError{1}
+	}
+	return nil
+}
+
+func (a *app) vmStartCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "start NAME...",
+		Short: "Start VMs and wait until they are ready",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.forEach(args, func(n string) error {
+				pr := a.progress()
+				defer pr.done()
+				_, err := a.client().VMStart(cmd.Context(), n, pr.update)
+				return err
+			})
+		},
+	}
+}
+
+func (a *app) vmStopCmd() *cobra.Command {
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:   "stop NAME...",
+		Short: "Stop VMs gracefully (guest agent, then ACPI), killing them after the timeout",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p := api.VMStopParams{}
+			if timeout > 0 {
+				p.Timeout = timeout.String()
+			}
+			return a.forEach(args, func(n string) error {
+				p.Name = n
+				pr := a.progress()
+				defer pr.done()
+				_, err := a.client().VMStop(cmd.Context(), p, pr.update)
+				return err
+			})
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", 0, "time to wait for a graceful stop before killing (default from the daemon's config, 30s)")
+	return cmd
+}
+
+func (a *app) vmKillCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "kill NAME...",
+		Short: "Stop VMs immediately",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.forEach(args, func(n string) error {
+				_, err := a.client().VMKill(cmd.Context(), n)
+				return err
+			})
+		},
+	}
+}
+
+func (a *app) vmRmCmd() *cobra.Command {
+	var force bool
+	cmd := &cobra.Command{
+		Use:     "rm NAME...",
+		Aliases: []string{"remove"},
+		Short:   "Remove VMs and their disks",
+		Args:    cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.forEach(args, func(n string) error {
+				return a.client().VMRemove(cmd.Context(), api.VMRemoveParams{Name: n, Force: force})
+			})
+		},
+	}
+	cmd.Flags().BoolVarP(&force, "force", "f", false, "kill running VMs first")
+	return cmd
+}
+
+func (a *app) vmLsCmd() *cobra.Command {
+	var asJSON, quiet bool
+	cmd := &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List VMs",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vms, err := a.client().VMList(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return writeJSON(a.stdout, vms)
+			}
+			if quiet {
+				for _, v := range vms {
+					fmt.Fprintln(a.stdout, v.Name)
+				}
+				return nil
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tSTATE\tIMAGE\tCPUS\tMEMORY\tDISK\tACCEL\tCREATED")
+			for _, v := range vms {
+				accel := v.Accel
+				if accel == "" {
+					accel = "-"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d MiB\t%s\t%s\t%s\n", v.Name, v.State, v.Image, v.CPUs, v.MemoryMiB,
+					humanBytes(v.DiskBytes), accel, ago(v.CreatedAt))
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print names only")
+	return cmd
+}
+
+func ago(t time.Time) string {
+	d := time.Since(t)
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds ago", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm ago", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh ago", int(d.Hours()))
+	}
+	return fmt.Sprintf("%dd ago", int(d.Hours()/24))
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (a *app) vmInspectCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "inspect NAME",
+		Short: "Show a VM as JSON",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vm, err := a.client().VMInspect(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			return writeJSON(a.stdout, vm)
+		},
+	}
+}
+
+func (a *app) vmLogsCmd() *cobra.Command {
+	var follow bool
+	var tail int
+	cmd := &cobra.Command{
+		Use:   "logs NAME",
+		Short: "Print a VM's serial console",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.client().VMLogs(cmd.Context(), api.VMLogsParams{Name: args[0], Follow: follow, Tail: tail}, a.stdout)
+		},
+	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output until the VM stops")
+	cmd.Flags().IntVarP(&tail, "tail", "n", 0, "print only the last N lines")
+	return cmd
+}
+
+// execFlags are shared by vm exec and vm run.
+type execFlags struct {
+	tty, noTTY bool
+	env        []string
+	dir        string
+}
+
+func (f *execFlags) add(cmd *cobra.Command) {
+	cmd.Flags().BoolVarP(&f.tty, "tty", "t", false, "allocate a terminal (default when no command is given and stdin is a terminal)")
+	cmd.Flags().BoolVarP(&f.noTTY, "no-tty", "T", false, "never allocate a terminal")
+	cmd.Flags().StringArrayVarP(&f.env, "env", "e", nil, "set an environment variable KEY=VALUE (repeatable)")
+	cmd.Flags().StringVarP(&f.dir, "workdir", "w", "", "working directory in the guest")
+}
+
+func (a *app) vmExecCmd() *cobra.Command {
+	var f execFlags
+	cmd := &cobra.Command{
+		Use:   "exec NAME [-- CMD [ARG...]]",
+		Short: "Run a command in a running VM; banger exits with its exit code",
+		Long: "Run a command in a running VM. stdout and stderr stay separate, stdin is forwarded,\n" +
+			"and banger exits with the command's exit code. Without a command, opens a login shell.",
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.exec(cmd.Context(), args[0], args[1:], &f)
+		},
+	}
+	f.add(cmd)
+	return cmd
+}
+
+func (a *app) exec(ctx context.Context, name string, argv []string, f *execFlags) error {
+	for _, e := range f.env {
+		if !strings.Contains(e, "=") || strings.HasPrefix(e, "=") {
+			return fmt.Errorf("--env %q: want KEY=VALUE", e)
+		}
+	}
+	in, isFile := a.stdin.(*os.File)
+	stdinTTY := isFile && term.IsTerminal(int(in.Fd()))
+	tty := !f.noTTY && (f.tty || (len(argv) == 0 && stdinTTY))
+	if len(argv) == 0 && !tty {
+		return fmt.Errorf("no command given: use banger vm exec %s -- CMD, or run from a terminal for a shell", name)
+	}
+	p := api.VMExecParams{Name: name, Argv: argv, Env: f.env, Dir: f.dir, TTY: tty}
+	eio := client.ExecIO{Stdin: a.stdin, Stdout: a.stdout, Stderr: a.stderr}
+	if tty && stdinTTY {
+		p.Term = os.Getenv("TERM")
+		if w, h, err := term.GetSize(int(in.Fd())); err == nil {
+			p.Cols, p.Rows = w, h
+		}
+		old, err := term.MakeRaw(int(in.Fd()))
+		if err != nil {
+			return fmt.Errorf("set terminal raw mode: %w", err)
+		}
+		defer term.Restore(int(in.Fd()), old)
+		resize := make(chan [2]int, 1)
+		winch := make(chan os.Signal, 1)
+		signal.Notify(winch, syscall.SIGWINCH)
+		defer signal.Stop(winch)
+		go func() {
+			for range winch {
+				if w, h, err := term.GetSize(int(in.Fd())); err == nil {
+					select {
+					case resize <- [2]int{h, w}:
+					default:
+					}
+				}
+			}
+		}()
+		eio.Resize = resize
+	}
+	code, err := a.client().VMExec(ctx, p, eio)
+	if err != nil {
+		return err
+	}
+	if code != 0 {
+		return exitError{code}
+	}
+	return nil
+}
+
+func (a *app) vmRunCmd() *cobra.Command {
+	var f createFlags
+	var ef execFlags
+	var rm bool
+	cmd := &cobra.Command{
+		Use:   "run [flags] [-- CMD [ARG...]]",
+		Short: "Create and start a VM, wait until it is ready, then run a command or a shell in it",
+		Long: "Create and start a VM, wait until it is ready, then run CMD in it (or a login shell when no\n" +
+			"command is given) and exit with its exit code. With --rm the VM is removed afterwards.",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p, err := a.createParams(&f)
+			if err != nil {
+				return err
+			}
+			p.Start = true
+			pr := a.progress()
+			vm, err := a.client().VMCreate(cmd.Context(), p, pr.update)
+			pr.done()
+			if err != nil {
+				return err
+			}
+			if rm {
+				defer func() {
+					// Remove even when interrupted.
+					ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+					defer cancel()
+					if err := a.client().VMRemove(ctx, api.VMRemoveParams{Name: vm.Name, Force: true}); err != nil {
+						fmt.Fprintf(a.stderr, "banger: remove %s: %v\n", vm.Name, err)
+					}
+				}()
+			} else {
+				fmt.Fprintf(a.stderr, "VM %s is running (banger vm exec %s -- CMD; banger vm rm -f %s)\n", vm.Name, vm.Name, vm.Name)
+			}
+			return a.exec(cmd.Context(), vm.Name, args, &ef)
+		},
+	}
+	f.add(cmd)
+	ef.add(cmd)
+	cmd.Flags().BoolVar(&rm, "rm", false, "remove the VM when the command exits")
+	return cmd
+}

@@ -1,0 +1,306 @@
+// Package daemon is bangerd's composition root: it alone knows every other
+// banger package, builds them in order and passes each its dependencies.
+// See ARCHITECTURE.md.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/disk"
+	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/qemu"
+)
+
+// Version is bangerd's version, set with -ldflags.
+var Version = "dev"
+
+// Main is bangerd's entry point; it returns the process exit code.
+func Main(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("bangerd", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfgPath := fs.String("config", config.DefaultDaemonConfigPath, "daemon configuration file (TOML)")
+	socket := fs.String("socket", "", "override socket_path")
+	stateDir := fs.String("state-dir", "", "override state_dir")
+	logLevel := fs.String("log-level", "", "override log_level (debug, info, warn, error)")
+	version := fs.Bool("version", false, "print the version and exit")
+	if err := fs.Parse(args[1:]); err != nil {
+		return 2
+	}
+	if *version {
+		fmt.Fprintln(stderr, "bangerd", Version)
+		return 0
+	}
+	explicit := false
+	fs.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "config" })
+	cfg, err := config.LoadDaemon(*cfgPath, explicit)
+	if err != nil {
+		fmt.Fprintln(stderr, "bangerd:", err)
+		return 2
+	}
+	if *socket != "" {
+		cfg.SocketPath = *socket
+	}
+	if *stateDir != "" {
+		cfg.StateDir = *stateDir
+	}
+	if *logLevel != "" {
+		cfg.LogLevel = *logLevel
+	}
+	if err := cfg.Validate(); err != nil {
+		fmt.Fprintln(stderr, "bangerd:", err)
+		return 2
+	}
+	log := newLogger(cfg, stderr)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := Run(ctx, cfg, log); err != nil {
+		log.Error("bangerd failed", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func newLogger(cfg config.Daemon, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.LogLevel))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// Daemon holds bangerd's parts.
+type Daemon struct {
+	cfg         config.Daemon
+	log         *slog.Logger
+	store       *store.Store
+	driver      vmm.Driver
+	cloner      *disk.Cloner
+	agentBinary string
+	socketGID   int // -1 when no group is configured
+
+	// ctx lives as long as the daemon; VM monitors use it, not request contexts.
+	ctx context.Context
+
+	mu      sync.Mutex
+	locks   map[string]*sync.Mutex // per-VM lifecycle locks, by id
+	running map[string]*runningVM  // by id
+	create  sync.Mutex             // serialises name allocation
+}
+
+// Run builds the daemon's parts in order and serves until ctx ends. VMs keep
+// running when it returns.
+func Run(ctx context.Context, cfg config.Daemon, log *slog.Logger) error {
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("create state dir: %w", err)
+	}
+	for _, sub := range []string{"vms", "images"} {
+		if err := os.MkdirAll(filepath.Join(cfg.StateDir, sub), 0o700); err != nil {
+			return fmt.Errorf("create state dir: %w", err)
+		}
+	}
+	lock, err := lockStateDir(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+
+	st, err := store.Open(ctx, filepath.Join(cfg.StateDir, "state.db"))
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+
+	agentBin, err := findAgentBinary(cfg.AgentBinary)
+	if err != nil {
+		return err
+	}
+	gid := -1
+	if cfg.SocketGroup != "" {
+		g, err := user.LookupGroup(cfg.SocketGroup)
+		if err != nil {
+			return fmt.Errorf("socket_group %q: %w", cfg.SocketGroup, err)
+		}
+		gid, _ = strconv.Atoi(g.Gid)
+	}
+
+	d := &Daemon{
+		cfg:         cfg,
+		log:         log,
+		store:       st,
+		driver:      qemu.New(qemu.Config{Binary: cfg.QEMUBinary, DefaultAccel: cfg.Accel}, log.With("vmm", "qemu")),
+		cloner:      disk.NewCloner(log.With("component", "disk"), cfg.QEMUImgBinary),
+		agentBinary: agentBin,
+		socketGID:   gid,
+		ctx:         ctx,
+		locks:       map[string]*sync.Mutex{},
+		running:     map[string]*runningVM{},
+	}
+	if err := d.reconcile(ctx); err != nil {
+		return fmt.Errorf("reconcile state: %w", err)
+	}
+
+	l, err := listen(cfg.SocketPath, gid)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(cfg.SocketPath)
+	srv := rpc.NewServer(log.With("component", "rpc"), d.authorize)
+	d.register(srv)
+	log.Info("bangerd serving", "socket", cfg.SocketPath, "state_dir", cfg.StateDir, "version", Version, "agent", agentBin)
+	err = srv.Serve(ctx, l)
+	d.closeAgents()
+	log.Info("bangerd stopped; VMs keep running")
+	return err
+}
+
+func lockStateDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "bangerd.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open lock file: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("state dir %s is in use by another bangerd: %w", dir, err)
+	}
+	return f, nil
+}
+
+func findAgentBinary(configured string) (string, error) {
+	cands := []string{configured}
+	if configured == "" {
+		cands = nil
+		if exe, err := os.Executable(); err == nil {
+			cands = append(cands, filepath.Join(filepath.Dir(exe), "banger-vsock-agent"))
+		}
+		cands = append(cands, "/usr/lib/banger/banger-vsock-agent", "/usr/local/lib/banger/banger-vsock-agent")
+	}
+	for _, c := range cands {
+		if st, err := os.Stat(c); err == nil && st.Mode().IsRegular() {
+			return c, nil
+		}
+	}
+	return "", fmt.Errorf("guest agent binary not found (looked in %s): build it with make build or set agent_binary", strings.Join(cands, ", "))
+}
+
+// listen opens the RPC socket: mode 0660, group gid (when >= 0). A stale
+// socket left by a crash is replaced; a live one means another daemon runs.
+func listen(path string, gid int) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("create socket dir: %w", err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("socket %s: another bangerd is already serving it", path)
+	}
+	_ = os.Remove(path)
+	old := unix.Umask(0o117)
+	l, err := net.Listen("unix", path)
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("chmod socket: %w", err)
+	}
+	if gid >= 0 {
+		if err := os.Chown(path, 0, gid); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("chown socket: %w", err)
+		}
+	}
+	return l, nil
+}
+
+// authorize lets root and members of the socket group call write methods.
+func (d *Daemon) authorize(peer rpc.Peer, perm rpc.Perm) error {
+	if perm == rpc.PermRead || peer.UID == 0 || uint32(os.Getuid()) == peer.UID {
+		return nil
+	}
+	if d.socketGID >= 0 && peerInGroup(peer, d.socketGID) {
+		return nil
+	}
+	return fmt.Errorf("uid %d may not change banger state: use sudo, or add the user to socket_group: %w", peer.UID, errdefs.ErrPermissionDenied)
+}
+
+func peerInGroup(peer rpc.Peer, gid int) bool {
+	if int(peer.GID) == gid {
+		return true
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", peer.PID))
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "Groups:"); ok {
+			for _, g := range strings.Fields(rest) {
+				if g == strconv.Itoa(gid) {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+func (d *Daemon) register(s *rpc.Server) {
+	s.Handle(api.MethodPing, rpc.PermRead, d.ping)
+	s.Handle(api.MethodImageRegister, rpc.PermWrite, d.imageRegister)
+	s.Handle(api.MethodImagePromote, rpc.PermWrite, d.imagePromote)
+	s.Handle(api.MethodImageList, rpc.PermRead, d.imageList)
+	s.Handle(api.MethodImageInspect, rpc.PermRead, d.imageInspect)
+	s.Handle(api.MethodImageRemove, rpc.PermWrite, d.imageRemove)
+	s.Handle(api.MethodVMCreate, rpc.PermWrite, d.vmCreate)
+	s.Handle(api.MethodVMStart, rpc.PermWrite, d.vmStart)
+	s.Handle(api.MethodVMStop, rpc.PermWrite, d.vmStop)
+	s.Handle(api.MethodVMKill, rpc.PermWrite, d.vmKill)
+	s.Handle(api.MethodVMRemove, rpc.PermWrite, d.vmRemove)
+	s.Handle(api.MethodVMList, rpc.PermRead, d.vmList)
+	s.Handle(api.MethodVMInspect, rpc.PermRead, d.vmInspect)
+	s.Handle(api.MethodVMLogs, rpc.PermRead, d.vmLogs)
+	s.Handle(api.MethodVMExec, rpc.PermWrite, d.vmExec)
+	s.Handle(api.MethodVMCopyIn, rpc.PermWrite, d.vmCopyIn)
+	s.Handle(api.MethodVMCopyOut, rpc.PermWrite, d.vmCopyOut)
+}
+
+func (d *Daemon) ping(ctx context.Context, call *rpc.Call) (any, error) {
+	return api.PingResult{Version: Version, APIVersion: api.Version, PID: os.Getpid(), StateDir: d.cfg.StateDir}, nil
+}
+
+// vmLock returns the lifecycle lock of a VM.
+func (d *Daemon) vmLock(id string) *sync.Mutex {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	l, ok := d.locks[id]
+	if !ok {
+		l = &sync.Mutex{}
+		d.locks[id] = l
+	}
+	return l
+}
+
+var errStopped = errors.New("vm is not running")

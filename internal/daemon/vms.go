@@ -1,0 +1,619 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agent"
+	"github.com/bangerdev/banger/internal/agentproto"
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/disk"
+	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/initramfs"
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmname"
+)
+
+// Files in a VM's directory (state_dir/vms/<id>/).
+const (
+	fileRootDisk     = "root"
+	fileInitrd       = "initrd.img"
+	fileConsole      = "console.log"
+	fileHostKey      = "agent-host-key"
+	fileHostKeyPub   = "agent-host-key.pub"
+	fileClientKey    = "agent-client-key"
+	fileClientKeyPub = "agent-client-key.pub"
+)
+
+// kernelCmdline is what every VM boots with; the driver adds its console.
+const kernelCmdline = "rdinit=" + agentproto.InitPath + " panic=-1 quiet"
+
+// runningVM is the daemon's in-memory view of a VM whose VMM runs.
+type runningVM struct {
+	handle vmm.Handle
+	exited chan struct{} // closed by the monitor when the VMM exits
+
+	mu    sync.Mutex
+	agent *agent.Client
+	info  *agentproto.Info
+}
+
+func (d *Daemon) vmAPI(v store.VM) api.VM {
+	out := api.VM{
+		ID: v.ID, Name: v.Name, ImageID: v.ImageID, State: v.State, CPUs: v.CPUs, MemoryMiB: v.MemoryMiB,
+		DiskBytes: v.DiskBytes, DiskPath: v.DiskPath, DiskFormat: v.DiskFormat, DiskStrategy: v.DiskStrategy,
+		VMM: v.VMM, AccelWanted: v.AccelWanted, Dir: v.Dir, ConsoleLog: filepath.Join(v.Dir, fileConsole),
+		CreatedAt: v.CreatedAt, LastError: v.LastError,
+	}
+	if im, err := d.store.GetImage(d.ctx, v.ImageID); err == nil {
+		out.Image = im.Name
+	}
+	if !v.StartedAt.IsZero() && v.State == api.StateRunning {
+		t := v.StartedAt
+		out.StartedAt = &t
+	}
+	d.mu.Lock()
+	r := d.running[v.ID]
+	d.mu.Unlock()
+	if r != nil {
+		out.PID, out.Accel = r.handle.PID, r.handle.Accel
+		r.mu.Lock()
+		if r.info != nil {
+			out.Guest = &api.GuestInfo{KernelRelease: r.info.KernelRelease, InitMode: r.info.InitMode, AgentVersion: r.info.AgentVersion, Hostname: r.info.Hostname}
+		}
+		r.mu.Unlock()
+	}
+	return out
+}
+
+func (d *Daemon) vmCreate(ctx context.Context, call *rpc.Call) (any, error) {
+	var p api.VMCreateParams
+	if err := call.Decode(&p); err != nil {
+		return nil, err
+	}
+	v, err := d.createVM(ctx, call, p)
+	if err != nil {
+		return nil, err
+	}
+	if p.Start {
+		if err := d.startVM(ctx, call, v.ID); err != nil {
+			return nil, err
+		}
+		v, _ = d.store.GetVM(ctx, v.ID)
+	}
+	return d.vmAPI(v), nil
+}
+
+func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreateParams) (v store.VM, err error) {
+	switch p.Accel {
+	case "", vmm.AccelAuto, vmm.AccelKVM, vmm.AccelTCG:
+	default:
+		return v, fmt.Errorf("accel %q: want auto, kvm or tcg: %w", p.Accel, errdefs.ErrInvalid)
+	}
+	if p.CPUs < 0 || p.CPUs > 64 {
+		return v, fmt.Errorf("cpus %d: want 1 to 64: %w", p.CPUs, errdefs.ErrInvalid)
+	}
+	if p.MemoryMiB != 0 && (p.MemoryMiB < 64 || p.MemoryMiB > 1<<20) {
+		return v, fmt.Errorf("memory %d MiB: want 64 MiB to 1 TiB: %w", p.MemoryMiB, errdefs.ErrInvalid)
+	}
+	if p.DiskBytes < 0 {
+		return v, fmt.Errorf("disk size %d: %w", p.DiskBytes, errdefs.ErrInvalid)
+	}
+	if p.Name != "" {
+		if err := vmname.Validate(p.Name); err != nil {
+			return v, fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
+		}
+	}
+	imageRef := p.Image
+	if imageRef == "" {
+		imageRef = d.cfg.DefaultImage
+	}
+
+	d.create.Lock()
+	defer d.create.Unlock()
+	im, err := d.store.GetImage(ctx, imageRef)
+	if err != nil {
+		if errors.Is(err, errdefs.ErrNotFound) {
+			return v, fmt.Errorf("image %q not found: list images with banger image ls, or register one with banger image register: %w", imageRef, errdefs.ErrNotFound)
+		}
+		return v, err
+	}
+	name := p.Name
+	if name == "" {
+		name = vmname.Generate(func(n string) bool { return d.store.VMNameTaken(ctx, n) })
+	} else if d.store.VMNameTaken(ctx, name) {
+		return v, fmt.Errorf("vm %q already exists: %w", name, errdefs.ErrAlreadyExists)
+	}
+	if p.DiskBytes != 0 && p.DiskBytes < im.SizeBytes {
+		return v, fmt.Errorf("disk size %d bytes is smaller than image %q (%d bytes): %w", p.DiskBytes, im.Name, im.SizeBytes, errdefs.ErrInvalid)
+	}
+	id := newID()
+	dir := filepath.Join(d.cfg.StateDir, "vms", id)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return v, fmt.Errorf("create vm dir: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			os.RemoveAll(dir)
+		}
+	}()
+	call.Progress(api.Progress{Phase: "clone root disk"})
+	cl, err := d.cloner.Clone(ctx, disk.CloneRequest{
+		Base: im.Rootfs, Dest: filepath.Join(dir, fileRootDisk), Formats: d.driver.DiskFormats(), Size: p.DiskBytes,
+	})
+	if err != nil {
+		return v, fmt.Errorf("clone root disk: %w", err)
+	}
+	if err := writeVMKeys(dir); err != nil {
+		return v, err
+	}
+	cpus, mem := p.CPUs, p.MemoryMiB
+	if cpus == 0 {
+		cpus = d.cfg.DefaultCPUs
+	}
+	if mem == 0 {
+		mem = d.cfg.DefaultMemoryMiB
+	}
+	accel := p.Accel
+	if accel == "" {
+		accel = d.cfg.Accel
+	}
+	v = store.VM{
+		ID: id, Name: name, ImageID: im.ID, State: api.StateStopped, CPUs: cpus, MemoryMiB: mem,
+		DiskBytes: cl.Size, DiskPath: cl.Path, DiskFormat: cl.Format, DiskStrategy: cl.Strategy,
+		VMM: d.driver.Name(), AccelWanted: accel, Dir: dir, CreatedAt: time.Now(),
+	}
+	if err := d.store.InsertVM(ctx, v); err != nil {
+		return v, err
+	}
+	d.log.Info("vm created", "vm", name, "id", id, "image", im.Name, "disk", cl.Strategy, "disk_bytes", cl.Size)
+	return v, nil
+}
+
+func writeVMKeys(dir string) error {
+	k, err := agent.GenerateKeys()
+	if err != nil {
+		return fmt.Errorf("generate agent keys: %w", err)
+	}
+	for name, body := range map[string]string{
+		fileHostKey: k.HostPrivatePEM, fileHostKeyPub: k.HostPublic, fileClientKey: k.ClientPrivatePEM, fileClientKeyPub: k.ClientPublic,
+	} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o600); err != nil {
+			return fmt.Errorf("write agent key: %w", err)
+		}
+	}
+	return nil
+}
+
+func readVMKeys(dir string) (agent.Keys, error) {
+	hostPub, err := os.ReadFile(filepath.Join(dir, fileHostKeyPub))
+	if err != nil {
+		return agent.Keys{}, fmt.Errorf("read agent keys: %w", err)
+	}
+	clientKey, err := os.ReadFile(filepath.Join(dir, fileClientKey))
+	if err != nil {
+		return agent.Keys{}, fmt.Errorf("read agent keys: %w", err)
+	}
+	return agent.ParseKeys(string(hostPub), string(clientKey))
+}
+
+func (d *Daemon) vmStart(ctx context.Context, call *rpc.Call) (any, error) {
+	var p api.NameParams
+	if err := call.Decode(&p); err != nil {
+		return nil, err
+	}
+	v, err := d.store.GetVM(ctx, p.Name)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.startVM(ctx, call, v.ID); err != nil {
+		return nil, err
+	}
+	v, err = d.store.GetVM(ctx, v.ID)
+	return d.vmAPI(v), err
+}
+
+// startVM boots a stopped VM and waits until its agent answers. On failure
+// the VMM is killed and its runtime files removed; the VM stays, stopped,
+// with the error recorded.
+func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, id string) (err error) {
+	lock := d.vmLock(id)
+	lock.Lock()
+	defer lock.Unlock()
+	v, err := d.store.GetVM(ctx, id)
+	if err != nil {
+		return err
+	}
+	if v.State == api.StateRunning {
+		return fmt.Errorf("vm %q is already running: %w", v.Name, errdefs.ErrFailedPrecondition)
+	}
+	im, err := d.store.GetImage(ctx, v.ImageID)
+	if err != nil {
+		return err
+	}
+	hostKey, err := os.ReadFile(filepath.Join(v.Dir, fileHostKey))
+	if err != nil {
+		return fmt.Errorf("read agent key: %w", err)
+	}
+	clientPub, err := os.ReadFile(filepath.Join(v.Dir, fileClientKeyPub))
+	if err != nil {
+		return fmt.Errorf("read agent key: %w", err)
+	}
+	keys, err := readVMKeys(v.Dir)
+	if err != nil {
+		return err
+	}
+
+	call.Progress(api.Progress{Phase: "build initramfs"})
+	initrd := filepath.Join(v.Dir, fileInitrd)
+	if err := initramfs.Build(initrd, initramfs.Options{
+		AgentBinary: d.agentBinary,
+		BaseInitrd:  im.Initrd,
+		ModulesDir:  im.ModulesDir,
+		Config: agentproto.Config{
+			Transport:     "virtio-serial",
+			PortName:      agentproto.VirtioPortName,
+			HostKey:       string(hostKey),
+			AuthorizedKey: string(clientPub),
+			Hostname:      v.Name,
+		},
+	}); err != nil {
+		return fmt.Errorf("build initramfs: %w", err)
+	}
+	console := filepath.Join(v.Dir, fileConsole)
+	_ = os.Remove(console) // each boot starts a fresh console log
+
+	call.Progress(api.Progress{Phase: "boot"})
+	// The VM outlives this request: start it detached from ctx's cancellation.
+	startCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	h, err := d.driver.Start(startCtx, vmm.Spec{
+		ID: v.ID, Name: v.Name, Dir: v.Dir, CPUs: v.CPUs, MemoryMiB: v.MemoryMiB,
+		Kernel: im.Kernel, Initrd: initrd, Cmdline: kernelCmdline,
+		RootDisk: vmm.Disk{Path: v.DiskPath, Format: v.DiskFormat},
+		Accel:    v.AccelWanted, ConsoleLog: console,
+	})
+	cancel()
+	if err != nil {
+		v.LastError = err.Error()
+		_ = d.store.UpdateVM(ctx, v)
+		return fmt.Errorf("start vm %q: %w", v.Name, err)
+	}
+	r := &runningVM{handle: h, exited: make(chan struct{})}
+	hj, _ := json.Marshal(h)
+	v.State, v.Handle, v.StartedAt, v.LastError = api.StateRunning, string(hj), time.Now(), ""
+	if err := d.store.UpdateVM(ctx, v); err != nil {
+		_ = d.driver.Kill(context.WithoutCancel(ctx), h)
+		return err
+	}
+	d.track(v, r)
+	d.log.Info("vm booting", "vm", v.Name, "pid", h.PID, "accel", h.Accel)
+
+	call.Progress(api.Progress{Phase: "wait for agent"})
+	readyCtx, cancelReady := context.WithTimeout(ctx, d.cfg.ReadyTimeout.Duration)
+	defer cancelReady()
+	start := time.Now()
+	c, err := d.connectAgent(readyCtx, r, keys)
+	if err != nil {
+		d.killRunning(v.ID, r)
+		v.State, v.Handle, v.LastError = api.StateStopped, "", "agent not ready: "+err.Error()
+		_ = d.store.UpdateVM(context.WithoutCancel(ctx), v)
+		return fmt.Errorf("vm %q did not become ready (%v); the VM was stopped; console output:\n%s", v.Name, err, tailFile(console, 20))
+	}
+	_ = c
+	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// track registers a running VM and starts its monitor, which records the
+// VM as stopped when the VMM exits for any reason.
+func (d *Daemon) track(v store.VM, r *runningVM) {
+	d.mu.Lock()
+	d.running[v.ID] = r
+	d.mu.Unlock()
+	go func() {
+		err := d.driver.Wait(d.ctx, r.handle)
+		if err != nil {
+			return // daemon shutting down: the VM keeps running
+		}
+		d.mu.Lock()
+		if d.running[v.ID] == r {
+			delete(d.running, v.ID)
+		}
+		d.mu.Unlock()
+		r.mu.Lock()
+		if r.agent != nil {
+			r.agent.Close()
+		}
+		r.mu.Unlock()
+		if err := d.driver.Cleanup(r.handle); err != nil {
+			d.log.Warn("vmm cleanup", "vm", v.Name, "err", err)
+		}
+		if cur, err := d.store.GetVM(d.ctx, v.ID); err == nil && cur.Handle != "" {
+			cur.State, cur.Handle = api.StateStopped, ""
+			_ = d.store.UpdateVM(d.ctx, cur)
+		}
+		d.log.Info("vm exited", "vm", v.Name, "pid", r.handle.PID)
+		close(r.exited)
+	}()
+}
+
+func (d *Daemon) connectAgent(ctx context.Context, r *runningVM, keys agent.Keys) (*agent.Client, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.agent != nil {
+		select {
+		case <-r.agent.Done():
+			r.agent.Close()
+			r.agent = nil
+		default:
+			return r.agent, nil
+		}
+	}
+	dial := func(ctx context.Context) (net.Conn, error) { return d.driver.DialAgent(ctx, r.handle) }
+	// Stop waiting as soon as the VMM exits.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-r.exited:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	c, err := agent.WaitReady(ctx, dial, keys, d.log)
+	if err != nil {
+		select {
+		case <-r.exited:
+			return nil, errors.New("the VM exited during boot")
+		default:
+		}
+		return nil, err
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("agent info: %w", err)
+	}
+	r.agent, r.info = c, &info
+	return c, nil
+}
+
+// agentFor returns the agent client of a running VM.
+func (d *Daemon) agentFor(ctx context.Context, v store.VM) (*agent.Client, *runningVM, error) {
+	d.mu.Lock()
+	r := d.running[v.ID]
+	d.mu.Unlock()
+	if r == nil || v.State != api.StateRunning {
+		return nil, nil, fmt.Errorf("vm %q is %s: start it with banger vm start %s: %w", v.Name, v.State, v.Name, errdefs.ErrFailedPrecondition)
+	}
+	keys, err := readVMKeys(v.Dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, d.cfg.ReadyTimeout.Duration)
+	defer cancel()
+	c, err := d.connectAgent(ctx, r, keys)
+	if err != nil {
+		return nil, nil, fmt.Errorf("vm %q: guest agent unreachable: %w", v.Name, err)
+	}
+	return c, r, nil
+}
+
+func (d *Daemon) killRunning(id string, r *runningVM) {
+	ctx, cancel := context.WithTimeout(d.ctx, 20*time.Second)
+	defer cancel()
+	if err := d.driver.Kill(ctx, r.handle); err != nil {
+		d.log.Warn("kill vmm", "pid", r.handle.PID, "err", err)
+	}
+	select {
+	case <-r.exited:
+	case <-ctx.Done():
+	}
+}
+
+func (d *Daemon) vmStop(ctx context.Context, call *rpc.Call) (any, error) {
+	var p api.VMStopParams
+	if err := call.Decode(&p); err != nil {
+		return nil, err
+	}
+	timeout := d.cfg.StopTimeout.Duration
+	if p.Timeout != "" {
+		t, err := time.ParseDuration(p.Timeout)
+		if err != nil || t <= 0 {
+			return nil, fmt.Errorf("timeout %q: want a positive duration like 30s: %w", p.Timeout, errdefs.ErrInvalid)
+		}
+		timeout = t
+	}
+	return d.stopOrKill(ctx, call, p.Name, false, timeout)
+}
+
+func (d *Daemon) vmKill(ctx context.Context, call *rpc.Call) (any, error) {
+	var p api.NameParams
+	if err := call.Decode(&p); err != nil {
+		return nil, err
+	}
+	return d.stopOrKill(ctx, call, p.Name, true, 0)
+}
+
+func (d *Daemon) stopOrKill(ctx context.Context, call *rpc.Call, name string, kill bool, timeout time.Duration) (any, error) {
+	v, err := d.store.GetVM(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	lock := d.vmLock(v.ID)
+	lock.Lock()
+	defer lock.Unlock()
+	d.mu.Lock()
+	r := d.running[v.ID]
+	d.mu.Unlock()
+	if r == nil {
+		return nil, fmt.Errorf("vm %q is not running: %w", v.Name, errdefs.ErrFailedPrecondition)
+	}
+	if kill {
+		d.killRunning(v.ID, r)
+	} else {
+		d.stopRunning(ctx, call, v, r, timeout)
+	}
+	v, err = d.store.GetVM(ctx, v.ID)
+	return d.vmAPI(v), err
+}
+
+// stopRunning stops gracefully: through the agent, then ACPI, then kill.
+func (d *Daemon) stopRunning(ctx context.Context, call *rpc.Call, v store.VM, r *runningVM, timeout time.Duration) {
+	waitExit := func(t time.Duration) bool {
+		select {
+		case <-r.exited:
+			return true
+		case <-time.After(t):
+			return false
+		case <-ctx.Done():
+			return false
+		}
+	}
+	call.Progress(api.Progress{Phase: "shutdown through agent"})
+	r.mu.Lock()
+	c := r.agent
+	r.mu.Unlock()
+	asked := false
+	if c != nil {
+		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		asked = c.Shutdown(actx, false) == nil
+		cancel()
+	}
+	if asked && waitExit(timeout) {
+		return
+	}
+	call.Progress(api.Progress{Phase: "ACPI power button"})
+	if err := d.driver.Shutdown(ctx, r.handle); err == nil && waitExit(timeout/2) {
+		return
+	}
+	d.log.Warn("vm did not stop gracefully: killing it", "vm", v.Name, "timeout", timeout)
+	call.Progress(api.Progress{Phase: "kill"})
+	d.killRunning(v.ID, r)
+}
+
+func (d *Daemon) vmRemove(ctx context.Context, call *rpc.Call) (any, error) {
+	var p api.VMRemoveParams
+	if err := call.Decode(&p); err != nil {
+		return nil, err
+	}
+	v, err := d.store.GetVM(ctx, p.Name)
+	if err != nil {
+		return nil, err
+	}
+	lock := d.vmLock(v.ID)
+	lock.Lock()
+	defer lock.Unlock()
+	d.mu.Lock()
+	r := d.running[v.ID]
+	d.mu.Unlock()
+	if r != nil {
+		if !p.Force {
+			return nil, fmt.Errorf("vm %q is running: stop it first, or use rm -f: %w", v.Name, errdefs.ErrFailedPrecondition)
+		}
+		d.killRunning(v.ID, r)
+	}
+	if err := os.RemoveAll(v.Dir); err != nil {
+		return nil, fmt.Errorf("remove vm files: %w", err)
+	}
+	if err := d.store.DeleteVM(ctx, v.ID); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	delete(d.locks, v.ID)
+	d.mu.Unlock()
+	d.log.Info("vm removed", "vm", v.Name)
+	return nil, nil
+}
+
+func (d *Daemon) vmList(ctx context.Context, call *rpc.Call) (any, error) {
+	vms, err := d.store.ListVMs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.VM, 0, len(vms))
+	for _, v := range vms {
+		out = append(out, d.vmAPI(v))
+	}
+	return out, nil
+}
+
+func (d *Daemon) vmInspect(ctx context.Context, call *rpc.Call) (any, error) {
+	var p api.NameParams
+	if err := call.Decode(&p); err != nil {
+		return nil, err
+	}
+	v, err := d.store.GetVM(ctx, p.Name)
+	if err != nil {
+		return nil, err
+	}
+	return d.vmAPI(v), nil
+}
+
+// reconcile adopts VMs whose VMM survived a daemon restart and marks the
+// others stopped, removing what their VMM left behind.
+func (d *Daemon) reconcile(ctx context.Context) error {
+	vms, err := d.store.ListVMs(ctx)
+	if err != nil {
+		return err
+	}
+	for _, v := range vms {
+		if v.Handle == "" {
+			if v.State != api.StateStopped {
+				v.State = api.StateStopped
+				_ = d.store.UpdateVM(ctx, v)
+			}
+			continue
+		}
+		var h vmm.Handle
+		if err := json.Unmarshal([]byte(v.Handle), &h); err != nil {
+			d.log.Warn("vm has an unreadable handle: marking it stopped", "vm", v.Name, "err", err)
+		} else if d.driver.Alive(h) {
+			v.State = api.StateRunning
+			_ = d.store.UpdateVM(ctx, v)
+			d.track(v, &runningVM{handle: h, exited: make(chan struct{})})
+			d.log.Info("vm adopted", "vm", v.Name, "pid", h.PID)
+			continue
+		} else if err := d.driver.Cleanup(h); err != nil {
+			d.log.Warn("clean up stale vmm files", "vm", v.Name, "err", err)
+		}
+		d.log.Info("vm found stopped", "vm", v.Name)
+		v.State, v.Handle = api.StateStopped, ""
+		_ = d.store.UpdateVM(ctx, v)
+	}
+	return nil
+}
+
+func (d *Daemon) closeAgents() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, r := range d.running {
+		r.mu.Lock()
+		if r.agent != nil {
+			r.agent.Close()
+		}
+		r.mu.Unlock()
+	}
+}
+
+func tailFile(path string, lines int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "(no console output)"
+	}
+	all := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(all) > lines {
+		all = all[len(all)-lines:]
+	}
+	return strings.Join(all, "\n")
+}

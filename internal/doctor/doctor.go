@@ -1,0 +1,459 @@
+// Package doctor checks whether a host is ready to run banger, and says how
+// to fix what is not.
+package doctor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/kvmcheck"
+)
+
+// Status is the outcome of one check. FAIL means banger cannot work as
+// configured; WARN means it works with a limitation.
+type Status string
+
+const (
+	OK   Status = "OK"
+	Warn Status = "WARN"
+	Fail Status = "FAIL"
+)
+
+func (s Status) rank() int {
+	switch s {
+	case Fail:
+		return 2
+	case Warn:
+		return 1
+	default:
+		return 0
+	}
+}
+
+// Check is the result of one readiness check.
+type Check struct {
+	Name   string `json:"name"`
+	Status Status `json:"status"`
+	Detail string `json:"detail"`
+	// Fix says what to do about a WARN or FAIL; empty for OK.
+	Fix string `json:"fix,omitempty"`
+}
+
+// Summary returns the worst status of checks (OK for none).
+func Summary(checks []Check) Status {
+	worst := OK
+	for _, c := range checks {
+		if c.Status.rank() > worst.rank() {
+			worst = c.Status
+		}
+	}
+	return worst
+}
+
+// Free space thresholds of the state directory.
+const (
+	warnFreeBytes = 5 << 30
+	failFreeBytes = 1 << 30
+)
+
+// minQEMU is the oldest QEMU whose microvm machine has ACPI, which stock
+// kernels (without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) need to find the
+// virtio-mmio devices.
+var minQEMU = [2]int{5, 2}
+
+// Options configure Run. StateDir should be set; the rest defaults.
+type Options struct {
+	// StateDir is bangerd's state directory (images, VM disks). The
+	// reflink and free space checks run there, or in its nearest existing
+	// parent if it does not exist yet.
+	StateDir string
+	// SocketPath is the daemon socket, shown in the daemon check.
+	SocketPath string
+	// Ping asks the daemon for its version. Nil skips the daemon check.
+	Ping func(ctx context.Context) (string, error)
+	// LookPath finds executables. Default exec.LookPath.
+	LookPath func(file string) (string, error)
+	// Probe inspects KVM. Default kvmcheck.Probe.
+	Probe func() kvmcheck.Result
+	// Output runs a command and returns its combined output. Default runs
+	// it with exec.CommandContext.
+	Output func(ctx context.Context, name string, args ...string) ([]byte, error)
+	// DevRoot is where /dev is looked up. Default "/".
+	DevRoot string
+	// CommandTimeout bounds each command and the daemon ping. Default 5s.
+	CommandTimeout time.Duration
+}
+
+func (o *Options) defaults() {
+	if o.LookPath == nil {
+		o.LookPath = exec.LookPath
+	}
+	if o.Probe == nil {
+		o.Probe = kvmcheck.Probe
+	}
+	if o.Output == nil {
+		o.Output = func(ctx context.Context, name string, args ...string) ([]byte, error) {
+			return exec.CommandContext(ctx, name, args...).CombinedOutput()
+		}
+	}
+	if o.DevRoot == "" {
+		o.DevRoot = "/"
+	}
+	if o.CommandTimeout <= 0 {
+		o.CommandTimeout = 5 * time.Second
+	}
+}
+
+// runner holds the options and the system calls the checks use (replaced
+// in tests).
+type runner struct {
+	opts   Options
+	clone  func(dst, src int) error
+	statfs func(path string, st *unix.Statfs_t) error
+}
+
+// Run runs every check, in a fixed order.
+func Run(ctx context.Context, opts Options) []Check {
+	opts.defaults()
+	r := runner{opts: opts, clone: unix.IoctlFileClone, statfs: unix.Statfs}
+	return r.run(ctx)
+}
+
+func (r runner) run(ctx context.Context) []Check {
+	kvm := r.opts.Probe()
+	checks := []Check{
+		r.checkKVM(kvm),
+		r.checkQEMU(ctx),
+		r.checkTool("qemu-img", Fail, "needed for qcow2 disk overlays", "install it: sudo apt-get install qemu-utils"),
+		r.checkFirecracker(ctx, kvm),
+		r.checkDevice("/dev/net/tun", "TUN/TAP", Warn, "TAP networking for VMs unavailable", "load the tun module: sudo modprobe tun"),
+		r.checkDevice("/dev/loop-control", "loop devices", Warn, "loop devices unavailable: images cannot be mounted to be edited", "load the loop module: sudo modprobe loop"),
+		r.checkDevice("/dev/mapper/control", "device-mapper", Warn, "dm-snapshot copy-on-write unavailable; banger uses qcow2 overlays/reflink instead", "optional: sudo modprobe dm_snapshot"),
+	}
+	checks = append(checks, r.checkReflink(), r.checkFreeSpace())
+	if r.opts.Ping != nil {
+		checks = append(checks, r.checkDaemon(ctx))
+	}
+	return checks
+}
+
+func (r runner) checkKVM(p kvmcheck.Result) Check {
+	c := Check{Name: "KVM"}
+	const consequence = ": QEMU will use TCG (slow); Firecracker cannot run here"
+	switch {
+	case p.Usable:
+		c.Status, c.Detail = OK, p.Reason
+	case p.PVMOnly():
+		c.Status = Warn
+		c.Detail = "KVM is PVM-only" + consequence
+		c.Fix = "for fast VMs and the firecracker backend, run banger on a host with hardware virtualisation (Intel VT-x or AMD-V, with kvm_intel or kvm_amd loaded)"
+	case !p.DevicePresent:
+		c.Status = Warn
+		c.Detail = "no /dev/kvm" + consequence
+		c.Fix = "enable virtualisation (VT-x/AMD-V) in the firmware and load KVM: sudo modprobe kvm_intel (or kvm_amd)"
+	case !p.DeviceOpens:
+		c.Status = Warn
+		c.Detail = p.Reason + consequence
+		c.Fix = "run bangerd as root, or give its user access to /dev/kvm (the kvm group)"
+	default:
+		c.Status = Warn
+		c.Detail = p.Reason + consequence
+		c.Fix = "use a host with hardware virtualisation (Intel VT-x or AMD-V, with kvm_intel or kvm_amd loaded)"
+	}
+	return c
+}
+
+var qemuVersionRE = regexp.MustCompile(`version (\d+)\.(\d+)(?:\.(\d+))?`)
+
+// parseQEMUVersion extracts major, minor and the version string from
+// `qemu-system-x86_64 --version` output.
+func parseQEMUVersion(out string) (major, minor int, version string, ok bool) {
+	m := qemuVersionRE.FindStringSubmatch(out)
+	if m == nil {
+		return 0, 0, "", false
+	}
+	major, _ = strconv.Atoi(m[1])
+	minor, _ = strconv.Atoi(m[2])
+	version = m[1] + "." + m[2]
+	if m[3] != "" {
+		version += "." + m[3]
+	}
+	return major, minor, version, true
+}
+
+func (r runner) checkQEMU(ctx context.Context) Check {
+	const bin = "qemu-system-x86_64"
+	c := Check{Name: "QEMU"}
+	path, err := r.opts.LookPath(bin)
+	if err != nil {
+		c.Status = Fail
+		c.Detail = bin + " not found on PATH: the qemu backend cannot run"
+		c.Fix = "install it: sudo apt-get install qemu-system-x86"
+		return c
+	}
+	out, err := r.output(ctx, path, "--version")
+	major, minor, version, ok := parseQEMUVersion(string(out))
+	switch {
+	case err != nil:
+		c.Status = Fail
+		c.Detail = fmt.Sprintf("%s --version failed: %v", path, err)
+		c.Fix = "check the QEMU installation: sudo apt-get install --reinstall qemu-system-x86"
+	case !ok:
+		c.Status = Warn
+		c.Detail = fmt.Sprintf("%s: cannot parse version from %q", path, firstLine(string(out)))
+	case major < minQEMU[0] || (major == minQEMU[0] && minor < minQEMU[1]):
+		c.Status = Warn
+		c.Detail = fmt.Sprintf("%s is QEMU %s; banger needs %d.%d or later (microvm with ACPI)", path, version, minQEMU[0], minQEMU[1])
+		c.Fix = "upgrade QEMU"
+	default:
+		c.Status = OK
+		c.Detail = fmt.Sprintf("%s (QEMU %s)", path, version)
+	}
+	return c
+}
+
+// checkTool checks that an executable is on PATH.
+func (r runner) checkTool(bin string, missing Status, why, fix string) Check {
+	c := Check{Name: bin}
+	path, err := r.opts.LookPath(bin)
+	if err != nil {
+		c.Status, c.Detail, c.Fix = missing, bin+" not found on PATH: "+why, fix
+		return c
+	}
+	c.Status, c.Detail = OK, path
+	return c
+}
+
+var firecrackerVersionRE = regexp.MustCompile(`v?(\d+\.\d+\.\d+)`)
+
+func (r runner) checkFirecracker(ctx context.Context, kvm kvmcheck.Result) Check {
+	c := Check{Name: "Firecracker"}
+	path, err := r.opts.LookPath("firecracker")
+	if err != nil {
+		c.Status = Warn
+		c.Detail = "firecracker not found on PATH: needed for the firecracker backend"
+		c.Fix = "install firecracker (https://github.com/firecracker-microvm/firecracker/releases) into /usr/local/bin, or use the qemu backend"
+		return c
+	}
+	version := "unknown version"
+	if out, err := r.output(ctx, path, "--version"); err == nil {
+		if m := firecrackerVersionRE.FindStringSubmatch(string(out)); m != nil {
+			version = "v" + m[1]
+		}
+	}
+	if !kvm.Usable {
+		c.Status = Warn
+		c.Detail = fmt.Sprintf("%s (%s) is installed, but KVM is not usable here, so it cannot boot VMs", path, version)
+		c.Fix = "use the qemu backend on this host"
+		return c
+	}
+	c.Status, c.Detail = OK, fmt.Sprintf("%s (%s)", path, version)
+	return c
+}
+
+// checkDevice checks that a device node exists.
+func (r runner) checkDevice(dev, name string, missing Status, why, fix string) Check {
+	c := Check{Name: name}
+	p := filepath.Join(r.opts.DevRoot, dev)
+	if _, err := os.Stat(p); err != nil {
+		c.Status, c.Fix = missing, fix
+		if errors.Is(err, os.ErrNotExist) {
+			c.Detail = dev + " absent: " + why
+		} else {
+			c.Detail = fmt.Sprintf("%s: %v: %s", dev, err, why)
+		}
+		return c
+	}
+	c.Status, c.Detail = OK, dev+" present"
+	return c
+}
+
+// stateDir returns the directory the filesystem checks run in: StateDir or
+// its nearest existing parent, and a note when they differ.
+func (r runner) stateDir() (dir, note string, err error) {
+	if r.opts.StateDir == "" {
+		return "", "", errors.New("no state directory configured")
+	}
+	dir = filepath.Clean(r.opts.StateDir)
+	for {
+		fi, err := os.Stat(dir)
+		if err == nil {
+			if !fi.IsDir() {
+				return "", "", fmt.Errorf("%s is not a directory", dir)
+			}
+			break
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return "", "", err
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", "", err
+		}
+		dir = parent
+	}
+	if dir != filepath.Clean(r.opts.StateDir) {
+		note = fmt.Sprintf(" (%s does not exist yet; checked %s)", r.opts.StateDir, dir)
+	}
+	return dir, note, nil
+}
+
+func (r runner) checkReflink() Check {
+	c := Check{Name: "reflink"}
+	dir, note, err := r.stateDir()
+	if err != nil {
+		c.Status, c.Detail = Warn, "state directory: "+err.Error()
+		c.Fix = "set state_dir in the bangerd configuration"
+		return c
+	}
+	fsName := r.fsName(dir)
+	if err := r.tryClone(dir); err != nil {
+		c.Status = Warn
+		c.Detail = fmt.Sprintf("no reflink copies in %s (%s): %v; image copies are full copies, qcow2 overlays still work%s", dir, fsName, err, note)
+		c.Fix = "optional: put the state directory on XFS (mkfs.xfs -m reflink=1) or btrfs for instant raw disk copies"
+		return c
+	}
+	c.Status = OK
+	c.Detail = fmt.Sprintf("%s (%s) supports reflink copies%s", dir, fsName, note)
+	return c
+}
+
+// tryClone clones a small temporary file into another with FICLONE.
+func (r runner) tryClone(dir string) error {
+	src, err := os.CreateTemp(dir, ".banger-doctor-*")
+	if err != nil {
+		return fmt.Errorf("create test file: %w", err)
+	}
+	defer os.Remove(src.Name())
+	defer src.Close()
+	if _, err := src.Write(make([]byte, 64<<10)); err != nil {
+		return fmt.Errorf("write test file: %w", err)
+	}
+	if err := src.Sync(); err != nil {
+		return fmt.Errorf("sync test file: %w", err)
+	}
+	dst, err := os.CreateTemp(dir, ".banger-doctor-*")
+	if err != nil {
+		return fmt.Errorf("create test file: %w", err)
+	}
+	defer os.Remove(dst.Name())
+	defer dst.Close()
+	if err := r.clone(int(dst.Fd()), int(src.Fd())); err != nil {
+		return fmt.Errorf("FICLONE: %w", err)
+	}
+	return nil
+}
+
+func (r runner) fsName(dir string) string {
+	var st unix.Statfs_t
+	if err := r.statfs(dir, &st); err != nil {
+		return "unknown filesystem"
+	}
+	switch int64(st.Type) {
+	case unix.XFS_SUPER_MAGIC:
+		return "xfs"
+	case unix.BTRFS_SUPER_MAGIC:
+		return "btrfs"
+	case unix.EXT4_SUPER_MAGIC:
+		return "ext4"
+	case unix.TMPFS_MAGIC:
+		return "tmpfs"
+	case unix.OVERLAYFS_SUPER_MAGIC:
+		return "overlayfs"
+	case unix.NFS_SUPER_MAGIC:
+		return "nfs"
+	case unix.F2FS_SUPER_MAGIC:
+		return "f2fs"
+	case 0x2fc12fc1:
+		return "zfs"
+	case 0xca451a4e:
+		return "bcachefs"
+	}
+	return fmt.Sprintf("filesystem 0x%x", st.Type)
+}
+
+func (r runner) checkFreeSpace() Check {
+	c := Check{Name: "free disk"}
+	dir, note, err := r.stateDir()
+	if err != nil {
+		c.Status, c.Detail = Warn, "state directory: "+err.Error()
+		c.Fix = "set state_dir in the bangerd configuration"
+		return c
+	}
+	var st unix.Statfs_t
+	if err := r.statfs(dir, &st); err != nil {
+		c.Status, c.Detail = Warn, fmt.Sprintf("statfs %s: %v", dir, err)
+		return c
+	}
+	free := st.Bavail * uint64(st.Bsize)
+	c.Detail = fmt.Sprintf("%s free in %s%s", humanBytes(free), dir, note)
+	switch {
+	case free < failFreeBytes:
+		c.Status = Fail
+		c.Fix = "free space on that filesystem (delete unused images and VMs) or move state_dir; banger needs at least 1 GiB"
+	case free < warnFreeBytes:
+		c.Status = Warn
+		c.Fix = "free space on that filesystem or move state_dir: images and VM disks need several GiB"
+	default:
+		c.Status = OK
+	}
+	return c
+}
+
+func (r runner) checkDaemon(ctx context.Context) Check {
+	c := Check{Name: "daemon"}
+	ctx, cancel := context.WithTimeout(ctx, r.opts.CommandTimeout)
+	defer cancel()
+	sock := r.opts.SocketPath
+	if sock == "" {
+		sock = "the daemon socket"
+	}
+	version, err := r.opts.Ping(ctx)
+	if err != nil {
+		c.Status = Fail
+		c.Detail = fmt.Sprintf("bangerd not reachable on %s: %v", sock, err)
+		c.Fix = "start it: sudo systemctl start bangerd, or sudo bangerd"
+		return c
+	}
+	if !strings.HasPrefix(version, "bangerd") {
+		version = "bangerd " + version
+	}
+	c.Status = OK
+	c.Detail = fmt.Sprintf("%s on %s", version, sock)
+	return c
+}
+
+func (r runner) output(ctx context.Context, name string, args ...string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.opts.CommandTimeout)
+	defer cancel()
+	return r.opts.Output(ctx, name, args...)
+}
+
+func firstLine(s string) string {
+	s, _, _ = strings.Cut(strings.TrimSpace(s), "\n")
+	return s
+}
+
+// humanBytes formats n in binary units with one decimal.
+func humanBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit && exp < 4; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
+}

@@ -1,0 +1,317 @@
+package doctor
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/kvmcheck"
+)
+
+var (
+	hwKVM = kvmcheck.Result{DevicePresent: true, DeviceOpens: true, CreateVM: true, APIVersion: 12,
+		Flavour: kvmcheck.FlavourIntel, CPUFlag: "vmx", Usable: true, Reason: "hardware KVM (kvm_intel)"}
+	pvmKVM = kvmcheck.Result{DevicePresent: true, DeviceOpens: true, CreateVM: true, APIVersion: 12,
+		Flavour: kvmcheck.FlavourPVM, Reason: "KVM is PVM-only here"}
+	noKVM     = kvmcheck.Result{Reason: "KVM unavailable: /dev/kvm does not exist"}
+	deniedKVM = kvmcheck.Result{DevicePresent: true, Flavour: kvmcheck.FlavourIntel,
+		Reason: "KVM unavailable: open /dev/kvm: permission denied", Error: "open /dev/kvm: permission denied"}
+)
+
+// fakeEnv is a host where the listed binaries exist and the listed device
+// nodes (relative to /dev) exist.
+type fakeEnv struct {
+	bins    map[string]string // name -> --version output
+	devs    []string
+	kvm     kvmcheck.Result
+	ping    func(context.Context) (string, error)
+	free    uint64 // bytes available in the state dir
+	fsType  int64
+	reflink bool
+}
+
+func (e fakeEnv) run(t *testing.T) map[string]Check {
+	t.Helper()
+	devRoot := t.TempDir()
+	for _, d := range e.devs {
+		p := filepath.Join(devRoot, d)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opts := Options{
+		StateDir:   t.TempDir(),
+		SocketPath: "/run/banger/bangerd.sock",
+		Ping:       e.ping,
+		LookPath: func(f string) (string, error) {
+			if _, ok := e.bins[f]; ok {
+				return "/usr/bin/" + f, nil
+			}
+			return "", exec.ErrNotFound
+		},
+		Probe: func() kvmcheck.Result { return e.kvm },
+		Output: func(_ context.Context, name string, args ...string) ([]byte, error) {
+			out, ok := e.bins[filepath.Base(name)]
+			if !ok {
+				return nil, errors.New("not found")
+			}
+			return []byte(out), nil
+		},
+		DevRoot: devRoot,
+	}
+	opts.defaults()
+	r := runner{
+		opts: opts,
+		clone: func(dst, src int) error {
+			if e.reflink {
+				return nil
+			}
+			return unix.EOPNOTSUPP
+		},
+		statfs: func(path string, st *unix.Statfs_t) error {
+			st.Bsize = 4096
+			st.Bavail = e.free / 4096
+			st.Type = e.fsType
+			return nil
+		},
+	}
+	checks := r.run(context.Background())
+	m := map[string]Check{}
+	for _, c := range checks {
+		if c.Name == "" || c.Detail == "" {
+			t.Errorf("check without name or detail: %+v", c)
+		}
+		if c.Status != OK && c.Fix == "" && c.Name != "QEMU" {
+			t.Errorf("%s is %s without a fix", c.Name, c.Status)
+		}
+		m[c.Name] = c
+	}
+	return m
+}
+
+const qemuVersion = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n"
+
+func allGood() fakeEnv {
+	return fakeEnv{
+		bins: map[string]string{
+			"qemu-system-x86_64": qemuVersion,
+			"qemu-img":           "qemu-img version 7.2.22",
+			"firecracker":        "Firecracker v1.7.0\n\nSupported snapshot data format versions: v1.0.0",
+		},
+		devs:    []string{"dev/net/tun", "dev/loop-control", "dev/mapper/control"},
+		kvm:     hwKVM,
+		ping:    func(context.Context) (string, error) { return "0.1.0", nil },
+		free:    50 << 30,
+		fsType:  unix.XFS_SUPER_MAGIC,
+		reflink: true,
+	}
+}
+
+func TestAllGood(t *testing.T) {
+	checks := allGood().run(t)
+	var list []Check
+	for name, c := range checks {
+		list = append(list, c)
+		if c.Status != OK {
+			t.Errorf("%s: %s %s", name, c.Status, c.Detail)
+		}
+	}
+	if len(checks) != 10 {
+		t.Errorf("got %d checks, want 10", len(checks))
+	}
+	if s := Summary(list); s != OK {
+		t.Errorf("Summary = %s", s)
+	}
+	if d := checks["QEMU"].Detail; !strings.Contains(d, "QEMU 7.2.22") {
+		t.Errorf("QEMU detail %q lacks version", d)
+	}
+	if d := checks["Firecracker"].Detail; !strings.Contains(d, "v1.7.0") {
+		t.Errorf("Firecracker detail %q lacks version", d)
+	}
+	if d := checks["reflink"].Detail; !strings.Contains(d, "xfs") {
+		t.Errorf("reflink detail %q lacks the filesystem", d)
+	}
+	if d := checks["daemon"].Detail; !strings.Contains(d, "0.1.0") {
+		t.Errorf("daemon detail %q lacks the version", d)
+	}
+}
+
+func TestPVMHost(t *testing.T) {
+	e := allGood()
+	e.kvm = pvmKVM
+	e.fsType = unix.EXT4_SUPER_MAGIC
+	e.reflink = false
+	delete(e.bins, "firecracker")
+	e.devs = []string{"dev/net/tun", "dev/loop-control"}
+	checks := e.run(t)
+
+	kvm := checks["KVM"]
+	if kvm.Status != Warn || kvm.Detail != "KVM is PVM-only: QEMU will use TCG (slow); Firecracker cannot run here" {
+		t.Errorf("KVM = %+v", kvm)
+	}
+	fc := checks["Firecracker"]
+	if fc.Status != Warn || !strings.Contains(fc.Detail, "needed for the firecracker backend") {
+		t.Errorf("Firecracker = %+v", fc)
+	}
+	dm := checks["device-mapper"]
+	if dm.Status != Warn || !strings.Contains(dm.Detail, "dm-snapshot copy-on-write unavailable; banger uses qcow2 overlays/reflink instead") {
+		t.Errorf("device-mapper = %+v", dm)
+	}
+	rl := checks["reflink"]
+	if rl.Status != Warn || !strings.Contains(rl.Detail, "ext4") {
+		t.Errorf("reflink = %+v", rl)
+	}
+	var list []Check
+	for _, c := range checks {
+		list = append(list, c)
+	}
+	if s := Summary(list); s != Warn {
+		t.Errorf("Summary = %s, want WARN", s)
+	}
+}
+
+func TestKVMVariants(t *testing.T) {
+	for _, tc := range []struct {
+		kvm  kvmcheck.Result
+		want string
+	}{
+		{noKVM, "no /dev/kvm"},
+		{deniedKVM, "permission denied"},
+	} {
+		e := allGood()
+		e.kvm = tc.kvm
+		checks := e.run(t)
+		if c := checks["KVM"]; c.Status != Warn || !strings.Contains(c.Detail, tc.want) || !strings.Contains(c.Detail, "TCG") {
+			t.Errorf("KVM = %+v, want WARN with %q", c, tc.want)
+		}
+		// Firecracker installed but useless without KVM.
+		if c := checks["Firecracker"]; c.Status != Warn || !strings.Contains(c.Detail, "cannot boot") {
+			t.Errorf("Firecracker = %+v", c)
+		}
+	}
+}
+
+func TestMissingTools(t *testing.T) {
+	e := allGood()
+	e.bins = map[string]string{}
+	checks := e.run(t)
+	for _, name := range []string{"QEMU", "qemu-img"} {
+		if c := checks[name]; c.Status != Fail {
+			t.Errorf("%s = %+v, want FAIL", name, c)
+		}
+	}
+	if c := checks["Firecracker"]; c.Status != Warn {
+		t.Errorf("Firecracker = %+v, want WARN", c)
+	}
+}
+
+func TestOldQEMU(t *testing.T) {
+	e := allGood()
+	e.bins["qemu-system-x86_64"] = "QEMU emulator version 4.2.1 (Debian 1:4.2-3ubuntu6)"
+	if c := e.run(t)["QEMU"]; c.Status != Warn || !strings.Contains(c.Detail, "4.2.1") {
+		t.Errorf("QEMU = %+v", c)
+	}
+}
+
+func TestFreeSpace(t *testing.T) {
+	for _, tc := range []struct {
+		free uint64
+		want Status
+	}{
+		{100 << 30, OK},
+		{5 << 30, OK},
+		{5<<30 - 4096, Warn},
+		{1 << 30, Warn},
+		{1<<30 - 4096, Fail},
+		{0, Fail},
+	} {
+		e := allGood()
+		e.free = tc.free
+		if c := e.run(t)["free disk"]; c.Status != tc.want {
+			t.Errorf("free %d: %+v, want %s", tc.free, c, tc.want)
+		}
+	}
+}
+
+func TestDaemonDown(t *testing.T) {
+	e := allGood()
+	e.ping = func(context.Context) (string, error) {
+		return "", errors.New("dial unix /run/banger/bangerd.sock: connect: no such file or directory")
+	}
+	c := e.run(t)["daemon"]
+	if c.Status != Fail || c.Fix != "start it: sudo systemctl start bangerd, or sudo bangerd" {
+		t.Errorf("daemon = %+v", c)
+	}
+	e.ping = nil
+	if _, ok := e.run(t)["daemon"]; ok {
+		t.Error("daemon checked without a Ping function")
+	}
+}
+
+func TestStateDirNotCreated(t *testing.T) {
+	base := t.TempDir()
+	r := runner{opts: Options{StateDir: filepath.Join(base, "a", "b")}}
+	dir, note, err := r.stateDir()
+	if err != nil || dir != base || !strings.Contains(note, "does not exist yet") {
+		t.Errorf("stateDir = %q, %q, %v", dir, note, err)
+	}
+}
+
+func TestSummary(t *testing.T) {
+	if Summary(nil) != OK {
+		t.Error("empty summary not OK")
+	}
+	if Summary([]Check{{Status: OK}, {Status: Fail}, {Status: Warn}}) != Fail {
+		t.Error("FAIL not worst")
+	}
+}
+
+func TestParseQEMUVersion(t *testing.T) {
+	for in, want := range map[string]string{
+		qemuVersion:                                           "7.2.22",
+		"QEMU emulator version 8.2.0 (v8.2.0)":                "8.2.0",
+		"QEMU emulator version 9.1 (qemu-9.1.0-1.fc41)":       "9.1",
+		"QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-1)": "10.0.2",
+	} {
+		if _, _, v, ok := parseQEMUVersion(in); !ok || v != want {
+			t.Errorf("parseQEMUVersion(%q) = %q, %v; want %q", in, v, ok, want)
+		}
+	}
+	if _, _, _, ok := parseQEMUVersion("garbage"); ok {
+		t.Error("garbage parsed")
+	}
+}
+
+// TestThisHost runs the real checks. On a PVM-only host (these development
+// machines) the KVM check must be a WARN.
+func TestThisHost(t *testing.T) {
+	checks := Run(context.Background(), Options{StateDir: t.TempDir()})
+	for _, c := range checks {
+		t.Logf("%-14s %-4s %s | %s", c.Name, c.Status, c.Detail, c.Fix)
+	}
+	if _, err := os.Stat("/sys/module/kvm_pvm"); err != nil {
+		t.Skip("no /sys/module/kvm_pvm: not a PVM host")
+	}
+	if _, err := os.Stat("/sys/module/kvm_intel"); err == nil {
+		t.Skip("kvm_intel loaded next to kvm_pvm")
+	}
+	if _, err := os.Stat("/sys/module/kvm_amd"); err == nil {
+		t.Skip("kvm_amd loaded next to kvm_pvm")
+	}
+	for _, c := range checks {
+		if c.Name == "KVM" {
+			if c.Status != Warn || !strings.Contains(c.Detail, "PVM-only") {
+				t.Errorf("KVM check = %+v, want WARN about PVM", c)
+			}
+			return
+		}
+	}
+	t.Error("no KVM check")
+}

@@ -1,0 +1,530 @@
+package guestagent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/creack/pty"
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/agentproto"
+)
+
+// defaultPath is the PATH of commands run by the agent.
+const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// outputGrace is how long output is still forwarded after the command
+// exited, when a background process it started keeps stdout or stderr open.
+const outputGrace = 2 * time.Second
+
+// SSH payloads of the standard session requests (RFC 4254).
+type (
+	envMsg struct {
+		Name, Value string
+	}
+	ptyReqMsg struct {
+		Term          string
+		Columns, Rows uint32
+		Width, Height uint32
+		Modes         string
+	}
+	windowChangeMsg struct {
+		Columns, Rows uint32
+		Width, Height uint32
+	}
+	signalMsg struct {
+		Signal string
+	}
+	execMsg struct {
+		Command string
+	}
+	exitStatusMsg struct {
+		Status uint32
+	}
+	exitSignalMsg struct {
+		Signal     string
+		CoreDumped bool
+		Error      string
+		Lang       string
+	}
+)
+
+// command is what a session runs.
+type command struct {
+	argv []string
+	env  []string // added after the defaults and the session's env requests
+	dir  string
+}
+
+// session is one "session" channel.
+type session struct {
+	log *slog.Logger
+	ch  ssh.Channel
+	env []string // from "env" requests
+
+	// PTY state, set by pty-req.
+	term   string
+	ptmx   *os.File
+	tty    *os.File
+	rows   uint16
+	cols   uint16
+	ptySet bool
+
+	mu      sync.Mutex
+	started bool
+	proc    *os.Process // nil until started
+	exited  bool        // the process was reaped
+	done    chan struct{}
+}
+
+func (s *server) handleSession(nc ssh.NewChannel, log *slog.Logger) {
+	ch, reqs, err := nc.Accept()
+	if err != nil {
+		log.Warn("accept session", "err", err)
+		return
+	}
+	ss := &session{log: log, ch: ch, done: make(chan struct{})}
+	ss.serve(reqs)
+}
+
+func (ss *session) serve(reqs <-chan *ssh.Request) {
+	defer ss.ch.Close()
+	for req := range reqs {
+		ok, launch := ss.handleRequest(req)
+		if req.WantReply {
+			req.Reply(ok, nil)
+		}
+		// Start the command only after the reply: a command that ends at
+		// once must not close the channel before the reply is sent.
+		if launch != nil {
+			launch()
+		}
+	}
+	// The channel is closed (by the client or because the connection
+	// died): a command that still runs is killed with its process group.
+	ss.mu.Lock()
+	started := ss.started
+	if ss.proc != nil && !ss.exited {
+		ss.log.Debug("session closed, killing command", "pid", ss.proc.Pid)
+		unix.Kill(-ss.proc.Pid, unix.SIGKILL)
+	}
+	ss.mu.Unlock()
+	if started {
+		<-ss.done
+	} else {
+		ss.closePTY()
+	}
+}
+
+// handleRequest handles one channel request and says whether it succeeded.
+// For exec, shell and ReqExecArgv it returns launch, which starts the
+// command in its own goroutine (later requests, such as window-change and
+// signal, are handled while it runs).
+func (ss *session) handleRequest(req *ssh.Request) (ok bool, launch func()) {
+	switch req.Type {
+	case "env":
+		var m envMsg
+		if err := ssh.Unmarshal(req.Payload, &m); err != nil || m.Name == "" || strings.ContainsAny(m.Name, "=\x00") {
+			return false, nil
+		}
+		ss.mu.Lock()
+		defer ss.mu.Unlock()
+		if ss.started {
+			return false, nil
+		}
+		ss.env = append(ss.env, m.Name+"="+m.Value)
+		return true, nil
+	case "pty-req":
+		var m ptyReqMsg
+		if err := ssh.Unmarshal(req.Payload, &m); err != nil {
+			return false, nil
+		}
+		return ss.allocPTY(m) == nil, nil
+	case "window-change":
+		var m windowChangeMsg
+		if err := ssh.Unmarshal(req.Payload, &m); err != nil {
+			return false, nil
+		}
+		return ss.resize(m.Rows, m.Columns), nil
+	case "signal":
+		var m signalMsg
+		if err := ssh.Unmarshal(req.Payload, &m); err != nil {
+			return false, nil
+		}
+		return ss.signal(m.Signal), nil
+	case "exec":
+		var m execMsg
+		if err := ssh.Unmarshal(req.Payload, &m); err != nil {
+			return false, nil
+		}
+		return ss.start(command{argv: []string{"/bin/sh", "-c", m.Command}})
+	case "shell":
+		shell := "/bin/sh"
+		if fi, err := os.Stat("/bin/bash"); err == nil && fi.Mode().IsRegular() {
+			shell = "/bin/bash"
+		}
+		return ss.start(command{argv: []string{shell, "-l"}})
+	case agentproto.ReqExecArgv:
+		var m agentproto.ExecRequest
+		if err := agentproto.UnmarshalPayload(req.Payload, &m); err != nil {
+			ss.log.Warn("bad exec request", "err", err)
+			return false, nil
+		}
+		if len(m.Argv) == 0 || m.Argv[0] == "" {
+			ss.log.Warn("exec request without argv")
+			return false, nil
+		}
+		if m.User != "" && m.User != "root" {
+			ss.log.Warn("exec request for another user refused", "user", m.User)
+			return false, nil
+		}
+		for _, kv := range m.Env {
+			if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+				ss.log.Warn("exec request with malformed env entry", "entry", kv)
+				return false, nil
+			}
+		}
+		return ss.start(command{argv: m.Argv, env: m.Env, dir: m.Dir})
+	default:
+		return false, nil
+	}
+}
+
+func (ss *session) allocPTY(m ptyReqMsg) error {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.started || ss.ptySet {
+		return errors.New("pty already allocated or command started")
+	}
+	ptmx, tty, err := pty.Open()
+	if err != nil {
+		ss.log.Warn("allocate pty", "err", err)
+		return fmt.Errorf("allocate pty: %w", err)
+	}
+	ss.ptmx, ss.tty, ss.ptySet = ptmx, tty, true
+	ss.term = m.Term
+	ss.rows, ss.cols = clampSize(m.Rows), clampSize(m.Columns)
+	if ss.rows == 0 || ss.cols == 0 {
+		ss.rows, ss.cols = 24, 80
+	}
+	if err := pty.Setsize(ptmx, &pty.Winsize{Rows: ss.rows, Cols: ss.cols}); err != nil {
+		ss.log.Warn("set pty size", "err", err)
+	}
+	return nil
+}
+
+func clampSize(v uint32) uint16 {
+	if v > 0xffff {
+		return 0xffff
+	}
+	return uint16(v)
+}
+
+func (ss *session) resize(rows, cols uint32) bool {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.ptmx == nil || rows == 0 || cols == 0 {
+		return false
+	}
+	ss.rows, ss.cols = clampSize(rows), clampSize(cols)
+	// Setting the size on the master raises SIGWINCH in the foreground
+	// process group of the terminal.
+	if err := pty.Setsize(ss.ptmx, &pty.Winsize{Rows: ss.rows, Cols: ss.cols}); err != nil {
+		ss.log.Debug("resize pty", "err", err)
+		return false
+	}
+	return true
+}
+
+func (ss *session) signal(name string) bool {
+	sig := unix.SignalNum("SIG" + name)
+	if sig == 0 {
+		return false
+	}
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.proc == nil || ss.exited {
+		return false
+	}
+	return unix.Kill(-ss.proc.Pid, sig) == nil
+}
+
+func (ss *session) closePTY() {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.tty != nil {
+		ss.tty.Close()
+		ss.tty = nil
+	}
+	if ss.ptmx != nil {
+		ss.ptmx.Close()
+	}
+}
+
+// environ builds the command's environment: defaults, TERM from pty-req,
+// env requests, then the command's own entries (later entries win).
+func (ss *session) environ(c command) []string {
+	env := []string{
+		"PATH=" + defaultPath,
+		"HOME=/root",
+		"USER=root",
+		"LOGNAME=root",
+		"LANG=C.UTF-8",
+	}
+	if ss.term != "" {
+		env = append(env, "TERM="+ss.term)
+	}
+	env = append(env, ss.env...)
+	env = append(env, c.env...)
+	return env
+}
+
+// start marks the session started and returns the function launching c in
+// a goroutine; it reports false when a command was already started.
+func (ss *session) start(c command) (bool, func()) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.started {
+		return false, nil
+	}
+	ss.started = true
+	return true, func() {
+		go func() {
+			defer close(ss.done)
+			ss.run(c)
+		}()
+	}
+}
+
+// run runs the command, forwards its I/O, reports its exit and closes the
+// channel.
+func (ss *session) run(c command) {
+	defer ss.ch.Close()
+	defer ss.closePTY()
+
+	env := ss.environ(c)
+	dir := c.dir
+	if dir == "" {
+		dir = "/root"
+		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+			dir = "/"
+		}
+	}
+	errOut := io.Writer(ss.ch.Stderr())
+	if ss.ptmx != nil {
+		errOut = ss.ch
+	}
+	// The child's chdir error would look like a missing program: check
+	// the directory first.
+	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+		if err == nil {
+			err = syscall.ENOTDIR
+		} else {
+			err = errors.Unwrap(err)
+		}
+		ss.failStart(errOut, c.argv[0], &fs.PathError{Op: "chdir", Path: dir, Err: err})
+		return
+	}
+	path, err := lookPath(c.argv[0], envValue(env, "PATH"))
+	if err != nil {
+		ss.failStart(errOut, c.argv[0], err)
+		return
+	}
+	cmd := &exec.Cmd{Path: path, Args: c.argv, Env: env, Dir: dir}
+
+	var (
+		copies   sync.WaitGroup
+		outputs  []*os.File // read ends of stdout and stderr
+		stdinW   *os.File
+		childEnd []*os.File // closed in the parent after start
+	)
+	if ss.ptmx != nil {
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = ss.tty, ss.tty, ss.tty
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+		childEnd = append(childEnd, ss.tty)
+	} else {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		inR, inW, err := os.Pipe()
+		if err != nil {
+			ss.failStart(errOut, c.argv[0], err)
+			return
+		}
+		outR, outW, err := os.Pipe()
+		if err != nil {
+			closeAll(inR, inW)
+			ss.failStart(errOut, c.argv[0], err)
+			return
+		}
+		errR, errW, err := os.Pipe()
+		if err != nil {
+			closeAll(inR, inW, outR, outW)
+			ss.failStart(errOut, c.argv[0], err)
+			return
+		}
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, errW
+		childEnd = append(childEnd, inR, outW, errW)
+		outputs = append(outputs, outR, errR)
+		stdinW = inW
+	}
+
+	ss.mu.Lock()
+	err = cmd.Start()
+	if err == nil {
+		ss.proc = cmd.Process
+	}
+	ss.mu.Unlock()
+	closeAll(childEnd...)
+	if ss.ptmx != nil {
+		ss.mu.Lock()
+		ss.tty = nil
+		ss.mu.Unlock()
+	}
+	if err != nil {
+		closeAll(outputs...)
+		if stdinW != nil {
+			stdinW.Close()
+		}
+		ss.failStart(errOut, c.argv[0], err)
+		return
+	}
+	ss.log.Debug("command started", "argv", c.argv, "pid", cmd.Process.Pid, "pty", ss.ptmx != nil)
+
+	if ss.ptmx != nil {
+		ptmx := ss.ptmx
+		// Client EOF is ignored with a PTY (as sshd does): the terminal
+		// stays open until the command exits.
+		go io.Copy(ptmx, ss.ch)
+		// Reading the master fails with EIO once every slave end is
+		// closed: that is the terminal's end of file.
+		copies.Go(func() { io.Copy(ss.ch, ptmx) })
+	} else {
+		go func() {
+			io.Copy(stdinW, ss.ch)
+			stdinW.Close() // client EOF: the command's stdin ends
+		}()
+		outR, errR := outputs[0], outputs[1]
+		copies.Go(func() { io.Copy(ss.ch, outR) })
+		copies.Go(func() { io.Copy(ss.ch.Stderr(), errR) })
+	}
+
+	waitErr := cmd.Wait()
+	ss.mu.Lock()
+	ss.exited = true
+	ss.mu.Unlock()
+	if stdinW != nil {
+		stdinW.Close()
+	}
+
+	// Forward what is left of the output; give up after outputGrace when a
+	// background process keeps the pipes (or the terminal) open.
+	copied := make(chan struct{})
+	go func() { copies.Wait(); close(copied) }()
+	select {
+	case <-copied:
+	case <-time.After(outputGrace):
+		closeAll(outputs...)
+		if ss.ptmx != nil {
+			ss.ptmx.Close()
+		}
+		<-copied
+	}
+	// Without readers, processes still writing get EPIPE instead of
+	// blocking on a full pipe.
+	closeAll(outputs...)
+	ss.ch.CloseWrite()
+	ss.sendExit(cmd.ProcessState, waitErr)
+}
+
+func (ss *session) sendExit(ps *os.ProcessState, waitErr error) {
+	if ps == nil {
+		ss.log.Warn("command wait", "err", waitErr)
+		ss.ch.SendRequest("exit-status", false, ssh.Marshal(exitStatusMsg{Status: 255}))
+		return
+	}
+	ws, _ := ps.Sys().(syscall.WaitStatus)
+	if ws.Signaled() {
+		name := strings.TrimPrefix(unix.SignalName(ws.Signal()), "SIG")
+		if name != "" {
+			ss.ch.SendRequest("exit-signal", false, ssh.Marshal(exitSignalMsg{
+				Signal:     name,
+				CoreDumped: ws.CoreDump(),
+			}))
+			return
+		}
+		ss.ch.SendRequest("exit-status", false, ssh.Marshal(exitStatusMsg{Status: 128 + uint32(ws.Signal())}))
+		return
+	}
+	ss.ch.SendRequest("exit-status", false, ssh.Marshal(exitStatusMsg{Status: uint32(ps.ExitCode())}))
+}
+
+// failStart reports a command that could not be started the way a shell
+// does: a message on stderr and status 127 (not found) or 126.
+func (ss *session) failStart(stderr io.Writer, name string, err error) {
+	status := uint32(126)
+	var msg string
+	var pe *fs.PathError
+	switch {
+	case errors.As(err, &pe) && pe.Op == "chdir":
+		status = 127
+		msg = fmt.Sprintf("banger-agent: chdir %s: %v\n", pe.Path, pe.Err)
+	case errors.Is(err, exec.ErrNotFound), errors.Is(err, fs.ErrNotExist):
+		status = 127
+		msg = fmt.Sprintf("banger-agent: exec %s: no such file\n", name)
+	case errors.Is(err, fs.ErrPermission):
+		msg = fmt.Sprintf("banger-agent: exec %s: permission denied\n", name)
+	default:
+		msg = fmt.Sprintf("banger-agent: exec %s: %v\n", name, err)
+	}
+	ss.log.Debug("command start failed", "argv0", name, "err", err)
+	io.WriteString(stderr, msg)
+	ss.ch.CloseWrite()
+	ss.ch.SendRequest("exit-status", false, ssh.Marshal(exitStatusMsg{Status: status}))
+}
+
+// lookPath resolves name like execvp with the command's PATH (not the
+// agent's own environment). Names with a slash are used as they are.
+func lookPath(name, path string) (string, error) {
+	if strings.Contains(name, "/") {
+		return name, nil
+	}
+	for _, dir := range filepath.SplitList(path) {
+		if dir == "" {
+			continue // no implicit current directory
+		}
+		p := filepath.Join(dir, name)
+		fi, err := os.Stat(p)
+		if err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("look up %s: %w", name, exec.ErrNotFound)
+}
+
+// envValue returns the last value of key in env.
+func envValue(env []string, key string) string {
+	for i := len(env) - 1; i >= 0; i-- {
+		if k, v, ok := strings.Cut(env[i], "="); ok && k == key {
+			return v
+		}
+	}
+	return ""
+}
+
+func closeAll(files ...*os.File) {
+	for _, f := range files {
+		if f != nil {
+			f.Close()
+		}
+	}
+}

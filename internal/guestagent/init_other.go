@@ -1,0 +1,13 @@
+//go:build !linux
+
+package guestagent
+
+import (
+	"fmt"
+	"os"
+)
+
+func runInit() int {
+	fmt.Fprintln(os.Stderr, "banger-init: init mode needs Linux")
+	return 1
+}

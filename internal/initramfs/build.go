@@ -1,0 +1,171 @@
+package initramfs
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"path/filepath"
+
+	"github.com/bangerdev/banger/internal/agentproto"
+)
+
+// DefaultModules are the kernel modules loaded before the root disk is
+// mounted when Config.Modules is empty: the virtio-mmio bus (QEMU microvm,
+// Firecracker), the root disk, the agent's transports (virtio-serial,
+// vsock), the network and the root filesystem. Names not present as
+// modules are assumed built into the kernel.
+var DefaultModules = []string{"virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", "vmw_vsock_virtio_transport"}
+
+// Options describes one initramfs.
+type Options struct {
+	// AgentBinary is the host path of the static guest agent; it becomes
+	// /banger/init. Required.
+	AgentBinary string
+	// BaseInitrd is the image's own initrd (optional). Its bytes are copied
+	// first, verbatim (compressed or not); banger's archive follows, so its
+	// files win.
+	BaseInitrd string
+	// ModulesDir (optional) holds the kernel's modules: a release directory
+	// with modules.dep, or a root containing lib/modules/<release>. When
+	// set, the wanted modules and their dependencies are packed under
+	// lib/modules/<release>/ with a modules.dep covering exactly them. When
+	// empty, the guest uses whatever modules the base initrd holds, or
+	// treats the modules as built in.
+	ModulesDir string
+	// KernelRelease picks the release in ModulesDir when it holds several.
+	KernelRelease string
+	// Config is written to /banger/agent.json. Modules defaults to
+	// DefaultModules.
+	Config agentproto.Config
+}
+
+// Build writes the initramfs to dst atomically (through dst+".tmp").
+func Build(dst string, opts Options) (err error) {
+	tmp := dst + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("create initramfs: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	bw := bufio.NewWriterSize(f, 1<<20)
+	if opts.BaseInitrd != "" {
+		if err := copyFile(bw, opts.BaseInitrd); err != nil {
+			return err
+		}
+	}
+	if err := Write(bw, opts); err != nil {
+		return err
+	}
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("write initramfs %s: %w", tmp, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync initramfs %s: %w", tmp, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("close initramfs %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		return fmt.Errorf("install initramfs: %w", err)
+	}
+	return nil
+}
+
+func copyFile(w io.Writer, name string) error {
+	f, err := os.Open(name)
+	if err != nil {
+		return fmt.Errorf("open base initrd: %w", err)
+	}
+	defer f.Close()
+	if _, err := io.Copy(w, f); err != nil {
+		return fmt.Errorf("copy base initrd %s: %w", name, err)
+	}
+	return nil
+}
+
+// Write writes banger's own archive (without BaseInitrd) to w.
+func Write(w io.Writer, opts Options) error {
+	if opts.AgentBinary == "" {
+		return errors.New("initramfs: no agent binary given")
+	}
+	cfg := opts.Config
+	if len(cfg.Modules) == 0 {
+		cfg.Modules = append([]string(nil), DefaultModules...)
+	}
+	var mods *ModuleSet
+	if opts.ModulesDir != "" {
+		var err error
+		mods, err = ResolveModules(opts.ModulesDir, opts.KernelRelease, cfg.Modules)
+		if err != nil {
+			return fmt.Errorf("initramfs: resolve modules: %w", err)
+		}
+	}
+	cfgJSON, err := json.MarshalIndent(cfg, "", "  ")
+	if err != nil {
+		return fmt.Errorf("initramfs: encode agent config: %w", err)
+	}
+
+	cw := NewWriter(w)
+	for _, d := range []string{"banger", "dev", "proc", "sys", "newroot", "root"} {
+		mode := os.FileMode(0o755)
+		if d == "root" || d == "banger" {
+			mode = 0o700
+		}
+		if err := cw.WriteDir(d, mode); err != nil {
+			return err
+		}
+	}
+	// PID 1 gets /dev/console as stdin/stdout/stderr only if the node
+	// exists in the initramfs (devtmpfs is mounted later, by the agent).
+	if err := cw.WriteCharDevice("dev/console", 0o600, 5, 1); err != nil {
+		return err
+	}
+	if err := writeHostFile(cw, path.Clean(agentproto.InitPath), 0o755, opts.AgentBinary); err != nil {
+		return err
+	}
+	if err := cw.WriteFile(path.Clean(agentproto.ConfigPath), 0o600, cfgJSON); err != nil {
+		return err
+	}
+	if mods != nil {
+		base := "lib/modules/" + mods.Release
+		for _, rel := range mods.Files {
+			if err := writeHostFile(cw, base+"/"+rel, 0o644, filepath.Join(mods.ReleaseDir, filepath.FromSlash(rel))); err != nil {
+				return err
+			}
+		}
+		if err := cw.WriteFile(base+"/modules.dep", 0o644, FormatModulesDep(mods.Files, mods.Deps)); err != nil {
+			return err
+		}
+		if b := filepath.Join(mods.ReleaseDir, "modules.builtin"); fileExists(b) {
+			if err := writeHostFile(cw, base+"/modules.builtin", 0o644, b); err != nil {
+				return err
+			}
+		}
+	}
+	return cw.Close()
+}
+
+func writeHostFile(cw *Writer, name string, mode os.FileMode, src string) error {
+	f, err := os.Open(src)
+	if err != nil {
+		return fmt.Errorf("initramfs: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("initramfs: %w", err)
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("initramfs: %s is not a regular file", src)
+	}
+	return cw.WriteFileFrom(name, mode, st.Size(), f)
+}

@@ -1,0 +1,191 @@
+package initramfs
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+const sampleDep = `kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/net/core/failover.ko:
+kernel/net/vmw_vsock/vsock.ko:
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/net/vmw_vsock/vsock.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko
+kernel/fs/fuse/virtio-fs.ko.xz: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+`
+
+func TestModuleName(t *testing.T) {
+	for in, want := range map[string]string{
+		"virtio_blk":                     "virtio_blk",
+		"virtio-blk":                     "virtio_blk",
+		"kernel/drivers/x/virtio-fs.ko":  "virtio_fs",
+		"/lib/modules/r/k/ext4.ko.zst":   "ext4",
+		"kernel/net/vsock.ko.xz":         "vsock",
+		"kernel/net/vmw_vsock/vsock.ko":  "vsock",
+		"crc32c_generic.ko.gz":           "crc32c_generic",
+		"kernel/drivers/md/dm-mod.ko.xz": "dm_mod",
+	} {
+		if got := ModuleName(in); got != want {
+			t.Errorf("ModuleName(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestResolveOrder(t *testing.T) {
+	deps, err := ParseModulesDep(strings.NewReader(sampleDep))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, missing := deps.Resolve([]string{"virtio_mmio", "virtio-blk", "virtio_console", "virtio_net", "ext4", "vmw_vsock_virtio_transport", "virtio_fs", "virtio_blk"})
+	want := []string{
+		"kernel/drivers/virtio/virtio_ring.ko",
+		"kernel/drivers/virtio/virtio.ko",
+		"kernel/drivers/virtio/virtio_mmio.ko",
+		"kernel/drivers/block/virtio_blk.ko",
+		"kernel/drivers/char/virtio_console.ko",
+		"kernel/net/core/failover.ko",
+		"kernel/drivers/net/net_failover.ko",
+		"kernel/drivers/net/virtio_net.ko",
+		"kernel/net/vmw_vsock/vsock.ko",
+		"kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+		"kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+		"kernel/fs/fuse/virtio-fs.ko.xz",
+	}
+	if !reflect.DeepEqual(files, want) {
+		t.Errorf("order:\n got %v\nwant %v", files, want)
+	}
+	if !reflect.DeepEqual(missing, []string{"ext4"}) {
+		t.Errorf("missing = %v, want [ext4]", missing)
+	}
+	// Every module comes after all of its dependencies.
+	pos := map[string]int{}
+	for i, f := range files {
+		pos[f] = i
+	}
+	for _, f := range files {
+		for _, d := range deps[ModuleName(f)].Deps {
+			if pos[d] >= pos[f] {
+				t.Errorf("%s loaded before its dependency %s", f, d)
+			}
+		}
+	}
+}
+
+func TestResolveDepWithoutLine(t *testing.T) {
+	deps, err := ParseModulesDep(strings.NewReader("a.ko: b.ko c.ko\nc.ko:\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, _ := deps.Resolve([]string{"a"})
+	if want := []string{"b.ko", "c.ko", "a.ko"}; !reflect.DeepEqual(files, want) {
+		t.Errorf("got %v want %v", files, want)
+	}
+	if _, err := ParseModulesDep(strings.NewReader("garbage line\n")); err == nil {
+		t.Error("garbage accepted")
+	}
+}
+
+// fakeModules creates root/lib/modules/<release> with fake .ko files and
+// the sample modules.dep, and returns root.
+func fakeModules(t *testing.T, release string) string {
+	t.Helper()
+	root := t.TempDir()
+	dir := filepath.Join(root, "lib", "modules", release)
+	for _, line := range strings.Split(strings.TrimSpace(sampleDep), "\n") {
+		p, _, _ := strings.Cut(line, ":")
+		full := filepath.Join(dir, p)
+		if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(full, []byte("fake module "+ModuleName(p)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "modules.dep"), []byte(sampleDep), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "modules.builtin"), []byte("kernel/fs/ext4/ext4.ko\nkernel/fs/jbd2/jbd2.ko\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return root
+}
+
+func TestReleaseDir(t *testing.T) {
+	root := fakeModules(t, "6.1.0-test")
+	rd := filepath.Join(root, "lib", "modules", "6.1.0-test")
+	for _, in := range []string{root, filepath.Join(root, "lib", "modules"), rd} {
+		dir, rel, err := ReleaseDir(in, "")
+		if err != nil || dir != rd || rel != "6.1.0-test" {
+			t.Errorf("ReleaseDir(%s) = %s, %s, %v", in, dir, rel, err)
+		}
+	}
+	if _, _, err := ReleaseDir(root, "5.10"); err == nil {
+		t.Error("wrong release accepted")
+	}
+	// Two releases: ambiguous unless one is named.
+	if err := os.MkdirAll(filepath.Join(root, "lib", "modules", "6.2"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "lib", "modules", "6.2", "modules.dep"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ReleaseDir(root, ""); err == nil {
+		t.Error("two releases: no error")
+	}
+	if dir, _, err := ReleaseDir(root, "6.2"); err != nil || filepath.Base(dir) != "6.2" {
+		t.Errorf("release 6.2: %s %v", dir, err)
+	}
+	if _, _, err := ReleaseDir(t.TempDir(), ""); err == nil {
+		t.Error("empty dir: no error")
+	}
+}
+
+func TestResolveModules(t *testing.T) {
+	root := fakeModules(t, "6.1.0-test")
+	set, err := ResolveModules(root, "", []string{"virtio_blk", "ext4", "nonexistent"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio.ko", "kernel/drivers/block/virtio_blk.ko"}; !reflect.DeepEqual(set.Files, want) {
+		t.Errorf("files %v", set.Files)
+	}
+	if !reflect.DeepEqual(set.Builtin, []string{"ext4"}) || !reflect.DeepEqual(set.Unknown, []string{"nonexistent"}) {
+		t.Errorf("builtin %v unknown %v", set.Builtin, set.Unknown)
+	}
+	got := string(FormatModulesDep(set.Files, set.Deps))
+	want := "kernel/drivers/virtio/virtio_ring.ko:\n" +
+		"kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n" +
+		"kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n"
+	if got != want {
+		t.Errorf("modules.dep:\n%s\nwant:\n%s", got, want)
+	}
+	// A module file listed in modules.dep but absent is an error.
+	os.Remove(filepath.Join(set.ReleaseDir, "kernel/drivers/block/virtio_blk.ko"))
+	if _, err := ResolveModules(root, "", []string{"virtio_blk"}); err == nil {
+		t.Error("missing .ko accepted")
+	}
+}
+
+func TestRelModulePath(t *testing.T) {
+	for in, want := range map[string]string{
+		"kernel/a.ko":                            "kernel/a.ko",
+		"/lib/modules/6.1/kernel/a.ko":           "kernel/a.ko",
+		"tmp/x/lib/modules/6.1/kernel/b/a.ko.xz": "kernel/b/a.ko.xz",
+	} {
+		got, err := relModulePath("/somewhere/6.1", "6.1", in)
+		if err != nil || got != want {
+			t.Errorf("relModulePath(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	if _, err := relModulePath("/d/6.1", "6.1", "../../etc/passwd"); err == nil {
+		t.Error("escaping path accepted")
+	}
+}
