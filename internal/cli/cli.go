@@ -148,10 +148,8 @@ func (p *progress) update(pr api.Progress) {
 		return
 	}
 	// Not a terminal: a line per 25%.
-	if pct/25 != p.last/25 || pr.Done == pr.Total {
-		if pct != p.last {
-			fmt.Fprintf(p.w, "    %s / %s (%d%%)\n", humanBytes(pr.Done), humanBytes(pr.Total), pct)
-		}
+	if pct != p.last && (p.last < 0 || pct/25 != p.last/25 || pr.Done == pr.Total) {
+		fmt.Fprintf(p.w, "    %s / %s (%d%%)\n", humanBytes(pr.Done), humanBytes(pr.Total), pct)
 		p.last = pct
 	}
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/imagefile"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -158,6 +159,11 @@ func Run(ctx context.Context, cfg config.Daemon, log *slog.Logger) error {
 		ctx:         ctx,
 		locks:       map[string]*sync.Mutex{},
 		running:     map[string]*runningVM{},
+	}
+	if removed, err := imagefile.RemovePartial(filepath.Join(cfg.StateDir, "images")); err != nil {
+		log.Warn("remove interrupted image promotions", "err", err)
+	} else if len(removed) > 0 {
+		log.Info("removed interrupted image promotions", "dirs", removed)
 	}
 	if err := d.reconcile(ctx); err != nil {
 		return fmt.Errorf("reconcile state: %w", err)

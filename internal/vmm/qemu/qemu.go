@@ -257,6 +257,10 @@ func (d *Driver) launch(ctx context.Context, bin string, spec vmm.Spec, accel st
 		<-done
 		return vmm.Handle{}, fmt.Errorf("qemu start-up: %w", ctx.Err())
 	}
+	if errors.Is(err, exec.ErrWaitDelay) {
+		// QEMU exited successfully; a descendant still held its stderr.
+		err = nil
+	}
 	if err != nil {
 		return vmm.Handle{}, fmt.Errorf("qemu failed: %w: %s", err, tail(out.String(), 2000))
 	}

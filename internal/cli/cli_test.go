@@ -1,0 +1,76 @@
+package cli
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+
+	"github.com/bangerdev/banger/internal/api"
+)
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{
+		"1024": 1024, "4K": 4 << 10, "512M": 512 << 20, "2G": 2 << 30, "20GiB": 20 << 30, "1t": 1 << 40, "3MB": 3 << 20,
+	} {
+		got, err := parseSize(in, 1)
+		if err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	if got, _ := parseSize("768", 1<<20); got != 768<<20 {
+		t.Errorf("default unit: %d", got)
+	}
+	for _, bad := range []string{"", "lots", "-1G", "0", "1.5G", "G", "10X", "99999999999T"} {
+		if _, err := parseSize(bad, 1); err == nil {
+			t.Errorf("parseSize(%q) accepted", bad)
+		}
+	}
+}
+
+func TestSplitRemote(t *testing.T) {
+	for in, want := range map[string][3]string{
+		"dev:/root":    {"dev", "/root", "true"},
+		"./a:b":        {"", "./a:b", "false"},
+		"/abs/path":    {"", "/abs/path", "false"},
+		"Bad_Name:/x":  {"", "Bad_Name:/x", "false"},
+		"box-2:/a/b:c": {"box-2", "/a/b:c", "true"},
+		":/nothing":    {"", ":/nothing", "false"},
+	} {
+		n, p, ok := splitRemote(in)
+		if n != want[0] || p != want[1] || (ok && want[2] != "true") || (!ok && want[2] != "false") {
+			t.Errorf("splitRemote(%q) = %q %q %v", in, n, p, ok)
+		}
+	}
+}
+
+func TestProgressLines(t *testing.T) {
+	var b bytes.Buffer
+	p := &progress{w: &b}
+	p.update(api.Progress{Phase: "boot"})
+	for i := int64(0); i <= 100; i += 5 {
+		p.update(api.Progress{Phase: "copy rootfs", Done: i << 20, Total: 100 << 20})
+	}
+	out := b.String()
+	for _, want := range []string{"==> boot", "==> copy rootfs", "(0%)", "(25%)", "(50%)", "(100%)", "100.0 MiB / 100.0 MiB"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("progress output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Count(out, "\n") > 8 {
+		t.Errorf("too chatty when not a terminal:\n%s", out)
+	}
+}
+
+func TestUnreachableMessage(t *testing.T) {
+	a := &app{stdout: &bytes.Buffer{}, stderr: &bytes.Buffer{}}
+	root := a.rootCmd()
+	root.SetArgs([]string{"--socket", t.TempDir() + "/none.sock", "vm", "ls"})
+	err := root.Execute()
+	if err == nil {
+		t.Fatal("vm ls without a daemon succeeded")
+	}
+	msg := explain(err, a.cfg.SocketPath)
+	if !strings.Contains(msg, "bangerd is not running") || !strings.Contains(msg, "systemctl start bangerd") {
+		t.Fatalf("message: %s", msg)
+	}
+}
