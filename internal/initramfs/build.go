@@ -86,8 +86,16 @@ func copyFile(w io.Writer, name string) error {
 		return fmt.Errorf("open base initrd: %w", err)
 	}
 	defer f.Close()
-	if _, err := io.Copy(w, f); err != nil {
+	n, err := io.Copy(w, f)
+	if err != nil {
 		return fmt.Errorf("copy base initrd %s: %w", name, err)
+	}
+	// The kernel only recognises an uncompressed archive that follows
+	// another one at a 4-byte boundary; it skips the zero padding.
+	if pad := (4 - n%4) % 4; pad > 0 {
+		if _, err := w.Write(make([]byte, pad)); err != nil {
+			return fmt.Errorf("pad base initrd: %w", err)
+		}
 	}
 	return nil
 }
