@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,7 +23,8 @@ type WindowSize struct {
 // ExecOptions describes a command to run in the guest.
 type ExecOptions struct {
 	// Argv is the program and its arguments, run without a shell; the
-	// program is looked up in the guest's PATH. Required.
+	// program is looked up in the guest's PATH. Empty means the guest's
+	// login shell (an SSH "shell" request; Dir is then ignored).
 	Argv []string
 	// Env entries (KEY=VALUE) are added to the agent's default
 	// environment (PATH, HOME=/root, USER=root, LANG=C.UTF-8, TERM).
@@ -82,10 +84,13 @@ const ttyOpEnd = "\x00"
 // returns ctx's error. err is also set when writing to Stdout or Stderr
 // failed (the output is then drained and dropped) or the connection died.
 func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
-	if len(opts.Argv) == 0 || opts.Argv[0] == "" {
-		return -1, errors.New("exec: empty argv")
+	name := "shell"
+	if len(opts.Argv) > 0 {
+		if opts.Argv[0] == "" {
+			return -1, errors.New("exec: empty program name")
+		}
+		name = opts.Argv[0]
 	}
-	name := opts.Argv[0]
 	if err := ctx.Err(); err != nil {
 		return -1, fmt.Errorf("exec %s: %w", name, err)
 	}
@@ -128,11 +133,17 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 			return -1, fmt.Errorf("exec %s: request pty: %w", name, ErrRefused)
 		}
 	}
-	payload, err := agentproto.MarshalPayload(agentproto.ExecRequest{Argv: opts.Argv, Env: opts.Env, Dir: opts.Dir})
-	if err != nil {
-		return -1, fmt.Errorf("exec %s: %w", name, err)
+	var ok bool
+	if len(opts.Argv) == 0 {
+		ok, err = c.requestShell(ch, opts.Env)
+	} else {
+		var payload []byte
+		payload, err = agentproto.MarshalPayload(agentproto.ExecRequest{Argv: opts.Argv, Env: opts.Env, Dir: opts.Dir})
+		if err != nil {
+			return -1, fmt.Errorf("exec %s: %w", name, err)
+		}
+		ok, err = ch.SendRequest(agentproto.ReqExecArgv, true, payload)
 	}
-	ok, err := ch.SendRequest(agentproto.ReqExecArgv, true, payload)
 	if ctx.Err() != nil {
 		return ctxErr()
 	}
@@ -292,4 +303,20 @@ func forwardResizes(ch ssh.Channel, resize <-chan WindowSize, finished <-chan st
 			}))
 		}
 	}
+}
+
+// requestShell starts the guest's login shell on ch: one standard "env"
+// request per variable, then "shell".
+func (c *Client) requestShell(ch ssh.Channel, env []string) (bool, error) {
+	for _, kv := range env {
+		k, v, found := strings.Cut(kv, "=")
+		if !found || k == "" {
+			return false, fmt.Errorf("env %q: want KEY=VALUE", kv)
+		}
+		ok, err := ch.SendRequest("env", true, ssh.Marshal(struct{ Name, Value string }{k, v}))
+		if err != nil || !ok {
+			return ok, err
+		}
+	}
+	return ch.SendRequest("shell", true, nil)
 }

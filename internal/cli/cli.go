@@ -154,10 +154,12 @@ func (p *progress) update(pr api.Progress) {
 	}
 }
 
+// done ends the current line; calling it again is harmless.
 func (p *progress) done() {
 	if p.tty && p.phase != "" {
 		fmt.Fprintln(p.w)
 	}
+	p.phase = ""
 }
 
 func humanBytes(n int64) string {

@@ -372,23 +372,27 @@ func (a *app) vmRunCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			p.Start = true
 			pr := a.progress()
+			defer pr.done()
 			vm, err := a.client().VMCreate(cmd.Context(), p, pr.update)
-			pr.done()
 			if err != nil {
 				return err
 			}
 			if rm {
 				defer func() {
-					// Remove even when interrupted.
+					// Remove even when the start failed or we were interrupted.
 					ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 					defer cancel()
 					if err := a.client().VMRemove(ctx, api.VMRemoveParams{Name: vm.Name, Force: true}); err != nil {
 						fmt.Fprintf(a.stderr, "banger: remove %s: %v\n", vm.Name, err)
 					}
 				}()
-			} else {
+			}
+			if _, err := a.client().VMStart(cmd.Context(), vm.Name, pr.update); err != nil {
+				return err
+			}
+			pr.done()
+			if !rm {
 				fmt.Fprintf(a.stderr, "VM %s is running (banger vm exec %s -- CMD; banger vm rm -f %s)\n", vm.Name, vm.Name, vm.Name)
 			}
 			return a.exec(cmd.Context(), vm.Name, args, &ef)

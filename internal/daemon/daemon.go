@@ -5,7 +5,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -308,5 +307,3 @@ func (d *Daemon) vmLock(id string) *sync.Mutex {
 	}
 	return l
 }
-
-var errStopped = errors.New("vm is not running")

@@ -302,14 +302,12 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, id string) (err er
 	readyCtx, cancelReady := context.WithTimeout(ctx, d.cfg.ReadyTimeout.Duration)
 	defer cancelReady()
 	start := time.Now()
-	c, err := d.connectAgent(readyCtx, r, keys)
-	if err != nil {
+	if _, err := d.connectAgent(readyCtx, r, keys); err != nil {
 		d.killRunning(v.ID, r)
 		v.State, v.Handle, v.LastError = api.StateStopped, "", "agent not ready: "+err.Error()
 		_ = d.store.UpdateVM(context.WithoutCancel(ctx), v)
 		return fmt.Errorf("vm %q did not become ready (%v); the VM was stopped; console output:\n%s", v.Name, err, tailFile(console, 20))
 	}
-	_ = c
 	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))
 	return nil
 }
@@ -481,15 +479,14 @@ func (d *Daemon) stopRunning(ctx context.Context, call *rpc.Call, v store.VM, r 
 		}
 	}
 	call.Progress(api.Progress{Phase: "shutdown through agent"})
-	r.mu.Lock()
-	c := r.agent
-	r.mu.Unlock()
 	asked := false
-	if c != nil {
-		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		asked = c.Shutdown(actx, false) == nil
-		cancel()
+	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	if keys, err := readVMKeys(v.Dir); err == nil {
+		if c, err := d.connectAgent(actx, r, keys); err == nil {
+			asked = c.Shutdown(actx, false) == nil
+		}
 	}
+	cancel()
 	if asked && waitExit(timeout) {
 		return
 	}

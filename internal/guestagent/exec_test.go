@@ -387,3 +387,22 @@ func TestStandardSession(t *testing.T) {
 		t.Fatalf("wait: %v, want exit signal TERM", err)
 	}
 }
+
+// An empty argv asks for the guest's login shell (vm exec / vm run without
+// a command).
+func TestExecLoginShell(t *testing.T) {
+	c, _ := connect(t, guestagent.Hooks{})
+	var out syncBuffer
+	code, err := c.Exec(testCtx(t), agent.ExecOptions{
+		Env:    []string{"GREETING=hello-shell"},
+		Stdin:  strings.NewReader("echo \"$GREETING\"; tty; exit 5\n"),
+		Stdout: &out,
+		TTY:    true,
+	})
+	if err != nil || code != 5 {
+		t.Fatalf("shell: code %d, err %v, output %q", code, err, out.String())
+	}
+	if !strings.Contains(out.String(), "hello-shell") || !strings.Contains(out.String(), "/dev/pts/") {
+		t.Fatalf("shell output %q", out.String())
+	}
+}
