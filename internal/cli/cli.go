@@ -122,6 +122,7 @@ type progress struct {
 	tty   bool
 	phase string
 	last  int
+	open  bool // a \r-updated line awaits its newline
 }
 
 func (a *app) progress() *progress {
@@ -131,9 +132,7 @@ func (a *app) progress() *progress {
 
 func (p *progress) update(pr api.Progress) {
 	if pr.Phase != p.phase {
-		if p.tty && p.phase != "" {
-			fmt.Fprintln(p.w)
-		}
+		p.done()
 		p.phase, p.last = pr.Phase, -1
 		if !p.tty || pr.Total == 0 {
 			fmt.Fprintf(p.w, "==> %s\n", pr.Phase)
@@ -145,6 +144,7 @@ func (p *progress) update(pr api.Progress) {
 	pct := int(pr.Done * 100 / pr.Total)
 	if p.tty {
 		fmt.Fprintf(p.w, "\r==> %s: %s / %s (%d%%)", pr.Phase, humanBytes(pr.Done), humanBytes(pr.Total), pct)
+		p.open = true
 		return
 	}
 	// Not a terminal: a line per 25%.
@@ -156,8 +156,9 @@ func (p *progress) update(pr api.Progress) {
 
 // done ends the current line; calling it again is harmless.
 func (p *progress) done() {
-	if p.tty && p.phase != "" {
+	if p.open {
 		fmt.Fprintln(p.w)
+		p.open = false
 	}
 	p.phase = ""
 }
