@@ -18,8 +18,11 @@
 //   - Cleanup removes runtime files (sockets, pid files) of a VMM that is no
 //     longer running. It is idempotent.
 //
-// All methods are safe for concurrent use on different handles. Callers
-// serialise operations on one VM.
+// All methods are safe for concurrent use, also on one handle: the daemon's
+// per-VM monitor runs Wait then Cleanup while a request may run Kill,
+// Shutdown or DialAgent. Cleanup never removes the files of a VMM that was
+// started again in the same Dir. docs/dev/vmm-drivers.md has the details;
+// package vmmtest is the conformance suite every driver runs.
 package vmm
 
 import (

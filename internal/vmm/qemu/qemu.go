@@ -205,6 +205,11 @@ func (d *Driver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, error) {
 		return vmm.Handle{}, fmt.Errorf("start vm %s: create runtime dir: %w", spec.Name, err)
 	}
 	paths := PathsFor(spec.Dir)
+	unlock, err := lockDir(spec.Dir)
+	if err != nil {
+		return vmm.Handle{}, fmt.Errorf("start vm %s: %w", spec.Name, err)
+	}
+	defer unlock()
 	if err := d.clearStale(paths); err != nil {
 		return vmm.Handle{}, fmt.Errorf("start vm %s: %w", spec.Name, err)
 	}
@@ -510,15 +515,51 @@ func (d *Driver) sigkill(h vmm.Handle) error {
 }
 
 // Cleanup implements vmm.Driver. It refuses to remove the files of a QEMU
-// that still runs.
+// that still runs. When h is stale (its QEMU is gone and a newer QEMU,
+// started in the same runtime directory, now uses the same paths), it
+// leaves the files alone and returns nil.
 func (d *Driver) Cleanup(h vmm.Handle) error {
 	if d.Alive(h) {
 		return fmt.Errorf("cleanup: qemu pid %d still running", h.PID)
+	}
+	if h.PIDFile != "" {
+		// Serialised with Start, so that a QEMU being started now is seen.
+		if unlock, err := lockDir(filepath.Dir(h.PIDFile)); err == nil {
+			defer unlock()
+		}
+		paths := Paths{QMPSocket: h.ControlSocket, AgentSocket: h.AgentSocket, PIDFile: h.PIDFile}
+		if pids := d.findQEMU(paths); len(pids) > 0 {
+			d.log.Debug("runtime files belong to a newer qemu; leaving them", "pid", h.PID, "newer_pid", pids[0])
+			return nil
+		}
 	}
 	if err := removeFiles(h.ControlSocket, h.AgentSocket, h.PIDFile); err != nil {
 		return fmt.Errorf("cleanup: %w", err)
 	}
 	return nil
+}
+
+// lockDir takes an exclusive flock on the VM directory dir. Start holds it
+// from the stale-file check until QEMU has daemonized, Cleanup while it
+// checks and removes, so that neither removes the files of a QEMU the other
+// is starting. The descriptor is close-on-exec: QEMU does not inherit the
+// lock.
+func lockDir(dir string) (unlock func(), err error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("lock runtime dir: %w", err)
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock runtime dir %s: %w", dir, err)
+	}
+	return func() { f.Close() }, nil
 }
 
 // DialAgent implements vmm.Driver. The agent socket serves one connection
