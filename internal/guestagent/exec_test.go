@@ -133,8 +133,8 @@ func TestExecEnvAndDir(t *testing.T) {
 
 func TestExecRefusesBadRequests(t *testing.T) {
 	c, _ := connect(t, guestagent.Hooks{})
-	if _, err := c.Exec(testCtx(t), agent.ExecOptions{}); err == nil {
-		t.Errorf("empty argv accepted")
+	if _, err := c.Exec(testCtx(t), agent.ExecOptions{Argv: []string{""}}); err == nil {
+		t.Errorf("empty program name accepted")
 	}
 	_, err := c.Exec(testCtx(t), agent.ExecOptions{Argv: []string{"true"}, Env: []string{"NOEQUALS"}})
 	if !errors.Is(err, agent.ErrRefused) {

@@ -39,14 +39,22 @@ func (c *initConsole) logf(format string, args ...any) {
 
 // runInit is init mode. It never returns: it execs the image's init, or
 // supervises the agent as PID 1 until power-off, or powers off on error.
-func runInit() int {
+// args are the kernel's arguments to init; those after the program name
+// are passed on to the image's init (e.g. "single").
+func runInit(args []string) int {
 	c := &initConsole{w: os.Stderr}
+	if os.Getpid() != 1 {
+		// Init mode mounts, switches root and powers off on error: never
+		// do that to a running system by accident.
+		c.logf("refusing to run as init: not PID 1 (use \"serve\" to run the agent by hand)")
+		return 2
+	}
 	defer func() {
 		if r := recover(); r != nil {
 			fatal(c, fmt.Errorf("panic: %v\n%s", r, debug.Stack()))
 		}
 	}()
-	err := initSystem(c)
+	err := initSystem(c, args)
 	fatal(c, err)
 	return 1
 }
@@ -71,7 +79,7 @@ func fatal(c *initConsole, err error) {
 
 // initSystem runs the boot steps. It returns only on error (or when the
 // final exec fails).
-func initSystem(c *initConsole) error {
+func initSystem(c *initConsole, args []string) error {
 	if err := mountEarly(); err != nil {
 		return err
 	}
@@ -149,7 +157,11 @@ func initSystem(c *initConsole) error {
 		c.logf("agent started (pid %d)", pid)
 	}
 	c.logf("handing PID 1 to %s (%s)", initPath, resolved)
-	err = syscall.Exec(initPath, []string{initPath}, os.Environ())
+	argv := []string{initPath}
+	if len(args) > 1 {
+		argv = append(argv, args[1:]...)
+	}
+	err = syscall.Exec(initPath, argv, os.Environ())
 	return fmt.Errorf("exec %s: %w", initPath, err)
 }
 

@@ -7,7 +7,7 @@ import (
 	"os"
 )
 
-func runInit() int {
+func runInit(args []string) int {
 	fmt.Fprintln(os.Stderr, "banger-init: init mode needs Linux")
 	return 1
 }

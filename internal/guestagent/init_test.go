@@ -51,10 +51,16 @@ func TestModuleOrder(t *testing.T) {
 	if !reflect.DeepEqual(missing, []string{"ext4"}) {
 		t.Errorf("missing %v", missing)
 	}
+	// Paths work too; a path modules.dep does not know is loaded as is.
+	files, missing = moduleOrder(deps, []string{"kernel/drivers/block/virtio_blk.ko", "/extra/mine.ko", "extra/other.ko.xz"})
+	if want := []string{"kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio.ko", "kernel/drivers/block/virtio_blk.ko", "/extra/mine.ko", "extra/other.ko.xz"}; !reflect.DeepEqual(files, want) || len(missing) != 0 {
+		t.Errorf("paths: files %v missing %v", files, missing)
+	}
+	files, _ = moduleOrder(deps, []string{"virtio_mmio"})
 	if got := modulePath("/lib/modules/6.1", files[0]); got != "/lib/modules/6.1/kernel/drivers/virtio/virtio_ring.ko" {
 		t.Errorf("modulePath relative: %s", got)
 	}
-	if got := modulePath("/lib/modules/6.1", files[len(files)-1]); got != "/abs/kernel/fs/fuse/virtio-fs.ko.zst" {
+	if got := modulePath("/lib/modules/6.1", "/abs/kernel/fs/fuse/virtio-fs.ko.zst"); got != "/abs/kernel/fs/fuse/virtio-fs.ko.zst" {
 		t.Errorf("modulePath absolute: %s", got)
 	}
 	if _, err := parseModulesDep(strings.NewReader("no colon here\n")); err == nil {

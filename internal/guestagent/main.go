@@ -28,7 +28,7 @@ it mounts the root disk, starts the agent server and hands PID 1 to the image's 
 // returns the process exit status; in init mode it never returns.
 func Main(args []string) int {
 	if isInitInvocation(args, os.Getpid()) {
-		return runInit()
+		return runInit(args)
 	}
 	if len(args) < 2 {
 		fmt.Fprint(os.Stderr, usage)

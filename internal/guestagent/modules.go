@@ -70,7 +70,10 @@ func parseModulesBuiltin(r io.Reader) map[string]bool {
 
 // moduleOrder returns the module files (as written in modules.dep) to load
 // for names, each after its dependencies, without duplicates; and the names
-// that modules.dep does not know (built in, or absent).
+// that modules.dep does not know (built in, or absent). Entries may be
+// module names ('-' and '_' are equivalent) or module file paths
+// (agentproto.Config.Modules allows both); a path unknown to modules.dep is
+// loaded as given.
 func moduleOrder(deps map[string]moduleDep, names []string) (files, missing []string) {
 	seen := map[string]bool{}
 	var visit func(name string)
@@ -96,13 +99,24 @@ func moduleOrder(deps map[string]moduleDep, names []string) (files, missing []st
 		if _, ok := deps[name]; !ok {
 			if !seen[name] {
 				seen[name] = true
-				missing = append(missing, n)
+				if isModuleFile(n) {
+					// A file unknown to modules.dep: load it as given.
+					files = append(files, n)
+				} else {
+					missing = append(missing, n)
+				}
 			}
 			continue
 		}
 		visit(name)
 	}
 	return files, missing
+}
+
+// isModuleFile tells a module file path ("kernel/fs/x.ko", "/lib/x.ko.xz")
+// from a module name.
+func isModuleFile(s string) bool {
+	return strings.Contains(s, "/") || moduleName(s) != strings.ReplaceAll(path.Base(s), "-", "_")
 }
 
 // modulePath turns a modules.dep entry into an absolute path: relative
