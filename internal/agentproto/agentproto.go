@@ -56,8 +56,11 @@ type Config struct {
 	AuthorizedKey string `json:"authorized_key"`
 	// Hostname to set in the guest.
 	Hostname string `json:"hostname,omitempty"`
-	// Modules lists kernel module files (paths inside the initramfs), in
-	// load order, to load before mounting the root disk.
+	// Modules lists the kernel modules to load before mounting the root
+	// disk, by name ("virtio_blk"; '-' and '_' are equal) or by file path.
+	// The agent loads each after its dependencies, resolved from
+	// lib/modules/<release>/modules.dep in the initramfs; a name absent from
+	// modules.dep is taken to be built into the kernel.
 	Modules []string `json:"modules,omitempty"`
 	// RootDevice is the guest block device holding the root filesystem
 	// (default /dev/vda).
@@ -133,8 +136,8 @@ type Info struct {
 	ProtoVersion  string `json:"proto_version"`
 	KernelRelease string `json:"kernel_release"`
 	Hostname      string `json:"hostname"`
-	// InitMode is "systemd" (or another init) when the agent handed PID 1 to
-	// the image's init, "agent" when the agent is PID 1.
+	// InitMode is "systemd" when the agent handed PID 1 to systemd, "init"
+	// when it handed PID 1 to another init, "agent" when the agent is PID 1.
 	InitMode string `json:"init_mode"`
 	Init     string `json:"init,omitempty"`
 	UptimeMS int64  `json:"uptime_ms"`
