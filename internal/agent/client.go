@@ -40,6 +40,15 @@ var (
 	ErrRefused = errors.New("request refused by agent")
 )
 
+// Keepalive: over virtio-serial a guest agent that dies leaves the host's
+// socket open, so a silent agent is only noticed by asking it. A connection
+// whose agent does not answer a keepalive within keepaliveTimeout is
+// closed (Done fires); the daemon then dials again.
+var (
+	keepaliveInterval = 10 * time.Second
+	keepaliveTimeout  = 20 * time.Second
+)
+
 const (
 	// readyAttemptTimeout bounds one Dial attempt of WaitReady: the guest
 	// may accept bytes without answering while it boots.
@@ -127,7 +136,30 @@ func Dial(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger) (*Cli
 	}
 	log.Debug("connected to agent", "agent_version", info.AgentVersion,
 		"proto_version", info.ProtoVersion, "kernel", info.KernelRelease)
+	go c.keepalive()
 	return c, nil
+}
+
+// keepalive closes the connection when the agent stops answering.
+func (c *Client) keepalive() {
+	t := time.NewTicker(keepaliveInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.done:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), keepaliveTimeout)
+		// Any reply, even a refusal, proves the agent alive.
+		_, _, err := c.globalRequest(ctx, "keepalive@banger.dev", nil)
+		cancel()
+		if err != nil {
+			c.log.Warn("guest agent stopped answering: closing the connection", "err", err)
+			c.Close()
+			return
+		}
+	}
 }
 
 func major(v string) string {
