@@ -114,6 +114,14 @@ type Daemon struct {
 // Run builds the daemon's parts in order and serves until ctx ends. VMs keep
 // running when it returns.
 func Run(ctx context.Context, cfg config.Daemon, log *slog.Logger) error {
+	return run(ctx, cfg, log, func() vmm.Driver {
+		return qemu.New(qemu.Config{Binary: cfg.QEMUBinary, DefaultAccel: cfg.Accel}, log.With("vmm", "qemu"))
+	})
+}
+
+// run is Run with the VMM driver's constructor given (tests pass a fake
+// driver); it is called at the driver's place in the build order.
+func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, newDriver func() vmm.Driver) error {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
@@ -151,7 +159,7 @@ func Run(ctx context.Context, cfg config.Daemon, log *slog.Logger) error {
 		cfg:         cfg,
 		log:         log,
 		store:       st,
-		driver:      qemu.New(qemu.Config{Binary: cfg.QEMUBinary, DefaultAccel: cfg.Accel}, log.With("vmm", "qemu")),
+		driver:      newDriver(),
 		cloner:      disk.NewCloner(log.With("component", "disk"), cfg.QEMUImgBinary),
 		agentBinary: agentBin,
 		socketGID:   gid,

@@ -43,9 +43,13 @@ type runningVM struct {
 	handle vmm.Handle
 	exited chan struct{} // closed by the monitor when the VMM exits
 
-	mu    sync.Mutex
-	agent *agent.Client
-	info  *agentproto.Info
+	// connecting serialises agent connection attempts, which may last
+	// ready_timeout; mu, which readers of agent and info take, is never
+	// held while waiting for the guest.
+	connecting sync.Mutex
+	mu         sync.Mutex
+	agent      *agent.Client
+	info       *agentproto.Info
 }
 
 func (d *Daemon) vmAPI(v store.VM) api.VM {
@@ -346,17 +350,21 @@ func (d *Daemon) track(v store.VM, r *runningVM) {
 }
 
 func (d *Daemon) connectAgent(ctx context.Context, r *runningVM, keys agent.Keys) (*agent.Client, error) {
+	r.connecting.Lock()
+	defer r.connecting.Unlock()
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if r.agent != nil {
 		select {
 		case <-r.agent.Done():
 			r.agent.Close()
 			r.agent = nil
 		default:
-			return r.agent, nil
+			c := r.agent
+			r.mu.Unlock()
+			return c, nil
 		}
 	}
+	r.mu.Unlock()
 	dial := func(ctx context.Context) (net.Conn, error) { return d.driver.DialAgent(ctx, r.handle) }
 	// Stop waiting as soon as the VMM exits.
 	ctx, cancel := context.WithCancel(ctx)
@@ -382,7 +390,9 @@ func (d *Daemon) connectAgent(ctx context.Context, r *runningVM, keys agent.Keys
 		c.Close()
 		return nil, fmt.Errorf("agent info: %w", err)
 	}
+	r.mu.Lock()
 	r.agent, r.info = c, &info
+	r.mu.Unlock()
 	return c, nil
 }
 
@@ -459,15 +469,17 @@ func (d *Daemon) stopOrKill(ctx context.Context, call *rpc.Call, name string, ki
 	}
 	if kill {
 		d.killRunning(v.ID, r)
-	} else {
-		d.stopRunning(ctx, call, v, r, timeout)
+	} else if err := d.stopRunning(ctx, call, v, r, timeout); err != nil {
+		return nil, err
 	}
 	v, err = d.store.GetVM(ctx, v.ID)
 	return d.vmAPI(v), err
 }
 
 // stopRunning stops gracefully: through the agent, then ACPI, then kill.
-func (d *Daemon) stopRunning(ctx context.Context, call *rpc.Call, v store.VM, r *runningVM, timeout time.Duration) {
+// When ctx ends (the client gave up) it escalates no further: the VM keeps
+// running, or keeps shutting down, and ctx's error is returned.
+func (d *Daemon) stopRunning(ctx context.Context, call *rpc.Call, v store.VM, r *runningVM, timeout time.Duration) error {
 	waitExit := func(t time.Duration) bool {
 		select {
 		case <-r.exited:
@@ -479,24 +491,40 @@ func (d *Daemon) stopRunning(ctx context.Context, call *rpc.Call, v store.VM, r 
 		}
 	}
 	call.Progress(api.Progress{Phase: "shutdown through agent"})
-	asked := false
 	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	if keys, err := readVMKeys(v.Dir); err == nil {
-		if c, err := d.connectAgent(actx, r, keys); err == nil {
-			asked = c.Shutdown(actx, false) == nil
-		}
+	keys, err := readVMKeys(v.Dir)
+	var c *agent.Client
+	if err == nil {
+		c, err = d.connectAgent(actx, r, keys)
+	}
+	if err == nil {
+		err = c.Shutdown(actx, false)
+	}
+	// A connection lost after the request was sent is the guest going
+	// down (the monitor closes the agent client when the VMM exits, maybe
+	// before the reply was read): wait for the exit as for a reply.
+	asked := err == nil || errors.Is(err, agent.ErrConnectionLost)
+	if !asked {
+		d.log.Info("shutdown through the agent failed; trying ACPI", "vm", v.Name, "err", err)
 	}
 	cancel()
 	if asked && waitExit(timeout) {
-		return
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("stop vm %q: %w", v.Name, err)
 	}
 	call.Progress(api.Progress{Phase: "ACPI power button"})
 	if err := d.driver.Shutdown(ctx, r.handle); err == nil && waitExit(timeout/2) {
-		return
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("stop vm %q: %w", v.Name, err)
 	}
 	d.log.Warn("vm did not stop gracefully: killing it", "vm", v.Name, "timeout", timeout)
 	call.Progress(api.Progress{Phase: "kill"})
 	d.killRunning(v.ID, r)
+	return nil
 }
 
 func (d *Daemon) vmRemove(ctx context.Context, call *rpc.Call) (any, error) {

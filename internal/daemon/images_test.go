@@ -1,0 +1,232 @@
+package daemon
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/rpc"
+)
+
+func imageNames(t *testing.T, d *testDaemon) []string {
+	t.Helper()
+	ims, err := d.c.ImageList(testCtx(t))
+	if err != nil {
+		t.Fatalf("image list: %v", err)
+	}
+	var out []string
+	for _, im := range ims {
+		out = append(out, im.Name)
+	}
+	return out
+}
+
+func TestImageRemoveInUse(t *testing.T) {
+	t.Parallel()
+	_, d := setup(t, nil)
+	ctx := testCtx(t)
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "user1"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	err := d.c.ImageRemove(ctx, "default")
+	wireErr(t, "rm of an image in use", err, errdefs.ErrFailedPrecondition)
+	if !strings.Contains(err.Error(), "user1") {
+		t.Errorf("error %q does not name the vm using the image", err)
+	}
+	im, err := d.c.ImageInspect(ctx, "default")
+	if err != nil {
+		t.Fatalf("inspect after refused rm: %v", err)
+	}
+	if !slices.Equal(im.UsedBy, []string{"user1"}) {
+		t.Errorf("used by = %v, want [user1]", im.UsedBy)
+	}
+
+	if err := d.c.VMRemove(ctx, api.VMRemoveParams{Name: "user1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.c.ImageRemove(ctx, "default"); err != nil {
+		t.Fatalf("rm of an unused image: %v", err)
+	}
+	_, err = d.c.ImageInspect(ctx, "default")
+	wireErr(t, "inspect after rm", err, errdefs.ErrNotFound)
+}
+
+func TestImageRegisterRejectsBadArtifacts(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	bad := filepath.Join(e.dir, "bad")
+	notKernel := writeFile(t, filepath.Join(bad, "not-a-kernel"), []byte("just some text, no kernel header"))
+	empty := writeFile(t, filepath.Join(bad, "empty.img"), nil)
+
+	tests := []struct {
+		name string
+		p    api.ImageRegisterParams
+		kind error
+		hint string
+	}{
+		{"not a kernel", api.ImageRegisterParams{Name: "x", Rootfs: e.rootfs, Kernel: notKernel}, errdefs.ErrInvalid, "not a Linux kernel"},
+		{"empty rootfs", api.ImageRegisterParams{Name: "x", Rootfs: empty, Kernel: e.kernel}, errdefs.ErrInvalid, "empty file"},
+		{"missing rootfs", api.ImageRegisterParams{Name: "x", Rootfs: filepath.Join(bad, "nope.img"), Kernel: e.kernel}, errdefs.ErrInvalid, "no such file"},
+		{"relative kernel", api.ImageRegisterParams{Name: "x", Rootfs: e.rootfs, Kernel: "vmlinux"}, errdefs.ErrInvalid, "must be absolute"},
+		{"modules not a dir", api.ImageRegisterParams{Name: "x", Rootfs: e.rootfs, Kernel: e.kernel, ModulesDir: e.kernel}, errdefs.ErrInvalid, "not a directory"},
+		{"bad name", api.ImageRegisterParams{Name: "Not OK", Rootfs: e.rootfs, Kernel: e.kernel}, errdefs.ErrInvalid, "invalid image name"},
+		{"duplicate name", api.ImageRegisterParams{Name: "default", Rootfs: e.rootfs, Kernel: e.kernel}, errdefs.ErrAlreadyExists, "default"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := d.c.ImageRegister(testCtx(t), tc.p)
+			wireErr(t, "register", err, tc.kind)
+			if !strings.Contains(err.Error(), tc.hint) {
+				t.Errorf("error %q does not contain %q", err, tc.hint)
+			}
+			if got := imageNames(t, d); !slices.Equal(got, []string{"default"}) {
+				t.Errorf("images after failed register = %v, want [default]", got)
+			}
+		})
+	}
+}
+
+func TestImagePromote(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	ctx := testCtx(t)
+	mods := filepath.Join(e.dir, "src", "modules")
+	writeFile(t, filepath.Join(mods, "kernel", "virtio_blk.ko"), []byte("module"))
+	reg, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "promo", Rootfs: e.rootfs, Kernel: e.kernel, Initrd: e.initrd, ModulesDir: mods})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reg.Managed {
+		t.Fatalf("registered image is managed")
+	}
+
+	var ph phases
+	im, err := d.c.ImagePromote(ctx, "promo", ph.add)
+	if err != nil {
+		t.Fatalf("promote: %v", err)
+	}
+	dir := filepath.Join(e.cfg.StateDir, "images", reg.ID)
+	if !im.Managed || im.ID != reg.ID {
+		t.Errorf("promoted image = %+v, want managed, same id", im)
+	}
+	for _, p := range []struct{ got, src string }{{im.Rootfs, e.rootfs}, {im.Kernel, e.kernel}, {im.Initrd, e.initrd}} {
+		if filepath.Dir(p.got) != dir {
+			t.Errorf("promoted file %s is not in %s", p.got, dir)
+		}
+		a, _ := os.ReadFile(p.got)
+		b, _ := os.ReadFile(p.src)
+		if len(a) == 0 || string(a) != string(b) {
+			t.Errorf("promoted %s differs from %s", p.got, p.src)
+		}
+	}
+	if m, err := os.ReadFile(filepath.Join(im.ModulesDir, "kernel", "virtio_blk.ko")); err != nil || string(m) != "module" || filepath.Dir(im.ModulesDir) != dir {
+		t.Errorf("promoted modules %s: %q, %v", im.ModulesDir, m, err)
+	}
+	// Each copy phase reports its end (done == total).
+	ph.mu.Lock()
+	ended := map[string]bool{}
+	for _, p := range ph.ps {
+		if p.Total > 0 && p.Done == p.Total {
+			ended[p.Phase] = true
+		}
+	}
+	ph.mu.Unlock()
+	for _, want := range []string{"copy rootfs", "copy kernel", "copy initrd", "copy modules"} {
+		if !ended[want] {
+			t.Errorf("no final progress frame for %q (got %v)", want, ph.names())
+		}
+	}
+	if got, _ := d.c.ImageInspect(ctx, "promo"); got.Rootfs != im.Rootfs || !got.Managed {
+		t.Errorf("stored image after promote = %+v", got)
+	}
+
+	_, err = d.c.ImagePromote(ctx, "promo", nil)
+	wireErr(t, "second promote", err, errdefs.ErrFailedPrecondition)
+
+	// VMs are made from the managed copy; removing the image removes it.
+	vm, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "frompromo", Image: "promo"}, nil)
+	if err != nil || vm.Image != "promo" {
+		t.Fatalf("create from promoted image: %+v, %v", vm, err)
+	}
+	if err := d.c.VMRemove(ctx, api.VMRemoveParams{Name: "frompromo"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.c.ImageRemove(ctx, "promo"); err != nil {
+		t.Fatalf("rm promoted image: %v", err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("managed image dir after rm: %v, want gone", err)
+	}
+	if _, err := os.Stat(e.rootfs); err != nil {
+		t.Errorf("the original rootfs is gone after rm of the promoted image: %v", err)
+	}
+}
+
+func TestAuthorize(t *testing.T) {
+	t.Parallel()
+	const uid, gid, socketGID = 61234, 61234, 64321
+	d := &Daemon{socketGID: -1}
+	if err := d.authorize(rpc.Peer{PID: 1, UID: uid, GID: gid}, rpc.PermRead); err != nil {
+		t.Errorf("read by any uid: %v", err)
+	}
+	if err := d.authorize(rpc.Peer{PID: 1, UID: 0, GID: 0}, rpc.PermWrite); err != nil {
+		t.Errorf("write by root: %v", err)
+	}
+	if err := d.authorize(rpc.Peer{PID: 1, UID: uint32(os.Getuid()), GID: gid}, rpc.PermWrite); err != nil {
+		t.Errorf("write by the daemon's own uid: %v", err)
+	}
+	err := d.authorize(rpc.Peer{PID: 1, UID: uid, GID: gid}, rpc.PermWrite)
+	if !errors.Is(err, errdefs.ErrPermissionDenied) || !strings.Contains(err.Error(), "use sudo") {
+		t.Errorf("write by uid %d without a socket group: %v; want ErrPermissionDenied saying to use sudo", uid, err)
+	}
+
+	d.socketGID = socketGID
+	if err := d.authorize(rpc.Peer{PID: 1, UID: uid, GID: socketGID}, rpc.PermWrite); err != nil {
+		t.Errorf("write by a peer whose primary group is the socket group: %v", err)
+	}
+	if err := d.authorize(rpc.Peer{PID: 1, UID: uid, GID: gid}, rpc.PermWrite); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Errorf("write by a peer outside the socket group: %v; want ErrPermissionDenied", err)
+	}
+
+	// Supplementary groups are read from the peer process.
+	if os.Getuid() != 0 {
+		t.Skip("needs root to start processes with other credentials")
+	}
+	member := startAs(t, uid, gid, socketGID)
+	outsider := startAs(t, uid, gid, gid+1)
+	if err := d.authorize(rpc.Peer{PID: int32(member), UID: uid, GID: gid}, rpc.PermWrite); err != nil {
+		t.Errorf("write by a peer with the socket group as a supplementary group: %v", err)
+	}
+	if err := d.authorize(rpc.Peer{PID: int32(outsider), UID: uid, GID: gid}, rpc.PermWrite); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Errorf("write by a peer with other supplementary groups: %v; want ErrPermissionDenied", err)
+	}
+}
+
+// startAs starts a process with the given credentials, blocked until the
+// test ends, and returns its pid.
+func startAs(t *testing.T, uid, gid, group uint32) int {
+	t.Helper()
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("cat")
+	cmd.Stdin = pr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{group}}}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pr.Close()
+	t.Cleanup(func() {
+		pw.Close()
+		cmd.Wait()
+	})
+	return cmd.Process.Pid
+}
