@@ -105,10 +105,12 @@ type Daemon struct {
 	// ctx lives as long as the daemon; VM monitors use it, not request contexts.
 	ctx context.Context
 
-	mu      sync.Mutex
-	locks   map[string]*sync.Mutex // per-VM lifecycle locks, by id
-	running map[string]*runningVM  // by id
-	create  sync.Mutex             // serialises name allocation
+	mu       sync.Mutex
+	locks    map[string]*sync.Mutex        // per-VM lifecycle locks, by id
+	running  map[string]*runningVM         // by id
+	booting  map[string]context.CancelFunc // ends a start's wait for the agent, by id
+	monitors sync.WaitGroup                // one per running VM
+	create   sync.Mutex                    // serialises name allocation
 }
 
 // Run builds the daemon's parts in order and serves until ctx ends. VMs keep
@@ -155,6 +157,8 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, newDriver fun
 		gid, _ = strconv.Atoi(g.Gid)
 	}
 
+	// Monitors live until run returns; the VMs they watch live on.
+	ctx, stopMonitors := context.WithCancel(ctx)
 	d := &Daemon{
 		cfg:         cfg,
 		log:         log,
@@ -166,7 +170,12 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, newDriver fun
 		ctx:         ctx,
 		locks:       map[string]*sync.Mutex{},
 		running:     map[string]*runningVM{},
+		booting:     map[string]context.CancelFunc{},
 	}
+	defer func() {
+		stopMonitors()
+		d.monitors.Wait()
+	}()
 	if removed, err := imagefile.RemovePartial(filepath.Join(cfg.StateDir, "images")); err != nil {
 		log.Warn("remove interrupted image promotions", "err", err)
 	} else if len(removed) > 0 {

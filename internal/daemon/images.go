@@ -90,6 +90,14 @@ func (d *Daemon) imagePromote(ctx context.Context, call *rpc.Call) (any, error) 
 	if err != nil {
 		return nil, fmt.Errorf("promote image %q: %w", im.Name, err)
 	}
+	// image rm takes the create lock too: the image can't vanish between
+	// this check and the update.
+	d.create.Lock()
+	defer d.create.Unlock()
+	if _, err := d.store.GetImage(ctx, im.ID); err != nil {
+		os.RemoveAll(dest)
+		return nil, fmt.Errorf("image %q was removed while being promoted: %w", im.Name, err)
+	}
 	im.Managed = true
 	im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir = out.Rootfs, out.Kernel, out.Initrd, out.ModulesDir
 	if err := d.store.UpdateImage(ctx, im); err != nil {

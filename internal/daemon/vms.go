@@ -305,6 +305,15 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, id string) (err er
 	call.Progress(api.Progress{Phase: "wait for agent"})
 	readyCtx, cancelReady := context.WithTimeout(ctx, d.cfg.ReadyTimeout.Duration)
 	defer cancelReady()
+	// vm kill and vm rm -f end the wait at once (they need this VM's lock).
+	d.mu.Lock()
+	d.booting[v.ID] = cancelReady
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		delete(d.booting, v.ID)
+		d.mu.Unlock()
+	}()
 	start := time.Now()
 	if _, err := d.connectAgent(readyCtx, r, keys); err != nil {
 		d.killRunning(v.ID, r)
@@ -322,10 +331,23 @@ func (d *Daemon) track(v store.VM, r *runningVM) {
 	d.mu.Lock()
 	d.running[v.ID] = r
 	d.mu.Unlock()
+	d.monitors.Add(1)
 	go func() {
-		err := d.driver.Wait(d.ctx, r.handle)
-		if err != nil {
-			return // daemon shutting down: the VM keeps running
+		defer d.monitors.Done()
+		for {
+			err := d.driver.Wait(d.ctx, r.handle)
+			if err == nil {
+				break
+			}
+			if d.ctx.Err() != nil {
+				return // daemon shutting down: the VM keeps running
+			}
+			d.log.Warn("wait for vmm failed; retrying", "vm", v.Name, "pid", r.handle.PID, "err", err)
+			select {
+			case <-d.ctx.Done():
+				return
+			case <-time.After(time.Second):
+			}
 		}
 		d.mu.Lock()
 		if d.running[v.ID] == r {
@@ -458,6 +480,9 @@ func (d *Daemon) stopOrKill(ctx context.Context, call *rpc.Call, name string, ki
 	if err != nil {
 		return nil, err
 	}
+	if kill {
+		d.abortBoot(v.ID)
+	}
 	lock := d.vmLock(v.ID)
 	lock.Lock()
 	defer lock.Unlock()
@@ -474,6 +499,17 @@ func (d *Daemon) stopOrKill(ctx context.Context, call *rpc.Call, name string, ki
 	}
 	v, err = d.store.GetVM(ctx, v.ID)
 	return d.vmAPI(v), err
+}
+
+// abortBoot ends a start of the VM that waits for its agent; the start
+// then kills the VM and reports the cancellation.
+func (d *Daemon) abortBoot(id string) {
+	d.mu.Lock()
+	cancel := d.booting[id]
+	d.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
 }
 
 // stopRunning stops gracefully: through the agent, then ACPI, then kill.
@@ -535,6 +571,9 @@ func (d *Daemon) vmRemove(ctx context.Context, call *rpc.Call) (any, error) {
 	v, err := d.store.GetVM(ctx, p.Name)
 	if err != nil {
 		return nil, err
+	}
+	if p.Force {
+		d.abortBoot(v.ID)
 	}
 	lock := d.vmLock(v.ID)
 	lock.Lock()

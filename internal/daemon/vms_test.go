@@ -652,3 +652,34 @@ func TestKill(t *testing.T) {
 	_, err = d.c.VMStop(ctx, api.VMStopParams{Name: "victim"}, nil)
 	wireErr(t, "stop of a stopped vm", err, errdefs.ErrFailedPrecondition)
 }
+
+// vm kill (and rm -f) of a VM still waiting for its agent ends the wait at
+// once instead of queueing behind it until ready_timeout.
+func TestKillAbortsBoot(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, func(c *config.Daemon) { c.ReadyTimeout = config.Duration{Duration: time.Minute} })
+	e.fake.setBehaviour("stuck", fakeBehaviour{AgentSilent: true})
+	ctx := testCtx(t)
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "stuck"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	startErr := make(chan error, 1)
+	go func() {
+		_, err := d.c.VMStart(ctx, "stuck", nil)
+		startErr <- err
+	}()
+	waitFor(ctx, t, "the VM to boot", func() bool { return inspect(t, d, "stuck").State == api.StateRunning })
+	begin := time.Now()
+	if _, err := d.c.VMKill(ctx, "stuck"); err != nil && !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("kill: %v", err)
+	}
+	if took := time.Since(begin); took > 20*time.Second {
+		t.Fatalf("kill waited %v for the boot", took)
+	}
+	if err := <-startErr; err == nil {
+		t.Fatal("start succeeded although the VM was killed")
+	}
+	if vm := inspect(t, d, "stuck"); vm.State != api.StateStopped || e.fake.Alive(e.fake.byName("stuck").handle) {
+		t.Fatalf("after kill: state %s", vm.State)
+	}
+}

@@ -23,6 +23,10 @@ type Peer struct {
 	GID uint32
 }
 
+// unknownID is the uid and gid of a peer whose credentials can't be read
+// ((uid_t)-1: nobody has it).
+const unknownID = ^uint32(0)
+
 // Perm is the permission a method needs.
 type Perm int
 
@@ -130,7 +134,9 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	}
 	peer, err := peerOf(conn)
 	if err != nil {
-		s.log.Debug("rpc: no peer credentials", "err", err)
+		// Unknown peers are never privileged.
+		s.log.Warn("rpc: no peer credentials", "err", err)
+		peer = Peer{PID: -1, UID: unknownID, GID: unknownID}
 	}
 	call.Peer = peer
 	if s.authorize != nil {
