@@ -8,7 +8,8 @@ import (
 )
 
 // TestDependencies keeps the guest agent small and static: it must build
-// without cgo and link no banger package other than agentproto and tarcopy.
+// without cgo and link no banger package other than agentproto, tarcopy and
+// kmod.
 func TestDependencies(t *testing.T) {
 	goBin, err := exec.LookPath("go")
 	if err != nil {
@@ -25,6 +26,7 @@ func TestDependencies(t *testing.T) {
 		self: true,
 		"github.com/bangerdev/banger/internal/agentproto": true,
 		"github.com/bangerdev/banger/internal/tarcopy":    true,
+		"github.com/bangerdev/banger/internal/kmod":       true,
 	}
 	for _, pkg := range strings.Fields(string(out)) {
 		if strings.HasPrefix(pkg, "github.com/bangerdev/banger/") && !allowed[pkg] {

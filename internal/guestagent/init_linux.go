@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/agentproto"
+	"github.com/bangerdev/banger/internal/kmod"
 )
 
 // ext4IocResizeFS is EXT4_IOC_RESIZE_FS, _IOW('f', 16, __u64).
@@ -221,13 +222,13 @@ func loadModules(c *initConsole, names []string) {
 	}
 	release := unix.ByteSliceToString(uts.Release[:])
 	var relDir string
-	var deps map[string]moduleDep
+	var deps kmod.ModulesDep
 	for _, d := range []string{"/lib/modules/" + release, "/usr/lib/modules/" + release} {
 		f, err := os.Open(d + "/modules.dep")
 		if err != nil {
 			continue
 		}
-		deps, err = parseModulesDep(f)
+		deps, err = kmod.ParseModulesDep(f)
 		f.Close()
 		if err != nil {
 			c.logf("warning: %s: %v", d, err)
@@ -242,14 +243,17 @@ func loadModules(c *initConsole, names []string) {
 	}
 	builtin := map[string]bool{}
 	if f, err := os.Open(relDir + "/modules.builtin"); err == nil {
-		builtin = parseModulesBuiltin(f)
+		builtin, err = kmod.ParseModulesBuiltin(f)
 		f.Close()
+		if err != nil {
+			c.logf("warning: %s/modules.builtin: %v", relDir, err)
+		}
 	}
-	files, missing := moduleOrder(deps, names)
+	files, missing := deps.Resolve(names)
 	start := time.Now()
 	var loaded, present []string
 	for _, p := range files {
-		name := moduleName(p)
+		name := kmod.ModuleName(p)
 		err := loadModule(modulePath(relDir, p))
 		switch {
 		case err == nil:
@@ -265,7 +269,7 @@ func loadModules(c *initConsole, names []string) {
 		c.logf("already loaded: %s", strings.Join(present, " "))
 	}
 	for _, m := range missing {
-		if !builtin[moduleName(m)] && len(builtin) > 0 {
+		if !builtin[kmod.ModuleName(m)] && len(builtin) > 0 {
 			c.logf("warning: module %s: not in modules.dep nor modules.builtin; assuming built in", m)
 		}
 	}

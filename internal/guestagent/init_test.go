@@ -4,71 +4,19 @@ import (
 	"encoding/binary"
 	"errors"
 	"reflect"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/bangerdev/banger/internal/agentproto"
 )
 
-const testModulesDep = `kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/virtio/virtio_ring.ko:
-kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
-kernel/net/core/failover.ko:
-kernel/net/vmw_vsock/vsock.ko:
-kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/net/vmw_vsock/vsock.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko
-/abs/kernel/fs/fuse/virtio-fs.ko.zst:
-`
-
-func TestModuleOrder(t *testing.T) {
-	deps, err := parseModulesDep(strings.NewReader(testModulesDep))
-	if err != nil {
-		t.Fatal(err)
-	}
-	files, missing := moduleOrder(deps, []string{"virtio_mmio", "virtio-blk", "virtio_console", "virtio_net", "ext4", "vmw_vsock_virtio_transport", "virtio-fs", "ext4"})
-	want := []string{
-		"kernel/drivers/virtio/virtio_ring.ko",
-		"kernel/drivers/virtio/virtio.ko",
-		"kernel/drivers/virtio/virtio_mmio.ko",
-		"kernel/drivers/block/virtio_blk.ko",
-		"kernel/drivers/char/virtio_console.ko",
-		"kernel/net/core/failover.ko",
-		"kernel/drivers/net/net_failover.ko",
-		"kernel/drivers/net/virtio_net.ko",
-		"kernel/net/vmw_vsock/vsock.ko",
-		"kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
-		"kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
-		"/abs/kernel/fs/fuse/virtio-fs.ko.zst",
-	}
-	if !reflect.DeepEqual(files, want) {
-		t.Errorf("order\n got %v\nwant %v", files, want)
-	}
-	if !reflect.DeepEqual(missing, []string{"ext4"}) {
-		t.Errorf("missing %v", missing)
-	}
-	// Paths work too; a path modules.dep does not know is loaded as is.
-	files, missing = moduleOrder(deps, []string{"kernel/drivers/block/virtio_blk.ko", "/extra/mine.ko", "extra/other.ko.xz"})
-	if want := []string{"kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio.ko", "kernel/drivers/block/virtio_blk.ko", "/extra/mine.ko", "extra/other.ko.xz"}; !reflect.DeepEqual(files, want) || len(missing) != 0 {
-		t.Errorf("paths: files %v missing %v", files, missing)
-	}
-	files, _ = moduleOrder(deps, []string{"virtio_mmio"})
-	if got := modulePath("/lib/modules/6.1", files[0]); got != "/lib/modules/6.1/kernel/drivers/virtio/virtio_ring.ko" {
+// Module resolution itself is tested in package kmod.
+func TestModulePath(t *testing.T) {
+	if got := modulePath("/lib/modules/6.1", "kernel/drivers/virtio/virtio_ring.ko"); got != "/lib/modules/6.1/kernel/drivers/virtio/virtio_ring.ko" {
 		t.Errorf("modulePath relative: %s", got)
 	}
 	if got := modulePath("/lib/modules/6.1", "/abs/kernel/fs/fuse/virtio-fs.ko.zst"); got != "/abs/kernel/fs/fuse/virtio-fs.ko.zst" {
 		t.Errorf("modulePath absolute: %s", got)
-	}
-	if _, err := parseModulesDep(strings.NewReader("no colon here\n")); err == nil {
-		t.Error("bad modules.dep accepted")
-	}
-	b := parseModulesBuiltin(strings.NewReader("kernel/fs/ext4/ext4.ko\nkernel/drivers/md/dm-mod.ko\n"))
-	if !b["ext4"] || !b["dm_mod"] {
-		t.Errorf("builtin %v", b)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/bangerdev/banger/internal/agentproto"
+	"github.com/bangerdev/banger/internal/kmod"
 )
 
 func writeFakeAgent(t *testing.T) string {
@@ -83,7 +84,7 @@ func TestBuildLayout(t *testing.T) {
 	for _, line := range strings.Split(strings.TrimSpace(string(dep)), "\n") {
 		p, _, _ := strings.Cut(line, ":")
 		order = append(order, p)
-		if b, err := os.ReadFile(filepath.Join(rel, p)); err != nil || string(b) != "fake module "+ModuleName(p) {
+		if b, err := os.ReadFile(filepath.Join(rel, p)); err != nil || string(b) != "fake module "+kmod.ModuleName(p) {
 			t.Errorf("module %s: %q %v", p, b, err)
 		}
 	}
@@ -111,7 +112,7 @@ func TestBuildLayout(t *testing.T) {
 		t.Errorf("modules.builtin: %v", err)
 	}
 	// The guest can parse what we wrote and gets the same order.
-	deps, err := ParseModulesDep(bytes.NewReader(dep))
+	deps, err := kmod.ParseModulesDep(bytes.NewReader(dep))
 	if err != nil {
 		t.Fatal(err)
 	}

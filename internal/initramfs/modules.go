@@ -1,127 +1,19 @@
 package initramfs
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path"
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/bangerdev/banger/internal/kmod"
 )
 
-// ModuleName returns the canonical name of a kernel module given its name
-// or the path of its file: the base name without ".ko" (and a compression
-// suffix), with '-' replaced by '_' (the kernel treats both as equal).
-func ModuleName(s string) string {
-	s = path.Base(filepath.ToSlash(s))
-	for _, suf := range []string{".ko.xz", ".ko.zst", ".ko.gz", ".ko"} {
-		if strings.HasSuffix(s, suf) {
-			s = strings.TrimSuffix(s, suf)
-			break
-		}
-	}
-	return strings.ReplaceAll(s, "-", "_")
-}
-
-// ModuleDep is one line of modules.dep.
-type ModuleDep struct {
-	// Path is the module file as written in modules.dep, usually relative
-	// to the release directory (kernel/fs/ext4/ext4.ko).
-	Path string
-	// Deps are the paths of the modules it needs (depmod lists the full
-	// transitive closure).
-	Deps []string
-}
-
-// ModulesDep is a parsed modules.dep, keyed by canonical module name.
-type ModulesDep map[string]ModuleDep
-
-// ParseModulesDep parses the modules.dep format written by depmod:
-// "path: dep1 dep2", one module per line.
-func ParseModulesDep(r io.Reader) (ModulesDep, error) {
-	deps := ModulesDep{}
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64*1024), 1024*1024)
-	line := 0
-	for sc.Scan() {
-		line++
-		s := strings.TrimSpace(sc.Text())
-		if s == "" || strings.HasPrefix(s, "#") {
-			continue
-		}
-		p, rest, ok := strings.Cut(s, ":")
-		if !ok || strings.TrimSpace(p) == "" {
-			return nil, fmt.Errorf("modules.dep line %d: missing ':'", line)
-		}
-		p = strings.TrimSpace(p)
-		deps[ModuleName(p)] = ModuleDep{Path: p, Deps: strings.Fields(rest)}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("read modules.dep: %w", err)
-	}
-	return deps, nil
-}
-
-// Resolve returns the module files to load for names, each after the
-// modules it depends on, without duplicates. Names may be given with '-' or
-// '_', or as paths of .ko files. Names absent from modules.dep are returned
-// in missing (built into the kernel, or not available).
-func (d ModulesDep) Resolve(names []string) (files []string, missing []string) {
-	state := map[string]int{} // 1 = visiting, 2 = done
-	var visit func(name string)
-	visit = func(name string) {
-		if state[name] != 0 {
-			return // done, or a cycle (depmod never writes one)
-		}
-		state[name] = 1
-		m := d[name]
-		for _, dep := range m.Deps {
-			dn := ModuleName(dep)
-			if _, ok := d[dn]; ok {
-				visit(dn)
-			} else if state[dn] == 0 {
-				// A dependency without its own line: load it by path.
-				state[dn] = 2
-				files = append(files, dep)
-			}
-		}
-		state[name] = 2
-		files = append(files, m.Path)
-	}
-	for _, n := range names {
-		name := ModuleName(n)
-		if _, ok := d[name]; !ok {
-			if state[name] == 0 {
-				state[name] = 2
-				missing = append(missing, n)
-			}
-			continue
-		}
-		visit(name)
-	}
-	return files, missing
-}
-
-// ParseModulesBuiltin parses modules.builtin (one "kernel/.../x.ko" per
-// line) into a set of canonical module names.
-func ParseModulesBuiltin(r io.Reader) (map[string]bool, error) {
-	set := map[string]bool{}
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		s := strings.TrimSpace(sc.Text())
-		if s == "" || strings.HasPrefix(s, "#") {
-			continue
-		}
-		set[ModuleName(s)] = true
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("read modules.builtin: %w", err)
-	}
-	return set, nil
-}
+// Module names and modules.dep parsing and ordering are in package kmod,
+// shared with the guest agent.
 
 // ErrNoKernelRelease means a modules directory holds no lib/modules/<release>.
 var ErrNoKernelRelease = errors.New("no kernel release directory with modules.dep")
@@ -187,8 +79,9 @@ type ModuleSet struct {
 	// Builtin lists the wanted names found in modules.builtin.
 	Builtin []string
 	// Unknown lists wanted names found neither in modules.dep nor in
-	// modules.builtin. They are assumed built in (the guest does the same),
-	// so a kernel without an optional driver still boots.
+	// modules.builtin. They are assumed built in (the guest does the same,
+	// except that it tries to load a module file path as given), so a
+	// kernel without an optional driver still boots.
 	Unknown []string
 }
 
@@ -205,19 +98,19 @@ func ResolveModules(modulesDir, release string, names []string) (*ModuleSet, err
 		return nil, fmt.Errorf("open modules.dep: %w", err)
 	}
 	defer f.Close()
-	deps, err := ParseModulesDep(f)
+	deps, err := kmod.ParseModulesDep(f)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", f.Name(), err)
 	}
 	var builtin map[string]bool
 	if b, err := os.Open(filepath.Join(dir, "modules.builtin")); err == nil {
-		builtin, err = ParseModulesBuiltin(b)
+		builtin, err = kmod.ParseModulesBuiltin(b)
 		b.Close()
 		if err != nil {
 			return nil, err
 		}
 	}
-	files, missing := deps.Resolve(names)
+	files, missing := hostModules(deps, names)
 	set := &ModuleSet{ReleaseDir: dir, Release: rel, Deps: map[string][]string{}}
 	for _, p := range files {
 		rp, err := relModulePath(dir, rel, p)
@@ -229,7 +122,7 @@ func ResolveModules(modulesDir, release string, names []string) (*ModuleSet, err
 		}
 		set.Files = append(set.Files, rp)
 		var ds []string
-		for _, d := range deps[ModuleName(p)].Deps {
+		for _, d := range deps[kmod.ModuleName(p)].Deps {
 			rd, err := relModulePath(dir, rel, d)
 			if err != nil {
 				return nil, err
@@ -239,13 +132,46 @@ func ResolveModules(modulesDir, release string, names []string) (*ModuleSet, err
 		set.Deps[rp] = ds
 	}
 	for _, m := range missing {
-		if builtin[ModuleName(m)] {
+		if builtin[kmod.ModuleName(m)] {
 			set.Builtin = append(set.Builtin, m)
 		} else {
 			set.Unknown = append(set.Unknown, m)
 		}
 	}
 	return set, nil
+}
+
+// hostModules is deps.Resolve(names) for packing modules on the host: a
+// module file path that modules.dep does not know, which Resolve returns in
+// files for the guest to load as given, is reported in missing instead, at
+// its place in names (like any name absent from modules.dep, it is then
+// looked up in modules.builtin, or assumed built in).
+func hostModules(deps kmod.ModulesDep, names []string) (files, missing []string) {
+	resolved, absent := deps.Resolve(names)
+	isDep := map[string]bool{}
+	for _, p := range resolved {
+		for _, d := range deps[kmod.ModuleName(p)].Deps {
+			isDep[d] = true
+		}
+	}
+	notFound := map[string]bool{}
+	for _, m := range absent {
+		notFound[m] = true
+	}
+	for _, p := range resolved {
+		if _, ok := deps[kmod.ModuleName(p)]; !ok && !isDep[p] {
+			notFound[p] = true // a file given as is
+			continue
+		}
+		files = append(files, p)
+	}
+	for _, n := range names {
+		if notFound[n] {
+			delete(notFound, n)
+			missing = append(missing, n)
+		}
+	}
+	return files, missing
 }
 
 // relModulePath turns a modules.dep path into a path relative to the

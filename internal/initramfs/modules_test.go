@@ -6,8 +6,12 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/bangerdev/banger/internal/kmod"
 )
 
+// sampleDep is the modules.dep of the fake release directory fakeModules
+// creates.
 const sampleDep = `kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/virtio/virtio_ring.ko:
 kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
@@ -22,77 +26,6 @@ kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/
 kernel/fs/fuse/virtio-fs.ko.xz: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 `
 
-func TestModuleName(t *testing.T) {
-	for in, want := range map[string]string{
-		"virtio_blk":                     "virtio_blk",
-		"virtio-blk":                     "virtio_blk",
-		"kernel/drivers/x/virtio-fs.ko":  "virtio_fs",
-		"/lib/modules/r/k/ext4.ko.zst":   "ext4",
-		"kernel/net/vsock.ko.xz":         "vsock",
-		"kernel/net/vmw_vsock/vsock.ko":  "vsock",
-		"crc32c_generic.ko.gz":           "crc32c_generic",
-		"kernel/drivers/md/dm-mod.ko.xz": "dm_mod",
-	} {
-		if got := ModuleName(in); got != want {
-			t.Errorf("ModuleName(%q) = %q, want %q", in, got, want)
-		}
-	}
-}
-
-func TestResolveOrder(t *testing.T) {
-	deps, err := ParseModulesDep(strings.NewReader(sampleDep))
-	if err != nil {
-		t.Fatal(err)
-	}
-	files, missing := deps.Resolve([]string{"virtio_mmio", "virtio-blk", "virtio_console", "virtio_net", "ext4", "vmw_vsock_virtio_transport", "virtio_fs", "virtio_blk"})
-	want := []string{
-		"kernel/drivers/virtio/virtio_ring.ko",
-		"kernel/drivers/virtio/virtio.ko",
-		"kernel/drivers/virtio/virtio_mmio.ko",
-		"kernel/drivers/block/virtio_blk.ko",
-		"kernel/drivers/char/virtio_console.ko",
-		"kernel/net/core/failover.ko",
-		"kernel/drivers/net/net_failover.ko",
-		"kernel/drivers/net/virtio_net.ko",
-		"kernel/net/vmw_vsock/vsock.ko",
-		"kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
-		"kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
-		"kernel/fs/fuse/virtio-fs.ko.xz",
-	}
-	if !reflect.DeepEqual(files, want) {
-		t.Errorf("order:\n got %v\nwant %v", files, want)
-	}
-	if !reflect.DeepEqual(missing, []string{"ext4"}) {
-		t.Errorf("missing = %v, want [ext4]", missing)
-	}
-	// Every module comes after all of its dependencies.
-	pos := map[string]int{}
-	for i, f := range files {
-		pos[f] = i
-	}
-	for _, f := range files {
-		for _, d := range deps[ModuleName(f)].Deps {
-			if pos[d] >= pos[f] {
-				t.Errorf("%s loaded before its dependency %s", f, d)
-			}
-		}
-	}
-}
-
-func TestResolveDepWithoutLine(t *testing.T) {
-	deps, err := ParseModulesDep(strings.NewReader("a.ko: b.ko c.ko\nc.ko:\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	files, _ := deps.Resolve([]string{"a"})
-	if want := []string{"b.ko", "c.ko", "a.ko"}; !reflect.DeepEqual(files, want) {
-		t.Errorf("got %v want %v", files, want)
-	}
-	if _, err := ParseModulesDep(strings.NewReader("garbage line\n")); err == nil {
-		t.Error("garbage accepted")
-	}
-}
-
 // fakeModules creates root/lib/modules/<release> with fake .ko files and
 // the sample modules.dep, and returns root.
 func fakeModules(t *testing.T, release string) string {
@@ -105,7 +38,7 @@ func fakeModules(t *testing.T, release string) string {
 		if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(full, []byte("fake module "+ModuleName(p)), 0o644); err != nil {
+		if err := os.WriteFile(full, []byte("fake module "+kmod.ModuleName(p)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -166,6 +99,18 @@ func TestResolveModules(t *testing.T) {
 		"kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n"
 	if got != want {
 		t.Errorf("modules.dep:\n%s\nwant:\n%s", got, want)
+	}
+	// A module file path unknown to modules.dep is not packed: like an
+	// unknown name, it is looked up in modules.builtin or assumed built in.
+	set, err = ResolveModules(root, "", []string{"extra/mine.ko", "virtio_blk", "kernel/fs/ext4/ext4.ko", "/abs/other.ko.xz"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio.ko", "kernel/drivers/block/virtio_blk.ko"}; !reflect.DeepEqual(set.Files, want) {
+		t.Errorf("paths: files %v", set.Files)
+	}
+	if !reflect.DeepEqual(set.Builtin, []string{"kernel/fs/ext4/ext4.ko"}) || !reflect.DeepEqual(set.Unknown, []string{"extra/mine.ko", "/abs/other.ko.xz"}) {
+		t.Errorf("paths: builtin %v unknown %v", set.Builtin, set.Unknown)
 	}
 	// A module file listed in modules.dep but absent is an error.
 	os.Remove(filepath.Join(set.ReleaseDir, "kernel/drivers/block/virtio_blk.ko"))

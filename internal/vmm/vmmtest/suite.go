@@ -34,6 +34,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/initramfs"
+	"github.com/bangerdev/banger/internal/kmod"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -825,7 +826,7 @@ func BusyboxInitramfs(dst, busybox, initScript string, modules []string) error {
 		return err
 	}
 	for i, m := range modules {
-		if err := add(fmt.Sprintf("modules/%02d-%s.ko", i, initramfs.ModuleName(m)), 0o644, m); err != nil {
+		if err := add(fmt.Sprintf("modules/%02d-%s.ko", i, kmod.ModuleName(m)), 0o644, m); err != nil {
 			return err
 		}
 	}
