@@ -45,8 +45,8 @@ var (
 // whose agent does not answer a keepalive within keepaliveTimeout is
 // closed (Done fires); the daemon then dials again.
 var (
-	keepaliveInterval = 10 * time.Second
-	keepaliveTimeout  = 20 * time.Second
+	keepaliveInterval = 5 * time.Second
+	keepaliveTimeout  = 10 * time.Second
 )
 
 const (

@@ -240,7 +240,7 @@ func isInitInvocation(args []string, pid int) bool {
 	}
 	if len(args) > 1 {
 		switch args[1] {
-		case "serve", "serve-fd", "version":
+		case "serve", "serve-fd", "supervise-fd", "version":
 			return false
 		}
 	}

@@ -142,14 +142,15 @@ func initSystem(c *initConsole, args []string) error {
 		// The agent stays PID 1 (pid1_linux.go).
 		setupAgentPID1(c)
 		c.logf("no init to hand over to: the agent stays PID 1")
-		return runPID1(c, func() (int, error) { return startAgent(cfgJSON, InitModeAgent, "") })
+		return runPID1(c, func() (int, error) { return startAgent(cfgJSON, InitModeAgent, "", "serve-fd") })
 	}
 
 	if cfg.Hostname != "" {
 		// systemd sets the hostname from /etc/hostname: make it agree.
 		writeHostnameFile(c, cfg.Hostname)
 	}
-	pid, err := startAgent(cfgJSON, mode, resolved)
+	// The image's init does not know the agent: a supervisor restarts it.
+	pid, err := startAgent(cfgJSON, mode, resolved, "supervise-fd")
 	if err != nil {
 		// Without the agent the host cannot reach the VM; still boot the
 		// image's init so the console shows what happened.
@@ -452,16 +453,17 @@ func writeHostnameFile(c *initConsole, name string) {
 	}
 }
 
-// startAgent starts the agent server as a child: /proc/self/exe serve-fd 3,
-// with the JSON configuration on an inherited pipe. The binary is no longer
+// startAgent starts the agent as a child: /proc/self/exe <command> 3
+// (serve-fd: the server; supervise-fd: a supervisor that keeps one
+// running), with the JSON configuration on an inherited pipe. The binary is no longer
 // on any filesystem after the root switch, but /proc/self/exe still is.
-func startAgent(cfgJSON []byte, mode, initPath string) (int, error) {
+func startAgent(cfgJSON []byte, mode, initPath, command string) (int, error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return 0, fmt.Errorf("pipe: %w", err)
 	}
 	defer w.Close()
-	p, err := os.StartProcess("/proc/self/exe", []string{"banger-agent", "serve-fd", "3"}, &os.ProcAttr{
+	p, err := os.StartProcess("/proc/self/exe", []string{"banger-agent", command, "3"}, &os.ProcAttr{
 		Dir:   "/",
 		Env:   agentEnv(mode, initPath),
 		Files: []*os.File{os.Stdin, os.Stdout, os.Stderr, r},

@@ -1,6 +1,7 @@
 package guestagent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -19,6 +20,7 @@ import (
 const usage = `usage:
   banger-vsock-agent serve --config FILE   run the agent server (config: agentproto.Config JSON)
   banger-vsock-agent serve-fd N            run the agent server, config read from file descriptor N
+  banger-vsock-agent supervise-fd N        keep an agent server running (restarted when it exits)
   banger-vsock-agent version               print the version
 Started by the kernel as ` + agentproto.InitPath + ` (or as PID 1), it is the VM's init:
 it mounts the root disk, starts the agent server and hands PID 1 to the image's init.
@@ -38,26 +40,34 @@ func Main(args []string) int {
 	case "version", "--version", "-version":
 		fmt.Println(Version)
 		return 0
-	case "serve-fd":
+	case "serve-fd", "supervise-fd":
 		if len(args) != 3 {
 			fmt.Fprint(os.Stderr, usage)
 			return 2
 		}
 		fd, err := strconv.Atoi(args[2])
 		if err != nil || fd < 0 {
-			fmt.Fprintf(os.Stderr, "banger-agent: serve-fd: bad file descriptor %q\n", args[2])
+			fmt.Fprintf(os.Stderr, "banger-agent: %s: bad file descriptor %q\n", args[1], args[2])
 			return 2
 		}
 		f := os.NewFile(uintptr(fd), "agent-config")
 		if f == nil {
-			fmt.Fprintf(os.Stderr, "banger-agent: serve-fd: bad file descriptor %d\n", fd)
+			fmt.Fprintf(os.Stderr, "banger-agent: %s: bad file descriptor %d\n", args[1], fd)
 			return 2
 		}
-		cfg, err := readConfig(f)
+		raw, err := io.ReadAll(io.LimitReader(f, 1<<20))
 		f.Close()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "banger-agent: config from fd %d: %v\n", fd, err)
 			return 1
+		}
+		cfg, err := readConfig(bytes.NewReader(raw))
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "banger-agent: config from fd %d: %v\n", fd, err)
+			return 1
+		}
+		if args[1] == "supervise-fd" {
+			return supervise(raw)
 		}
 		return serve(cfg)
 	case "serve":

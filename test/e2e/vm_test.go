@@ -138,6 +138,25 @@ func TestVM(t *testing.T) {
 		}
 	})
 
+	t.Run("agent-restarted-after-crash", func(t *testing.T) {
+		e.T = t
+		// The agent server is the parent of the commands it runs; under
+		// systemd a supervisor restarts it and bangerd reconnects.
+		before := e.Must("vm", "exec", "box", "--", "sh", "-c", "echo $PPID")
+		e.Banger("vm", "exec", "box", "--", "sh", "-c", "kill -9 $PPID")
+		start := time.Now()
+		var after string
+		harness.WaitFor(t, 90*time.Second, "exec to work again", func() bool {
+			out, _, code := e.Banger("vm", "exec", "box", "--", "sh", "-c", "echo $PPID")
+			after = out
+			return code == 0
+		})
+		if after == before {
+			t.Fatalf("agent pid unchanged (%s): it was not killed", strings.TrimSpace(after))
+		}
+		t.Logf("agent back after %s (pid %s → %s)", time.Since(start).Round(time.Millisecond), strings.TrimSpace(before), strings.TrimSpace(after))
+	})
+
 	t.Run("stop-start-rm", func(t *testing.T) {
 		e.T = t
 		vm := e.Inspect("box")
