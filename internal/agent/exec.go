@@ -48,32 +48,6 @@ type ExecOptions struct {
 	Resize <-chan WindowSize
 }
 
-// Standard SSH session payloads (RFC 4254).
-type (
-	ptyReqMsg struct {
-		Term          string
-		Columns, Rows uint32
-		Width, Height uint32
-		Modes         string
-	}
-	windowChangeMsg struct {
-		Columns, Rows uint32
-		Width, Height uint32
-	}
-	signalMsg struct {
-		Signal string
-	}
-	exitStatusMsg struct {
-		Status uint32
-	}
-	exitSignalMsg struct {
-		Signal     string
-		CoreDumped bool
-		Error      string
-		Lang       string
-	}
-)
-
 // ttyOpEnd terminates the (empty) encoded terminal modes of a pty-req.
 const ttyOpEnd = "\x00"
 
@@ -104,7 +78,7 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 	go func() { exitc <- collectExit(reqs) }()
 
 	stop := context.AfterFunc(ctx, func() {
-		ch.SendRequest("signal", false, ssh.Marshal(signalMsg{Signal: "KILL"}))
+		ch.SendRequest("signal", false, ssh.Marshal(agentproto.SignalMsg{Signal: "KILL"}))
 		ch.Close()
 	})
 	defer stop()
@@ -120,7 +94,7 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 		if rows <= 0 || cols <= 0 {
 			rows, cols = 24, 80
 		}
-		ok, err := ch.SendRequest("pty-req", true, ssh.Marshal(ptyReqMsg{
+		ok, err := ch.SendRequest("pty-req", true, ssh.Marshal(agentproto.PtyReqMsg{
 			Term: term, Columns: uint32(cols), Rows: uint32(rows), Modes: ttyOpEnd,
 		}))
 		if ctx.Err() != nil {
@@ -233,12 +207,12 @@ func collectExit(reqs <-chan *ssh.Request) exitResult {
 	for req := range reqs {
 		switch req.Type {
 		case "exit-status":
-			var m exitStatusMsg
+			var m agentproto.ExitStatusMsg
 			if err := ssh.Unmarshal(req.Payload, &m); err == nil {
 				res = exitResult{code: int(m.Status), ok: true}
 			}
 		case "exit-signal":
-			var m exitSignalMsg
+			var m agentproto.ExitSignalMsg
 			if err := ssh.Unmarshal(req.Payload, &m); err == nil {
 				code := 255
 				if sig := unix.SignalNum("SIG" + m.Signal); sig != 0 {
@@ -298,7 +272,7 @@ func forwardResizes(ch ssh.Channel, resize <-chan WindowSize, finished <-chan st
 			if ws.Rows <= 0 || ws.Cols <= 0 {
 				continue
 			}
-			ch.SendRequest("window-change", false, ssh.Marshal(windowChangeMsg{
+			ch.SendRequest("window-change", false, ssh.Marshal(agentproto.WindowChangeMsg{
 				Columns: uint32(ws.Cols), Rows: uint32(ws.Rows),
 			}))
 		}

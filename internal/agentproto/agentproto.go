@@ -173,3 +173,43 @@ func UnmarshalPayload(b []byte, v any) error {
 	}
 	return nil
 }
+
+// Payloads of the standard SSH session requests (RFC 4254, section 6),
+// encoded with ssh.Marshal.
+type (
+	// EnvMsg is an "env" request.
+	EnvMsg struct {
+		Name, Value string
+	}
+	// PtyReqMsg is a "pty-req" request.
+	PtyReqMsg struct {
+		Term          string
+		Columns, Rows uint32
+		Width, Height uint32
+		Modes         string
+	}
+	// WindowChangeMsg is a "window-change" request.
+	WindowChangeMsg struct {
+		Columns, Rows uint32
+		Width, Height uint32
+	}
+	// SignalMsg is a "signal" request (the name without "SIG").
+	SignalMsg struct {
+		Signal string
+	}
+	// ExecMsg is an "exec" request.
+	ExecMsg struct {
+		Command string
+	}
+	// ExitStatusMsg is an "exit-status" request.
+	ExitStatusMsg struct {
+		Status uint32
+	}
+	// ExitSignalMsg is an "exit-signal" request.
+	ExitSignalMsg struct {
+		Signal     string
+		CoreDumped bool
+		Error      string
+		Lang       string
+	}
+)

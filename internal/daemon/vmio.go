@@ -13,6 +13,7 @@ import (
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
 )
 
 // frameWriter sends everything written to it as frames of one type.
@@ -88,46 +89,41 @@ func (d *Daemon) vmExec(ctx context.Context, call *rpc.Call) (any, error) {
 	return api.ExecResult{ExitCode: code}, nil
 }
 
-func (d *Daemon) vmCopyIn(ctx context.Context, call *rpc.Call) (any, error) {
+// copyTarget decodes a copy call and returns its guest path, VM and agent.
+func (d *Daemon) copyTarget(ctx context.Context, call *rpc.Call) (string, store.VM, *agent.Client, error) {
 	var p api.VMCopyParams
 	if err := call.Decode(&p); err != nil {
-		return nil, err
+		return "", store.VM{}, nil, err
 	}
 	if !filepath.IsAbs(p.Path) {
-		return nil, fmt.Errorf("guest path %q must be absolute: %w", p.Path, errdefs.ErrInvalid)
+		return "", store.VM{}, nil, fmt.Errorf("guest path %q must be absolute: %w", p.Path, errdefs.ErrInvalid)
 	}
 	v, err := d.store.GetVM(ctx, p.Name)
 	if err != nil {
-		return nil, err
+		return "", v, nil, err
 	}
 	c, _, err := d.agentFor(ctx, v)
+	return p.Path, v, c, err
+}
+
+func (d *Daemon) vmCopyIn(ctx context.Context, call *rpc.Call) (any, error) {
+	path, v, c, err := d.copyTarget(ctx, call)
 	if err != nil {
 		return nil, err
 	}
 	stdin, _ := pumpInput(call)
-	if err := c.CopyIn(ctx, stdin, p.Path); err != nil {
+	if err := c.CopyIn(ctx, stdin, path); err != nil {
 		return nil, fmt.Errorf("copy into vm %q: %w", v.Name, err)
 	}
 	return nil, nil
 }
 
 func (d *Daemon) vmCopyOut(ctx context.Context, call *rpc.Call) (any, error) {
-	var p api.VMCopyParams
-	if err := call.Decode(&p); err != nil {
-		return nil, err
-	}
-	if !filepath.IsAbs(p.Path) {
-		return nil, fmt.Errorf("guest path %q must be absolute: %w", p.Path, errdefs.ErrInvalid)
-	}
-	v, err := d.store.GetVM(ctx, p.Name)
+	path, v, c, err := d.copyTarget(ctx, call)
 	if err != nil {
 		return nil, err
 	}
-	c, _, err := d.agentFor(ctx, v)
-	if err != nil {
-		return nil, err
-	}
-	if err := c.CopyOut(ctx, p.Path, frameWriter{call, api.FrameStdout}); err != nil {
+	if err := c.CopyOut(ctx, path, frameWriter{call, api.FrameStdout}); err != nil {
 		return nil, fmt.Errorf("copy from vm %q: %w", v.Name, err)
 	}
 	return nil, nil

@@ -28,38 +28,6 @@ const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 // exited, when a background process it started keeps stdout or stderr open.
 const outputGrace = 2 * time.Second
 
-// SSH payloads of the standard session requests (RFC 4254).
-type (
-	envMsg struct {
-		Name, Value string
-	}
-	ptyReqMsg struct {
-		Term          string
-		Columns, Rows uint32
-		Width, Height uint32
-		Modes         string
-	}
-	windowChangeMsg struct {
-		Columns, Rows uint32
-		Width, Height uint32
-	}
-	signalMsg struct {
-		Signal string
-	}
-	execMsg struct {
-		Command string
-	}
-	exitStatusMsg struct {
-		Status uint32
-	}
-	exitSignalMsg struct {
-		Signal     string
-		CoreDumped bool
-		Error      string
-		Lang       string
-	}
-)
-
 // command is what a session runs.
 type command struct {
 	argv []string
@@ -134,7 +102,7 @@ func (ss *session) serve(reqs <-chan *ssh.Request) {
 func (ss *session) handleRequest(req *ssh.Request) (ok bool, launch func()) {
 	switch req.Type {
 	case "env":
-		var m envMsg
+		var m agentproto.EnvMsg
 		if err := ssh.Unmarshal(req.Payload, &m); err != nil || m.Name == "" || strings.ContainsAny(m.Name, "=\x00") {
 			return false, nil
 		}
@@ -146,25 +114,25 @@ func (ss *session) handleRequest(req *ssh.Request) (ok bool, launch func()) {
 		ss.env = append(ss.env, m.Name+"="+m.Value)
 		return true, nil
 	case "pty-req":
-		var m ptyReqMsg
+		var m agentproto.PtyReqMsg
 		if err := ssh.Unmarshal(req.Payload, &m); err != nil {
 			return false, nil
 		}
 		return ss.allocPTY(m) == nil, nil
 	case "window-change":
-		var m windowChangeMsg
+		var m agentproto.WindowChangeMsg
 		if err := ssh.Unmarshal(req.Payload, &m); err != nil {
 			return false, nil
 		}
 		return ss.resize(m.Rows, m.Columns), nil
 	case "signal":
-		var m signalMsg
+		var m agentproto.SignalMsg
 		if err := ssh.Unmarshal(req.Payload, &m); err != nil {
 			return false, nil
 		}
 		return ss.signal(m.Signal), nil
 	case "exec":
-		var m execMsg
+		var m agentproto.ExecMsg
 		if err := ssh.Unmarshal(req.Payload, &m); err != nil {
 			return false, nil
 		}
@@ -201,7 +169,7 @@ func (ss *session) handleRequest(req *ssh.Request) (ok bool, launch func()) {
 	}
 }
 
-func (ss *session) allocPTY(m ptyReqMsg) error {
+func (ss *session) allocPTY(m agentproto.PtyReqMsg) error {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if ss.started || ss.ptySet {
@@ -449,23 +417,23 @@ func (ss *session) run(c command) {
 func (ss *session) sendExit(ps *os.ProcessState, waitErr error) {
 	if ps == nil {
 		ss.log.Warn("command wait", "err", waitErr)
-		ss.ch.SendRequest("exit-status", false, ssh.Marshal(exitStatusMsg{Status: 255}))
+		ss.ch.SendRequest("exit-status", false, ssh.Marshal(agentproto.ExitStatusMsg{Status: 255}))
 		return
 	}
 	ws, _ := ps.Sys().(syscall.WaitStatus)
 	if ws.Signaled() {
 		name := strings.TrimPrefix(unix.SignalName(ws.Signal()), "SIG")
 		if name != "" {
-			ss.ch.SendRequest("exit-signal", false, ssh.Marshal(exitSignalMsg{
+			ss.ch.SendRequest("exit-signal", false, ssh.Marshal(agentproto.ExitSignalMsg{
 				Signal:     name,
 				CoreDumped: ws.CoreDump(),
 			}))
 			return
 		}
-		ss.ch.SendRequest("exit-status", false, ssh.Marshal(exitStatusMsg{Status: 128 + uint32(ws.Signal())}))
+		ss.ch.SendRequest("exit-status", false, ssh.Marshal(agentproto.ExitStatusMsg{Status: 128 + uint32(ws.Signal())}))
 		return
 	}
-	ss.ch.SendRequest("exit-status", false, ssh.Marshal(exitStatusMsg{Status: uint32(ps.ExitCode())}))
+	ss.ch.SendRequest("exit-status", false, ssh.Marshal(agentproto.ExitStatusMsg{Status: uint32(ps.ExitCode())}))
 }
 
 // failStart reports a command that could not be started the way a shell
@@ -489,7 +457,7 @@ func (ss *session) failStart(stderr io.Writer, name string, err error) {
 	ss.log.Debug("command start failed", "argv0", name, "err", err)
 	io.WriteString(stderr, msg)
 	ss.ch.CloseWrite()
-	ss.ch.SendRequest("exit-status", false, ssh.Marshal(exitStatusMsg{Status: status}))
+	ss.ch.SendRequest("exit-status", false, ssh.Marshal(agentproto.ExitStatusMsg{Status: status}))
 }
 
 // lookPath resolves name like execvp with the command's PATH (not the
