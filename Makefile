@@ -49,6 +49,7 @@ install: build
 	install -D -m 0755 $(BIN)/bangerd /usr/local/bin/bangerd
 	install -D -m 0755 $(BIN)/banger-vsock-agent /usr/local/lib/banger/banger-vsock-agent
 	install -D -m 0644 packaging/bangerd.service /etc/systemd/system/bangerd.service
+	test -e /etc/banger/bangerd.toml || install -D -m 0644 packaging/bangerd.toml /etc/banger/bangerd.toml
 
 clean:
 	rm -rf build

@@ -70,3 +70,14 @@ func TestCLIEnvOverride(t *testing.T) {
 		t.Fatal("unknown CLI key accepted")
 	}
 }
+
+// The shipped example config states exactly the defaults.
+func TestShippedDaemonConfigIsTheDefaults(t *testing.T) {
+	c, err := LoadDaemon(filepath.Join("..", "..", "packaging", "bangerd.toml"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c != DefaultDaemon() {
+		t.Fatalf("packaging/bangerd.toml = %+v\nwant the defaults %+v", c, DefaultDaemon())
+	}
+}
