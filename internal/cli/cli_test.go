@@ -88,3 +88,22 @@ func TestProgressTerminal(t *testing.T) {
 		t.Fatalf("terminal progress:\n%q\nwant\n%q", b.String(), want)
 	}
 }
+
+// Flags after the VM name belong to the guest command.
+func TestExecArgsAfterNameAreTheCommand(t *testing.T) {
+	a := &app{stdout: &bytes.Buffer{}, stderr: &bytes.Buffer{}}
+	root := a.rootCmd()
+	exec, _, err := root.Find([]string{"vm", "exec"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := exec.ParseFlags([]string{"-t", "box", "ls", "-la", "--color"}); err != nil {
+		t.Fatalf("parse: %v", err)
+	}
+	if got := exec.Flags().Args(); strings.Join(got, " ") != "box ls -la --color" {
+		t.Fatalf("args = %q", got)
+	}
+	if tty, _ := exec.Flags().GetBool("tty"); !tty {
+		t.Fatal("-t before the name was not parsed")
+	}
+}

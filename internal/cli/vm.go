@@ -305,6 +305,8 @@ func (a *app) vmExecCmd() *cobra.Command {
 		},
 	}
 	f.add(cmd)
+	// Everything after NAME belongs to the command: `vm exec box ls -la`.
+	cmd.Flags().SetInterspersed(false)
 	return cmd
 }
 
@@ -401,5 +403,6 @@ func (a *app) vmRunCmd() *cobra.Command {
 	f.add(cmd)
 	ef.add(cmd)
 	cmd.Flags().BoolVar(&rm, "rm", false, "remove the VM when the command exits")
+	cmd.Flags().SetInterspersed(false)
 	return cmd
 }
