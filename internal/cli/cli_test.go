@@ -107,3 +107,18 @@ func TestExecArgsAfterNameAreTheCommand(t *testing.T) {
 		t.Fatal("-t before the name was not parsed")
 	}
 }
+
+// `vm exec NAME -- CMD` and `vm exec NAME CMD` run the same command.
+func TestExecDoubleDash(t *testing.T) {
+	a := &app{stdout: &bytes.Buffer{}, stderr: &bytes.Buffer{}}
+	exec, _, _ := a.rootCmd().Find([]string{"vm", "exec"})
+	for _, args := range [][]string{{"box", "--", "ls", "-la"}, {"box", "ls", "-la"}, {"-t", "box", "--", "ls", "-la"}} {
+		if err := exec.ParseFlags(args); err != nil {
+			t.Fatal(err)
+		}
+		rest := exec.Flags().Args()
+		if rest[0] != "box" || strings.Join(guestArgv(rest[1:]), " ") != "ls -la" {
+			t.Errorf("%q: name %q argv %q", args, rest[0], guestArgv(rest[1:]))
+		}
+	}
+}

@@ -301,13 +301,22 @@ func (a *app) vmExecCmd() *cobra.Command {
 			"and banger exits with the command's exit code. Without a command, opens a login shell.",
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.exec(cmd.Context(), args[0], args[1:], &f)
+			return a.exec(cmd.Context(), args[0], guestArgv(args[1:]), &f)
 		},
 	}
 	f.add(cmd)
 	// Everything after NAME belongs to the command: `vm exec box ls -la`.
 	cmd.Flags().SetInterspersed(false)
 	return cmd
+}
+
+// guestArgv is the command after vm exec's NAME. Flag parsing stops at NAME,
+// so a "--" written after it reaches us and is dropped.
+func guestArgv(rest []string) []string {
+	if len(rest) > 0 && rest[0] == "--" {
+		return rest[1:]
+	}
+	return rest
 }
 
 func (a *app) exec(ctx context.Context, name string, argv []string, f *execFlags) error {

@@ -49,7 +49,9 @@ func newEnv(t *testing.T, mod func(*config.Daemon)) *testEnv {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	e := &testEnv{t: t, dir: dir, log: log}
-	e.rootfs = writeFile(t, filepath.Join(dir, "src", "rootfs.img"), bytes.Repeat([]byte("rootfs.."), 64<<10/8)) // 64 KiB
+	rootfs := bytes.Repeat([]byte("rootfs.."), 64<<10/8) // 64 KiB
+	copy(rootfs[0x438:], []byte{0x53, 0xef})             // an ext4 superblock magic
+	e.rootfs = writeFile(t, filepath.Join(dir, "src", "rootfs.img"), rootfs)
 	e.kernel = writeFile(t, filepath.Join(dir, "src", "vmlinux"), append([]byte("\x7fELF"), make([]byte, 1020)...))
 	var ird bytes.Buffer
 	cw := initramfs.NewWriter(&ird)

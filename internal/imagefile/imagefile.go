@@ -161,6 +161,13 @@ func checkRootfs(p string) error {
 	if st.Size() == 0 {
 		return invalid(FieldRootfs, p, "empty file")
 	}
+	format, err := RootfsFormat(p)
+	if err != nil {
+		return &ArtifactError{Field: FieldRootfs, Path: p, Reason: errReason(err), Err: err}
+	}
+	if reason := rootfsFormatReason(format); reason != "" {
+		return invalid(FieldRootfs, p, reason)
+	}
 	return nil
 }
 

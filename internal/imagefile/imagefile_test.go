@@ -55,6 +55,20 @@ func sparseFile(t *testing.T, path string, size int64, dataAt ...int64) string {
 	return path
 }
 
+// extMagic stamps an ext2/3/4 superblock magic into the file at path.
+func extMagic(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte{0x53, 0xef}, 0x438); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 func allocated(t *testing.T, path string) int64 {
 	t.Helper()
 	var st syscall.Stat_t
@@ -104,7 +118,7 @@ func newFixture(t *testing.T) fixture {
 		t.Fatal(err)
 	}
 	a := Artifacts{
-		Rootfs:     sparseFile(t, filepath.Join(src, "rootfs.ext4"), 64*mib, 0, 20*mib, 40*mib),
+		Rootfs:     extMagic(t, sparseFile(t, filepath.Join(src, "rootfs.ext4"), 64*mib, 0, 20*mib, 40*mib)),
 		Kernel:     writeFile(t, filepath.Join(src, "vmlinuz"), fakeBzImage(300_000), 0o644),
 		Initrd:     writeFile(t, filepath.Join(src, "initrd.img"), bytes.Repeat([]byte("initrd"), 100_000), 0o644),
 		ModulesDir: mods,
@@ -335,7 +349,7 @@ func TestPromoteCancel(t *testing.T) {
 
 	t.Run("during rootfs copy", func(t *testing.T) {
 		// Enough data for several copy steps.
-		big := sparseFile(t, filepath.Join(f.dir, "big.img"), 64*mib, 0, 8*mib, 16*mib, 24*mib, 32*mib, 40*mib, 48*mib, 56*mib)
+		big := extMagic(t, sparseFile(t, filepath.Join(f.dir, "big.img"), 64*mib, 0, 8*mib, 16*mib, 24*mib, 32*mib, 40*mib, 48*mib, 56*mib))
 		a := f.a
 		a.Rootfs = big
 		ctx, cancel := context.WithCancel(t.Context())
@@ -490,5 +504,41 @@ func TestReporterThrottles(t *testing.T) {
 		if got[i] != want[i] {
 			t.Errorf("report %d = %v, want %v", i, got[i], want[i])
 		}
+	}
+}
+
+func TestRootfsFormatRefused(t *testing.T) {
+	f := newFixture(t)
+	dir := t.TempDir()
+	mk := func(name string, off int64, magic []byte) string {
+		p := sparseFile(t, filepath.Join(dir, name), 1*mib)
+		g, err := os.OpenFile(p, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer g.Close()
+		if _, err := g.WriteAt(magic, off); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	for _, c := range []struct {
+		path, format, want string
+	}{
+		{mk("disk.qcow2", 0, []byte("QFI\xfb")), FormatQcow2, "qemu-img convert -O raw"},
+		{mk("root.xfs", 0, []byte("XFSB")), FormatXFS, "ext4 root filesystems only"},
+		{mk("disk.img", 0x1fe, []byte{0x55, 0xaa}), FormatPartitioned, "not a disk with a partition table"},
+		{mk("random.bin", 0, []byte("hello")), FormatUnknown, "no ext2/3/4 superblock"},
+	} {
+		if got, err := RootfsFormat(c.path); err != nil || got != c.format {
+			t.Errorf("RootfsFormat(%s) = %q, %v; want %q", filepath.Base(c.path), got, err, c.format)
+		}
+		err := ValidateArtifacts(Artifacts{Rootfs: c.path, Kernel: f.a.Kernel})
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: err = %v, want ErrInvalid mentioning %q", filepath.Base(c.path), err, c.want)
+		}
+	}
+	if got, _ := RootfsFormat(f.a.Rootfs); got != FormatExt {
+		t.Errorf("fixture rootfs detected as %q", got)
 	}
 }

@@ -5,6 +5,7 @@ package e2e
 import (
 	"github.com/bangerdev/banger/test/harness"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -107,6 +108,11 @@ func TestVM(t *testing.T) {
 		e.Fails("invalid size", "vm", "create", "--image", "debian", "--disk-size", "lots")
 		e.Fails("smaller than image", "vm", "create", "--image", "debian", "--disk-size", "1M")
 		e.Fails("no such file", "image", "register", "broken", "--rootfs", filepath.Join(imageDir, "rootfs.ext4"), "--kernel", "/nonexistent/vmlinuz")
+		qcow := filepath.Join(t.TempDir(), "disk.qcow2")
+		if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", qcow, "64M").CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img: %v: %s", err, out)
+		}
+		e.Fails("qemu-img convert -O raw", "image", "register", "broken", "--rootfs", qcow, "--kernel", filepath.Join(imageDir, "vmlinuz"))
 		e.Fails("used by", "image", "rm", "debian")
 		e.Fails("not found", "vm", "exec", "ghost", "--", "true")
 		if after := e.Must("vm", "ls", "-q"); after != before {
