@@ -16,7 +16,7 @@ all: build
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/banger ./cmd/banger
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/bangerd ./cmd/bangerd
-	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/banger-vsock-agent ./cmd/banger-vsock-agent
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o $(BIN)/banger-vsock-agent ./cmd/banger-vsock-agent
 
 # Unit and integration tests of every package (VM boot tests use the test
 # image when it exists: run `make testimage` first).
