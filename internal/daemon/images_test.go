@@ -230,3 +230,22 @@ func startAs(t *testing.T, uid, gid, group uint32) int {
 	})
 	return cmd.Process.Pid
 }
+
+// An unmanaged image whose files went away gives a clear error at vm create,
+// and nothing is left behind.
+func TestCreateFromVanishedImage(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	ctx := testCtx(t)
+	if err := os.Rename(e.kernel, e.kernel+".moved"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "orphan"}, nil)
+	wireErr(t, "create from an image without its kernel", err, errdefs.ErrFailedPrecondition)
+	if !strings.Contains(err.Error(), "moved or removed") || !strings.Contains(err.Error(), e.kernel) {
+		t.Errorf("error %q does not explain the missing kernel", err)
+	}
+	if vms, _ := d.c.VMList(ctx); len(vms) != 0 {
+		t.Errorf("vm recorded: %+v", vms)
+	}
+}

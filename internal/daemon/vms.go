@@ -17,6 +17,7 @@ import (
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/imagefile"
 	"github.com/bangerdev/banger/internal/initramfs"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
@@ -131,6 +132,9 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 			return v, fmt.Errorf("image %q not found: list images with banger image ls, or register one with banger image register: %w", imageRef, errdefs.ErrNotFound)
 		}
 		return v, err
+	}
+	if err := imagefile.ValidateArtifacts(imagefile.Artifacts{Rootfs: im.Rootfs, Kernel: im.Kernel, Initrd: im.Initrd, ModulesDir: im.ModulesDir}); err != nil {
+		return v, fmt.Errorf("image %q is unusable (were its files moved or removed?): %w: %w", im.Name, err, errdefs.ErrFailedPrecondition)
 	}
 	name := p.Name
 	if name == "" {
