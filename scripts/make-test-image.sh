@@ -35,7 +35,7 @@ ROOTFS_HEADROOM_MIB=300
 BUSYBOX_ROOTFS_MIB=16
 GUEST_HOSTNAME="banger-test"
 # Modules the initrd must carry (when modular), plus their dependencies.
-INITRD_MODULES=(virtio_mmio virtio_pci virtio_blk virtio_console virtio_net ext4 vmw_vsock_virtio_transport)
+INITRD_MODULES=(virtio_mmio virtio_pci virtio_blk virtio_console virtio_net ext4 vmw_vsock_virtio_transport button evdev)
 # Files that must exist for OUTDIR to count as complete.
 OUTPUTS=(vmlinuz kernel-release modules initrd.img rootfs.ext4 busybox-rootfs.ext4 stamp)
 

@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/bangerdev/banger/internal/agentproto"
 )
@@ -118,6 +119,11 @@ func serve(cfg agentproto.Config) int {
 	mode, initPath := os.Getenv(envInitMode), os.Getenv(envInit)
 	hooks := Hooks{Shutdown: shutdownHook(mode, log), InitMode: mode, Init: initPath}
 	log.Info("agent serving", "version", Version, "transport", cfg.Transport, "init_mode", mode)
+	go watchPowerButton(ctx, "/sys", "/dev", 2*time.Second, func() {
+		if err := hooks.Shutdown(false); err != nil {
+			log.Error("power off on the power button", "err", err)
+		}
+	}, log)
 	if err := Serve(ctx, cfg, hooks, log); err != nil && !errors.Is(err, context.Canceled) {
 		log.Error("agent stopped", "err", err)
 		return 1

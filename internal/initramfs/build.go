@@ -18,7 +18,8 @@ import (
 // Firecracker), the root disk, the agent's transports (virtio-serial,
 // vsock), the network and the root filesystem. Names not present as
 // modules are assumed built into the kernel.
-var DefaultModules = []string{"virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", "vmw_vsock_virtio_transport"}
+var DefaultModules = []string{"virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", "vmw_vsock_virtio_transport",
+	"button", "evdev"} // the ACPI power button, watched by the agent
 
 // Options describes one initramfs.
 type Options struct {

@@ -3,6 +3,8 @@
 package e2e
 
 import (
+	"context"
+	"github.com/bangerdev/banger/internal/vmm/qemu"
 	"github.com/bangerdev/banger/test/harness"
 	"os"
 	"os/exec"
@@ -230,6 +232,41 @@ func TestVM(t *testing.T) {
 		e.Must("vm", "stop", "tiny1")
 		if st := e.Inspect("tiny1").State; st != "stopped" {
 			t.Fatalf("state after stop: %s", st)
+		}
+	})
+
+	t.Run("acpi-power-button", func(t *testing.T) {
+		e.T = t
+		// QEMU's system_powerdown presses the ACPI power button; the agent
+		// powers the guest off, with systemd as PID 1 and as PID 1 itself.
+		e.Must("image", "register", "debian2", "--rootfs", filepath.Join(imageDir, "rootfs.ext4"),
+			"--kernel", filepath.Join(imageDir, "vmlinuz"), "--initrd", filepath.Join(imageDir, "initrd.img"))
+		e.Must("vm", "create", "--name", "acpi-sd", "--image", "debian2")
+		for _, name := range []string{"tiny1", "acpi-sd"} {
+			e.Must("vm", "start", name)
+			vm := e.Inspect(name)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			q, err := qemu.DialQMP(ctx, filepath.Join(vm.Dir, "qmp.sock"))
+			if err != nil {
+				cancel()
+				t.Fatal(err)
+			}
+			// The button's driver may still be loading right after boot:
+			// press until the guest goes.
+			harness.WaitFor(t, 60*time.Second, name+" to power off on the ACPI button", func() bool {
+				if !harness.ProcessAlive(vm.PID) {
+					return true
+				}
+				_ = q.Execute(ctx, "system_powerdown", nil, nil)
+				time.Sleep(time.Second)
+				return !harness.ProcessAlive(vm.PID)
+			})
+			q.Close()
+			cancel()
+			harness.WaitFor(t, 10*time.Second, name+" recorded as stopped", func() bool { return e.Inspect(name).State == "stopped" })
+			if out := e.Must("vm", "logs", name); !strings.Contains(out, "power button pressed") {
+				t.Errorf("%s: the console does not show the agent acting on the button", name)
+			}
 		}
 	})
 }
