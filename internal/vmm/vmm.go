@@ -98,3 +98,11 @@ type Driver interface {
 	// DialAgent connects to the guest agent's transport (virtio-serial or vsock).
 	DialAgent(ctx context.Context, h Handle) (net.Conn, error)
 }
+
+// Recoverer is an optional Driver ability, found by type assertion: it
+// finds a VMM running in a VM directory for which no Handle was recorded
+// (the daemon died between Start returning and recording the Handle).
+type Recoverer interface {
+	// Recover returns the Handle of the VMM running in dir, if any.
+	Recover(dir string) (Handle, bool)
+}

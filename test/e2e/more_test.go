@@ -3,7 +3,9 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
+	"github.com/bangerdev/banger/internal/store"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -124,6 +126,46 @@ func TestTools(t *testing.T) {
 		}
 		e.Must("vm", "start", "tools") // and it boots again
 		e.Must("vm", "rm", "-f", "tools")
+	})
+
+	t.Run("daemon-crash-leftovers", func(t *testing.T) {
+		e.T = t
+		// A daemon that died between booting a VMM and recording it, and
+		// in the middle of a create (a VM directory without a row).
+		e.Must("vm", "create", "--name", "unrecorded", "--image", "tiny", "--memory", "256", "--start")
+		vm := e.Inspect("unrecorded")
+		e.StopDaemon()
+		st, err := store.Open(context.Background(), filepath.Join(e.StateDir(), "state.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		row, err := st.GetVM(context.Background(), "unrecorded")
+		if err != nil {
+			t.Fatal(err)
+		}
+		row.Handle, row.State = "", "starting"
+		if err := st.UpdateVM(context.Background(), row); err != nil {
+			t.Fatal(err)
+		}
+		st.Close()
+		orphan := filepath.Join(e.StateDir(), "vms", "00000000deadbeef")
+		os.MkdirAll(orphan, 0o700)
+		os.WriteFile(filepath.Join(orphan, "root"), []byte("half-made"), 0o600)
+
+		e.StartDaemon()
+		if got := e.Inspect("unrecorded"); got.State != "running" || got.PID != vm.PID {
+			t.Fatalf("unrecorded VMM not adopted: state %s pid %d (qemu pid %d)", got.State, got.PID, vm.PID)
+		}
+		if out := e.Must("vm", "exec", "unrecorded", "--", "echo", "adopted"); out != "adopted\n" {
+			t.Fatalf("exec in the adopted VM: %q", out)
+		}
+		if _, err := os.Stat(orphan); !os.IsNotExist(err) {
+			t.Fatalf("the directory of an unfinished create was not removed: %v", err)
+		}
+		e.Must("vm", "rm", "-f", "unrecorded")
+		if harness.ProcessAlive(vm.PID) {
+			t.Fatal("qemu alive after rm -f")
+		}
 	})
 
 	t.Run("promote", func(t *testing.T) {

@@ -86,6 +86,13 @@ func TestBootQEMU(t *testing.T) {
 	if h.ControlSocket != stale.QMPSocket || h.AgentSocket != stale.AgentSocket || h.PIDFile != stale.PIDFile {
 		t.Errorf("handle %+v does not use the paths of PathsFor(%s)", h, spec.Dir)
 	}
+	// A daemon that died before recording h finds the same VMM again.
+	if r, ok := d.Recover(spec.Dir); !ok || r != h {
+		t.Errorf("Recover(%s) = %+v, %v; want %+v", spec.Dir, r, ok, h)
+	}
+	if _, ok := d.Recover(t.TempDir()); ok {
+		t.Error("Recover found a VMM in an empty directory")
+	}
 	if p := kvmcheck.Probe(); !p.Usable && h.Accel != vmm.AccelTCG {
 		t.Errorf("accel = %q on a host where KVM is not usable (%s), want tcg", h.Accel, p.Reason)
 	}

@@ -35,6 +35,8 @@ import (
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
+var _ vmm.Recoverer = (*Driver)(nil)
+
 // DriverName is the value of vmm.Handle.Driver for this backend.
 const DriverName = "qemu"
 
@@ -362,6 +364,29 @@ func (d *Driver) findQEMU(paths Paths) []int {
 		}
 	}
 	return pids
+}
+
+// Recover implements vmm.Recoverer: the handle of the QEMU running with
+// dir's pid file, if exactly one does.
+func (d *Driver) Recover(dir string) (vmm.Handle, bool) {
+	paths := PathsFor(dir)
+	pids := d.findQEMU(paths)
+	if len(pids) != 1 {
+		return vmm.Handle{}, false
+	}
+	st, err := readProcStat(d.procRoot, pids[0])
+	if err != nil || st.exited() {
+		return vmm.Handle{}, false
+	}
+	accel := vmm.AccelTCG
+	if cl, err := os.ReadFile(filepath.Join(d.procRoot, strconv.Itoa(pids[0]), "cmdline")); err == nil &&
+		bytes.Contains(cl, []byte("\x00-accel\x00kvm\x00")) {
+		accel = vmm.AccelKVM
+	}
+	return vmm.Handle{
+		Driver: DriverName, PID: pids[0], StartTime: st.StartTime,
+		ControlSocket: paths.QMPSocket, AgentSocket: paths.AgentSocket, PIDFile: paths.PIDFile, Accel: accel,
+	}, true
 }
 
 // Alive implements vmm.Driver: the process exists, is not a zombie and
