@@ -69,6 +69,9 @@ type Daemon struct {
 	ReadyTimeout Duration `toml:"ready_timeout"`
 	// StopTimeout bounds a graceful stop before the VM is killed. Default 30s.
 	StopTimeout Duration `toml:"stop_timeout"`
+	// ConsoleLogMaxMiB caps each VM's serial console log: a guest that
+	// writes more only keeps its most recent output. Default 16.
+	ConsoleLogMaxMiB int `toml:"console_log_max_mib"`
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string `toml:"log_level"`
 	// LogFormat is text or json. Default text.
@@ -88,6 +91,7 @@ func DefaultDaemon() Daemon {
 		DefaultMemoryMiB: 1024,
 		ReadyTimeout:     Duration{120 * time.Second},
 		StopTimeout:      Duration{30 * time.Second},
+		ConsoleLogMaxMiB: 16,
 		LogLevel:         "info",
 		LogFormat:        "text",
 	}
@@ -122,6 +126,9 @@ func (c Daemon) Validate() error {
 	}
 	if c.DefaultMemoryMiB < 64 {
 		errs = append(errs, fmt.Errorf("default_memory_mib %d: must be at least 64", c.DefaultMemoryMiB))
+	}
+	if c.ConsoleLogMaxMiB < 1 {
+		errs = append(errs, fmt.Errorf("console_log_max_mib %d: must be at least 1", c.ConsoleLogMaxMiB))
 	}
 	if c.ReadyTimeout.Duration <= 0 || c.StopTimeout.Duration <= 0 {
 		errs = append(errs, errors.New("ready_timeout and stop_timeout must be positive"))

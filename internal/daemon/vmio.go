@@ -181,6 +181,15 @@ func (d *Daemon) vmLogs(ctx context.Context, call *rpc.Call) (any, error) {
 		if !p.Follow {
 			return nil, nil
 		}
+		// The log was capped (cut in place): go on from its new start.
+		if off, err := f.Seek(0, io.SeekCurrent); err == nil {
+			if st, err := f.Stat(); err == nil && st.Size() < off {
+				if _, err := f.Seek(0, io.SeekStart); err != nil {
+					return nil, fmt.Errorf("read console log: %w", err)
+				}
+				continue
+			}
+		}
 		d.mu.Lock()
 		r := d.running[v.ID]
 		d.mu.Unlock()

@@ -335,7 +335,11 @@ func (d *Daemon) track(v store.VM, r *runningVM) {
 	d.mu.Lock()
 	d.running[v.ID] = r
 	d.mu.Unlock()
-	d.monitors.Add(1)
+	d.monitors.Add(2)
+	go func() {
+		defer d.monitors.Done()
+		d.capConsole(v.Name, filepath.Join(v.Dir, fileConsole), int64(d.cfg.ConsoleLogMaxMiB)<<20, r.exited)
+	}()
 	go func() {
 		defer d.monitors.Done()
 		for {

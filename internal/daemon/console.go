@@ -1,0 +1,72 @@
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+)
+
+// consoleCheckInterval is how often a running VM's console log size is
+// checked.
+var consoleCheckInterval = 5 * time.Second
+
+// truncatedNote marks where a capped console log lost its older output.
+const truncatedNote = "\n[banger: older console output dropped: the log reached its size cap]\n"
+
+// capConsole keeps path under max bytes while the VM runs: the guest is not
+// trusted not to flood its serial console. The VMM writes the file in append
+// mode, so it can be cut in place; the newest quarter is kept.
+func (d *Daemon) capConsole(name, path string, max int64, exited <-chan struct{}) {
+	t := time.NewTicker(consoleCheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-exited:
+			return
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+		dropped, err := trimFile(path, max, max/4)
+		if err != nil {
+			d.log.Warn("cap console log", "vm", name, "err", err)
+		} else if dropped > 0 {
+			d.log.Info("console log capped", "vm", name, "dropped_bytes", dropped)
+		}
+	}
+}
+
+// trimFile cuts the file at path down to its last keep bytes when it is
+// larger than max, and returns how many bytes were dropped.
+func trimFile(path string, max, keep int64) (int64, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	size := st.Size()
+	if size <= max {
+		return 0, nil
+	}
+	tail := make([]byte, keep)
+	n, err := f.ReadAt(tail, size-keep)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return 0, fmt.Errorf("read %s: %w", path, err)
+	}
+	if err := f.Truncate(0); err != nil {
+		return 0, fmt.Errorf("truncate %s: %w", path, err)
+	}
+	if _, err := f.WriteAt(append([]byte(truncatedNote), tail[:n]...), 0); err != nil {
+		return 0, fmt.Errorf("rewrite %s: %w", path, err)
+	}
+	return size - int64(n), nil
+}
