@@ -416,11 +416,11 @@ func testKillRunning(t *testing.T, e *env) {
 	monitor := make(chan error, 1)
 	go func() {
 		if err := d.Wait(e.ctx, h); err != nil {
-			monitor <- fmt.Errorf("Wait: %w", err)
+			monitor <- fmt.Errorf("wait: %w", err)
 			return
 		}
 		if err := d.Cleanup(h); err != nil {
-			monitor <- fmt.Errorf("Cleanup: %w", err)
+			monitor <- fmt.Errorf("cleanup: %w", err)
 			return
 		}
 		monitor <- nil
