@@ -130,6 +130,15 @@ type VMCreateParams struct {
 	DiskBytes int64  `json:"disk_bytes,omitempty"` // 0 = the image's size
 	Accel     string `json:"accel,omitempty"`      // auto, kvm, tcg
 	Start     bool   `json:"start,omitempty"`      // start and wait until ready
+	WaitBoot  bool   `json:"wait_boot,omitempty"`  // with Start: see VMStartParams
+}
+
+// VMStartParams starts a VM.
+type VMStartParams struct {
+	Name string `json:"name"`
+	// WaitBoot also waits until the guest's init has finished booting
+	// (systemd: is-system-running leaves "starting"), not only for the agent.
+	WaitBoot bool `json:"wait_boot,omitempty"`
 }
 
 // VMStopParams stops a VM.

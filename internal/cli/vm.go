@@ -75,7 +75,7 @@ func (a *app) vmCmd() *cobra.Command {
 
 func (a *app) vmCreateCmd() *cobra.Command {
 	var f createFlags
-	var start bool
+	var start, waitBoot bool
 	cmd := &cobra.Command{
 		Use:   "create",
 		Short: "Create a VM with a copy-on-write root disk",
@@ -85,7 +85,10 @@ func (a *app) vmCreateCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			p.Start = start
+			p.Start, p.WaitBoot = start, waitBoot
+			if waitBoot && !start {
+				return fmt.Errorf("--wait-boot needs --start")
+			}
 			pr := a.progress()
 			vm, err := a.client().VMCreate(cmd.Context(), p, pr.update)
 			pr.done()
@@ -98,6 +101,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 	}
 	f.add(cmd)
 	cmd.Flags().BoolVar(&start, "start", false, "start the VM and wait until it is ready")
+	cmd.Flags().BoolVar(&waitBoot, "wait-boot", false, "with --start: "+waitBootHelp)
 	return cmd
 }
 
@@ -118,8 +122,11 @@ func (a *app) forEach(names []string, fn func(name string) error) error {
 	return nil
 }
 
+const waitBootHelp = "also wait until the guest's init has finished booting (systemd: its services are up), not only for the agent"
+
 func (a *app) vmStartCmd() *cobra.Command {
-	return &cobra.Command{
+	var waitBoot bool
+	cmd := &cobra.Command{
 		Use:   "start NAME...",
 		Short: "Start VMs and wait until they are ready",
 		Args:  cobra.MinimumNArgs(1),
@@ -127,11 +134,13 @@ func (a *app) vmStartCmd() *cobra.Command {
 			return a.forEach(args, func(n string) error {
 				pr := a.progress()
 				defer pr.done()
-				_, err := a.client().VMStart(cmd.Context(), n, pr.update)
+				_, err := a.client().VMStart(cmd.Context(), api.VMStartParams{Name: n, WaitBoot: waitBoot}, pr.update)
 				return err
 			})
 		},
 	}
+	cmd.Flags().BoolVar(&waitBoot, "wait-boot", false, waitBootHelp)
+	return cmd
 }
 
 func (a *app) vmStopCmd() *cobra.Command {
@@ -372,7 +381,7 @@ func (a *app) exec(ctx context.Context, name string, argv []string, f *execFlags
 func (a *app) vmRunCmd() *cobra.Command {
 	var f createFlags
 	var ef execFlags
-	var rm bool
+	var rm, waitBoot bool
 	cmd := &cobra.Command{
 		Use:   "run [flags] [-- CMD [ARG...]]",
 		Short: "Create and start a VM, wait until it is ready, then run a command or a shell in it",
@@ -399,7 +408,7 @@ func (a *app) vmRunCmd() *cobra.Command {
 					}
 				}()
 			}
-			if _, err := a.client().VMStart(cmd.Context(), vm.Name, pr.update); err != nil {
+			if _, err := a.client().VMStart(cmd.Context(), api.VMStartParams{Name: vm.Name, WaitBoot: waitBoot}, pr.update); err != nil {
 				return err
 			}
 			pr.done()
@@ -412,6 +421,7 @@ func (a *app) vmRunCmd() *cobra.Command {
 	f.add(cmd)
 	ef.add(cmd)
 	cmd.Flags().BoolVar(&rm, "rm", false, "remove the VM when the command exits")
+	cmd.Flags().BoolVar(&waitBoot, "wait-boot", false, waitBootHelp)
 	cmd.Flags().SetInterspersed(false)
 	return cmd
 }

@@ -82,9 +82,9 @@ func (c *Client) VMCreate(ctx context.Context, p api.VMCreateParams, progress Pr
 }
 
 // VMStart starts a VM and waits until its agent is ready.
-func (c *Client) VMStart(ctx context.Context, name string, progress ProgressFunc) (api.VM, error) {
+func (c *Client) VMStart(ctx context.Context, p api.VMStartParams, progress ProgressFunc) (api.VM, error) {
 	var r api.VM
-	err := c.call(ctx, api.MethodVMStart, api.NameParams{Name: name}, &r, progress)
+	err := c.call(ctx, api.MethodVMStart, p, &r, progress)
 	return r, err
 }
 

@@ -91,7 +91,7 @@ func (d *Daemon) vmCreate(ctx context.Context, call *rpc.Call) (any, error) {
 		return nil, err
 	}
 	if p.Start {
-		if err := d.startVM(ctx, call, v.ID); err != nil {
+		if err := d.startVM(ctx, call, v.ID, p.WaitBoot); err != nil {
 			return nil, err
 		}
 		v, _ = d.store.GetVM(ctx, v.ID)
@@ -216,7 +216,7 @@ func readVMKeys(dir string) (agent.Keys, error) {
 }
 
 func (d *Daemon) vmStart(ctx context.Context, call *rpc.Call) (any, error) {
-	var p api.NameParams
+	var p api.VMStartParams
 	if err := call.Decode(&p); err != nil {
 		return nil, err
 	}
@@ -224,7 +224,7 @@ func (d *Daemon) vmStart(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := d.startVM(ctx, call, v.ID); err != nil {
+	if err := d.startVM(ctx, call, v.ID, p.WaitBoot); err != nil {
 		return nil, err
 	}
 	v, err = d.store.GetVM(ctx, v.ID)
@@ -234,7 +234,7 @@ func (d *Daemon) vmStart(ctx context.Context, call *rpc.Call) (any, error) {
 // startVM boots a stopped VM and waits until its agent answers. On failure
 // the VMM is killed and its runtime files removed; the VM stays, stopped,
 // with the error recorded.
-func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, id string) (err error) {
+func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, id string, waitBoot bool) (err error) {
 	lock := d.vmLock(id)
 	lock.Lock()
 	defer lock.Unlock()
@@ -326,7 +326,48 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, id string) (err er
 		return fmt.Errorf("vm %q did not become ready (%v); the VM was stopped; console output:\n%s", v.Name, err, tailFile(console, 20))
 	}
 	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))
+	if waitBoot {
+		call.Progress(api.Progress{Phase: "wait for the guest's boot"})
+		if err := d.waitBoot(readyCtx, r); err != nil {
+			return fmt.Errorf("vm %q: wait for boot: %w", v.Name, err)
+		}
+		d.log.Info("vm booted", "vm", v.Name, "booted_after", time.Since(start).Round(time.Millisecond))
+	}
 	return nil
+}
+
+// waitBoot waits until the guest's init has finished booting. The agent is
+// ready early (before systemd starts services); with systemd this waits for
+// "systemctl is-system-running" to leave "starting" (running and degraded
+// both count as booted). Other inits give no such signal: nothing to wait
+// for.
+func (d *Daemon) waitBoot(ctx context.Context, r *runningVM) error {
+	r.mu.Lock()
+	c, info := r.agent, r.info
+	r.mu.Unlock()
+	if c == nil || info == nil || info.InitMode != "systemd" {
+		return nil
+	}
+	for {
+		var out strings.Builder
+		if _, err := c.Exec(ctx, agent.ExecOptions{Argv: []string{"systemctl", "is-system-running", "--wait"}, Stdout: &out}); err != nil {
+			return err
+		}
+		state := strings.TrimSpace(out.String())
+		switch state {
+		case "running", "degraded", "maintenance", "stopping":
+			d.log.Debug("guest boot finished", "state", state)
+			return nil
+		}
+		// "offline": systemd is not answering on its bus yet (the agent
+		// starts before it); "initializing"/"starting" end --wait early only
+		// when the bus drops. Ask again.
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("systemd still %q: %w", state, ctx.Err())
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
 
 // track registers a running VM and starts its monitor, which records the

@@ -186,7 +186,7 @@ func TestStartExecStop(t *testing.T) {
 	}
 
 	// A stopped VM starts again, with a new VMM process.
-	vm2, err := d.c.VMStart(ctx, "happy", nil)
+	vm2, err := d.c.VMStart(ctx, api.VMStartParams{Name: "happy"}, nil)
 	if err != nil {
 		t.Fatalf("restart: %v", err)
 	}
@@ -196,7 +196,7 @@ func TestStartExecStop(t *testing.T) {
 	if code, out, _, err := execResult(t, d, "happy", "", "echo", "again"); err != nil || code != 0 || out != "again\n" {
 		t.Errorf("exec after restart = %d, %q, %v", code, out, err)
 	}
-	_, err = d.c.VMStart(ctx, "happy", nil)
+	_, err = d.c.VMStart(ctx, api.VMStartParams{Name: "happy"}, nil)
 	wireErr(t, "start of a running vm", err, errdefs.ErrFailedPrecondition)
 }
 
@@ -297,7 +297,7 @@ func TestStartAgentNeverReady(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	_, err := d.c.VMStart(ctx, "mute", nil)
+	_, err := d.c.VMStart(ctx, api.VMStartParams{Name: "mute"}, nil)
 	if err == nil {
 		t.Fatal("start succeeded with an agent that never answers")
 	}
@@ -336,7 +336,7 @@ func TestStartDriverFailure(t *testing.T) {
 	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "doomed"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	_, err := d.c.VMStart(ctx, "doomed", nil)
+	_, err := d.c.VMStart(ctx, api.VMStartParams{Name: "doomed"}, nil)
 	if err == nil || !strings.Contains(err.Error(), "no kvm today") {
 		t.Fatalf("start error = %v, want the driver's", err)
 	}
@@ -350,7 +350,7 @@ func TestStartDriverFailure(t *testing.T) {
 
 	// Once the driver works, the VM starts and the error is cleared.
 	e.fake.setBehaviour("doomed", fakeBehaviour{})
-	vm, err = d.c.VMStart(ctx, "doomed", nil)
+	vm, err = d.c.VMStart(ctx, api.VMStartParams{Name: "doomed"}, nil)
 	if err != nil {
 		t.Fatalf("second start: %v", err)
 	}
@@ -542,7 +542,7 @@ func TestListWhileBooting(t *testing.T) {
 	defer cancelStart()
 	started := make(chan error, 1)
 	go func() {
-		_, err := d.c.VMStart(startCtx, "booting", nil)
+		_, err := d.c.VMStart(startCtx, api.VMStartParams{Name: "booting"}, nil)
 		started <- err
 	}()
 	waitFor(testCtx(t), t, "the daemon to dial the agent", func() bool {
@@ -578,7 +578,7 @@ func TestStartVMMCrashesAtBoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	_, err := d.c.VMStart(ctx, "crashy", nil)
+	_, err := d.c.VMStart(ctx, api.VMStartParams{Name: "crashy"}, nil)
 	if err == nil || !strings.Contains(err.Error(), "exited during boot") || !strings.Contains(err.Error(), "fake kernel booting crashy") {
 		t.Fatalf("start error = %v; want the VM exited during boot, with console output", err)
 	}
@@ -604,7 +604,7 @@ func TestConcurrentStartsBootOnce(t *testing.T) {
 	errs := make([]error, 2)
 	var wg sync.WaitGroup
 	for i := range errs {
-		wg.Go(func() { _, errs[i] = d.c.VMStart(ctx, "twice", nil) })
+		wg.Go(func() { _, errs[i] = d.c.VMStart(ctx, api.VMStartParams{Name: "twice"}, nil) })
 	}
 	wg.Wait()
 	ok, refused := 0, 0
@@ -665,7 +665,7 @@ func TestKillAbortsBoot(t *testing.T) {
 	}
 	startErr := make(chan error, 1)
 	go func() {
-		_, err := d.c.VMStart(ctx, "stuck", nil)
+		_, err := d.c.VMStart(ctx, api.VMStartParams{Name: "stuck"}, nil)
 		startErr <- err
 	}()
 	waitFor(ctx, t, "the VM to boot", func() bool { return inspect(t, d, "stuck").State == api.StateRunning })

@@ -59,7 +59,7 @@ func BenchmarkBootToReady(b *testing.B) {
 	var viaBanger, bare []time.Duration
 	for i := 0; i < samples; i++ {
 		start := time.Now()
-		if _, err := c.VMStart(ctx, "bench", nil); err != nil {
+		if _, err := c.VMStart(ctx, api.VMStartParams{Name: "bench"}, nil); err != nil {
 			b.Fatal(err)
 		}
 		viaBanger = append(viaBanger, time.Since(start))

@@ -41,6 +41,16 @@ func TestVM(t *testing.T) {
 		}
 	})
 
+	t.Run("wait-boot", func(t *testing.T) {
+		e.T = t
+		start := time.Now()
+		out, _, _ := e.Banger("vm", "run", "--rm", "--wait-boot", "--image", "debian", "--", "systemctl", "is-system-running")
+		if st := strings.TrimSpace(out); st != "running" && st != "degraded" {
+			t.Fatalf("after --wait-boot systemd is %q, want running (or degraded)", st)
+		}
+		t.Logf("vm run --wait-boot took %s", time.Since(start).Round(time.Millisecond))
+	})
+
 	t.Run("create-start-exec", func(t *testing.T) {
 		e.T = t
 		if out := e.Must("vm", "create", "--name", "box", "--image", "debian", "--cpus", "2", "--memory", "768"); strings.TrimSpace(out) != "box" {
