@@ -192,6 +192,20 @@ func TestTools(t *testing.T) {
 		}
 	})
 
+	t.Run("unprivileged-user", func(t *testing.T) {
+		e.T = t
+		cmd := exec.Command("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+			filepath.Join(binDir, "banger"), "--socket", e.Socket(), "vm", "ls")
+		cmd.Env = []string{"HOME=/nonexistent", "PATH=/usr/bin:/bin"}
+		out, err := cmd.CombinedOutput()
+		if err == nil {
+			t.Fatalf("nobody could list VMs:\n%s", out)
+		}
+		if !strings.Contains(string(out), "permission denied") || !strings.Contains(string(out), "sudo") {
+			t.Fatalf("message for a user without access: %s", out)
+		}
+	})
+
 	t.Run("doctor", func(t *testing.T) {
 		e.T = t
 		out, _, _ := e.Banger("doctor")
