@@ -20,6 +20,10 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 export PATH="/usr/local/go/bin:$PATH"
+if ! command -v go >/dev/null; then
+  echo "Go is needed to build banger: install Go $(sed -n 's/^go //p' go.mod) or newer into /usr/local/go" >&2
+  exit 1
+fi
 
 make build
 img=$(scripts/make-test-image.sh | tail -n 1)
