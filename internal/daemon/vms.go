@@ -58,10 +58,7 @@ func (d *Daemon) vmAPI(v store.VM) api.VM {
 		ID: v.ID, Name: v.Name, ImageID: v.ImageID, State: v.State, CPUs: v.CPUs, MemoryMiB: v.MemoryMiB,
 		DiskBytes: v.DiskBytes, DiskPath: v.DiskPath, DiskFormat: v.DiskFormat, DiskStrategy: v.DiskStrategy,
 		VMM: v.VMM, AccelWanted: v.AccelWanted, Dir: v.Dir, ConsoleLog: filepath.Join(v.Dir, fileConsole),
-		CreatedAt: v.CreatedAt, LastError: v.LastError,
-	}
-	if im, err := d.store.GetImage(d.ctx, v.ImageID); err == nil {
-		out.Image = im.Name
+		CreatedAt: v.CreatedAt, LastError: v.LastError, Image: v.ImageName,
 	}
 	if !v.StartedAt.IsZero() && v.State == api.StateRunning {
 		t := v.StartedAt
@@ -177,7 +174,7 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 		accel = d.cfg.Accel
 	}
 	v = store.VM{
-		ID: id, Name: name, ImageID: im.ID, State: api.StateStopped, CPUs: cpus, MemoryMiB: mem,
+		ID: id, Name: name, ImageID: im.ID, ImageName: im.Name, State: api.StateStopped, CPUs: cpus, MemoryMiB: mem,
 		DiskBytes: cl.Size, DiskPath: cl.Path, DiskFormat: cl.Format, DiskStrategy: cl.Strategy,
 		VMM: d.driver.Name(), AccelWanted: accel, Dir: dir, CreatedAt: time.Now(),
 	}

@@ -140,6 +140,7 @@ type VM struct {
 	AccelWanted  string
 	Dir          string
 	Handle       string // JSON vmm.Handle while running
+	ImageName    string // read only: the name of ImageID
 	CreatedAt    time.Time
 	StartedAt    time.Time
 	LastError    string
@@ -276,11 +277,16 @@ func (s *Store) ImageUsers(ctx context.Context, id string) ([]string, error) {
 
 const vmCols = `id, name, image_id, state, cpus, memory_mib, disk_bytes, disk_path, disk_format, disk_strategy, vmm, accel_wanted, dir, handle, created_at, started_at, last_error`
 
+// vmSelect reads a VM with its image's name.
+const vmSelect = `SELECT ` + vmCols + `, (SELECT name FROM images WHERE images.id = vms.image_id) FROM vms`
+
 func scanVM(row interface{ Scan(...any) error }) (VM, error) {
 	var v VM
 	var created, started string
+	var imageName sql.NullString
 	err := row.Scan(&v.ID, &v.Name, &v.ImageID, &v.State, &v.CPUs, &v.MemoryMiB, &v.DiskBytes, &v.DiskPath, &v.DiskFormat, &v.DiskStrategy,
-		&v.VMM, &v.AccelWanted, &v.Dir, &v.Handle, &created, &started, &v.LastError)
+		&v.VMM, &v.AccelWanted, &v.Dir, &v.Handle, &created, &started, &v.LastError, &imageName)
+	v.ImageName = imageName.String
 	v.CreatedAt = parseTime(created)
 	v.StartedAt = parseTime(started)
 	return v, err
@@ -312,7 +318,7 @@ func (s *Store) UpdateVM(ctx context.Context, v VM) error {
 
 // GetVM finds a VM by name or id.
 func (s *Store) GetVM(ctx context.Context, ref string) (VM, error) {
-	v, err := scanVM(s.db.QueryRowContext(ctx, `SELECT `+vmCols+` FROM vms WHERE name = ? OR id = ?`, ref, ref))
+	v, err := scanVM(s.db.QueryRowContext(ctx, vmSelect+` WHERE name = ? OR id = ?`, ref, ref))
 	if errors.Is(err, sql.ErrNoRows) {
 		return VM{}, fmt.Errorf("vm %q: %w", ref, errdefs.ErrNotFound)
 	}
@@ -324,7 +330,7 @@ func (s *Store) GetVM(ctx context.Context, ref string) (VM, error) {
 
 // ListVMs returns all VMs by name.
 func (s *Store) ListVMs(ctx context.Context) ([]VM, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+vmCols+` FROM vms ORDER BY name`)
+	rows, err := s.db.QueryContext(ctx, vmSelect+` ORDER BY name`)
 	if err != nil {
 		return nil, fmt.Errorf("list vms: %w", err)
 	}

@@ -94,7 +94,7 @@ func TestImagesAndVMs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.State != "running" || got.Handle != `{"pid":1}` || !got.StartedAt.Equal(now) || got.DiskBytes != 1<<30 {
+	if got.State != "running" || got.Handle != `{"pid":1}` || !got.StartedAt.Equal(now) || got.DiskBytes != 1<<30 || got.ImageName != "img" {
 		t.Fatalf("vm round trip: %+v", got)
 	}
 	vms, err := s.ListVMs(ctx)
