@@ -253,12 +253,15 @@ func dfKiB(ctx context.Context, t *testing.T, c *agent.Client) int64 {
 	return n
 }
 
-func TestBootSystemd(t *testing.T) {
-	testBoot(t, bootSpec{rootfs: "rootfs.ext4", growBytes: 512 << 20, wantMode: "systemd"})
-}
-
-func TestBootAgentPID1(t *testing.T) {
-	testBoot(t, bootSpec{rootfs: "busybox-rootfs.ext4", useModulesDir: true, growBytes: 512 << 20, wantMode: "agent"})
+// TestBoot boots the agent in both init modes: handing PID 1 to systemd,
+// and staying PID 1 in an image without init.
+func TestBoot(t *testing.T) {
+	t.Run("systemd", func(t *testing.T) {
+		testBoot(t, bootSpec{rootfs: "rootfs.ext4", growBytes: 512 << 20, wantMode: "systemd"})
+	})
+	t.Run("agent-pid1", func(t *testing.T) {
+		testBoot(t, bootSpec{rootfs: "busybox-rootfs.ext4", useModulesDir: true, growBytes: 512 << 20, wantMode: "agent"})
+	})
 }
 
 func testBoot(t *testing.T, spec bootSpec) {
