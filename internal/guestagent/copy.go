@@ -11,21 +11,29 @@ import (
 	"github.com/bangerdev/banger/internal/tarcopy"
 )
 
-func (s *server) handleCopyIn(nc ssh.NewChannel, log *slog.Logger) {
+// acceptCopy decodes a copy channel's request and accepts the channel.
+func acceptCopy(nc ssh.NewChannel, log *slog.Logger) (agentproto.CopyRequest, ssh.Channel, bool) {
 	var req agentproto.CopyRequest
 	if err := agentproto.UnmarshalPayload(nc.ExtraData(), &req); err != nil {
 		nc.Reject(ssh.ConnectionFailed, "bad copy request: "+err.Error())
-		return
+		return req, nil, false
 	}
 	ch, reqs, err := nc.Accept()
 	if err != nil {
-		log.Warn("accept copy-in", "err", err)
+		log.Warn("accept "+nc.ChannelType(), "err", err)
+		return req, nil, false
+	}
+	go ssh.DiscardRequests(reqs)
+	return req, ch, true
+}
+
+func (s *server) handleCopyIn(nc ssh.NewChannel, log *slog.Logger) {
+	req, ch, ok := acceptCopy(nc, log)
+	if !ok {
 		return
 	}
 	defer ch.Close()
-	go ssh.DiscardRequests(reqs)
-
-	err = tarcopy.Extract(ch, req.Path, log)
+	err := tarcopy.Extract(ch, req.Path, log)
 	if err == nil {
 		// Read up to the host's EOF (tar padding after the end marker),
 		// so the status follows the whole stream.
@@ -43,21 +51,13 @@ func (s *server) handleCopyIn(nc ssh.NewChannel, log *slog.Logger) {
 }
 
 func (s *server) handleCopyOut(nc ssh.NewChannel, log *slog.Logger) {
-	var req agentproto.CopyRequest
-	if err := agentproto.UnmarshalPayload(nc.ExtraData(), &req); err != nil {
-		nc.Reject(ssh.ConnectionFailed, "bad copy request: "+err.Error())
-		return
-	}
-	ch, reqs, err := nc.Accept()
-	if err != nil {
-		log.Warn("accept copy-out", "err", err)
+	req, ch, ok := acceptCopy(nc, log)
+	if !ok {
 		return
 	}
 	defer ch.Close()
-	go ssh.DiscardRequests(reqs)
 	go io.Copy(io.Discard, ch) // the host sends nothing; keep the window open
-
-	err = tarcopy.Write(ch, req.Path, log)
+	err := tarcopy.Write(ch, req.Path, log)
 	if err != nil {
 		log.Warn("copy out", "path", req.Path, "err", err)
 	}
