@@ -4,13 +4,16 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/rpc"
 )
@@ -247,5 +250,26 @@ func TestCreateFromVanishedImage(t *testing.T) {
 	}
 	if vms, _ := d.c.VMList(ctx); len(vms) != 0 {
 		t.Errorf("vm recorded: %+v", vms)
+	}
+}
+
+// The socket is mode 0660 and owned by socket_group, so that group's
+// members can use banger without sudo.
+func TestSocketModeAndGroup(t *testing.T) {
+	t.Parallel()
+	g, err := user.LookupGroup("daemon")
+	if err != nil {
+		t.Skip("no group named daemon on this host")
+	}
+	e, _ := setup(t, func(c *config.Daemon) { c.SocketGroup = "daemon" })
+	st, err := os.Stat(e.cfg.SocketPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o660 || st.Mode()&os.ModeSocket == 0 {
+		t.Errorf("socket mode %v, want a socket with 0660", st.Mode())
+	}
+	if gid := st.Sys().(*syscall.Stat_t).Gid; strconv.Itoa(int(gid)) != g.Gid {
+		t.Errorf("socket gid %d, want %s (daemon)", gid, g.Gid)
 	}
 }

@@ -4,8 +4,6 @@ package e2e
 
 import (
 	"context"
-	"github.com/bangerdev/banger/internal/vmm/qemu"
-	"github.com/bangerdev/banger/test/harness"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +11,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/bangerdev/banger/internal/vmm/qemu"
+	"github.com/bangerdev/banger/test/harness"
 )
 
 // TestVM boots real VMs through bangerd and exercises the lifecycle. The
