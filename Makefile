@@ -9,7 +9,7 @@ LDFLAGS := -X github.com/bangerdev/banger/internal/cli.Version=$(VERSION) \
 TESTIMAGE ?= $(or $(BANGER_TESTIMAGE_DIR),/var/cache/banger/testimage)
 export BANGER_TESTIMAGE_DIR := $(TESTIMAGE)
 
-.PHONY: all build test lint e2e bench check testimage clean install
+.PHONY: all build test lint e2e bench check deps testimage clean install
 
 all: build
 
@@ -43,8 +43,13 @@ e2e: build testimage
 bench: build testimage
 	$(GO) test -tags e2e -run '^$$' -bench . -benchtime 1x -timeout 40m ./test/bench/
 
-# Everything CI runs.
-check: lint build testimage test e2e
+# The host packages the tests need (apt-get, as root; a no-op when all are there).
+deps:
+	scripts/install-deps.sh --test
+
+# Everything CI runs; on a fresh machine it first installs what it needs.
+check: deps
+	$(MAKE) lint build testimage test e2e
 
 install: build
 	install -D -m 0755 $(BIN)/banger /usr/local/bin/banger

@@ -10,15 +10,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-need=()
-for c in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mmdebstrap:mmdebstrap mkfs.ext4:e2fsprogs depmod:kmod; do
-  command -v "${c%%:*}" >/dev/null || need+=("${c##*:}")
-done
-[ -x /bin/busybox ] || need+=(busybox-static)
-if [ "${#need[@]}" -gt 0 ]; then
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
-fi
+scripts/install-deps.sh
 export PATH="/usr/local/go/bin:$PATH"
 if ! command -v go >/dev/null; then
   echo "Go is needed to build banger: install Go $(sed -n 's/^go //p' go.mod) or newer into /usr/local/go" >&2
