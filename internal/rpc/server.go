@@ -8,7 +8,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -16,11 +18,19 @@ import (
 	"github.com/bangerdev/banger/internal/errdefs"
 )
 
-// Peer is the process at the other end of a connection (SO_PEERCRED).
+// Peer is the process at the other end of a connection: its credentials
+// (SO_PEERCRED) and supplementary groups (SO_PEERGROUPS), as the kernel
+// recorded them when it connected.
 type Peer struct {
-	PID int32
-	UID uint32
-	GID uint32
+	PID    int32
+	UID    uint32
+	GID    uint32
+	Groups []uint32 // supplementary groups
+}
+
+// InGroup reports whether gid is the peer's primary or a supplementary group.
+func (p Peer) InGroup(gid uint32) bool {
+	return p.GID == gid || slices.Contains(p.Groups, gid)
 }
 
 // unknownID is the uid and gid of a peer whose credentials can't be read
@@ -35,6 +45,9 @@ const (
 	PermRead Perm = iota
 	// PermWrite methods change state or run code in VMs.
 	PermWrite
+	// PermAdmin methods read arbitrary host paths or change images, which
+	// root alone may do.
+	PermAdmin
 )
 
 // Handler serves one call. Its result is JSON-encoded into the response.
@@ -113,7 +126,39 @@ func peerOf(conn net.Conn) (Peer, error) {
 	if serr != nil {
 		return Peer{}, serr
 	}
-	return Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}, nil
+	var groups []uint32
+	if err := raw.Control(func(fd uintptr) { groups, serr = peerGroups(int(fd)) }); err != nil {
+		return Peer{}, err
+	}
+	if serr != nil {
+		return Peer{}, fmt.Errorf("SO_PEERGROUPS: %w", serr)
+	}
+	return Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid, Groups: groups}, nil
+}
+
+// peerGroups reads the peer's supplementary groups (SO_PEERGROUPS, Linux
+// 4.13+), taken by the kernel when the peer connected: unlike
+// /proc/<pid>/status, it can't be raced by a peer that exits and whose pid
+// is reused.
+func peerGroups(fd int) ([]uint32, error) {
+	buf := make([]uint32, 64)
+	for {
+		size := uint32(len(buf) * 4)
+		var p unsafe.Pointer
+		if len(buf) > 0 {
+			p = unsafe.Pointer(&buf[0])
+		}
+		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERGROUPS,
+			uintptr(p), uintptr(unsafe.Pointer(&size)), 0)
+		switch {
+		case errno == 0:
+			return buf[:size/4], nil
+		case errno == unix.ERANGE && int(size/4) > len(buf):
+			buf = make([]uint32, size/4) // the kernel said how much it needs
+		default:
+			return nil, errno
+		}
+	}
 }
 
 func (s *Server) serveConn(ctx context.Context, conn net.Conn) {

@@ -1,0 +1,139 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/client"
+	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/errdefs"
+)
+
+// clientEnv makes the test binary a banger client (see TestMain): it runs
+// the calls of memberCalls against the socket named by the variable and
+// prints one JSON outcome per call.
+const clientEnv = "BANGER_DAEMON_TEST_CLIENT"
+
+func TestMain(m *testing.M) {
+	if sock := os.Getenv(clientEnv); sock != "" {
+		os.Exit(runMemberCalls(sock, os.Args[len(os.Args)-1], os.Stdout))
+	}
+	os.Exit(m.Run())
+}
+
+// callOutcome is what the client process reports for one call.
+type callOutcome struct {
+	Call string `json:"call"`
+	Code string `json:"code"` // errdefs code, "" for success
+	Err  string `json:"err"`
+}
+
+// runMemberCalls runs, as whoever this process is, the calls a member of
+// socket_group might try. rootfs is a host file to register.
+func runMemberCalls(sock, rootfs string, out io.Writer) int {
+	ctx := context.Background()
+	c := client.New(sock)
+	enc := json.NewEncoder(out)
+	report := func(call string, err error) {
+		o := callOutcome{Call: call}
+		if err != nil {
+			o.Code, o.Err = errdefs.Code(err), err.Error()
+		}
+		_ = enc.Encode(o)
+	}
+	_, err := c.ImageList(ctx)
+	report("image ls", err)
+	_, err = c.ImageRegister(ctx, api.ImageRegisterParams{Name: "mine", Rootfs: rootfs, Kernel: "/etc/shadow"})
+	report("image register", err)
+	_, err = c.ImagePromote(ctx, "default", nil)
+	report("image promote", err)
+	report("image rm", c.ImageRemove(ctx, "default"))
+	_, err = c.VMCreate(ctx, api.VMCreateParams{Name: "members-vm", Start: true}, nil)
+	report("vm create --start", err)
+	_, err = c.VMStop(ctx, api.VMStopParams{Name: "members-vm"}, nil)
+	report("vm stop", err)
+	_, err = c.VMStart(ctx, api.VMStartParams{Name: "members-vm"}, nil)
+	report("vm start", err)
+	report("vm rm -f", c.VMRemove(ctx, api.VMRemoveParams{Name: "members-vm", Force: true}))
+	return 0
+}
+
+// A member of socket_group (a supplementary group, as login sessions
+// have it) may create, start, stop and remove VMs, but not register,
+// promote or remove images: those read host paths with the daemon's
+// privileges, or change images other users' VMs are made from.
+func TestSocketGroupMemberCannotManageImages(t *testing.T) {
+	t.Parallel()
+	if os.Getuid() != 0 {
+		t.Skip("needs root to run a client as another user")
+	}
+	g, err := user.LookupGroup("daemon")
+	if err != nil {
+		t.Skip("no group named daemon on this host")
+	}
+	gid, _ := strconv.Atoi(g.Gid)
+	e, _ := setup(t, func(c *config.Daemon) { c.SocketGroup = "daemon" })
+	// The member reaches the socket (0660, group daemon) through the
+	// test's directory, and runs a copy of this test binary.
+	if err := os.Chmod(e.dir, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := writeFile(t, filepath.Join(e.dir, "client.test"), self)
+	if err := os.Chmod(bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const uid = 61234
+	cmd := exec.Command(bin, "-test.run=^$", e.rootfs)
+	cmd.Env = append(os.Environ(), clientEnv+"="+e.cfg.SocketPath)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{uint32(gid)}}}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("client as uid %d: %v\n%s", uid, err, stderr.String())
+	}
+	got := map[string]callOutcome{}
+	dec := json.NewDecoder(strings.NewReader(string(out)))
+	for dec.More() {
+		var o callOutcome
+		if err := dec.Decode(&o); err != nil {
+			t.Fatalf("client output %q: %v", out, err)
+		}
+		got[o.Call] = o
+	}
+	want := map[string]string{
+		"image ls": "", "image register": api.CodePermissionDenied, "image promote": api.CodePermissionDenied,
+		"image rm": api.CodePermissionDenied, "vm create --start": "", "vm stop": "", "vm start": "", "vm rm -f": "",
+	}
+	for call, code := range want {
+		o, ok := got[call]
+		switch {
+		case !ok:
+			t.Errorf("%s: no outcome reported", call)
+		case o.Code != code:
+			t.Errorf("%s by a socket_group member: code %q (%s), want %q", call, o.Code, o.Err, code)
+		case code == api.CodePermissionDenied && !strings.Contains(o.Err, "sudo"):
+			t.Errorf("%s refused without saying to use sudo: %s", call, o.Err)
+		}
+	}
+	ctx := testCtx(t)
+	d := client.New(e.cfg.SocketPath)
+	ims, err := d.ImageList(ctx)
+	if err != nil || len(ims) != 1 || ims[0].Name != "default" || ims[0].Managed {
+		t.Errorf("images after the member's calls: %+v, %v; want only the unmanaged default", ims, err)
+	}
+}
