@@ -21,6 +21,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -34,7 +35,7 @@ func needTool(tb testing.TB, name string) string {
 	tb.Helper()
 	p, err := exec.LookPath(name)
 	if err != nil {
-		tb.Skipf("%s not installed", name)
+		testenv.Missing(tb, "%s not installed", name)
 	}
 	return p
 }

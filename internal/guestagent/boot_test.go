@@ -19,6 +19,7 @@ import (
 	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/initramfs"
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // The boot tests start real VMs: QEMU (microvm, TCG) with the test image
@@ -44,7 +45,7 @@ func findTestImage(t *testing.T) testImage {
 	}
 	for _, tool := range []string{"qemu-system-x86_64", "qemu-img"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("boot test needs %s (apt-get install qemu-system-x86 qemu-utils)", tool)
+			testenv.Missing(t, "boot test needs %s (apt-get install qemu-system-x86 qemu-utils)", tool)
 		}
 	}
 	dir := os.Getenv("BANGER_TESTIMAGE_DIR")
@@ -59,12 +60,12 @@ func findTestImage(t *testing.T) testImage {
 	}
 	rel, err := os.ReadFile(filepath.Join(dir, "kernel-release"))
 	if err != nil {
-		t.Skipf("no test image in %s (run scripts/make-test-image.sh, or set BANGER_TESTIMAGE_DIR): %v", dir, err)
+		testenv.Missing(t, "no test image in %s (run scripts/make-test-image.sh, or set BANGER_TESTIMAGE_DIR): %v", dir, err)
 	}
 	img.release = strings.TrimSpace(string(rel))
 	for _, f := range []string{img.kernel, img.initrd} {
 		if _, err := os.Stat(f); err != nil {
-			t.Skipf("incomplete test image in %s (run scripts/make-test-image.sh): %v", dir, err)
+			testenv.Missing(t, "incomplete test image in %s (run scripts/make-test-image.sh): %v", dir, err)
 		}
 	}
 	return img
@@ -142,7 +143,7 @@ func bootVM(t *testing.T, img testImage, spec bootSpec) (*vm, agentproto.Config,
 	rootfs := filepath.Join(img.dir, spec.rootfs)
 	st, err := os.Stat(rootfs)
 	if err != nil {
-		t.Skipf("test image lacks %s (run scripts/make-test-image.sh): %v", spec.rootfs, err)
+		testenv.Missing(t, "test image lacks %s (run scripts/make-test-image.sh): %v", spec.rootfs, err)
 	}
 	agentBin := buildAgent(t)
 	dir := t.TempDir()

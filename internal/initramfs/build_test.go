@@ -12,6 +12,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/kmod"
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 func writeFakeAgent(t *testing.T) string {
@@ -123,7 +124,7 @@ func TestBuildLayout(t *testing.T) {
 
 func TestBuildWithBaseInitrd(t *testing.T) {
 	if _, err := exec.LookPath("cpio"); err != nil {
-		t.Skip("cpio tool not installed")
+		testenv.Missing(t, "cpio tool not installed (apt-get install cpio)")
 	}
 	// A base archive made by the system tool, with a file banger overrides.
 	src := t.TempDir()

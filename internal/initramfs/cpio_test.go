@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // extract unpacks a newc archive with the system cpio tool into a new temp
@@ -16,7 +18,7 @@ import (
 func extract(t *testing.T, archive []byte) string {
 	t.Helper()
 	if _, err := exec.LookPath("cpio"); err != nil {
-		t.Skip("cpio tool not installed (apt-get install cpio)")
+		testenv.Missing(t, "cpio tool not installed (apt-get install cpio)")
 	}
 	dir := t.TempDir()
 	cmd := exec.Command("cpio", "-idm", "--quiet", "--no-absolute-filenames")
@@ -98,7 +100,7 @@ func TestWriterRoundTrip(t *testing.T) {
 
 func TestWriterListing(t *testing.T) {
 	if _, err := exec.LookPath("cpio"); err != nil {
-		t.Skip("cpio tool not installed")
+		testenv.Missing(t, "cpio tool not installed (apt-get install cpio)")
 	}
 	var buf bytes.Buffer
 	w := NewWriter(&buf)

@@ -5,6 +5,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -194,15 +195,48 @@ func TestTools(t *testing.T) {
 
 	t.Run("unprivileged-user", func(t *testing.T) {
 		e.T = t
-		cmd := exec.Command("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-			filepath.Join(binDir, "banger"), "--socket", e.Socket(), "vm", "ls")
-		cmd.Env = []string{"HOME=/nonexistent", "PATH=/usr/bin:/bin"}
-		out, err := cmd.CombinedOutput()
+		asNobody := func(args ...string) (string, error) {
+			cmd := exec.Command("setpriv", append([]string{"--reuid", "65534", "--regid", "65534", "--clear-groups",
+				filepath.Join(binDir, "banger"), "--socket", e.Socket()}, args...)...)
+			cmd.Env = []string{"HOME=/nonexistent", "PATH=/usr/bin:/bin"}
+			out, err := cmd.CombinedOutput()
+			return string(out), err
+		}
+		// The socket's mode (0660, root and socket_group) keeps other users out.
+		out, err := asNobody("vm", "ls")
 		if err == nil {
 			t.Fatalf("nobody could list VMs:\n%s", out)
 		}
-		if !strings.Contains(string(out), "permission denied") || !strings.Contains(string(out), "sudo") {
-			t.Fatalf("message for a user without access: %s", out)
+		if !strings.Contains(out, "permission denied") || !strings.Contains(out, "sudo") {
+			t.Fatalf("message for a user without access to the socket: %s", out)
+		}
+		// Behind it, the daemon checks each caller's credentials: with the
+		// socket opened to everyone, nobody reaches the daemon, may read,
+		// and is refused every change by the peer-credential check.
+		if err := os.Chmod(e.Socket(), 0o666); err != nil {
+			t.Fatal(err)
+		}
+		defer os.Chmod(e.Socket(), 0o660)
+		if out, err := asNobody("vm", "ls"); err != nil || !strings.Contains(out, "NAME") {
+			t.Fatalf("nobody reading through an open socket: %v\n%s", err, out)
+		}
+		for _, args := range [][]string{
+			{"vm", "create", "--name", "by-nobody", "--image", "tiny"},
+			{"image", "register", "by-nobody", "--rootfs", "/etc/shadow", "--kernel", "/etc/shadow"},
+		} {
+			out, err := asNobody(args...)
+			if err == nil {
+				t.Fatalf("nobody could run %v:\n%s", args, out)
+			}
+			if !strings.Contains(out, "uid 65534") || !strings.Contains(out, "sudo") {
+				t.Fatalf("%v: the refusal does not come from the peer-credential check: %s", args, out)
+			}
+		}
+		e.Fails("not found", "vm", "inspect", "by-nobody")
+		// The harness's daemon reads its own config file, never the host's.
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", e.DaemonPID()))
+		if !strings.Contains(string(cmdline), "--config\x00") {
+			t.Fatalf("the test daemon runs without an explicit --config: %q", cmdline)
 		}
 	})
 

@@ -234,10 +234,15 @@ func TestVM(t *testing.T) {
 			t.Fatalf("root filesystem is %d KiB, want about 256 MiB:\n%s", kb, out)
 		}
 		// Zombies are reaped by the agent as PID 1.
-		e.Must("vm", "exec", "tiny1", "--", "sh", "-c", "sleep 0.1 & exit 0")
-		time.Sleep(time.Second)
-		out = e.Must("vm", "exec", "tiny1", "--", "sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status || true")
-		if strings.TrimSpace(out) != "" {
+		// The orphaned sleep exits 0.1 s after its shell; until it is reaped
+		// it shows as a zombie (state Z) under PID 1.
+		e.Must("vm", "exec", "tiny1", "--", "sh", "-c", "sleep 0.1 & echo $! > /tmp/orphan; exit 0")
+		orphan := strings.TrimSpace(e.Must("vm", "exec", "tiny1", "--", "cat", "/tmp/orphan"))
+		harness.WaitFor(t, 20*time.Second, "the orphan "+orphan+" reaped (gone from /proc, not a zombie)", func() bool {
+			_, _, code := e.Banger("vm", "exec", "tiny1", "--", "test", "-e", "/proc/"+orphan)
+			return code == 1
+		})
+		if out := e.Must("vm", "exec", "tiny1", "--", "sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status || true"); strings.TrimSpace(out) != "" {
 			t.Fatalf("zombies in the guest: %s", out)
 		}
 		e.Must("vm", "stop", "tiny1")

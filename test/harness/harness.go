@@ -26,6 +26,7 @@ type Env struct {
 	socket           string
 	state            string
 	daemon           *exec.Cmd
+	config           string // the daemon's --config
 	binDir, imageDir string
 	logBuf           *bytes.Buffer
 }
@@ -37,7 +38,18 @@ func New(t testing.TB, binDir, imageDir string) *Env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Other users may traverse it (the socket's own mode decides who connects):
+	// tests run the CLI as unprivileged users against the daemon's checks.
+	if err := os.Chmod(dir, 0o711); err != nil {
+		t.Fatal(err)
+	}
 	e := &Env{T: t, binDir: binDir, imageDir: imageDir, dir: dir, socket: filepath.Join(dir, "bangerd.sock"), state: filepath.Join(dir, "state")}
+	// An explicit, empty config: every setting at its default, so that a
+	// host's /etc/banger/bangerd.toml can't leak into the tests.
+	e.config = filepath.Join(dir, "bangerd.toml")
+	if err := os.WriteFile(e.config, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	e.StartDaemon()
 	t.Cleanup(func() {
 		// Remove every VM so no process outlives the test, then stop the daemon.
@@ -59,7 +71,7 @@ func (e *Env) StartDaemon() {
 	if e.logBuf == nil {
 		e.logBuf = &bytes.Buffer{}
 	}
-	cmd := exec.Command(filepath.Join(e.binDir, "bangerd"), "--socket", e.socket, "--state-dir", e.state, "--log-level", "debug")
+	cmd := exec.Command(filepath.Join(e.binDir, "bangerd"), "--config", e.config, "--socket", e.socket, "--state-dir", e.state, "--log-level", "debug")
 	cmd.Stdout, cmd.Stderr = e.logBuf, e.logBuf
 	if err := cmd.Start(); err != nil {
 		e.T.Fatal(err)
@@ -88,11 +100,14 @@ func (e *Env) StopDaemon() {
 	e.daemon = nil
 }
 
-// Banger runs the CLI and returns stdout, stderr and the exit code.
+// Banger runs the CLI and returns stdout, stderr and the exit code. It
+// never stops the test, so goroutines may call it: when the CLI can't be
+// run at all, the code is -1 and stderr says why.
 func (e *Env) Banger(args ...string) (string, string, int) {
 	return e.BangerIn(nil, args...)
 }
 
+// BangerIn is Banger with stdin.
 func (e *Env) BangerIn(stdin []byte, args ...string) (string, string, int) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -109,7 +124,7 @@ func (e *Env) BangerIn(stdin []byte, args ...string) (string, string, int) {
 	if errors.As(err, &ee) {
 		code = ee.ExitCode()
 	} else if err != nil {
-		e.T.Fatalf("run banger %v: %v", args, err)
+		return so.String(), fmt.Sprintf("run banger %v: %v\n%s", args, err, se.String()), -1
 	}
 	return so.String(), se.String(), code
 }

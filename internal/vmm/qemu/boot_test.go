@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/kvmcheck"
+	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/vmm"
 	"github.com/bangerdev/banger/internal/vmm/vmmtest"
 )
@@ -26,7 +27,7 @@ import (
 func requireQEMU(t *testing.T) {
 	t.Helper()
 	if _, err := exec.LookPath(DefaultBinary); err != nil {
-		t.Skipf("%s not installed: %v", DefaultBinary, err)
+		testenv.Missing(t, "%s not installed: %v", DefaultBinary, err)
 	}
 }
 

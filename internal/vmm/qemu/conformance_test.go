@@ -11,6 +11,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/initramfs"
+	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/vmm"
 	"github.com/bangerdev/banger/internal/vmm/vmmtest"
 )
@@ -55,27 +56,27 @@ func findTestImage(t *testing.T) testImage {
 	hint := "run scripts/make-test-image.sh as root, or set BANGER_TESTIMAGE_DIR"
 	img := testImage{kernel: filepath.Join(dir, "vmlinuz"), busybox: "/bin/busybox"}
 	if _, err := os.Stat(img.kernel); err != nil {
-		t.Skipf("no test image kernel (%s): %v", hint, err)
+		testenv.Missing(t, "no test image kernel (%s): %v", hint, err)
 	}
 	rel, err := os.ReadFile(filepath.Join(dir, "kernel-release"))
 	if err != nil {
-		t.Skipf("incomplete test image in %s (%s): %v", dir, hint, err)
+		testenv.Missing(t, "incomplete test image in %s (%s): %v", dir, hint, err)
 	}
 	mods, err := initramfs.ResolveModules(filepath.Join(dir, "modules"), strings.TrimSpace(string(rel)), guestModules)
 	if err != nil {
-		t.Skipf("no usable kernel modules in test image %s (%s): %v", dir, hint, err)
+		testenv.Missing(t, "no usable kernel modules in test image %s (%s): %v", dir, hint, err)
 	}
 	for _, f := range mods.Files {
 		img.modules = append(img.modules, filepath.Join(mods.ReleaseDir, f))
 	}
 	bb, err := elf.Open(img.busybox)
 	if err != nil {
-		t.Skipf("no usable %s (install busybox-static): %v", img.busybox, err)
+		testenv.Missing(t, "no usable %s (install busybox-static): %v", img.busybox, err)
 	}
 	defer bb.Close()
 	for _, p := range bb.Progs {
 		if p.Type == elf.PT_INTERP {
-			t.Skipf("%s is dynamically linked; the guest needs a static one (install busybox-static)", img.busybox)
+			testenv.Missing(t, "%s is dynamically linked; the guest needs a static one (install busybox-static)", img.busybox)
 		}
 	}
 	return img
