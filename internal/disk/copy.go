@@ -9,6 +9,8 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/hostfile"
 )
 
 // copyChunk bounds one copy step, so that cancellation and progress are
@@ -39,7 +41,7 @@ func CopyFile(ctx context.Context, src, dst string, opts CopyOptions) (strategy 
 	if err := ctx.Err(); err != nil {
 		return "", fmt.Errorf("copy %s: %w", src, err)
 	}
-	in, err := os.Open(src)
+	in, err := hostfile.Open(src)
 	if err != nil {
 		return "", fmt.Errorf("copy %s: %w", src, err)
 	}

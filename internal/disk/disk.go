@@ -31,6 +31,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/hostfile"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -200,7 +201,7 @@ func (c *Cloner) overlay(ctx context.Context, base, dest string, size int64) (re
 // rawClone makes a raw disk by reflink, or by a sparse copy when the
 // filesystem can't share extents, then grows it to size.
 func (c *Cloner) rawClone(ctx context.Context, base, dest string, size int64) (res CloneResult, err error) {
-	src, err := os.Open(base)
+	src, err := hostfile.Open(base)
 	if err != nil {
 		return CloneResult{}, fmt.Errorf("clone %s: open base image: %w", dest, err)
 	}

@@ -4,7 +4,8 @@ import (
 	"bytes"
 	"fmt"
 	"io"
-	"os"
+
+	"github.com/bangerdev/banger/internal/hostfile"
 )
 
 // Root filesystem formats RootfsFormat tells apart.
@@ -33,7 +34,7 @@ var signatures = []struct {
 
 // RootfsFormat reads the signatures at the start of a root filesystem image.
 func RootfsFormat(path string) (string, error) {
-	f, err := os.Open(path)
+	f, err := hostfile.Open(path)
 	if err != nil {
 		return "", err
 	}

@@ -11,6 +11,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/bangerdev/banger/internal/hostfile"
 )
 
 // Artifacts names the files of an image. Paths are absolute.
@@ -119,6 +121,13 @@ func checkFile(field, p string, required bool) error {
 	if !st.Mode().IsRegular() {
 		return invalid(field, filepath.Clean(p), "not a regular file ("+describeType(st.Mode())+")")
 	}
+	// bangerd reads image files as root: a symlink may lead only to a file
+	// in the same directory (package hostfile).
+	f, err := hostfile.Open(p)
+	if err != nil {
+		return &ArtifactError{Field: field, Path: filepath.Clean(p), Reason: errReason(err), Err: err}
+	}
+	f.Close()
 	return nil
 }
 
@@ -187,7 +196,7 @@ const (
 // arm64 Image or an ELF vmlinux.
 func checkKernel(p string) error {
 	p = filepath.Clean(p)
-	f, err := os.Open(p)
+	f, err := hostfile.Open(p)
 	if err != nil {
 		return &ArtifactError{Field: FieldKernel, Path: p, Reason: errReason(err), Err: err}
 	}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 
 	"github.com/bangerdev/banger/internal/agentproto"
+	"github.com/bangerdev/banger/internal/hostfile"
 )
 
 // DefaultModules are the kernel modules loaded before the root disk is
@@ -82,7 +83,7 @@ func Build(dst string, opts Options) (err error) {
 }
 
 func copyFile(w io.Writer, name string) error {
-	f, err := os.Open(name)
+	f, err := hostfile.Open(name)
 	if err != nil {
 		return fmt.Errorf("open base initrd: %w", err)
 	}
@@ -147,7 +148,7 @@ func Write(w io.Writer, opts Options) error {
 	if mods != nil {
 		base := "lib/modules/" + mods.Release
 		for _, rel := range mods.Files {
-			if err := writeHostFile(cw, base+"/"+rel, 0o644, filepath.Join(mods.ReleaseDir, filepath.FromSlash(rel))); err != nil {
+			if err := writeBeneath(cw, base+"/"+rel, 0o644, mods.ReleaseDir, filepath.FromSlash(rel)); err != nil {
 				return err
 			}
 		}
@@ -155,7 +156,7 @@ func Write(w io.Writer, opts Options) error {
 			return err
 		}
 		if b := filepath.Join(mods.ReleaseDir, "modules.builtin"); fileExists(b) {
-			if err := writeHostFile(cw, base+"/modules.builtin", 0o644, b); err != nil {
+			if err := writeBeneath(cw, base+"/modules.builtin", 0o644, mods.ReleaseDir, "modules.builtin"); err != nil {
 				return err
 			}
 		}
@@ -168,7 +169,23 @@ func writeHostFile(cw *Writer, name string, mode os.FileMode, src string) error 
 	if err != nil {
 		return fmt.Errorf("initramfs: %w", err)
 	}
+	return writeOpened(cw, name, mode, f)
+}
+
+// writeBeneath packs the file rel of the image's tree dir, refusing a
+// symlink that leads out of dir (package hostfile): bangerd reads as root,
+// and the guest must get only the image's own files.
+func writeBeneath(cw *Writer, name string, mode os.FileMode, dir, rel string) error {
+	f, err := hostfile.OpenBeneath(dir, rel)
+	if err != nil {
+		return fmt.Errorf("initramfs: %w", err)
+	}
+	return writeOpened(cw, name, mode, f)
+}
+
+func writeOpened(cw *Writer, name string, mode os.FileMode, f *os.File) error {
 	defer f.Close()
+	src := f.Name()
 	st, err := f.Stat()
 	if err != nil {
 		return fmt.Errorf("initramfs: %w", err)

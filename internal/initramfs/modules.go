@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/bangerdev/banger/internal/hostfile"
 	"github.com/bangerdev/banger/internal/kmod"
 )
 
@@ -93,7 +94,7 @@ func ResolveModules(modulesDir, release string, names []string) (*ModuleSet, err
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(filepath.Join(dir, "modules.dep"))
+	f, err := hostfile.OpenBeneath(dir, "modules.dep")
 	if err != nil {
 		return nil, fmt.Errorf("open modules.dep: %w", err)
 	}
@@ -103,7 +104,7 @@ func ResolveModules(modulesDir, release string, names []string) (*ModuleSet, err
 		return nil, fmt.Errorf("%s: %w", f.Name(), err)
 	}
 	var builtin map[string]bool
-	if b, err := os.Open(filepath.Join(dir, "modules.builtin")); err == nil {
+	if b, err := hostfile.OpenBeneath(dir, "modules.builtin"); err == nil {
 		builtin, err = kmod.ParseModulesBuiltin(b)
 		b.Close()
 		if err != nil {
