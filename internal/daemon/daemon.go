@@ -105,25 +105,42 @@ type Daemon struct {
 	// ctx lives as long as the daemon; VM monitors use it, not request contexts.
 	ctx context.Context
 
+	// Replaceable parts (see deps).
+	onPhase   func(ctx context.Context, vm, phase string)
+	removeDir func(path string) error
+
 	mu       sync.Mutex
-	locks    map[string]*sync.Mutex        // per-VM lifecycle locks, by id
-	running  map[string]*runningVM         // by id
-	booting  map[string]context.CancelFunc // ends a start's wait for the agent, by id
-	monitors sync.WaitGroup                // one per running VM
-	create   sync.Mutex                    // serialises name allocation
+	locks    map[string]*sync.Mutex // per-VM lifecycle locks, by id
+	running  map[string]*runningVM  // by id
+	booting  map[string]*boot       // starts in progress, by id
+	monitors sync.WaitGroup         // one per running VM
+	create   sync.Mutex             // serialises name allocation
+}
+
+// deps are the parts run takes from its caller: production passes the QEMU
+// driver and nothing else; tests pass a fake driver and hooks.
+type deps struct {
+	newDriver func() vmm.Driver // called at the driver's place in the build order
+	// onPhase, when set, is called as a boot enters each phase, with the
+	// boot's context (tests block there to abort a boot in that phase).
+	onPhase func(ctx context.Context, vm, phase string)
+	// removeDir removes a VM directory (default os.RemoveAll).
+	removeDir func(path string) error
 }
 
 // Run builds the daemon's parts in order and serves until ctx ends. VMs keep
 // running when it returns.
 func Run(ctx context.Context, cfg config.Daemon, log *slog.Logger) error {
-	return run(ctx, cfg, log, func() vmm.Driver {
+	return run(ctx, cfg, log, deps{newDriver: func() vmm.Driver {
 		return qemu.New(qemu.Config{Binary: cfg.QEMUBinary, DefaultAccel: cfg.Accel}, log.With("vmm", "qemu"))
-	})
+	}})
 }
 
-// run is Run with the VMM driver's constructor given (tests pass a fake
-// driver); it is called at the driver's place in the build order.
-func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, newDriver func() vmm.Driver) error {
+// run is Run with its replaceable parts given (tests pass a fake driver).
+func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) error {
+	if dp.removeDir == nil {
+		dp.removeDir = os.RemoveAll
+	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
@@ -163,14 +180,16 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, newDriver fun
 		cfg:         cfg,
 		log:         log,
 		store:       st,
-		driver:      newDriver(),
+		driver:      dp.newDriver(),
+		onPhase:     dp.onPhase,
+		removeDir:   dp.removeDir,
 		cloner:      disk.NewCloner(log.With("component", "disk"), cfg.QEMUImgBinary),
 		agentBinary: agentBin,
 		socketGID:   gid,
 		ctx:         ctx,
 		locks:       map[string]*sync.Mutex{},
 		running:     map[string]*runningVM{},
-		booting:     map[string]context.CancelFunc{},
+		booting:     map[string]*boot{},
 	}
 	defer func() {
 		stopMonitors()

@@ -36,6 +36,10 @@ type testEnv struct {
 	rootfs string
 	kernel string
 	initrd string
+
+	// Hooks passed to the daemons started from now on (see deps).
+	onPhase   func(ctx context.Context, vm, phase string)
+	removeDir func(path string) error
 }
 
 // newEnv makes a short temp dir (unix socket paths are limited to 108
@@ -119,7 +123,7 @@ func (e *testEnv) start() *testDaemon {
 		defer retry.Stop()
 		giveUp := time.Now().Add(10 * time.Second)
 		for {
-			err := run(ctx, e.cfg, e.log, func() vmm.Driver { return e.fake })
+			err := run(ctx, e.cfg, e.log, deps{newDriver: func() vmm.Driver { return e.fake }, onPhase: e.onPhase, removeDir: e.removeDir})
 			if errors.Is(err, unix.EWOULDBLOCK) && time.Now().Before(giveUp) {
 				<-retry.C
 				continue

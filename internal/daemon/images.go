@@ -18,14 +18,21 @@ import (
 	"github.com/bangerdev/banger/internal/vmname"
 )
 
+// newID returns 16 hex digits, the first a decimal digit: names start
+// with a letter, so an id is never a valid name and lookups by "name or
+// id" can't confuse them.
 func newID() string {
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
+	b[0] &= 0x7f
 	return hex.EncodeToString(b)
 }
 
 func (d *Daemon) imageAPI(ctx context.Context, im store.Image) api.Image {
-	users, _ := d.store.ImageUsers(ctx, im.ID)
+	users, err := d.store.ImageUsers(ctx, im.ID)
+	if err != nil {
+		d.log.Warn("list an image's VMs", "image", im.Name, "err", err)
+	}
 	return api.Image{
 		ID: im.ID, Name: im.Name, Managed: im.Managed, Rootfs: im.Rootfs, Kernel: im.Kernel,
 		Initrd: im.Initrd, ModulesDir: im.ModulesDir, SizeBytes: im.SizeBytes, CreatedAt: im.CreatedAt, UsedBy: users,

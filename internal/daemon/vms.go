@@ -21,6 +21,7 @@ import (
 	"github.com/bangerdev/banger/internal/initramfs"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/undo"
 	"github.com/bangerdev/banger/internal/vmm"
 	"github.com/bangerdev/banger/internal/vmname"
 )
@@ -41,8 +42,9 @@ const kernelCmdline = "rdinit=" + agentproto.InitPath + " panic=-1 quiet"
 
 // runningVM is the daemon's in-memory view of a VM whose VMM runs.
 type runningVM struct {
-	handle vmm.Handle
-	exited chan struct{} // closed by the monitor when the VMM exits
+	handle   vmm.Handle
+	recorded string        // handle as recorded in the VM's row: the monitor clears the row only while it still holds this
+	exited   chan struct{} // closed by the monitor when the VMM exits
 
 	// connecting serialises agent connection attempts, which may last
 	// ready_timeout; mu, which readers of agent and info take, is never
@@ -88,10 +90,12 @@ func (d *Daemon) vmCreate(ctx context.Context, call *rpc.Call) (any, error) {
 		return nil, err
 	}
 	if p.Start {
-		if err := d.startVM(ctx, call, v.ID, p.WaitBoot); err != nil {
+		if err := d.startVM(ctx, call, v, p.WaitBoot); err != nil {
 			return nil, err
 		}
-		v, _ = d.store.GetVM(ctx, v.ID)
+		if v, err = d.store.GetVM(ctx, v.ID); err != nil {
+			return nil, err
+		}
 	}
 	return d.vmAPI(v), nil
 }
@@ -135,23 +139,35 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	}
 	name := p.Name
 	if name == "" {
-		name = vmname.Generate(func(n string) bool { return d.store.VMNameTaken(ctx, n) })
-	} else if d.store.VMNameTaken(ctx, name) {
-		return v, fmt.Errorf("vm %q already exists: %w", name, errdefs.ErrAlreadyExists)
+		var takenErr error
+		name = vmname.Generate(func(n string) bool {
+			taken, err := d.store.VMNameTaken(ctx, n)
+			takenErr = errors.Join(takenErr, err)
+			return taken || err != nil
+		})
+		if takenErr != nil {
+			return v, fmt.Errorf("allocate a vm name: %w", takenErr)
+		}
+	} else if taken, err := d.store.VMNameTaken(ctx, name); err != nil {
+		return v, fmt.Errorf("check vm name: %w", err)
+	} else if taken {
+		return v, fmt.Errorf("vm %q already exists (as a name or another VM's id): choose another name: %w", name, errdefs.ErrAlreadyExists)
 	}
 	if p.DiskBytes != 0 && p.DiskBytes < im.SizeBytes {
 		return v, fmt.Errorf("disk size %d bytes is smaller than image %q (%d bytes): %w", p.DiskBytes, im.Name, im.SizeBytes, errdefs.ErrInvalid)
 	}
 	id := newID()
 	dir := filepath.Join(d.cfg.StateDir, "vms", id)
+	steps := undo.New(d.log.With("op", "create vm", "vm", name))
+	defer func() {
+		if err != nil {
+			_ = steps.Run(ctx)
+		}
+	}()
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return v, fmt.Errorf("create vm dir: %w", err)
 	}
-	defer func() {
-		if err != nil {
-			os.RemoveAll(dir)
-		}
-	}()
+	steps.Push("remove vm dir", func(context.Context) error { return os.RemoveAll(dir) })
 	call.Progress(api.Progress{Phase: "clone root disk"})
 	cl, err := d.cloner.Clone(ctx, disk.CloneRequest{
 		Base: im.Rootfs, Dest: filepath.Join(dir, fileRootDisk), Formats: d.driver.DiskFormats(), Size: p.DiskBytes,
@@ -181,6 +197,7 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	if err := d.store.InsertVM(ctx, v); err != nil {
 		return v, err
 	}
+	steps.Release()
 	d.log.Info("vm created", "vm", name, "id", id, "image", im.Name, "disk", cl.Strategy, "disk_bytes", cl.Size)
 	return v, nil
 }
@@ -221,21 +238,38 @@ func (d *Daemon) vmStart(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := d.startVM(ctx, call, v.ID, p.WaitBoot); err != nil {
+	if err := d.startVM(ctx, call, v, p.WaitBoot); err != nil {
 		return nil, err
 	}
-	v, err = d.store.GetVM(ctx, v.ID)
-	return d.vmAPI(v), err
+	if v, err = d.store.GetVM(ctx, v.ID); err != nil {
+		return nil, err
+	}
+	return d.vmAPI(v), nil
 }
 
-// startVM boots a stopped VM and waits until its agent answers. On failure
-// the VMM is killed and its runtime files removed; the VM stays, stopped,
-// with the error recorded.
-func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, id string, waitBoot bool) (err error) {
-	lock := d.vmLock(id)
+// startVM boots a stopped VM and waits until its agent answers. Each step
+// that creates something (the initramfs, the VMM process) registers its undo
+// on a stack; when a later step fails, or the boot is aborted (vm stop, kill
+// or rm, or the client going away), the stack unwinds in reverse order and
+// the VM stays, stopped, with the error recorded.
+//
+// A start registers itself in d.booting before it takes the VM's lock, so a
+// second start of the same VM fails at once (it says the VM is booting),
+// and stop, kill and rm abort the boot at whatever phase it is in and wait
+// only for its unwinding (abortBoot), never for the whole boot.
+func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBoot bool) (err error) {
+	ctx, b, err := d.beginBoot(ctx, v)
+	if err != nil {
+		return err
+	}
+	defer d.endBoot(v.ID, b)
+	lock := d.vmLock(v.ID)
 	lock.Lock()
 	defer lock.Unlock()
-	v, err := d.store.GetVM(ctx, id)
+	if err := bootErr(ctx); err != nil {
+		return fmt.Errorf("start vm %q: %w", v.Name, err)
+	}
+	v, err = d.store.GetVM(ctx, v.ID)
 	if err != nil {
 		return err
 	}
@@ -259,9 +293,27 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, id string, waitBoo
 		return err
 	}
 
-	call.Progress(api.Progress{Phase: "build initramfs"})
+	steps := undo.New(d.log.With("op", "start vm", "vm", v.Name))
+	lastErr := "" // what the VM's row records on failure (default: err's first line)
+	defer func() {
+		if err == nil {
+			return
+		}
+		if cause := bootErr(ctx); cause != nil && !errors.Is(err, cause) {
+			err = fmt.Errorf("start vm %q: %w", v.Name, cause)
+		}
+		_ = steps.Run(ctx)
+		if lastErr == "" {
+			lastErr, _, _ = strings.Cut(err.Error(), "\n")
+		}
+		d.recordStartFailure(ctx, v.ID, lastErr)
+	}()
+
+	if err := d.phase(ctx, call, v, "build initramfs"); err != nil {
+		return err
+	}
 	initrd := filepath.Join(v.Dir, fileInitrd)
-	if err := initramfs.Build(initrd, initramfs.Options{
+	if err := initramfs.Build(ctx, initrd, initramfs.Options{
 		AgentBinary: d.agentBinary,
 		BaseInitrd:  im.Initrd,
 		ModulesDir:  im.ModulesDir,
@@ -275,12 +327,18 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, id string, waitBoo
 	}); err != nil {
 		return fmt.Errorf("build initramfs: %w", err)
 	}
+	steps.Push("remove initramfs", func(context.Context) error { return removeIfExists(initrd) })
 	console := filepath.Join(v.Dir, fileConsole)
-	_ = os.Remove(console) // each boot starts a fresh console log
+	if err := removeIfExists(console); err != nil { // each boot starts a fresh console log
+		return fmt.Errorf("reset console log: %w", err)
+	}
 
-	call.Progress(api.Progress{Phase: "boot"})
-	// The VM outlives this request: start it detached from ctx's cancellation.
-	startCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	if err := d.phase(ctx, call, v, "boot"); err != nil {
+		return err
+	}
+	// The VMM outlives this request (drivers never tie the process to
+	// ctx); ctx bounds only its start-up, which an abort cuts short.
+	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
 	h, err := d.driver.Start(startCtx, vmm.Spec{
 		ID: v.ID, Name: v.Name, Dir: v.Dir, CPUs: v.CPUs, MemoryMiB: v.MemoryMiB,
 		Kernel: im.Kernel, Initrd: initrd, Cmdline: kernelCmdline,
@@ -289,46 +347,148 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, id string, waitBoo
 	})
 	cancel()
 	if err != nil {
-		v.LastError = err.Error()
-		_ = d.store.UpdateVM(ctx, v)
+		lastErr = err.Error()
 		return fmt.Errorf("start vm %q: %w", v.Name, err)
 	}
-	r := &runningVM{handle: h, exited: make(chan struct{})}
-	hj, _ := json.Marshal(h)
+	var r *runningVM // set once the monitor watches the VMM
+	steps.Push("kill vmm", func(ctx context.Context) error {
+		if r != nil {
+			return d.killRunning(r)
+		}
+		return d.driver.Kill(ctx, h)
+	})
+	hj, err := json.Marshal(h)
+	if err != nil {
+		return fmt.Errorf("encode vmm handle: %w", err)
+	}
 	v.State, v.Handle, v.StartedAt, v.LastError = api.StateRunning, string(hj), time.Now(), ""
 	if err := d.store.UpdateVM(ctx, v); err != nil {
-		_ = d.driver.Kill(context.WithoutCancel(ctx), h)
-		return err
+		return fmt.Errorf("record vm %q as running: %w", v.Name, err)
 	}
+	r = &runningVM{handle: h, recorded: v.Handle, exited: make(chan struct{})}
 	d.track(v, r)
 	d.log.Info("vm booting", "vm", v.Name, "pid", h.PID, "accel", h.Accel)
 
-	call.Progress(api.Progress{Phase: "wait for agent"})
+	if err := d.phase(ctx, call, v, "wait for agent"); err != nil {
+		return err
+	}
 	readyCtx, cancelReady := context.WithTimeout(ctx, d.cfg.ReadyTimeout.Duration)
 	defer cancelReady()
-	// vm kill and vm rm -f end the wait at once (they need this VM's lock).
-	d.mu.Lock()
-	d.booting[v.ID] = cancelReady
-	d.mu.Unlock()
-	defer func() {
-		d.mu.Lock()
-		delete(d.booting, v.ID)
-		d.mu.Unlock()
-	}()
 	start := time.Now()
 	if _, err := d.connectAgent(readyCtx, r, keys); err != nil {
-		d.killRunning(v.ID, r)
-		v.State, v.Handle, v.LastError = api.StateStopped, "", "agent not ready: "+err.Error()
-		_ = d.store.UpdateVM(context.WithoutCancel(ctx), v)
-		return fmt.Errorf("vm %q did not become ready (%v); the VM was stopped; console output:\n%s", v.Name, err, tailFile(console, 20))
+		if cause := bootErr(ctx); cause != nil {
+			return fmt.Errorf("start vm %q: %w", v.Name, cause)
+		}
+		lastErr = "agent not ready: " + err.Error()
+		return fmt.Errorf("vm %q did not become ready: %w; the VM was stopped; console output:\n%s", v.Name, err, tailFile(console, 20))
 	}
+	steps.Release()
 	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))
 	if waitBoot {
-		call.Progress(api.Progress{Phase: "wait for the guest's boot"})
+		if err := d.phase(ctx, call, v, "wait for the guest's boot"); err != nil {
+			return err
+		}
 		if err := d.waitBoot(readyCtx, r); err != nil {
 			return fmt.Errorf("vm %q: wait for boot: %w", v.Name, err)
 		}
 		d.log.Info("vm booted", "vm", v.Name, "booted_after", time.Since(start).Round(time.Millisecond))
+	}
+	return nil
+}
+
+// boot is a start in progress (see startVM).
+type boot struct {
+	abort context.CancelCauseFunc
+	done  chan struct{} // closed once the start returned and released the VM's lock
+}
+
+// errBootAborted is the cause of a boot that vm stop, kill or rm ended.
+var errBootAborted = fmt.Errorf("boot aborted by a stop or remove of the VM: %w", context.Canceled)
+
+// beginBoot registers a start of v, or fails at once when one is running.
+// The returned context ends when the boot is aborted or ctx ends.
+func (d *Daemon) beginBoot(ctx context.Context, v store.VM) (context.Context, *boot, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.booting[v.ID] != nil {
+		return nil, nil, fmt.Errorf("vm %q is booting: wait for its start to finish, or abort it with banger vm stop %s: %w",
+			v.Name, v.Name, errdefs.ErrFailedPrecondition)
+	}
+	ctx, abort := context.WithCancelCause(ctx)
+	b := &boot{abort: abort, done: make(chan struct{})}
+	d.booting[v.ID] = b
+	return ctx, b, nil
+}
+
+func (d *Daemon) endBoot(id string, b *boot) {
+	d.mu.Lock()
+	if d.booting[id] == b {
+		delete(d.booting, id)
+	}
+	d.mu.Unlock()
+	b.abort(nil)
+	close(b.done)
+}
+
+// abortBoot ends a start of the VM in progress, at any phase, and waits
+// until the start has unwound (the VMM it started is gone) and released the
+// VM's lock, or ctx ends. It reports whether a boot was running.
+func (d *Daemon) abortBoot(ctx context.Context, id string) (bool, error) {
+	d.mu.Lock()
+	b := d.booting[id]
+	d.mu.Unlock()
+	if b == nil {
+		return false, nil
+	}
+	b.abort(errBootAborted)
+	select {
+	case <-b.done:
+		return true, nil
+	case <-ctx.Done():
+		return true, ctx.Err()
+	}
+}
+
+// bootErr is why a boot's context ended (errBootAborted, or the client's
+// cancellation), or nil.
+func bootErr(ctx context.Context) error {
+	if ctx.Err() == nil {
+		return nil
+	}
+	return context.Cause(ctx)
+}
+
+// phase reports a boot phase to the client (and to the test hook) and
+// returns the boot's error if it was aborted.
+func (d *Daemon) phase(ctx context.Context, call *rpc.Call, v store.VM, name string) error {
+	call.Progress(api.Progress{Phase: name})
+	if d.onPhase != nil {
+		d.onPhase(ctx, v.Name, name)
+	}
+	if err := bootErr(ctx); err != nil {
+		return fmt.Errorf("start vm %q (%s): %w", v.Name, name, err)
+	}
+	return nil
+}
+
+// recordStartFailure marks the VM stopped with the start's error. The start
+// already failed: a store error here is logged (reconcile repairs the row at
+// the next daemon start).
+func (d *Daemon) recordStartFailure(ctx context.Context, id, lastErr string) {
+	ctx = context.WithoutCancel(ctx)
+	v, err := d.store.GetVM(ctx, id)
+	if err == nil {
+		v.State, v.Handle, v.LastError = api.StateStopped, "", lastErr
+		err = d.store.UpdateVM(ctx, v)
+	}
+	if err != nil {
+		d.log.Error("record a failed start", "vm_id", id, "start_err", lastErr, "err", err)
+	}
+}
+
+func removeIfExists(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
 	}
 	return nil
 }
@@ -408,9 +568,10 @@ func (d *Daemon) track(v store.VM, r *runningVM) {
 		if err := d.driver.Cleanup(r.handle); err != nil {
 			d.log.Warn("vmm cleanup", "vm", v.Name, "err", err)
 		}
-		if cur, err := d.store.GetVM(d.ctx, v.ID); err == nil && cur.Handle != "" {
-			cur.State, cur.Handle = api.StateStopped, ""
-			_ = d.store.UpdateVM(d.ctx, cur)
+		// Only if the row still records the handle watched here: a new
+		// boot may have recorded its own since.
+		if _, err := d.store.MarkStopped(context.WithoutCancel(d.ctx), v.ID, r.recorded); err != nil {
+			d.log.Error("record vm exit (the next daemon start repairs it)", "vm", v.Name, "err", err)
 		}
 		d.log.Info("vm exited", "vm", v.Name, "pid", r.handle.PID)
 		close(r.exited)
@@ -485,15 +646,19 @@ func (d *Daemon) agentFor(ctx context.Context, v store.VM) (*agent.Client, *runn
 	return c, r, nil
 }
 
-func (d *Daemon) killRunning(id string, r *runningVM) {
+// killRunning kills a tracked VMM and waits until its monitor recorded
+// the exit.
+func (d *Daemon) killRunning(r *runningVM) error {
 	ctx, cancel := context.WithTimeout(d.ctx, 20*time.Second)
 	defer cancel()
 	if err := d.driver.Kill(ctx, r.handle); err != nil {
-		d.log.Warn("kill vmm", "pid", r.handle.PID, "err", err)
+		return fmt.Errorf("kill vmm (pid %d): %w", r.handle.PID, err)
 	}
 	select {
 	case <-r.exited:
+		return nil
 	case <-ctx.Done():
+		return fmt.Errorf("wait for vmm (pid %d) to exit: %w", r.handle.PID, ctx.Err())
 	}
 }
 
@@ -526,8 +691,9 @@ func (d *Daemon) stopOrKill(ctx context.Context, call *rpc.Call, name string, ki
 	if err != nil {
 		return nil, err
 	}
-	if kill {
-		d.abortBoot(v.ID)
+	aborted, err := d.abortBoot(ctx, v.ID)
+	if err != nil {
+		return nil, fmt.Errorf("abort the boot of vm %q: %w", v.Name, err)
 	}
 	lock := d.vmLock(v.ID)
 	lock.Lock()
@@ -535,27 +701,24 @@ func (d *Daemon) stopOrKill(ctx context.Context, call *rpc.Call, name string, ki
 	d.mu.Lock()
 	r := d.running[v.ID]
 	d.mu.Unlock()
-	if r == nil {
+	switch {
+	case r == nil && aborted:
+		// The boot was aborted and unwound: the VM is stopped.
+	case r == nil:
 		return nil, fmt.Errorf("vm %q is not running: %w", v.Name, errdefs.ErrFailedPrecondition)
+	case kill:
+		if err := d.killRunning(r); err != nil {
+			return nil, fmt.Errorf("kill vm %q: %w", v.Name, err)
+		}
+	default:
+		if err := d.stopRunning(ctx, call, v, r, timeout); err != nil {
+			return nil, err
+		}
 	}
-	if kill {
-		d.killRunning(v.ID, r)
-	} else if err := d.stopRunning(ctx, call, v, r, timeout); err != nil {
+	if v, err = d.store.GetVM(ctx, v.ID); err != nil {
 		return nil, err
 	}
-	v, err = d.store.GetVM(ctx, v.ID)
-	return d.vmAPI(v), err
-}
-
-// abortBoot ends a start of the VM that waits for its agent; the start
-// then kills the VM and reports the cancellation.
-func (d *Daemon) abortBoot(id string) {
-	d.mu.Lock()
-	cancel := d.booting[id]
-	d.mu.Unlock()
-	if cancel != nil {
-		cancel()
-	}
+	return d.vmAPI(v), nil
 }
 
 // stopRunning stops gracefully: through the agent, then ACPI, then kill.
@@ -605,10 +768,15 @@ func (d *Daemon) stopRunning(ctx context.Context, call *rpc.Call, v store.VM, r 
 	}
 	d.log.Warn("vm did not stop gracefully: killing it", "vm", v.Name, "timeout", timeout)
 	call.Progress(api.Progress{Phase: "kill"})
-	d.killRunning(v.ID, r)
+	if err := d.killRunning(r); err != nil {
+		return fmt.Errorf("stop vm %q: %w", v.Name, err)
+	}
 	return nil
 }
 
+// vmRemove deletes the VM's row first, then its files: a crash in between
+// leaves a directory without a row, which reconcile removes at the next
+// start. A boot in progress is aborted (with or without force).
 func (d *Daemon) vmRemove(ctx context.Context, call *rpc.Call) (any, error) {
 	var p api.VMRemoveParams
 	if err := call.Decode(&p); err != nil {
@@ -618,32 +786,44 @@ func (d *Daemon) vmRemove(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if p.Force {
-		d.abortBoot(v.ID)
+	if _, err := d.abortBoot(ctx, v.ID); err != nil {
+		return nil, fmt.Errorf("abort the boot of vm %q: %w", v.Name, err)
 	}
 	lock := d.vmLock(v.ID)
 	lock.Lock()
 	defer lock.Unlock()
+	if err := d.removeVM(ctx, v, p.Force); err != nil {
+		return nil, err
+	}
+	return nil, nil
+}
+
+// removeVM kills the VM's VMM (when force), deletes its row, then its
+// files. The caller holds the VM's lock.
+func (d *Daemon) removeVM(ctx context.Context, v store.VM, force bool) error {
 	d.mu.Lock()
 	r := d.running[v.ID]
 	d.mu.Unlock()
 	if r != nil {
-		if !p.Force {
-			return nil, fmt.Errorf("vm %q is running: stop it first, or use rm -f: %w", v.Name, errdefs.ErrFailedPrecondition)
+		if !force {
+			return fmt.Errorf("vm %q is running: stop it first, or use rm -f: %w", v.Name, errdefs.ErrFailedPrecondition)
 		}
-		d.killRunning(v.ID, r)
-	}
-	if err := os.RemoveAll(v.Dir); err != nil {
-		return nil, fmt.Errorf("remove vm files: %w", err)
+		if err := d.killRunning(r); err != nil {
+			return fmt.Errorf("remove vm %q: %w", v.Name, err)
+		}
 	}
 	if err := d.store.DeleteVM(ctx, v.ID); err != nil {
-		return nil, err
+		return fmt.Errorf("remove vm %q: %w", v.Name, err)
 	}
 	d.mu.Lock()
 	delete(d.locks, v.ID)
 	d.mu.Unlock()
+	if err := d.removeDir(v.Dir); err != nil {
+		// The row is gone: reconcile removes the directory at the next start.
+		d.log.Warn("remove vm files (the next daemon start retries)", "vm", v.Name, "dir", v.Dir, "err", err)
+	}
 	d.log.Info("vm removed", "vm", v.Name)
-	return nil, nil
+	return nil
 }
 
 func (d *Daemon) vmList(ctx context.Context, call *rpc.Call) (any, error) {
@@ -684,39 +864,9 @@ func (d *Daemon) reconcile(ctx context.Context) error {
 	known := map[string]bool{}
 	for _, v := range vms {
 		known[filepath.Base(v.Dir)] = true
-		var h vmm.Handle
-		if v.Handle == "" {
-			found, ok := d.recoverVMM(v.Dir)
-			if !ok {
-				if v.State != api.StateStopped {
-					v.State = api.StateStopped
-					_ = d.store.UpdateVM(ctx, v)
-				}
-				continue
-			}
-			d.log.Warn("found a running VMM that was never recorded (daemon crash during start): adopting it", "vm", v.Name, "pid", found.PID)
-			h = found
-			hj, _ := json.Marshal(h)
-			v.Handle, v.StartedAt = string(hj), time.Now()
-		} else if err := json.Unmarshal([]byte(v.Handle), &h); err != nil {
-			d.log.Warn("vm has an unreadable handle: marking it stopped", "vm", v.Name, "err", err)
-			v.State, v.Handle = api.StateStopped, ""
-			_ = d.store.UpdateVM(ctx, v)
-			continue
+		if err := d.reconcileVM(ctx, v); err != nil {
+			return fmt.Errorf("vm %q: %w", v.Name, err)
 		}
-		if d.driver.Alive(h) {
-			v.State = api.StateRunning
-			_ = d.store.UpdateVM(ctx, v)
-			d.track(v, &runningVM{handle: h, exited: make(chan struct{})})
-			d.log.Info("vm adopted", "vm", v.Name, "pid", h.PID)
-			continue
-		}
-		if err := d.driver.Cleanup(h); err != nil {
-			d.log.Warn("clean up stale vmm files", "vm", v.Name, "err", err)
-		}
-		d.log.Info("vm found stopped", "vm", v.Name)
-		v.State, v.Handle = api.StateStopped, ""
-		_ = d.store.UpdateVM(ctx, v)
 	}
 	dirs, err := os.ReadDir(filepath.Join(d.cfg.StateDir, "vms"))
 	if err != nil {
@@ -733,13 +883,56 @@ func (d *Daemon) reconcile(ctx context.Context) error {
 				continue
 			}
 		}
-		if err := os.RemoveAll(dir); err != nil {
+		if err := d.removeDir(dir); err != nil {
 			d.log.Warn("remove an unrecorded VM directory", "dir", dir, "err", err)
 			continue
 		}
 		d.log.Info("removed an unrecorded VM directory (interrupted create)", "dir", dir)
 	}
 	return nil
+}
+
+// reconcileVM adopts v's VMM if it still runs, or records v as stopped.
+// A store error fails the daemon's start: serving with rows that disagree
+// with the processes would act on wrong state.
+func (d *Daemon) reconcileVM(ctx context.Context, v store.VM) error {
+	var h vmm.Handle
+	if v.Handle == "" {
+		found, ok := d.recoverVMM(v.Dir)
+		if !ok {
+			if v.State == api.StateStopped {
+				return nil
+			}
+			v.State = api.StateStopped
+			return d.store.UpdateVM(ctx, v)
+		}
+		d.log.Warn("found a running VMM that was never recorded (daemon crash during start): adopting it", "vm", v.Name, "pid", found.PID)
+		h = found
+		hj, err := json.Marshal(h)
+		if err != nil {
+			return fmt.Errorf("encode vmm handle: %w", err)
+		}
+		v.Handle, v.StartedAt = string(hj), time.Now()
+	} else if err := json.Unmarshal([]byte(v.Handle), &h); err != nil {
+		d.log.Warn("vm has an unreadable handle: marking it stopped", "vm", v.Name, "err", err)
+		v.State, v.Handle = api.StateStopped, ""
+		return d.store.UpdateVM(ctx, v)
+	}
+	if d.driver.Alive(h) {
+		v.State = api.StateRunning
+		if err := d.store.UpdateVM(ctx, v); err != nil {
+			return err
+		}
+		d.track(v, &runningVM{handle: h, recorded: v.Handle, exited: make(chan struct{})})
+		d.log.Info("vm adopted", "vm", v.Name, "pid", h.PID)
+		return nil
+	}
+	if err := d.driver.Cleanup(h); err != nil {
+		d.log.Warn("clean up stale vmm files", "vm", v.Name, "err", err)
+	}
+	d.log.Info("vm found stopped", "vm", v.Name)
+	v.State, v.Handle = api.StateStopped, ""
+	return d.store.UpdateVM(ctx, v)
 }
 
 // recoverVMM asks the driver, when it has the ability, for a VMM running

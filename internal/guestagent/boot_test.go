@@ -171,7 +171,7 @@ func bootVM(t *testing.T, img testImage, spec bootSpec) (*vm, agentproto.Config,
 	}
 	initrd := filepath.Join(dir, "initrd.img")
 	buildStart := time.Now()
-	if err := initramfs.Build(initrd, opts); err != nil {
+	if err := initramfs.Build(context.Background(), initrd, opts); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("initramfs built in %s", time.Since(buildStart).Round(time.Millisecond))
@@ -455,7 +455,7 @@ func TestBootFatalPowersOff(t *testing.T) {
 	dir := t.TempDir()
 	initrd := filepath.Join(dir, "initrd.img")
 	cfg := agentproto.Config{Transport: agentproto.TransportVirtioSerial, RootDevice: "/dev/vdz"}
-	if err := initramfs.Build(initrd, initramfs.Options{AgentBinary: agentBin, BaseInitrd: img.initrd, Config: cfg}); err != nil {
+	if err := initramfs.Build(context.Background(), initrd, initramfs.Options{AgentBinary: agentBin, BaseInitrd: img.initrd, Config: cfg}); err != nil {
 		t.Fatal(err)
 	}
 	console := filepath.Join(dir, "console.log")

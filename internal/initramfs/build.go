@@ -2,6 +2,7 @@ package initramfs
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -46,7 +47,7 @@ type Options struct {
 }
 
 // Build writes the initramfs to dst atomically (through dst+".tmp").
-func Build(dst string, opts Options) (err error) {
+func Build(ctx context.Context, dst string, opts Options) (err error) {
 	tmp := dst + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
@@ -58,7 +59,7 @@ func Build(dst string, opts Options) (err error) {
 			os.Remove(tmp)
 		}
 	}()
-	bw := bufio.NewWriterSize(f, 1<<20)
+	bw := bufio.NewWriterSize(ctxWriter{ctx, f}, 1<<20)
 	if opts.BaseInitrd != "" {
 		if err := copyFile(bw, opts.BaseInitrd); err != nil {
 			return err
@@ -80,6 +81,20 @@ func Build(dst string, opts Options) (err error) {
 		return fmt.Errorf("install initramfs: %w", err)
 	}
 	return nil
+}
+
+// ctxWriter fails writes once ctx ended, so a cancelled build stops at
+// its next write.
+type ctxWriter struct {
+	ctx context.Context
+	w   io.Writer
+}
+
+func (w ctxWriter) Write(p []byte) (int, error) {
+	if err := w.ctx.Err(); err != nil {
+		return 0, fmt.Errorf("build initramfs: %w", err)
+	}
+	return w.w.Write(p)
 }
 
 func copyFile(w io.Writer, name string) error {

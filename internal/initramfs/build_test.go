@@ -2,6 +2,7 @@ package initramfs
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"os"
 	"os/exec"
@@ -29,7 +30,7 @@ func TestBuildLayout(t *testing.T) {
 	agent := writeFakeAgent(t)
 	dst := filepath.Join(t.TempDir(), "initrd.img")
 	cfg := agentproto.Config{Transport: "virtio-serial", PortName: agentproto.VirtioPortName, HostKey: "KEY", AuthorizedKey: "ssh-ed25519 AAAA", Hostname: "vm1"}
-	if err := Build(dst, Options{AgentBinary: agent, ModulesDir: root, Config: cfg}); err != nil {
+	if err := Build(context.Background(), dst, Options{AgentBinary: agent, ModulesDir: root, Config: cfg}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(dst + ".tmp"); !os.IsNotExist(err) {
@@ -146,7 +147,7 @@ func TestBuildWithBaseInitrd(t *testing.T) {
 
 	dst := filepath.Join(t.TempDir(), "out.img")
 	cfg := agentproto.Config{Transport: "vsock", VsockPort: 1024, Modules: []string{"virtio_blk"}}
-	if err := Build(dst, Options{AgentBinary: writeFakeAgent(t), BaseInitrd: basePath, Config: cfg}); err != nil {
+	if err := Build(context.Background(), dst, Options{AgentBinary: writeFakeAgent(t), BaseInitrd: basePath, Config: cfg}); err != nil {
 		t.Fatal(err)
 	}
 	out, err := os.ReadFile(dst)
@@ -184,13 +185,13 @@ func TestBuildWithBaseInitrd(t *testing.T) {
 
 func TestBuildErrors(t *testing.T) {
 	dst := filepath.Join(t.TempDir(), "x.img")
-	if err := Build(dst, Options{}); err == nil {
+	if err := Build(context.Background(), dst, Options{}); err == nil {
 		t.Error("no agent: no error")
 	}
-	if err := Build(dst, Options{AgentBinary: writeFakeAgent(t), ModulesDir: t.TempDir()}); err == nil {
+	if err := Build(context.Background(), dst, Options{AgentBinary: writeFakeAgent(t), ModulesDir: t.TempDir()}); err == nil {
 		t.Error("modules dir without modules.dep: no error")
 	}
-	if err := Build(dst, Options{AgentBinary: writeFakeAgent(t), BaseInitrd: "/nonexistent"}); err == nil {
+	if err := Build(context.Background(), dst, Options{AgentBinary: writeFakeAgent(t), BaseInitrd: "/nonexistent"}); err == nil {
 		t.Error("missing base initrd: no error")
 	}
 	if _, err := os.Stat(dst); !os.IsNotExist(err) {

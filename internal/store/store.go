@@ -316,9 +316,10 @@ func (s *Store) UpdateVM(ctx context.Context, v VM) error {
 	return nil
 }
 
-// GetVM finds a VM by name or id.
+// GetVM finds a VM by id or name; an id wins over a name (a VM made
+// before names were checked against ids may carry another's id as name).
 func (s *Store) GetVM(ctx context.Context, ref string) (VM, error) {
-	v, err := scanVM(s.db.QueryRowContext(ctx, vmSelect+` WHERE name = ? OR id = ?`, ref, ref))
+	v, err := scanVM(s.db.QueryRowContext(ctx, vmSelect+` WHERE name = ? OR id = ? ORDER BY id = ? DESC LIMIT 1`, ref, ref, ref))
 	if errors.Is(err, sql.ErrNoRows) {
 		return VM{}, fmt.Errorf("vm %q: %w", ref, errdefs.ErrNotFound)
 	}
@@ -346,11 +347,29 @@ func (s *Store) ListVMs(ctx context.Context) ([]VM, error) {
 	return out, rows.Err()
 }
 
-// VMNameTaken reports whether a VM has that name.
-func (s *Store) VMNameTaken(ctx context.Context, name string) bool {
+// VMNameTaken reports whether a VM has that name, or that id: a name
+// equal to another VM's id would make lookups ambiguous.
+func (s *Store) VMNameTaken(ctx context.Context, name string) (bool, error) {
 	var n int
-	_ = s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM vms WHERE name = ?`, name).Scan(&n)
-	return n > 0
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM vms WHERE name = ? OR id = ?`, name, name).Scan(&n); err != nil {
+		return false, fmt.Errorf("check vm name %q: %w", name, err)
+	}
+	return n > 0, nil
+}
+
+// MarkStopped records a VM as stopped, without handle, if its row still
+// records handle (compared as stored): a monitor of an old boot never
+// marks a newer boot stopped. It reports whether the row changed.
+func (s *Store) MarkStopped(ctx context.Context, id, handle string) (bool, error) {
+	res, err := s.db.ExecContext(ctx, `UPDATE vms SET state = 'stopped', handle = '' WHERE id = ? AND handle = ?`, id, handle)
+	if err != nil {
+		return false, fmt.Errorf("mark vm %s stopped: %w", id, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("mark vm %s stopped: %w", id, err)
+	}
+	return n > 0, nil
 }
 
 // DeleteVM removes a VM row.

@@ -101,7 +101,7 @@ func TestImagesAndVMs(t *testing.T) {
 	if err != nil || len(vms) != 1 {
 		t.Fatalf("list = %v, %v", vms, err)
 	}
-	if !s.VMNameTaken(ctx, "box") || s.VMNameTaken(ctx, "free") {
+	if !taken(s, "box") || taken(s, "free") {
 		t.Fatal("VMNameTaken wrong")
 	}
 	if err := s.DeleteVM(ctx, "v1"); err != nil {
@@ -109,5 +109,60 @@ func TestImagesAndVMs(t *testing.T) {
 	}
 	if err := s.DeleteImage(ctx, "i1"); err != nil {
 		t.Fatalf("delete unused image: %v", err)
+	}
+}
+
+func taken(s *Store, name string) bool {
+	t, err := s.VMNameTaken(context.Background(), name)
+	if err != nil {
+		panic(err)
+	}
+	return t
+}
+
+func TestVMNamesAndIDsDoNotMix(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTest(t)
+	now := time.Now()
+	if err := s.InsertImage(ctx, Image{ID: "i1", Name: "img", Rootfs: "/r", Kernel: "/k", CreatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	// An old row whose name is another VM's id (before names were checked).
+	for _, v := range []VM{{ID: "abcdef0123456789", Name: "first"}, {ID: "0123456789abcdef", Name: "abcdef0123456789"}} {
+		v.ImageID, v.State, v.CreatedAt = "i1", "stopped", now
+		if err := s.InsertVM(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !taken(s, "0123456789abcdef") {
+		t.Fatal("a name equal to another VM's id is reported free")
+	}
+	got, err := s.GetVM(ctx, "abcdef0123456789")
+	if err != nil || got.Name != "first" {
+		t.Fatalf("GetVM(id) = %q, %v; want the VM with that id (first)", got.Name, err)
+	}
+}
+
+func TestMarkStoppedOnlyWithTheSameHandle(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTest(t)
+	now := time.Now()
+	if err := s.InsertImage(ctx, Image{ID: "i1", Name: "img", Rootfs: "/r", Kernel: "/k", CreatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.InsertVM(ctx, VM{ID: "v1", Name: "box", ImageID: "i1", State: "running", Handle: `{"pid":2}`, CreatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := s.MarkStopped(ctx, "v1", `{"pid":1}`); err != nil || changed {
+		t.Fatalf("MarkStopped with a stale handle = %v, %v; want no change", changed, err)
+	}
+	if v, _ := s.GetVM(ctx, "v1"); v.State != "running" || v.Handle != `{"pid":2}` {
+		t.Fatalf("after a stale MarkStopped: %+v", v)
+	}
+	if changed, err := s.MarkStopped(ctx, "v1", `{"pid":2}`); err != nil || !changed {
+		t.Fatalf("MarkStopped with the recorded handle = %v, %v; want a change", changed, err)
+	}
+	if v, _ := s.GetVM(ctx, "v1"); v.State != "stopped" || v.Handle != "" {
+		t.Fatalf("after MarkStopped: %+v", v)
 	}
 }
