@@ -2,6 +2,7 @@ package initramfs
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -81,7 +82,7 @@ func TestBaseInitrdSymlinkOutRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	dst := filepath.Join(dir, "out.img")
-	err := Build(dst, Options{AgentBinary: writeFakeAgent(t), BaseInitrd: initrd})
+	err := Build(context.Background(), dst, Options{AgentBinary: writeFakeAgent(t), BaseInitrd: initrd})
 	if !errors.Is(err, hostfile.ErrOutside) {
 		t.Errorf("build with a base initrd linking to %s: %v, want hostfile.ErrOutside", secret, err)
 	}
