@@ -37,6 +37,11 @@ const (
 	TransportVsock        = "vsock"
 )
 
+// ModulesFailedMarker starts the console line the agent's init prints when
+// kernel modules it was given cannot be loaded; the host looks for it in
+// the console log to explain a failed boot.
+const ModulesFailedMarker = "kernel modules failed to load:"
+
 // InitPath is the agent's path inside the banger initramfs; the kernel is
 // booted with rdinit=InitPath.
 const InitPath = "/banger/init"
@@ -62,6 +67,12 @@ type Config struct {
 	// lib/modules/<release>/modules.dep in the initramfs; a name absent from
 	// modules.dep is taken to be built into the kernel.
 	Modules []string `json:"modules,omitempty"`
+	// ModulesRelease is the kernel release whose modules the host packed
+	// under lib/modules/<release> in the initramfs; empty when it packed
+	// none. When set, the agent treats modules that can't be loaded (or a
+	// kernel of another release) as a boot error and says so on the
+	// console, with ModulesFailedMarker.
+	ModulesRelease string `json:"modules_release,omitempty"`
 	// RootDevice is the guest block device holding the root filesystem
 	// (default /dev/vda).
 	RootDevice string `json:"root_device,omitempty"`

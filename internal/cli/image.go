@@ -53,7 +53,7 @@ func (a *app) imageRegisterCmd() *cobra.Command {
 	cmd.Flags().StringVar(&rootfs, "rootfs", "", "raw root filesystem image (required)")
 	cmd.Flags().StringVar(&kernel, "kernel", "", "kernel (bzImage) (required)")
 	cmd.Flags().StringVar(&initrd, "initrd", "", "initrd to boot with (banger appends its own archive)")
-	cmd.Flags().StringVar(&modules, "modules", "", "kernel modules directory (lib/modules/<release> or a root holding it)")
+	cmd.Flags().StringVar(&modules, "modules", "", "kernel modules: a copy of /lib/modules/<release> (any name), or a directory holding <release>/ or lib/modules/<release>; checked against the kernel's release")
 	_ = cmd.MarkFlagRequired("rootfs")
 	_ = cmd.MarkFlagRequired("kernel")
 	return cmd

@@ -91,6 +91,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		AgentBinary: d.agentBinary,
 		BaseInitrd:  im.Initrd,
 		ModulesDir:  im.ModulesDir,
+		Kernel:      im.Kernel,
 		Config: agentproto.Config{
 			Transport:     "virtio-serial",
 			PortName:      agentproto.VirtioPortName,
@@ -99,7 +100,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 			Hostname:      v.Name,
 		},
 	}); err != nil {
-		return fmt.Errorf("build initramfs: %w", err)
+		return fmt.Errorf("build initramfs: %w", initramfsErr(err))
 	}
 	steps.Push("remove initramfs", func(context.Context) error { return removeIfExists(initrd) })
 	console := filepath.Join(v.Dir, fileConsole)
@@ -154,7 +155,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 			return fmt.Errorf("start vm %q: %w", v.Name, cause)
 		}
 		lastErr = "agent not ready: " + err.Error()
-		return fmt.Errorf("vm %q did not become ready: %w; the VM was stopped; console output:\n%s", v.Name, err, tailFile(console, 20))
+		return fmt.Errorf("vm %q did not become ready: %w%s; the VM was stopped; console output:\n%s", v.Name, err, modulesHint(console), tailFile(console, 20))
 	}
 	steps.Release()
 	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))

@@ -24,11 +24,12 @@ import (
 
 // fakeBehaviour makes a fake VM misbehave.
 type fakeBehaviour struct {
-	StartErr            error // Start fails with it and leaves nothing behind
-	AgentSilent         bool  // the agent socket accepts connections but never answers
-	IgnoreAgentShutdown bool  // the agent accepts a shutdown request and does nothing
-	IgnoreACPI          bool  // Shutdown (the ACPI power button) is delivered and ignored
-	CrashAtBoot         bool  // the VMM exits right after Start returned, before its agent answers
+	StartErr            error  // Start fails with it and leaves nothing behind
+	AgentSilent         bool   // the agent socket accepts connections but never answers
+	IgnoreAgentShutdown bool   // the agent accepts a shutdown request and does nothing
+	IgnoreACPI          bool   // Shutdown (the ACPI power button) is delivered and ignored
+	CrashAtBoot         bool   // the VMM exits right after Start returned, before its agent answers
+	Console             string // more console output, after the fake kernel's line
 }
 
 // fakeDriver is a vmm.Driver whose "VM" lives in the test process: a
@@ -201,7 +202,7 @@ func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, erro
 	}
 	pidFile := filepath.Join(spec.Dir, fakePIDFile)
 	_ = os.WriteFile(pidFile, []byte(strconv.Itoa(pid)+"\n"), 0o600)
-	_ = os.WriteFile(spec.ConsoleLog, []byte("fake firmware\nfake kernel booting "+spec.Name+"\n"), 0o600)
+	_ = os.WriteFile(spec.ConsoleLog, []byte("fake firmware\nfake kernel booting "+spec.Name+"\n"+b.Console), 0o600)
 
 	vctx, cancel := context.WithCancel(context.Background())
 	v := &fakeVM{

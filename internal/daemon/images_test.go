@@ -14,6 +14,7 @@ import (
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/kmod/kmodtest"
 	"github.com/bangerdev/banger/internal/rpc"
 )
 
@@ -101,7 +102,10 @@ func TestImagePromote(t *testing.T) {
 	ctx := testCtx(t)
 	mods := filepath.Join(e.dir, "src", "modules")
 	writeFile(t, filepath.Join(mods, "kernel", "virtio_blk.ko"), []byte("module"))
-	reg, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "promo", Rootfs: e.rootfs, Kernel: e.kernel, Initrd: e.initrd, ModulesDir: mods})
+	writeFile(t, filepath.Join(mods, "modules.dep"), []byte("kernel/virtio_blk.ko:\n"))
+	// Modules need a kernel that says its release.
+	kernel := writeFile(t, filepath.Join(e.dir, "src", "vmlinuz"), kmodtest.Kernel("6.1.0-test"))
+	reg, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "promo", Rootfs: e.rootfs, Kernel: kernel, Initrd: e.initrd, ModulesDir: mods})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +122,7 @@ func TestImagePromote(t *testing.T) {
 	if !im.Managed || im.ID != reg.ID {
 		t.Errorf("promoted image = %+v, want managed, same id", im)
 	}
-	for _, p := range []struct{ got, src string }{{im.Rootfs, e.rootfs}, {im.Kernel, e.kernel}, {im.Initrd, e.initrd}} {
+	for _, p := range []struct{ got, src string }{{im.Rootfs, e.rootfs}, {im.Kernel, kernel}, {im.Initrd, e.initrd}} {
 		if filepath.Dir(p.got) != dir {
 			t.Errorf("promoted file %s is not in %s", p.got, dir)
 		}

@@ -246,3 +246,26 @@ func isInitInvocation(args []string, pid int) bool {
 	}
 	return true
 }
+
+// modulesProblem says why the kernel modules the guest was given can't
+// serve it, or "" when they can. wantRelease is the release the host packed
+// modules for (agentproto.Config.ModulesRelease, "" when it packed none),
+// release the running kernel's, haveDep whether a modules.dep was found
+// for it, and failed the modules that could not be loaded ("name: reason").
+func modulesProblem(wantRelease, release string, haveDep bool, failed []string) string {
+	switch {
+	case wantRelease != "" && wantRelease != release:
+		return fmt.Sprintf("the initramfs holds modules for kernel %s but this kernel is %s", wantRelease, release)
+	case wantRelease != "" && !haveDep:
+		return fmt.Sprintf("no modules.dep for kernel %s in the initramfs", release)
+	case len(failed) > 0:
+		return fmt.Sprintf("kernel %s could not load %s", release, strings.Join(failed, "; "))
+	}
+	return ""
+}
+
+// modulesFailedLine is the console line reporting a modules problem; the
+// host recognises it by agentproto.ModulesFailedMarker.
+func modulesFailedLine(problem string) string {
+	return "error: " + agentproto.ModulesFailedMarker + " " + problem
+}

@@ -100,9 +100,12 @@ func initSystem(c *initConsole, args []string) error {
 	}
 	cfg = withDefaults(cfg)
 
-	loadModules(c, cfg.Modules)
+	modsProblem := loadModules(c, cfg.Modules, cfg.ModulesRelease)
 
 	if err := waitForDevice(cfg.RootDevice, rootWaitTimeout); err != nil {
+		if modsProblem != "" {
+			return fmt.Errorf("root device: %w (block devices: %s); %s", err, listBlockDevices(), modulesFailedLine(modsProblem))
+		}
 		return fmt.Errorf("root device: %w (block devices: %s)", err, listBlockDevices())
 	}
 	if err := os.MkdirAll(newRoot, 0o755); err != nil {
@@ -210,18 +213,29 @@ func ensureStdio() {
 	}
 }
 
-// loadModules loads the named modules and their dependencies. Failures are
-// logged, not fatal: a missing driver shows up as a missing root device.
-func loadModules(c *initConsole, names []string) {
+// loadModules loads the named modules and their dependencies. wantRelease
+// is the release the host packed modules for ("" if none). Failures are
+// not fatal here (a driver the root disk does not need may fail): they are
+// reported on the console with agentproto.ModulesFailedMarker, and
+// returned, so that a missing root device can say why.
+func loadModules(c *initConsole, names []string, wantRelease string) (problem string) {
 	if len(names) == 0 {
-		return
+		return ""
 	}
+	defer func() {
+		if problem != "" {
+			c.logf("%s", modulesFailedLine(problem))
+		}
+	}()
 	var uts unix.Utsname
 	if err := unix.Uname(&uts); err != nil {
 		c.logf("warning: uname: %v; not loading modules", err)
-		return
+		return ""
 	}
 	release := unix.ByteSliceToString(uts.Release[:])
+	if wantRelease != "" && wantRelease != release {
+		return modulesProblem(wantRelease, release, false, nil)
+	}
 	var relDir string
 	var deps kmod.ModulesDep
 	for _, d := range []string{"/lib/modules/" + release, "/usr/lib/modules/" + release} {
@@ -239,8 +253,11 @@ func loadModules(c *initConsole, names []string) {
 		break
 	}
 	if relDir == "" {
+		if wantRelease != "" {
+			return modulesProblem(wantRelease, release, false, nil)
+		}
 		c.logf("no modules.dep for kernel %s: assuming %s are built in", release, strings.Join(names, " "))
-		return
+		return ""
 	}
 	builtin := map[string]bool{}
 	if f, err := os.Open(relDir + "/modules.builtin"); err == nil {
@@ -252,17 +269,23 @@ func loadModules(c *initConsole, names []string) {
 	}
 	files, missing := deps.Resolve(names)
 	start := time.Now()
-	var loaded, present []string
+	var loaded, present, failed []string
 	for _, p := range files {
 		name := kmod.ModuleName(p)
-		err := loadModule(modulePath(relDir, p))
+		mp := modulePath(relDir, p)
+		err := loadModule(mp)
 		switch {
 		case err == nil:
 			loaded = append(loaded, name)
 		case errors.Is(err, unix.EEXIST):
 			present = append(present, name)
 		default:
-			c.logf("warning: load module %s: %v", name, err)
+			reason := err.Error()
+			// A module built for another kernel: say for which.
+			if r, verr := kmod.ModuleFileRelease(mp); verr == nil && r != release {
+				reason += " (built for kernel " + r + ")"
+			}
+			failed = append(failed, name+": "+reason)
 		}
 	}
 	c.logf("loaded %d modules in %s: %s", len(loaded), time.Since(start).Round(time.Millisecond), strings.Join(loaded, " "))
@@ -274,6 +297,7 @@ func loadModules(c *initConsole, names []string) {
 			c.logf("warning: module %s: not in modules.dep nor modules.builtin; assuming built in", m)
 		}
 	}
+	return modulesProblem(wantRelease, release, true, failed)
 }
 
 func loadModule(p string) error {

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -184,4 +185,34 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
+}
+
+func TestModulesProblem(t *testing.T) {
+	const rel = "6.1.0-57-cloud-amd64"
+	for _, tc := range []struct {
+		name        string
+		want        string
+		haveDep     bool
+		failed      []string
+		wantProblem string // substring; "" = no problem
+	}{
+		{"all loaded", rel, true, nil, ""},
+		{"no modules packed, none found", "", false, nil, ""},
+		{"base initrd modules loaded", "", true, nil, ""},
+		{"packed for another kernel", "6.1.0-27-cloud-amd64", false, nil, "modules for kernel 6.1.0-27-cloud-amd64 but this kernel is " + rel},
+		{"packed but no modules.dep", rel, false, nil, "no modules.dep for kernel " + rel},
+		{"load failures", rel, true, []string{"virtio_blk: exec format error (built for kernel 6.1.0-27-cloud-amd64)", "virtio_net: no such file"},
+			"could not load virtio_blk: exec format error (built for kernel 6.1.0-27-cloud-amd64); virtio_net: no such file"},
+		{"base initrd load failure", "", true, []string{"virtio_blk: invalid argument"}, "could not load virtio_blk"},
+	} {
+		got := modulesProblem(tc.want, rel, tc.haveDep, tc.failed)
+		if (got == "") != (tc.wantProblem == "") || !strings.Contains(got, tc.wantProblem) {
+			t.Errorf("%s: modulesProblem = %q, want %q", tc.name, got, tc.wantProblem)
+		}
+	}
+	// The console line carries the marker the host looks for.
+	line := modulesFailedLine("x")
+	if !strings.Contains(line, agentproto.ModulesFailedMarker+" x") {
+		t.Errorf("line %q lacks the marker", line)
+	}
 }

@@ -80,6 +80,8 @@ func ValidateArtifacts(a Artifacts) error {
 	}
 	if err := checkDir(FieldModules, a.ModulesDir); err != nil {
 		errs = append(errs, err)
+	} else if a.ModulesDir != "" && len(errs) == 0 {
+		errs = append(errs, checkModules(a.Kernel, a.ModulesDir))
 	}
 	return errors.Join(errs...)
 }

@@ -11,14 +11,17 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/bangerdev/banger/internal/kmod/kmodtest"
 )
 
 const mib = int64(1) << 20
 
-// fakeBzImage returns bytes that pass the bzImage header check.
+// fakeBzImage returns bytes that pass the bzImage header check, for
+// kernel release 6.1.0-test.
 func fakeBzImage(size int) []byte {
 	b := bytes.Repeat([]byte{0x90}, size)
-	copy(b[0x202:], "HdrS")
+	copy(b, kmodtest.Kernel("6.1.0-test"))
 	return b
 }
 

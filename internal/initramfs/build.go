@@ -13,6 +13,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/hostfile"
+	"github.com/bangerdev/banger/internal/kernelimage"
 )
 
 // DefaultModules are the kernel modules loaded before the root disk is
@@ -33,13 +34,20 @@ type Options struct {
 	// files win.
 	BaseInitrd string
 	// ModulesDir (optional) holds the kernel's modules: a release directory
-	// with modules.dep, or a root containing lib/modules/<release>. When
-	// set, the wanted modules and their dependencies are packed under
-	// lib/modules/<release>/ with a modules.dep covering exactly them. When
-	// empty, the guest uses whatever modules the base initrd holds, or
-	// treats the modules as built in.
+	// with modules.dep (whatever its name), or a directory containing
+	// <release>/, lib/modules/<release> or usr/lib/modules/<release> (see
+	// ReleaseDir). When set, the wanted modules and their dependencies are
+	// packed under lib/modules/<release>/, where <release> is the kernel's,
+	// with a modules.dep covering exactly them, and Config.ModulesRelease
+	// is set. When empty, the guest uses whatever modules the base initrd
+	// holds, or treats the modules as built in.
 	ModulesDir string
-	// KernelRelease picks the release in ModulesDir when it holds several.
+	// Kernel is the host path of the kernel image; with ModulesDir, its
+	// release (read from the image, package kernelimage) picks and checks
+	// the modules. Not needed when KernelRelease is given.
+	Kernel string
+	// KernelRelease is the kernel's release when known (uname -r); it
+	// overrides reading it from Kernel.
 	KernelRelease string
 	// Config is written to /banger/agent.json. Modules defaults to
 	// DefaultModules.
@@ -128,11 +136,22 @@ func Write(w io.Writer, opts Options) error {
 	}
 	var mods *ModuleSet
 	if opts.ModulesDir != "" {
+		release := opts.KernelRelease
+		if release == "" {
+			if opts.Kernel == "" {
+				return errors.New("initramfs: a modules dir needs the kernel (Options.Kernel) to know its release")
+			}
+			var err error
+			if release, err = KernelReleaseOf(opts.Kernel); err != nil {
+				return fmt.Errorf("initramfs: %w", err)
+			}
+		}
 		var err error
-		mods, err = ResolveModules(opts.ModulesDir, opts.KernelRelease, cfg.Modules)
+		mods, err = ResolveModules(opts.ModulesDir, release, cfg.Modules)
 		if err != nil {
 			return fmt.Errorf("initramfs: resolve modules: %w", err)
 		}
+		cfg.ModulesRelease = mods.Release
 	}
 	cfgJSON, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
@@ -209,4 +228,23 @@ func writeOpened(cw *Writer, name string, mode os.FileMode, f *os.File) error {
 		return fmt.Errorf("initramfs: %s is not a regular file", src)
 	}
 	return cw.WriteFileFrom(name, mode, st.Size(), f)
+}
+
+// KernelReleaseOf reads the release of the kernel image at path (see
+// package kernelimage).
+func KernelReleaseOf(path string) (string, error) {
+	f, err := hostfile.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("read kernel release: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("read kernel release: %w", err)
+	}
+	rel, err := kernelimage.Release(f, st.Size())
+	if err != nil {
+		return "", fmt.Errorf("read kernel release of %s: %w", path, err)
+	}
+	return rel, nil
 }

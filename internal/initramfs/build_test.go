@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/kmod"
+	"github.com/bangerdev/banger/internal/kmod/kmodtest"
 	"github.com/bangerdev/banger/internal/testenv"
 )
 
@@ -30,7 +32,7 @@ func TestBuildLayout(t *testing.T) {
 	agent := writeFakeAgent(t)
 	dst := filepath.Join(t.TempDir(), "initrd.img")
 	cfg := agentproto.Config{Transport: "virtio-serial", PortName: agentproto.VirtioPortName, HostKey: "KEY", AuthorizedKey: "ssh-ed25519 AAAA", Hostname: "vm1"}
-	if err := Build(context.Background(), dst, Options{AgentBinary: agent, ModulesDir: root, Config: cfg}); err != nil {
+	if err := Build(context.Background(), dst, Options{AgentBinary: agent, ModulesDir: root, KernelRelease: "6.1.0-test", Config: cfg}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(dst + ".tmp"); !os.IsNotExist(err) {
@@ -63,6 +65,7 @@ func TestBuildLayout(t *testing.T) {
 	}
 	want := cfg
 	want.Modules = DefaultModules
+	want.ModulesRelease = "6.1.0-test"
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("config %+v, want %+v", got, want)
 	}
@@ -188,8 +191,11 @@ func TestBuildErrors(t *testing.T) {
 	if err := Build(context.Background(), dst, Options{}); err == nil {
 		t.Error("no agent: no error")
 	}
-	if err := Build(context.Background(), dst, Options{AgentBinary: writeFakeAgent(t), ModulesDir: t.TempDir()}); err == nil {
+	if err := Build(context.Background(), dst, Options{AgentBinary: writeFakeAgent(t), ModulesDir: t.TempDir(), KernelRelease: "6.1"}); err == nil {
 		t.Error("modules dir without modules.dep: no error")
+	}
+	if err := Build(context.Background(), dst, Options{AgentBinary: writeFakeAgent(t), ModulesDir: fakeModules(t, "6.1")}); err == nil {
+		t.Error("modules dir without a kernel to take the release from: no error")
 	}
 	if err := Build(context.Background(), dst, Options{AgentBinary: writeFakeAgent(t), BaseInitrd: "/nonexistent"}); err == nil {
 		t.Error("missing base initrd: no error")
@@ -199,5 +205,78 @@ func TestBuildErrors(t *testing.T) {
 	}
 	if _, err := os.Stat(dst + ".tmp"); !os.IsNotExist(err) {
 		t.Error("failed Build left tmp file")
+	}
+}
+
+// TestBuildRenamedModulesDir: a copy of /lib/modules/<release> under
+// another name is packed under the kernel's release, read from the kernel.
+func TestBuildRenamedModulesDir(t *testing.T) {
+	const rel = "6.1.0-57-cloud-amd64"
+	mods := filepath.Join(t.TempDir(), "build", "modules")
+	kmodtest.WriteRelease(t, mods, rel)
+	dst := filepath.Join(t.TempDir(), "initrd.img")
+	opts := Options{AgentBinary: writeFakeAgent(t), ModulesDir: mods, Kernel: kmodtest.WriteKernel(t, rel), Config: agentproto.Config{Modules: []string{"virtio_blk"}}}
+	if err := Build(context.Background(), dst, opts); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := extract(t, data)
+	for _, f := range []string{"modules.dep", "kernel/drivers/block/virtio_blk.ko", "kernel/drivers/virtio/virtio.ko"} {
+		if _, err := os.Stat(filepath.Join(dir, "lib/modules", rel, f)); err != nil {
+			t.Errorf("%s not packed under the kernel's release: %v", f, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "lib/modules/modules")); !os.IsNotExist(err) {
+		t.Errorf("modules packed under the directory's name: %v", err)
+	}
+	var cfg agentproto.Config
+	b, _ := os.ReadFile(filepath.Join(dir, "banger/agent.json"))
+	if err := json.Unmarshal(b, &cfg); err != nil || cfg.ModulesRelease != rel {
+		t.Errorf("agent.json modules_release %q (%v), want %q", cfg.ModulesRelease, err, rel)
+	}
+
+	// Modules of another release are refused, naming both.
+	opts.Kernel = kmodtest.WriteKernel(t, "6.1.0-58-cloud-amd64")
+	err = Build(context.Background(), dst, opts)
+	if !errors.Is(err, kmod.ErrWrongRelease) || !strings.Contains(err.Error(), rel) || !strings.Contains(err.Error(), "6.1.0-58-cloud-amd64") {
+		t.Errorf("wrong release: %v", err)
+	}
+}
+
+// TestBuildTestImageModules packs the test image's real modules, reached
+// through a symlink named "modules", for its real kernel.
+func TestBuildTestImageModules(t *testing.T) {
+	img := os.Getenv("BANGER_TESTIMAGE_DIR")
+	if img == "" {
+		img = "/var/cache/banger/testimage"
+	}
+	b, err := os.ReadFile(filepath.Join(img, "kernel-release"))
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("no test image under CI: %v", err)
+		}
+		t.Skipf("no test image: %v", err)
+	}
+	rel := strings.TrimSpace(string(b))
+	link := filepath.Join(t.TempDir(), "modules")
+	if err := os.Symlink(filepath.Join(img, "modules", "lib", "modules", rel), link); err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(t.TempDir(), "initrd.img")
+	if err := Build(context.Background(), dst, Options{AgentBinary: writeFakeAgent(t), ModulesDir: link, Kernel: filepath.Join(img, "vmlinuz")}); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := extract(t, data)
+	for _, f := range []string{"modules.dep", "kernel/drivers/block/virtio_blk.ko"} {
+		if _, err := os.Stat(filepath.Join(dir, "lib/modules", rel, f)); err != nil {
+			t.Errorf("%s: %v", f, err)
+		}
 	}
 }

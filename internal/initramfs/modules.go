@@ -1,68 +1,32 @@
 package initramfs
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path"
 	"path/filepath"
-	"sort"
 	"strings"
 
 	"github.com/bangerdev/banger/internal/hostfile"
+	"github.com/bangerdev/banger/internal/kernelimage"
 	"github.com/bangerdev/banger/internal/kmod"
 )
 
 // Module names and modules.dep parsing and ordering are in package kmod,
 // shared with the guest agent.
 
-// ErrNoKernelRelease means a modules directory holds no lib/modules/<release>.
-var ErrNoKernelRelease = errors.New("no kernel release directory with modules.dep")
-
-// ReleaseDir finds the module directory of a kernel release. modulesDir is
-// either the release directory itself (it holds modules.dep), or a
-// directory containing lib/modules/<release> (a root filesystem or an
-// unpacked kernel package), or lib/modules itself. release selects one
-// release when several are present; when empty, exactly one must exist. It
-// returns the release directory and the release name.
-func ReleaseDir(modulesDir, release string) (dir, rel string, err error) {
-	if fileExists(filepath.Join(modulesDir, "modules.dep")) {
-		name := filepath.Base(filepath.Clean(modulesDir))
-		if release != "" && release != name {
-			return "", "", fmt.Errorf("modules dir %s is for release %s, not %s", modulesDir, name, release)
-		}
-		return modulesDir, name, nil
+// ReleaseDir finds the module directory of kernel release in modulesDir:
+// the release directory itself (it holds modules.dep), whatever its name,
+// or a directory holding it (a /lib/modules-like tree, or a root with
+// lib/modules/<release>). The release comes from the kernel (package
+// kernelimage), never from a directory name; the modules' vermagic is
+// checked against it (see kmod.FindRelease). Errors match
+// kmod.ErrWrongRelease.
+func ReleaseDir(modulesDir, release string) (string, error) {
+	if err := kernelimage.ValidRelease(release); err != nil {
+		return "", fmt.Errorf("modules dir %s: %w", modulesDir, err)
 	}
-	for _, base := range []string{filepath.Join(modulesDir, "lib", "modules"), filepath.Join(modulesDir, "usr", "lib", "modules"), modulesDir} {
-		ents, err := os.ReadDir(base)
-		if err != nil {
-			continue
-		}
-		var found []string
-		for _, e := range ents {
-			if !e.IsDir() || !fileExists(filepath.Join(base, e.Name(), "modules.dep")) {
-				continue
-			}
-			found = append(found, e.Name())
-		}
-		sort.Strings(found)
-		switch {
-		case release != "":
-			for _, f := range found {
-				if f == release {
-					return filepath.Join(base, f), f, nil
-				}
-			}
-			if len(found) > 0 {
-				return "", "", fmt.Errorf("modules dir %s has no release %s (found %s)", modulesDir, release, strings.Join(found, ", "))
-			}
-		case len(found) == 1:
-			return filepath.Join(base, found[0]), found[0], nil
-		case len(found) > 1:
-			return "", "", fmt.Errorf("modules dir %s holds several kernel releases (%s): choose one", modulesDir, strings.Join(found, ", "))
-		}
-	}
-	return "", "", fmt.Errorf("modules dir %s: %w (run depmod -b on it)", modulesDir, ErrNoKernelRelease)
+	return kmod.FindRelease(modulesDir, release, hostfile.OpenBeneath)
 }
 
 // ModuleSet is the result of resolving module names against a release
@@ -86,11 +50,12 @@ type ModuleSet struct {
 	Unknown []string
 }
 
-// ResolveModules resolves names against the modules of one kernel release
-// (see ReleaseDir for modulesDir and release) and checks that every module
-// file exists.
+// ResolveModules resolves names against the modules of kernel release (see
+// ReleaseDir for modulesDir and release) and checks that every module file
+// exists.
 func ResolveModules(modulesDir, release string, names []string) (*ModuleSet, error) {
-	dir, rel, err := ReleaseDir(modulesDir, release)
+	dir, err := ReleaseDir(modulesDir, release)
+	rel := release
 	if err != nil {
 		return nil, err
 	}

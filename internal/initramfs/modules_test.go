@@ -1,6 +1,7 @@
 package initramfs
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -55,35 +56,40 @@ func TestReleaseDir(t *testing.T) {
 	root := fakeModules(t, "6.1.0-test")
 	rd := filepath.Join(root, "lib", "modules", "6.1.0-test")
 	for _, in := range []string{root, filepath.Join(root, "lib", "modules"), rd} {
-		dir, rel, err := ReleaseDir(in, "")
-		if err != nil || dir != rd || rel != "6.1.0-test" {
-			t.Errorf("ReleaseDir(%s) = %s, %s, %v", in, dir, rel, err)
+		dir, err := ReleaseDir(in, "6.1.0-test")
+		if err != nil || dir != rd {
+			t.Errorf("ReleaseDir(%s) = %s, %v", in, dir, err)
 		}
 	}
-	if _, _, err := ReleaseDir(root, "5.10"); err == nil {
-		t.Error("wrong release accepted")
+	if _, err := ReleaseDir(root, "5.10"); !errors.Is(err, kmod.ErrWrongRelease) {
+		t.Errorf("wrong release: %v", err)
 	}
-	// Two releases: ambiguous unless one is named.
+	// Two releases: the kernel's is chosen.
 	if err := os.MkdirAll(filepath.Join(root, "lib", "modules", "6.2"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(filepath.Join(root, "lib", "modules", "6.2", "modules.dep"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := ReleaseDir(root, ""); err == nil {
-		t.Error("two releases: no error")
-	}
-	if dir, _, err := ReleaseDir(root, "6.2"); err != nil || filepath.Base(dir) != "6.2" {
+	if dir, err := ReleaseDir(root, "6.2"); err != nil || filepath.Base(dir) != "6.2" {
 		t.Errorf("release 6.2: %s %v", dir, err)
 	}
-	if _, _, err := ReleaseDir(t.TempDir(), ""); err == nil {
-		t.Error("empty dir: no error")
+	if dir, err := ReleaseDir(root, "6.1.0-test"); err != nil || dir != rd {
+		t.Errorf("release 6.1.0-test beside 6.2: %s %v", dir, err)
+	}
+	if _, err := ReleaseDir(t.TempDir(), "6.2"); !errors.Is(err, kmod.ErrWrongRelease) {
+		t.Errorf("empty dir: %v", err)
+	}
+	for _, bad := range []string{"", "..", "a/b"} {
+		if _, err := ReleaseDir(root, bad); err == nil {
+			t.Errorf("release %q accepted", bad)
+		}
 	}
 }
 
 func TestResolveModules(t *testing.T) {
 	root := fakeModules(t, "6.1.0-test")
-	set, err := ResolveModules(root, "", []string{"virtio_blk", "ext4", "nonexistent"})
+	set, err := ResolveModules(root, "6.1.0-test", []string{"virtio_blk", "ext4", "nonexistent"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +108,7 @@ func TestResolveModules(t *testing.T) {
 	}
 	// A module file path unknown to modules.dep is not packed: like an
 	// unknown name, it is looked up in modules.builtin or assumed built in.
-	set, err = ResolveModules(root, "", []string{"extra/mine.ko", "virtio_blk", "kernel/fs/ext4/ext4.ko", "/abs/other.ko.xz"})
+	set, err = ResolveModules(root, "6.1.0-test", []string{"extra/mine.ko", "virtio_blk", "kernel/fs/ext4/ext4.ko", "/abs/other.ko.xz"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +120,7 @@ func TestResolveModules(t *testing.T) {
 	}
 	// A module file listed in modules.dep but absent is an error.
 	os.Remove(filepath.Join(set.ReleaseDir, "kernel/drivers/block/virtio_blk.ko"))
-	if _, err := ResolveModules(root, "", []string{"virtio_blk"}); err == nil {
+	if _, err := ResolveModules(root, "6.1.0-test", []string{"virtio_blk"}); err == nil {
 		t.Error("missing .ko accepted")
 	}
 }

@@ -1,0 +1,45 @@
+package imagefile
+
+import (
+	"errors"
+	"path/filepath"
+
+	"github.com/bangerdev/banger/internal/hostfile"
+	"github.com/bangerdev/banger/internal/kernelimage"
+	"github.com/bangerdev/banger/internal/kmod"
+)
+
+// checkModules checks that the modules directory can serve the kernel: the
+// kernel's release is read from the kernel image itself (bzImage header,
+// ELF linux_banner), and the modules directory must hold the modules of
+// that release (see kmod.FindRelease), whatever the directory is called.
+func checkModules(kernel, modulesDir string) error {
+	kernel, modulesDir = filepath.Clean(kernel), filepath.Clean(modulesDir)
+	rel, err := KernelRelease(kernel)
+	if err != nil {
+		reason := "can't tell which modules it needs: " + errReason(err)
+		if errors.Is(err, kernelimage.ErrNoRelease) {
+			return &ArtifactError{Field: FieldModules, Path: modulesDir, Reason: "the kernel " + kernel + " does not say its release, so its modules can't be matched: " + errReason(err), Err: ErrInvalid}
+		}
+		return &ArtifactError{Field: FieldModules, Path: modulesDir, Reason: reason, Err: err}
+	}
+	if _, err := kmod.FindRelease(modulesDir, rel, hostfile.OpenBeneath); err != nil {
+		return &ArtifactError{Field: FieldModules, Path: modulesDir, Reason: err.Error(), Err: errors.Join(ErrInvalid, err)}
+	}
+	return nil
+}
+
+// KernelRelease returns the release (uname -r) of the kernel image at p,
+// read from the image (see package kernelimage).
+func KernelRelease(p string) (string, error) {
+	f, err := hostfile.Open(p)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return "", err
+	}
+	return kernelimage.Release(f, st.Size())
+}
