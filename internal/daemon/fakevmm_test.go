@@ -30,6 +30,7 @@ type fakeBehaviour struct {
 	IgnoreACPI          bool   // Shutdown (the ACPI power button) is delivered and ignored
 	CrashAtBoot         bool   // the VMM exits right after Start returned, before its agent answers
 	Console             string // more console output, after the fake kernel's line
+	HangStart           bool   // Start blocks until its context ends, then fails and leaves nothing
 }
 
 // fakeDriver is a vmm.Driver whose "VM" lives in the test process: a
@@ -151,6 +152,10 @@ func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, erro
 	f.mu.Unlock()
 	if b.StartErr != nil {
 		return vmm.Handle{}, b.StartErr
+	}
+	if b.HangStart {
+		<-ctx.Done()
+		return vmm.Handle{}, fmt.Errorf("fake: start: %w", ctx.Err())
 	}
 	if spec.ID == "" || spec.CPUs <= 0 || spec.MemoryMiB <= 0 || spec.Kernel == "" || spec.RootDisk.Format != vmm.FormatRaw {
 		return vmm.Handle{}, fmt.Errorf("fake: bad spec %+v", spec)

@@ -166,3 +166,12 @@ func TestMarkStoppedOnlyWithTheSameHandle(t *testing.T) {
 		t.Fatalf("after MarkStopped: %+v", v)
 	}
 }
+
+// A failing query is an error, not "the name is free".
+func TestVMNameTakenReportsErrors(t *testing.T) {
+	s, _ := openTest(t)
+	s.Close()
+	if taken, err := s.VMNameTaken(context.Background(), "x"); err == nil {
+		t.Fatalf("VMNameTaken on a closed store = %v, nil; want an error", taken)
+	}
+}

@@ -1,0 +1,285 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// phaseGate records the boot phases VMs reach and holds a boot in the
+// phases it is told to, until the boot's context ends.
+type phaseGate struct {
+	mu      sync.Mutex
+	reached map[string]chan struct{} // "vm/phase" -> closed when reached
+	hold    map[string]bool          // "vm/phase" -> block there
+}
+
+func newPhaseGate() *phaseGate {
+	return &phaseGate{reached: map[string]chan struct{}{}, hold: map[string]bool{}}
+}
+
+func (g *phaseGate) ch(key string) chan struct{} {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	c, ok := g.reached[key]
+	if !ok {
+		c = make(chan struct{})
+		g.reached[key] = c
+	}
+	return c
+}
+
+func (g *phaseGate) onPhase(ctx context.Context, vm, phase string) {
+	key := vm + "/" + phase
+	c := g.ch(key)
+	g.mu.Lock()
+	select {
+	case <-c:
+	default:
+		close(c)
+	}
+	hold := g.hold[key]
+	g.mu.Unlock()
+	if hold {
+		<-ctx.Done()
+	}
+}
+
+func (g *phaseGate) holdAt(vm, phase string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.hold[vm+"/"+phase] = true
+}
+
+func (g *phaseGate) wait(ctx context.Context, t *testing.T, vm, phase string) {
+	t.Helper()
+	select {
+	case <-g.ch(vm + "/" + phase):
+	case <-ctx.Done():
+		t.Fatalf("vm %s never reached phase %q", vm, phase)
+	}
+}
+
+// A stop, kill or rm of a booting VM aborts the boot in any phase and
+// returns promptly (not after ready_timeout, 60s here); the aborted start
+// reports a cancellation; nothing of the boot is left. A second start of
+// the booting VM returns at once, saying it is booting.
+func TestStopKillRemoveAbortBootInEveryPhase(t *testing.T) {
+	t.Parallel()
+	gate := newPhaseGate()
+	e := newEnv(t, func(c *config.Daemon) { c.ReadyTimeout = config.Duration{Duration: 60 * time.Second} })
+	e.onPhase = gate.onPhase
+	d := e.start()
+	ctx := testCtx(t)
+	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "default", Rootfs: e.rootfs, Kernel: e.kernel, Initrd: e.initrd}); err != nil {
+		t.Fatal(err)
+	}
+	const prompt = 5 * time.Second
+	for i, phase := range []string{"build initramfs", "boot", "wait for agent"} {
+		for _, op := range []string{"stop", "kill", "rm"} {
+			name := fmt.Sprintf("p%d-%s", i, op)
+			t.Run(name, func(t *testing.T) {
+				switch phase {
+				case "build initramfs":
+					gate.holdAt(name, phase)
+				case "boot":
+					e.fake.setBehaviour(name, fakeBehaviour{HangStart: true})
+				case "wait for agent":
+					e.fake.setBehaviour(name, fakeBehaviour{AgentSilent: true})
+				}
+				vm, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: name, MemoryMiB: 128, CPUs: 1}, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				startErr := make(chan error, 1)
+				go func() {
+					_, err := d.c.VMStart(ctx, api.VMStartParams{Name: name}, nil)
+					startErr <- err
+				}()
+				gate.wait(ctx, t, name, phase)
+				if phase == "wait for agent" {
+					waitFor(ctx, t, "the agent to be dialed", func() bool { return inOrder(e.fake.callsFor(name), "start", "dial") })
+				}
+
+				began := time.Now()
+				_, err = d.c.VMStart(ctx, api.VMStartParams{Name: name}, nil)
+				if took := time.Since(began); took > prompt {
+					t.Errorf("second start took %v", took)
+				}
+				wireErr(t, "second start of a booting VM", err, errdefs.ErrFailedPrecondition)
+
+				began = time.Now()
+				switch op {
+				case "stop":
+					_, err = d.c.VMStop(ctx, api.VMStopParams{Name: name}, nil)
+				case "kill":
+					_, err = d.c.VMKill(ctx, name)
+				case "rm":
+					err = d.c.VMRemove(ctx, api.VMRemoveParams{Name: name})
+				}
+				if err != nil {
+					t.Fatalf("%s during %q: %v", op, phase, err)
+				}
+				if took := time.Since(began); took > prompt {
+					t.Errorf("%s during %q took %v", op, phase, took)
+				}
+				select {
+				case err := <-startErr:
+					if !errors.Is(err, context.Canceled) {
+						t.Errorf("aborted start returned %v, want a cancellation", err)
+					}
+				case <-time.After(prompt):
+					t.Fatalf("start still running %v after the %s returned", prompt, op)
+				}
+				if fv := e.fake.byName(name); fv != nil && e.fake.Alive(fv.handle) {
+					t.Errorf("the VMM of the aborted boot still runs")
+				}
+				if op == "rm" {
+					if _, err := d.c.VMInspect(ctx, name); !errors.Is(err, errdefs.ErrNotFound) {
+						t.Errorf("inspect after rm: %v, want not found", err)
+					}
+					if _, err := os.Stat(vm.Dir); !errors.Is(err, os.ErrNotExist) {
+						t.Errorf("vm dir after rm: %v", err)
+					}
+					return
+				}
+				got := inspect(t, d, name)
+				if got.State != api.StateStopped || got.PID != 0 {
+					t.Errorf("after %s: %s pid %d, want stopped", op, got.State, got.PID)
+				}
+				if left := runtimeFiles(vm.Dir); len(left) > 0 {
+					t.Errorf("runtime files left: %v", left)
+				}
+				if _, err := os.Stat(filepath.Join(vm.Dir, fileInitrd)); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("initramfs of the aborted boot left: %v", err)
+				}
+			})
+		}
+	}
+}
+
+// vm rm deletes the row before the files: when the files can't be
+// removed, the VM is gone anyway and the next daemon start removes them.
+func TestRemoveDeletesRowBeforeFiles(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, nil)
+	var failRemove sync.Mutex // held: removals fail
+	failRemove.Lock()
+	e.removeDir = func(p string) error {
+		if failRemove.TryLock() {
+			failRemove.Unlock()
+			return os.RemoveAll(p)
+		}
+		return errors.New("injected removal failure")
+	}
+	d := e.start()
+	ctx := testCtx(t)
+	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "default", Rootfs: e.rootfs, Kernel: e.kernel, Initrd: e.initrd}); err != nil {
+		t.Fatal(err)
+	}
+	vm, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "gone"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.c.VMRemove(ctx, api.VMRemoveParams{Name: "gone"}); err != nil {
+		t.Fatalf("rm with a failing file removal: %v (the row is gone: rm succeeded)", err)
+	}
+	if _, err := d.c.VMInspect(ctx, "gone"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("inspect after rm: %v, want not found", err)
+	}
+	if _, err := os.Stat(vm.Dir); err != nil {
+		t.Fatalf("vm dir: %v (the injected failure should have kept it)", err)
+	}
+	d.close()
+	failRemove.Unlock()
+	e.start()
+	if _, err := os.Stat(vm.Dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("vm dir after restart: %v, want removed by reconcile", err)
+	}
+}
+
+// The monitor of a VMM that exits marks the VM stopped only if the row
+// still records the handle it watched: a newer boot's handle is kept.
+func TestMonitorWithStaleHandleKeepsNewerBoot(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	createStarted(t, d, "reborn")
+	ctx := testCtx(t)
+	st, err := store.Open(ctx, filepath.Join(e.cfg.StateDir, "state.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	row, err := st.GetVM(ctx, "reborn")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A newer boot recorded its handle (as startVM does) before the old
+	// VMM's monitor ran.
+	row.Handle = `{"driver":"fake","pid":1,"start_time":1}`
+	if err := st.UpdateVM(ctx, row); err != nil {
+		t.Fatal(err)
+	}
+	fv := e.fake.byName("reborn")
+	fv.powerOff()
+	waitFor(ctx, t, "the monitor to see the exit", func() bool {
+		return inspect(t, d, "reborn").PID == 0 // the daemon forgot the VMM
+	})
+	// The monitor records the exit after it forgot the VMM; wait for its
+	// driver cleanup, which follows, then check the row.
+	waitFor(ctx, t, "the monitor's cleanup", func() bool { return inOrder(e.fake.callsFor("reborn"), "start", "cleanup") })
+	d.close()
+	got, err := st.GetVM(ctx, "reborn")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.State != api.StateRunning || got.Handle != row.Handle {
+		t.Fatalf("a stale monitor changed the newer boot's row: state %s handle %q", got.State, got.Handle)
+	}
+}
+
+// A VM name equal to another VM's id is refused (ids made before ids
+// started with a digit can look like names).
+func TestNameEqualToAnotherIDRefused(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	ctx := testCtx(t)
+	vm, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "first"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := vm.ID[0]; c < '0' || c > '9' {
+		t.Errorf("new id %q does not start with a digit (it could be a name)", vm.ID)
+	}
+	st, err := store.Open(ctx, filepath.Join(e.cfg.StateDir, "state.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	old, err := st.GetVM(ctx, "first")
+	if err != nil {
+		t.Fatal(err)
+	}
+	old.ID, old.Name, old.Dir = "abcdef0123456789", "old", filepath.Join(e.cfg.StateDir, "vms", "abcdef0123456789")
+	if err := st.InsertVM(ctx, old); err != nil {
+		t.Fatal(err)
+	}
+	_, err = d.c.VMCreate(ctx, api.VMCreateParams{Name: "abcdef0123456789"}, nil)
+	wireErr(t, "create a VM named like another's id", err, errdefs.ErrAlreadyExists)
+	if got, err := d.c.VMInspect(ctx, "abcdef0123456789"); err != nil || got.Name != "old" {
+		t.Fatalf("inspect by id = %q, %v; want old", got.Name, err)
+	}
+	if err := st.DeleteVM(ctx, old.ID); err != nil {
+		t.Fatal(err)
+	}
+}
