@@ -18,7 +18,7 @@ import (
 
 // Version is the agent protocol version. The host refuses agents whose
 // major version differs.
-const Version = "1.0"
+const Version = "1.1"
 
 // VirtioPortName is the name of the virtio-serial port carrying the agent
 // connection (/sys/class/virtio-ports/*/name in the guest).
@@ -152,6 +152,19 @@ type Info struct {
 	InitMode string `json:"init_mode"`
 	Init     string `json:"init,omitempty"`
 	UptimeMS int64  `json:"uptime_ms"`
+	// EarlyBootDone tells that the guest is ready for commands: its early
+	// boot is over. With systemd, sysinit.target was reached (local
+	// filesystems mounted, /dev/pts mounted, tmpfiles applied, so /tmp is
+	// no longer emptied behind a command's back); when the agent is PID 1,
+	// its own setup is done; with another init, there is nothing to wait
+	// for. The host polls GlobalInfo until it is true before it calls a VM
+	// started. Added in protocol 1.1.
+	EarlyBootDone bool `json:"early_boot_done"`
+	// EarlyBootSignal says how EarlyBootDone is known: "unit" (a oneshot
+	// unit ordered after sysinit.target left a marker), "systemctl"
+	// (asked systemd), "agent" (the agent is PID 1), "none" (another init:
+	// nothing to wait for).
+	EarlyBootSignal string `json:"early_boot_signal,omitempty"`
 }
 
 // MarshalPayload encodes v as JSON wrapped in an SSH string (see Encoding).

@@ -48,6 +48,11 @@ type session struct {
 	rows   uint16
 	cols   uint16
 	ptySet bool
+	// ptyErr is why the terminal asked for could not be allocated: the
+	// pty-req is accepted and the command fails with this message on
+	// stderr, which the user sees (a refused request carries no reason).
+	ptyErr  error
+	openPTY func() (ptmx, tty *os.File, err error)
 
 	mu      sync.Mutex
 	started bool
@@ -62,7 +67,10 @@ func (s *server) handleSession(nc ssh.NewChannel, log *slog.Logger) {
 		log.Warn("accept session", "err", err)
 		return
 	}
-	ss := &session{log: log, ch: ch, done: make(chan struct{})}
+	ss := &session{log: log, ch: ch, done: make(chan struct{}), openPTY: s.hooks.OpenPTY}
+	if ss.openPTY == nil {
+		ss.openPTY = pty.Open
+	}
 	ss.serve(reqs)
 }
 
@@ -175,10 +183,12 @@ func (ss *session) allocPTY(m agentproto.PtyReqMsg) error {
 	if ss.started || ss.ptySet {
 		return errors.New("pty already allocated or command started")
 	}
-	ptmx, tty, err := pty.Open()
+	ss.ptySet = true
+	ptmx, tty, err := ss.openPTY()
 	if err != nil {
-		ss.log.Warn("allocate pty", "err", err)
-		return fmt.Errorf("allocate pty: %w", err)
+		ss.ptyErr = explainPTYError(err, "/dev/pts")
+		ss.log.Warn("allocate pty", "err", ss.ptyErr)
+		return nil
 	}
 	ss.ptmx, ss.tty, ss.ptySet = ptmx, tty, true
 	ss.term = m.Term
@@ -292,6 +302,10 @@ func (ss *session) run(c command) {
 	errOut := io.Writer(ss.ch.Stderr())
 	if ss.ptmx != nil {
 		errOut = ss.ch
+	}
+	if ss.ptyErr != nil {
+		ss.failStart(errOut, c.argv[0], ss.ptyErr)
+		return
 	}
 	// The child's chdir error would look like a missing program: check
 	// the directory first.
@@ -442,7 +456,10 @@ func (ss *session) failStart(stderr io.Writer, name string, err error) {
 	status := uint32(126)
 	var msg string
 	var pe *fs.PathError
+	var pte *ptyError
 	switch {
+	case errors.As(err, &pte):
+		msg = fmt.Sprintf("banger-agent: %v\n", pte)
 	case errors.As(err, &pe) && pe.Op == "chdir":
 		status = 127
 		msg = fmt.Sprintf("banger-agent: chdir %s: %v\n", pe.Path, pe.Err)
@@ -495,4 +512,21 @@ func closeAll(files ...*os.File) {
 			f.Close()
 		}
 	}
+}
+
+// ptyError is a terminal that could not be allocated.
+type ptyError struct{ err error }
+
+func (e *ptyError) Error() string { return e.err.Error() }
+func (e *ptyError) Unwrap() error { return e.err }
+
+// explainPTYError says why a terminal could not be allocated; most often
+// the guest is still early in its boot and devpts is not mounted on
+// ptsDir yet.
+func explainPTYError(err error, ptsDir string) error {
+	var fs unix.Statfs_t
+	if serr := unix.Statfs(ptsDir, &fs); serr != nil || fs.Type != unix.DEVPTS_SUPER_MAGIC {
+		return &ptyError{fmt.Errorf("cannot allocate a terminal: %s is not mounted yet (the guest is still booting; try again in a moment): %w", ptsDir, err)}
+	}
+	return &ptyError{fmt.Errorf("cannot allocate a terminal: %w", err)}
 }

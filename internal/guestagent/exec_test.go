@@ -406,3 +406,21 @@ func TestExecLoginShell(t *testing.T) {
 		t.Fatalf("shell output %q", out.String())
 	}
 }
+
+// A terminal that cannot be allocated (early in a systemd boot, before
+// /dev/pts is mounted) fails the command with the reason on stderr, not
+// with a bare "request refused".
+func TestExecPTYUnavailableSaysWhy(t *testing.T) {
+	c, _ := connect(t, guestagent.Hooks{OpenPTY: func() (*os.File, *os.File, error) {
+		return nil, nil, errors.New("open /dev/ptmx: no such device")
+	}})
+	var stdout, stderr bytes.Buffer
+	code, err := c.Exec(testCtx(t), agent.ExecOptions{Argv: []string{"tty"}, TTY: true, Stdout: &stdout, Stderr: &stderr})
+	if err != nil {
+		t.Fatalf("exec: %v", err)
+	}
+	out := stdout.String() + stderr.String()
+	if code != 126 || !strings.Contains(out, "cannot allocate a terminal") || !strings.Contains(out, "no such device") {
+		t.Errorf("code %d, output %q; want 126 and the reason", code, out)
+	}
+}

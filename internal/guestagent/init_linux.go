@@ -152,6 +152,11 @@ func initSystem(c *initConsole, args []string) error {
 		// systemd sets the hostname from /etc/hostname: make it agree.
 		writeHostnameFile(c, cfg.Hostname)
 	}
+	if mode == InitModeSystemd {
+		if err := installEarlyBootUnit(); err != nil {
+			c.logf("warning: early boot signal: %v; the agent will ask systemd instead", err)
+		}
+	}
 	// The image's init does not know the agent: a supervisor restarts it.
 	pid, err := startAgent(cfgJSON, mode, resolved, "supervise-fd")
 	if err != nil {

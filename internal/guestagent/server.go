@@ -46,6 +46,13 @@ type Hooks struct {
 	// InitMode and Init are reported in agentproto.Info.
 	InitMode string
 	Init     string
+	// EarlyBootDone reports whether the guest's early boot is over, and
+	// how that is known (agentproto.Info.EarlyBootDone and
+	// EarlyBootSignal). When nil, early boot counts as done ("none").
+	EarlyBootDone func(ctx context.Context) (done bool, signal string)
+	// OpenPTY allocates a pseudo-terminal (master, slave). When nil,
+	// github.com/creack/pty.Open.
+	OpenPTY func() (ptmx, tty *os.File, err error)
 }
 
 // server holds what every connection of one agent shares.
@@ -222,6 +229,10 @@ func (s *server) info() agentproto.Info {
 		ProtoVersion: agentproto.Version,
 		InitMode:     s.hooks.InitMode,
 		Init:         s.hooks.Init,
+	}
+	inf.EarlyBootDone, inf.EarlyBootSignal = true, earlyBootByNone
+	if s.hooks.EarlyBootDone != nil {
+		inf.EarlyBootDone, inf.EarlyBootSignal = s.hooks.EarlyBootDone(context.Background())
 	}
 	var uts unix.Utsname
 	if err := unix.Uname(&uts); err == nil {

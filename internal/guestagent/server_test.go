@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -33,6 +34,9 @@ func TestInfo(t *testing.T) {
 		InitMode:      "systemd",
 		Init:          "/sbin/init",
 		UptimeMS:      info.UptimeMS,
+		// No EarlyBootDone hook: nothing to wait for.
+		EarlyBootDone:   true,
+		EarlyBootSignal: "none",
 	}
 	if info != want {
 		t.Errorf("info = %+v, want %+v", info, want)
@@ -182,5 +186,27 @@ func TestExecInterruptedByConnectionLoss(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatalf("exec did not return after the connection died")
+	}
+}
+
+func TestInfoEarlyBoot(t *testing.T) {
+	var done atomic.Bool
+	c, _ := connect(t, guestagent.Hooks{EarlyBootDone: func(context.Context) (bool, string) { return done.Load(), "unit" }})
+	info, err := c.Info(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.EarlyBootDone || info.EarlyBootSignal != "unit" {
+		t.Errorf("before: EarlyBootDone %v signal %q, want false unit", info.EarlyBootDone, info.EarlyBootSignal)
+	}
+	done.Store(true)
+	if info, err = c.Info(testCtx(t)); err != nil || !info.EarlyBootDone {
+		t.Errorf("after: EarlyBootDone %v, err %v", info.EarlyBootDone, err)
+	}
+
+	// Without the hook (an agent started by hand), there is nothing to wait for.
+	c2, _ := connect(t, guestagent.Hooks{})
+	if info, err := c2.Info(testCtx(t)); err != nil || !info.EarlyBootDone {
+		t.Errorf("no hook: EarlyBootDone %v, err %v", info.EarlyBootDone, err)
 	}
 }
