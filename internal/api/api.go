@@ -111,6 +111,44 @@ type VM struct {
 	StartedAt    *time.Time `json:"started_at,omitempty"`
 	Guest        *GuestInfo `json:"guest,omitempty"`
 	LastError    string     `json:"last_error,omitempty"`
+	// BootTimeline is the VM's last (or current) start, phase by phase.
+	BootTimeline *BootTimeline `json:"boot_timeline,omitempty"`
+}
+
+// Boot phases, in order (BootPhase.Name). Clone is recorded only for the
+// first start after vm create; full boot ends when the guest's init has
+// finished booting (systemd: is-system-running leaves "starting"), which a
+// start waits for only with WaitBoot and otherwise records in the
+// background.
+const (
+	PhaseClone         = "clone"
+	PhaseInitramfs     = "initramfs"
+	PhaseVMMStart      = "vmm start"
+	PhaseKernelToAgent = "kernel to agent"
+	PhaseEarlyBoot     = "early boot"
+	PhaseFullBoot      = "full boot"
+)
+
+// BootTimeline records where a VM's start spent its time, so that a slow or
+// stuck boot says where it is.
+type BootTimeline struct {
+	StartedAt time.Time   `json:"started_at"`
+	Phases    []BootPhase `json:"phases"`
+	// Ready: early boot is over, the VM takes commands.
+	Ready bool `json:"ready"`
+	// Done: every phase ended (full boot included).
+	Done bool `json:"done"`
+	// Error is why the start failed, in the last phase.
+	Error string `json:"error,omitempty"`
+}
+
+// BootPhase is one phase of a BootTimeline. A running phase's duration is
+// the time it has lasted so far.
+type BootPhase struct {
+	Name       string    `json:"name"`
+	StartedAt  time.Time `json:"started_at"`
+	DurationMS float64   `json:"duration_ms"`
+	Running    bool      `json:"running,omitempty"`
 }
 
 // GuestInfo is what the guest agent reports.

@@ -67,6 +67,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		return err
 	}
 
+	tl := newBootTimeline(v)
 	steps := undo.New(d.log.With("op", "start vm", "vm", v.Name))
 	lastErr := "" // what the VM's row records on failure (default: err's first line)
 	defer func() {
@@ -80,9 +81,11 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		if lastErr == "" {
 			lastErr, _, _ = strings.Cut(err.Error(), "\n")
 		}
+		tl.fail(lastErr)
 		d.recordStartFailure(ctx, v.ID, lastErr)
 	}()
 
+	tl.begin(api.PhaseInitramfs)
 	if err := d.phase(ctx, call, v, "build initramfs"); err != nil {
 		return err
 	}
@@ -108,6 +111,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		return fmt.Errorf("reset console log: %w", err)
 	}
 
+	tl.begin(api.PhaseVMMStart)
 	if err := d.phase(ctx, call, v, "boot"); err != nil {
 		return err
 	}
@@ -150,12 +154,13 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 	readyCtx, cancelReady := context.WithTimeout(ctx, d.cfg.ReadyTimeout.Duration)
 	defer cancelReady()
 	start := time.Now()
-	if _, err := d.connectAgent(readyCtx, r, keys); err != nil {
+	if err := d.waitReady(readyCtx, call, v, r, keys, tl); err != nil {
 		if cause := bootErr(ctx); cause != nil {
 			return fmt.Errorf("start vm %q: %w", v.Name, cause)
 		}
-		lastErr = "agent not ready: " + err.Error()
-		return fmt.Errorf("vm %q did not become ready: %w%s; the VM was stopped; console output:\n%s", v.Name, err, modulesHint(console), tailFile(console, 20))
+		err = fmt.Errorf("vm %q did not become ready: %w", v.Name, tl.stuck(err))
+		lastErr = err.Error()
+		return fmt.Errorf("%w%s; the VM was stopped; console output:\n%s", err, modulesHint(console), tailFile(console, 20))
 	}
 	steps.Release()
 	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))
@@ -164,9 +169,12 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 			return err
 		}
 		if err := d.waitBoot(readyCtx, r); err != nil {
-			return fmt.Errorf("vm %q: wait for boot: %w", v.Name, err)
+			return fmt.Errorf("vm %q: wait for boot: %w", v.Name, tl.stuck(err))
 		}
+		tl.finish()
 		d.log.Info("vm booted", "vm", v.Name, "booted_after", time.Since(start).Round(time.Millisecond))
+	} else {
+		d.recordFullBoot(v.Name, r, tl)
 	}
 	return nil
 }

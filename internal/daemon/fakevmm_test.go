@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/bangerdev/banger/internal/agentproto"
@@ -31,6 +32,10 @@ type fakeBehaviour struct {
 	CrashAtBoot         bool   // the VMM exits right after Start returned, before its agent answers
 	Console             string // more console output, after the fake kernel's line
 	HangStart           bool   // Start blocks until its context ends, then fails and leaves nothing
+	// EarlyBootInfos: the agent reports early boot done only from its
+	// EarlyBootInfos-th info request on; EarlyBootNever: never.
+	EarlyBootInfos int
+	EarlyBootNever bool
 }
 
 // fakeDriver is a vmm.Driver whose "VM" lives in the test process: a
@@ -239,8 +244,13 @@ func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, erro
 }
 
 func (f *fakeDriver) serveAgent(ctx context.Context, v *fakeVM, ln net.Listener, cfg agentproto.Config, b fakeBehaviour) {
+	var infos atomic.Int64
 	hooks := guestagent.Hooks{
 		InitMode: "agent",
+		EarlyBootDone: func(context.Context) (bool, string) {
+			n := infos.Add(1)
+			return !b.EarlyBootNever && n >= int64(b.EarlyBootInfos), "unit"
+		},
 		Shutdown: func(reboot bool) error {
 			f.record("agent-shutdown", v.name)
 			if b.IgnoreAgentShutdown {

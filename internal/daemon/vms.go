@@ -57,6 +57,7 @@ func (d *Daemon) vmAPI(v store.VM) api.VM {
 		DiskBytes: v.DiskBytes, DiskPath: v.DiskPath, DiskFormat: v.DiskFormat, DiskStrategy: v.DiskStrategy,
 		VMM: v.VMM, AccelWanted: v.AccelWanted, Dir: v.Dir, ConsoleLog: filepath.Join(v.Dir, fileConsole),
 		CreatedAt: v.CreatedAt, LastError: v.LastError, Image: v.ImageName,
+		BootTimeline: timelineAPI(v, time.Now()),
 	}
 	if !v.StartedAt.IsZero() && v.State == api.StateRunning {
 		t := v.StartedAt
@@ -165,11 +166,15 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	}
 	steps.Push("remove vm dir", func(context.Context) error { return os.RemoveAll(dir) })
 	call.Progress(api.Progress{Phase: "clone root disk"})
+	cloneStart := time.Now()
 	cl, err := d.cloner.Clone(ctx, disk.CloneRequest{
 		Base: im.Rootfs, Dest: filepath.Join(dir, fileRootDisk), Formats: d.driver.DiskFormats(), Size: p.DiskBytes,
 	})
 	if err != nil {
 		return v, fmt.Errorf("clone root disk: %w", err)
+	}
+	if err := recordClone(dir, cloneStart, time.Since(cloneStart)); err != nil {
+		d.log.Warn("record boot timeline", "vm", name, "err", err)
 	}
 	if err := writeVMKeys(dir); err != nil {
 		return v, err

@@ -304,7 +304,7 @@ func TestStartAgentNeverReady(t *testing.T) {
 	if took := time.Since(start); took > 10*time.Second {
 		t.Errorf("start failed after %v; ready_timeout is 1s", took)
 	}
-	for _, want := range []string{`vm "mute" did not become ready`, "the VM was stopped", "fake kernel booting mute"} {
+	for _, want := range []string{`vm "mute" did not become ready: stuck in phase 'kernel to agent'`, "the VM was stopped", "fake kernel booting mute"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("start error %q does not contain %q", err, want)
 		}
@@ -313,7 +313,7 @@ func TestStartAgentNeverReady(t *testing.T) {
 	if vm.State != api.StateStopped || vm.PID != 0 {
 		t.Errorf("vm after failed start: %s pid %d, want stopped", vm.State, vm.PID)
 	}
-	if !strings.HasPrefix(vm.LastError, "agent not ready:") {
+	if !strings.Contains(vm.LastError, "stuck in phase 'kernel to agent'") {
 		t.Errorf("last error = %q, want the agent failure", vm.LastError)
 	}
 	fv := e.fake.byName("mute")

@@ -295,6 +295,33 @@ func testBoot(t *testing.T, spec bootSpec) {
 		t.Errorf("Info.Hostname %q, want %q", info.Hostname, cfg.Hostname)
 	}
 
+	// Ready for commands: early boot over. When the agent is PID 1 that
+	// is at once; with systemd, once sysinit.target is reached.
+	if spec.wantMode == "agent" && (!info.EarlyBootDone || info.EarlyBootSignal != "agent") {
+		t.Errorf("agent as PID 1: EarlyBootDone %v signal %q, want true agent", info.EarlyBootDone, info.EarlyBootSignal)
+	}
+	for !info.EarlyBootDone {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("early boot not done %s after QEMU start; console:\n%s", time.Since(v.started).Round(time.Millisecond), v.consoleTail(30))
+		case <-time.After(100 * time.Millisecond):
+		}
+		if info, err = c.Info(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("early boot done %s after QEMU start (signal %s, guest uptime %dms)", time.Since(v.started).Round(time.Millisecond), info.EarlyBootSignal, info.UptimeMS)
+	if spec.wantMode == "systemd" {
+		if info.EarlyBootSignal != "unit" {
+			t.Errorf("early boot signal %q, want unit (banger's runtime unit after sysinit.target)", info.EarlyBootSignal)
+		}
+		// What "early boot done" promises: sysinit.target reached (so
+		// tmpfiles ran), /dev/pts mounted.
+		if got := strings.TrimSpace(run(ctx, t, c, "sh", "-c", "systemctl is-active sysinit.target systemd-tmpfiles-setup.service local-fs.target; test -e /dev/pts/ptmx && echo pts")); got != "active\nactive\nactive\npts" {
+			t.Errorf("after early boot: %q, want sysinit.target, tmpfiles setup and local-fs.target active and /dev/pts mounted", got)
+		}
+	}
+
 	if got := strings.TrimSpace(run(ctx, t, c, "uname", "-r")); got != img.release {
 		t.Errorf("uname -r = %q, want %q", got, img.release)
 	}
