@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -281,5 +282,32 @@ func TestNameEqualToAnotherIDRefused(t *testing.T) {
 	}
 	if err := st.DeleteVM(ctx, old.ID); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Errors quote at most a short prefix of the user's input.
+func TestErrorsQuoteAShortPrefixOfInput(t *testing.T) {
+	t.Parallel()
+	_, d := setup(t, nil)
+	ctx := testCtx(t)
+	long := "a" + strings.Repeat("b", 100<<10)
+	_, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: long}, nil)
+	wireErr(t, "create with a 100 KiB name", err, errdefs.ErrInvalid)
+	if len(err.Error()) > 400 {
+		t.Errorf("create error is %d bytes long", len(err.Error()))
+	}
+	_, err = d.c.VMInspect(ctx, long)
+	wireErr(t, "inspect a 100 KiB name", err, errdefs.ErrNotFound)
+	if len(err.Error()) > 400 {
+		t.Errorf("inspect error is %d bytes long", len(err.Error()))
+	}
+	_, err = d.c.VMCreate(ctx, api.VMCreateParams{Name: "x", Image: long}, nil)
+	wireErr(t, "create from a 100 KiB image ref", err, errdefs.ErrNotFound)
+	if len(err.Error()) > 400 {
+		t.Errorf("image ref error is %d bytes long", len(err.Error()))
+	}
+	_, err = d.c.VMCreate(ctx, api.VMCreateParams{Name: strings.Repeat("a", 10<<20)}, nil)
+	if !errors.Is(err, errdefs.ErrInvalid) {
+		t.Errorf("create with a 10 MB name = %v, want ErrInvalid", err)
 	}
 }

@@ -96,7 +96,7 @@ func (d *Daemon) copyTarget(ctx context.Context, call *rpc.Call) (string, store.
 		return "", store.VM{}, nil, err
 	}
 	if !filepath.IsAbs(p.Path) {
-		return "", store.VM{}, nil, fmt.Errorf("guest path %q must be absolute: %w", p.Path, errdefs.ErrInvalid)
+		return "", store.VM{}, nil, fmt.Errorf("guest path %s must be absolute: %w", errdefs.Quote(p.Path), errdefs.ErrInvalid)
 	}
 	v, err := d.store.GetVM(ctx, p.Name)
 	if err != nil {

@@ -101,7 +101,7 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	switch p.Accel {
 	case "", vmm.AccelAuto, vmm.AccelKVM, vmm.AccelTCG:
 	default:
-		return v, fmt.Errorf("accel %q: want auto, kvm or tcg: %w", p.Accel, errdefs.ErrInvalid)
+		return v, fmt.Errorf("accel %s: want auto, kvm or tcg: %w", errdefs.Quote(p.Accel), errdefs.ErrInvalid)
 	}
 	if p.CPUs < 0 || p.CPUs > 64 {
 		return v, fmt.Errorf("cpus %d: want 1 to 64: %w", p.CPUs, errdefs.ErrInvalid)
@@ -127,7 +127,7 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	im, err := d.store.GetImage(ctx, imageRef)
 	if err != nil {
 		if errors.Is(err, errdefs.ErrNotFound) {
-			return v, fmt.Errorf("image %q not found: list images with banger image ls, or register one with banger image register: %w", imageRef, errdefs.ErrNotFound)
+			return v, fmt.Errorf("image %s not found: list images with banger image ls, or register one with banger image register: %w", errdefs.Quote(imageRef), errdefs.ErrNotFound)
 		}
 		return v, err
 	}
@@ -257,7 +257,7 @@ func (d *Daemon) vmStop(ctx context.Context, call *rpc.Call) (any, error) {
 	if p.Timeout != "" {
 		t, err := time.ParseDuration(p.Timeout)
 		if err != nil || t <= 0 {
-			return nil, fmt.Errorf("timeout %q: want a positive duration like 30s: %w", p.Timeout, errdefs.ErrInvalid)
+			return nil, fmt.Errorf("timeout %s: want a positive duration like 30s: %w", errdefs.Quote(p.Timeout), errdefs.ErrInvalid)
 		}
 		timeout = t
 	}

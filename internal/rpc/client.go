@@ -52,6 +52,10 @@ func Open(ctx context.Context, socketPath, method string, params any) (*Stream, 
 		conn.Close()
 		return nil, fmt.Errorf("encode %s params: %w", method, err)
 	}
+	if len(raw) > MaxRequestBytes-len(method)-64 {
+		conn.Close()
+		return nil, fmt.Errorf("%s request of %d bytes is larger than the daemon accepts (%d KiB): %w", method, len(raw), MaxRequestBytes>>10, errdefs.ErrInvalid)
+	}
 	s := &Stream{conn: conn, dec: json.NewDecoder(conn), enc: json.NewEncoder(conn)}
 	if err := s.enc.Encode(Request{Method: method, Params: raw}); err != nil {
 		conn.Close()

@@ -2,12 +2,15 @@ package rpc
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -159,5 +162,85 @@ func TestStreamingAndCancel(t *testing.T) {
 	case <-cancelled:
 	case <-time.After(5 * time.Second):
 		t.Fatal("handler context not cancelled when the client went away")
+	}
+}
+
+// A request larger than MaxRequestBytes is refused with ErrInvalid, and the
+// server never buffers it: what it allocates while refusing a 10 MB request
+// stays near the limit.
+func TestOversizedRequestRefusedWithBoundedMemory(t *testing.T) {
+	called := false
+	sock := serve(t, nil, func(s *Server) {
+		s.Handle("v1.vm.create", PermRead, func(ctx context.Context, c *Call) (any, error) {
+			called = true
+			return nil, nil
+		})
+	})
+	name := strings.Repeat("a", 10<<20)
+	req := []byte(`{"method":"v1.vm.create","params":{"name":"` + name + `"}}` + "\n")
+
+	// The typed path refuses before sending.
+	err := Do(context.Background(), sock, "v1.vm.create", map[string]string{"name": name}, nil, nil)
+	if !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("Do with a 10 MB request = %v, want ErrInvalid", err)
+	}
+
+	// A raw client: the server refuses it.
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	go func() {
+		_, _ = conn.Write(req) // fails once the server closed: expected
+	}()
+	var msg Message
+	if err := json.NewDecoder(conn).Decode(&msg); err != nil {
+		t.Fatalf("read the server's answer: %v", err)
+	}
+	runtime.ReadMemStats(&after)
+	if msg.Error == nil || msg.Error.Code != api.CodeInvalid {
+		t.Fatalf("answer to a 10 MB request = %+v, want an invalid-argument error", msg)
+	}
+	if called {
+		t.Fatal("the handler ran")
+	}
+	// Allocated by the whole process (this test's reader included) while
+	// the server read and refused the request.
+	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 6<<20 {
+		t.Errorf("refusing a 10 MB request allocated %d MiB, want a bound near %d MiB", alloc>>20, MaxRequestBytes>>20)
+	}
+}
+
+// A client frame larger than MaxFrameBytes ends the call with ErrInvalid.
+func TestOversizedFrameEndsCall(t *testing.T) {
+	sock := serve(t, nil, func(s *Server) {
+		s.Handle("v1.in", PermRead, func(ctx context.Context, c *Call) (any, error) {
+			for range c.Frames() {
+			}
+			<-ctx.Done()
+			return nil, ctx.Err()
+		})
+	})
+	s, err := Open(context.Background(), sock, "v1.in", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	go func() {
+		_ = s.Send(api.Frame{Type: api.FrameStdin, Data: make([]byte, 2<<20)})
+	}()
+	for {
+		_, err := s.Recv(nil)
+		if err == nil {
+			continue
+		}
+		if !errors.Is(err, errdefs.ErrInvalid) {
+			t.Fatalf("call with a 2 MiB frame ended with %v, want ErrInvalid", err)
+		}
+		return
 	}
 }

@@ -163,14 +163,23 @@ func peerGroups(fd int) ([]uint32, error) {
 
 func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	defer conn.Close()
-	dec := json.NewDecoder(conn)
+	// Every message is read through a budget: a client can't make the
+	// daemon buffer more than about MaxRequestBytes (request) or
+	// MaxFrameBytes (each later frame), whatever it sends.
+	in := &budgetReader{r: conn, left: MaxRequestBytes, limit: MaxRequestBytes}
+	dec := json.NewDecoder(in)
 	var req Request
 	if err := dec.Decode(&req); err != nil {
-		if !errors.Is(err, io.EOF) {
+		switch {
+		case errors.Is(err, errdefs.ErrInvalid):
+			s.log.Warn("rpc: request refused", "err", err)
+			_ = json.NewEncoder(conn).Encode(Message{Error: &WireError{Code: errdefs.Code(err), Message: err.Error()}})
+		case !errors.Is(err, io.EOF):
 			s.log.Debug("rpc: bad request", "err", err)
 		}
 		return
 	}
+	in.limit = MaxFrameBytes
 	call := &Call{Method: req.Method, Params: req.Params, enc: json.NewEncoder(conn), frames: make(chan api.Frame, 64)}
 	m, ok := s.methods[req.Method]
 	if !ok {
@@ -198,7 +207,11 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 		defer close(call.frames)
 		for {
 			var msg Message
+			in.reset()
 			if err := dec.Decode(&msg); err != nil {
+				if errors.Is(err, errdefs.ErrInvalid) {
+					call.setInputErr(err)
+				}
 				return
 			}
 			if msg.Frame == nil {
@@ -214,6 +227,10 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	log := s.log.With("method", req.Method, "peer_uid", peer.UID, "peer_pid", peer.PID)
 	log.Debug("rpc call")
 	res, err := m.handler(cctx, call)
+	if ierr := call.inputErr(); ierr != nil {
+		// The call was cancelled because of its input: say why.
+		res, err = nil, ierr
+	}
 	if err != nil {
 		log.Debug("rpc call failed", "err", err)
 	}
@@ -229,6 +246,19 @@ type Call struct {
 	mu     sync.Mutex
 	enc    *json.Encoder
 	frames chan api.Frame
+	inErr  error // a client frame broke the rules (too large); guarded by mu
+}
+
+func (c *Call) setInputErr(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.inErr = err
+}
+
+func (c *Call) inputErr() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.inErr
 }
 
 // Decode decodes the call's parameters into v, rejecting unknown fields.
@@ -239,7 +269,7 @@ func (c *Call) Decode(v any) error {
 	dec := json.NewDecoder(bytesReader(c.Params))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("decode %s params: %v: %w", c.Method, err, errdefs.ErrInvalid)
+		return fmt.Errorf("decode %s params: %w: %w", c.Method, err, errdefs.ErrInvalid)
 	}
 	return nil
 }

@@ -9,9 +9,44 @@ package rpc
 
 import (
 	"encoding/json"
+	"fmt"
+	"io"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/errdefs"
 )
+
+// Size limits of what a client sends, in bytes of JSON. The server refuses
+// a larger request (ErrInvalid) and ends a call whose client sends a larger
+// frame (stdin and copy-in frames carry at most 32 KiB of data, about 44 KiB
+// of JSON).
+const (
+	MaxRequestBytes = 1 << 20
+	MaxFrameBytes   = 1 << 20
+)
+
+// budgetReader reads from r until a message's budget is spent, then fails
+// with an ErrInvalid error. json.Decoder reads ahead, so reset gives each
+// message a fresh budget: what the server buffers stays below twice the limit.
+type budgetReader struct {
+	r     io.Reader
+	left  int
+	limit int
+}
+
+func (b *budgetReader) reset() { b.left = b.limit }
+
+func (b *budgetReader) Read(p []byte) (int, error) {
+	if b.left <= 0 {
+		return 0, fmt.Errorf("message larger than %d KiB: %w", b.limit>>10, errdefs.ErrInvalid)
+	}
+	if len(p) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.r.Read(p)
+	b.left -= n
+	return n, err
+}
 
 // Request opens a call.
 type Request struct {

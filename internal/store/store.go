@@ -200,10 +200,10 @@ func scanImage(row interface{ Scan(...any) error }) (Image, error) {
 func (s *Store) GetImage(ctx context.Context, ref string) (Image, error) {
 	im, err := scanImage(s.db.QueryRowContext(ctx, `SELECT `+imageCols+` FROM images WHERE name = ? OR id = ?`, ref, ref))
 	if errors.Is(err, sql.ErrNoRows) {
-		return Image{}, fmt.Errorf("image %q: %w", ref, errdefs.ErrNotFound)
+		return Image{}, fmt.Errorf("image %s: %w", errdefs.Quote(ref), errdefs.ErrNotFound)
 	}
 	if err != nil {
-		return Image{}, fmt.Errorf("get image %q: %w", ref, err)
+		return Image{}, fmt.Errorf("get image %s: %w", errdefs.Quote(ref), err)
 	}
 	return im, nil
 }
@@ -321,10 +321,10 @@ func (s *Store) UpdateVM(ctx context.Context, v VM) error {
 func (s *Store) GetVM(ctx context.Context, ref string) (VM, error) {
 	v, err := scanVM(s.db.QueryRowContext(ctx, vmSelect+` WHERE name = ? OR id = ? ORDER BY id = ? DESC LIMIT 1`, ref, ref, ref))
 	if errors.Is(err, sql.ErrNoRows) {
-		return VM{}, fmt.Errorf("vm %q: %w", ref, errdefs.ErrNotFound)
+		return VM{}, fmt.Errorf("vm %s: %w", errdefs.Quote(ref), errdefs.ErrNotFound)
 	}
 	if err != nil {
-		return VM{}, fmt.Errorf("get vm %q: %w", ref, err)
+		return VM{}, fmt.Errorf("get vm %s: %w", errdefs.Quote(ref), err)
 	}
 	return v, nil
 }
@@ -352,7 +352,7 @@ func (s *Store) ListVMs(ctx context.Context) ([]VM, error) {
 func (s *Store) VMNameTaken(ctx context.Context, name string) (bool, error) {
 	var n int
 	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM vms WHERE name = ? OR id = ?`, name, name).Scan(&n); err != nil {
-		return false, fmt.Errorf("check vm name %q: %w", name, err)
+		return false, fmt.Errorf("check vm name %s: %w", errdefs.Quote(name), err)
 	}
 	return n > 0, nil
 }

@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strconv"
+
+	"github.com/bangerdev/banger/internal/errdefs"
 )
 
 // MaxLen is the longest name allowed (a DNS label).
@@ -37,9 +39,9 @@ type InvalidNameError struct {
 
 func (e *InvalidNameError) Error() string {
 	if e.Reason == "" {
-		return fmt.Sprintf("invalid %s name %q: %s", e.Kind, e.Name, rule)
+		return fmt.Sprintf("invalid %s name %s: %s", e.Kind, errdefs.Quote(e.Name), rule)
 	}
-	return fmt.Sprintf("invalid %s name %q: %s; %s", e.Kind, e.Name, e.Reason, rule)
+	return fmt.Sprintf("invalid %s name %s: %s; %s", e.Kind, errdefs.Quote(e.Name), e.Reason, rule)
 }
 
 // Is makes errors.Is(err, ErrInvalid) true.
