@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/bangerdev/banger/internal/agentproto"
+	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/kvmcheck"
 	"github.com/bangerdev/banger/internal/vmm"
 )
@@ -47,7 +48,7 @@ func ChooseAccel(requested string, probe kvmcheck.Result) (accel string, warning
 		return vmm.AccelTCG, probe.Reason + "; using TCG (slow)", nil
 	case vmm.AccelKVM:
 		if !probe.Works() {
-			return "", "", fmt.Errorf("accelerator kvm requested but unavailable: %s", probe.Reason)
+			return "", "", fmt.Errorf("accelerator kvm requested but unavailable: %s: %w", probe.Reason, errdefs.ErrFailedPrecondition)
 		}
 		if !probe.Usable {
 			return vmm.AccelKVM, "accelerator kvm forced although " + probe.Reason, nil
@@ -56,7 +57,7 @@ func ChooseAccel(requested string, probe kvmcheck.Result) (accel string, warning
 	case vmm.AccelTCG:
 		return vmm.AccelTCG, "", nil
 	default:
-		return "", "", fmt.Errorf("unknown accelerator %q (want auto, kvm or tcg)", requested)
+		return "", "", fmt.Errorf("unknown accelerator %s (want auto, kvm or tcg): %w", errdefs.Quote(requested), errdefs.ErrInvalid)
 	}
 }
 

@@ -76,7 +76,7 @@ func TestAliveFakeProc(t *testing.T) {
 		{vmm.Handle{PID: 102, StartTime: 5000}, false}, // pid reused
 		{vmm.Handle{PID: 103, StartTime: 5000}, false}, // gone
 		{vmm.Handle{PID: 0}, false},
-		{vmm.Handle{PID: 100}, true}, // no start time recorded
+		{vmm.Handle{PID: 100}, false}, // no start time recorded: can't rule out pid reuse
 	}
 	for _, tt := range tests {
 		if got := d.Alive(tt.h); got != tt.want {

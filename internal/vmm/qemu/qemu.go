@@ -31,6 +31,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/kvmcheck"
 	"github.com/bangerdev/banger/internal/vmm"
 )
@@ -172,7 +173,7 @@ func regularFile(path string) error {
 // runtime files removed.
 func (d *Driver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, error) {
 	if err := d.validate(spec); err != nil {
-		return vmm.Handle{}, err
+		return vmm.Handle{}, fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
 	}
 	if spec.Name == "" {
 		spec.Name = spec.ID
@@ -399,7 +400,9 @@ func (d *Driver) Alive(h vmm.Handle) bool {
 	if err != nil || st.exited() {
 		return false
 	}
-	return h.StartTime == 0 || st.StartTime == h.StartTime
+	// A handle without a start time can't tell this process from another
+	// that reused its pid: it is never alive.
+	return h.StartTime != 0 && st.StartTime == h.StartTime
 }
 
 // Wait implements vmm.Driver. QEMU is not the caller's child, so it waits on
