@@ -54,6 +54,9 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 	if err != nil {
 		return err
 	}
+	if err := d.imageReady(ctx, v, im); err != nil {
+		return err
+	}
 	hostKey, err := os.ReadFile(filepath.Join(v.Dir, fileHostKey))
 	if err != nil {
 		return fmt.Errorf("read agent key: %w", err)

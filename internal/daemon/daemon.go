@@ -203,6 +203,9 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 	if err := d.reconcile(ctx); err != nil {
 		return fmt.Errorf("reconcile state: %w", err)
 	}
+	if err := d.reconcileImages(ctx); err != nil {
+		return fmt.Errorf("reconcile images: %w", err)
+	}
 
 	l, err := listen(cfg.SocketPath, gid)
 	if err != nil {

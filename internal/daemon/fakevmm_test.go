@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -48,7 +49,8 @@ type fakeBehaviour struct {
 // One fakeDriver may serve several daemons in turn (over the same state
 // dir): its VMs survive a daemon's end, like QEMU processes do.
 type fakeDriver struct {
-	log *slog.Logger
+	log     *slog.Logger
+	formats []string // DiskFormats; raw only when nil
 
 	mu     sync.Mutex
 	behave map[string]fakeBehaviour // by VM name
@@ -147,8 +149,13 @@ func (v *fakeVM) powerOff() {
 	<-v.exited
 }
 
-func (f *fakeDriver) Name() string          { return "fake" }
-func (f *fakeDriver) DiskFormats() []string { return []string{vmm.FormatRaw} }
+func (f *fakeDriver) Name() string { return "fake" }
+func (f *fakeDriver) DiskFormats() []string {
+	if f.formats != nil {
+		return f.formats
+	}
+	return []string{vmm.FormatRaw}
+}
 
 func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, error) {
 	f.record("start", spec.Name)
@@ -162,7 +169,7 @@ func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, erro
 		<-ctx.Done()
 		return vmm.Handle{}, fmt.Errorf("fake: start: %w", ctx.Err())
 	}
-	if spec.ID == "" || spec.CPUs <= 0 || spec.MemoryMiB <= 0 || spec.Kernel == "" || spec.RootDisk.Format != vmm.FormatRaw {
+	if spec.ID == "" || spec.CPUs <= 0 || spec.MemoryMiB <= 0 || spec.Kernel == "" || !slices.Contains(f.DiskFormats(), spec.RootDisk.Format) {
 		return vmm.Handle{}, fmt.Errorf("fake: bad spec %+v", spec)
 	}
 	if _, err := os.Stat(spec.RootDisk.Path); err != nil {

@@ -63,9 +63,13 @@ func (d *Daemon) imageRegister(ctx context.Context, call *rpc.Call) (any, error)
 	if err != nil {
 		return nil, artifactErr(err)
 	}
+	stamps, err := imagefile.Fingerprint(ctx, a, false)
+	if err != nil {
+		return nil, artifactErr(err)
+	}
 	im := store.Image{
 		ID: newID(), Name: p.Name, Rootfs: p.Rootfs, Kernel: p.Kernel, Initrd: p.Initrd, ModulesDir: p.ModulesDir,
-		SizeBytes: st.Size(), CreatedAt: time.Now(),
+		SizeBytes: st.Size(), CreatedAt: time.Now(), Files: toStoreFiles(stamps),
 	}
 	if err := d.store.InsertImage(ctx, im); err != nil {
 		return nil, err
@@ -74,6 +78,25 @@ func (d *Daemon) imageRegister(ctx context.Context, call *rpc.Call) (any, error)
 	return d.imageAPI(ctx, im), nil
 }
 
+// imagePromote copies an unmanaged image's files into the state dir, so
+// that banger owns them and they can't change under its VMs:
+//
+//  1. the source must match its fingerprints (or, changed, have no VMs:
+//     the copy then takes the files as they are now);
+//  2. the files are copied into images/<id> (a temporary directory renamed
+//     into place);
+//  3. source and copy are hashed (sha256) and must be the same, and the
+//     source must not have changed during the copy;
+//  4. the image row is updated in one transaction: managed, the copy's
+//     paths and fingerprints (with hashes), and the rootfs it came from.
+//     This is the commit point: a crash before it leaves a copy that
+//     daemon start removes, a crash after it leaves disks that daemon
+//     start moves (reconcileImages);
+//  5. the qcow2 disks of the image's stopped VMs are rebased onto the copy;
+//     running (or busy) VMs keep the original open and move at their next
+//     start. The original files can be deleted once promote returns (a
+//     rebase needs only the copy), but must not be modified while a VM
+//     that still uses them runs.
 func (d *Daemon) imagePromote(ctx context.Context, call *rpc.Call) (any, error) {
 	var p api.NameParams
 	if err := call.Decode(&p); err != nil {
@@ -86,9 +109,23 @@ func (d *Daemon) imagePromote(ctx context.Context, call *rpc.Call) (any, error) 
 	if im.Managed {
 		return nil, fmt.Errorf("image %q is already managed: %w", im.Name, errdefs.ErrFailedPrecondition)
 	}
-	src := imagefile.Artifacts{Rootfs: im.Rootfs, Kernel: im.Kernel, Initrd: im.Initrd, ModulesDir: im.ModulesDir}
+	src := artifactsOf(im)
 	if err := imagefile.ValidateArtifacts(src); err != nil {
 		return nil, fmt.Errorf("image %q can't be promoted: %w", im.Name, artifactErr(err))
+	}
+	if err := d.usableImage(ctx, im); err != nil {
+		users, uerr := d.store.ImageUsers(ctx, im.ID)
+		if uerr != nil {
+			return nil, uerr
+		}
+		if !errors.Is(err, imagefile.ErrChanged) || len(users) > 0 {
+			return nil, fmt.Errorf("image %q can't be promoted: %w", im.Name, err)
+		}
+		d.log.Info("promoting an image whose files changed since registration; no VM uses it", "image", im.Name, "change", err)
+	}
+	before, err := imagefile.Fingerprint(ctx, src, false)
+	if err != nil {
+		return nil, fmt.Errorf("promote image %q: %w", im.Name, artifactErr(err))
 	}
 	dest := filepath.Join(d.cfg.StateDir, "images", im.ID)
 	out, err := imagefile.Promote(ctx, src, dest, func(pr imagefile.Progress) {
@@ -97,21 +134,54 @@ func (d *Daemon) imagePromote(ctx context.Context, call *rpc.Call) (any, error) 
 	if err != nil {
 		return nil, fmt.Errorf("promote image %q: %w", im.Name, err)
 	}
+	committed := false
+	defer func() {
+		if !committed {
+			os.RemoveAll(dest)
+		}
+	}()
+	call.Progress(api.Progress{Phase: "verify copy (sha256)"})
+	srcSums, err := imagefile.Fingerprint(ctx, src, true)
+	if err != nil {
+		return nil, fmt.Errorf("promote image %q: %w", im.Name, err)
+	}
+	copySums, err := imagefile.Fingerprint(ctx, out, true)
+	if err != nil {
+		return nil, fmt.Errorf("promote image %q: %w", im.Name, err)
+	}
+	if err := imagefile.SameContent(srcSums, copySums); err != nil {
+		return nil, fmt.Errorf("promote image %q: the copy differs from its source (was it modified during the copy?): %w", im.Name, err)
+	}
+	if err := imagefile.Verify(before); err != nil {
+		return nil, fmt.Errorf("promote image %q: a file changed during the copy: %w: %w", im.Name, err, errdefs.ErrFailedPrecondition)
+	}
 	// image rm takes the create lock too: the image can't vanish between
 	// this check and the update.
 	d.create.Lock()
-	defer d.create.Unlock()
 	if _, err := d.store.GetImage(ctx, im.ID); err != nil {
-		os.RemoveAll(dest)
+		d.create.Unlock()
 		return nil, fmt.Errorf("image %q was removed while being promoted: %w", im.Name, err)
 	}
-	im.Managed = true
+	im.Managed, im.PromotedFrom = true, im.Rootfs
 	im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir = out.Rootfs, out.Kernel, out.Initrd, out.ModulesDir
-	if err := d.store.UpdateImage(ctx, im); err != nil {
-		os.RemoveAll(dest)
+	im.Files = toStoreFiles(copySums)
+	err = d.store.UpdateImage(context.WithoutCancel(ctx), im)
+	d.create.Unlock()
+	if err != nil {
 		return nil, err
 	}
+	committed = true
 	d.log.Info("image promoted", "image", im.Name, "dir", dest)
+
+	call.Progress(api.Progress{Phase: "move VM disks onto the copy"})
+	left, err := d.moveDisksOntoImage(context.WithoutCancel(ctx), im)
+	if err != nil {
+		// The image is promoted; these disks move at their VM's next start.
+		d.log.Warn("move vm disks onto a promoted image", "image", im.Name, "err", err)
+	}
+	for _, name := range left {
+		call.Progress(api.Progress{Phase: fmt.Sprintf("vm %s runs: its disk moves onto the copy at its next start; don't modify the original files until it stops", name)})
+	}
 	return d.imageAPI(ctx, im), nil
 }
 

@@ -14,7 +14,6 @@ import (
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/errdefs"
-	"github.com/bangerdev/banger/internal/imagefile"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/undo"
@@ -131,8 +130,8 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 		}
 		return v, err
 	}
-	if err := imagefile.ValidateArtifacts(imagefile.Artifacts{Rootfs: im.Rootfs, Kernel: im.Kernel, Initrd: im.Initrd, ModulesDir: im.ModulesDir}); err != nil {
-		return v, fmt.Errorf("image %q is unusable (were its files moved or removed?): %w: %w", im.Name, err, errdefs.ErrFailedPrecondition)
+	if err := d.usableImage(ctx, im); err != nil {
+		return v, err
 	}
 	name := p.Name
 	if name == "" {

@@ -49,6 +49,23 @@ var migrations = []string{
 		last_error    TEXT NOT NULL DEFAULT ''
 	);
 	CREATE INDEX vms_image_id ON vms(image_id);`,
+	// Fingerprints of the files an image uses, checked before a VM is made
+	// or started from it; and, for a promoted image, the rootfs it was
+	// copied from (VM disks still backed by it are moved onto the copy).
+	`CREATE TABLE image_files (
+		image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+		path     TEXT NOT NULL,
+		role     TEXT NOT NULL,
+		rel      TEXT NOT NULL DEFAULT '',
+		link     INTEGER NOT NULL DEFAULT 0,
+		size     INTEGER NOT NULL,
+		mtime_ns INTEGER NOT NULL,
+		inode    INTEGER NOT NULL,
+		dev      INTEGER NOT NULL,
+		sha256   TEXT NOT NULL DEFAULT '',
+		PRIMARY KEY (image_id, path)
+	);
+	ALTER TABLE images ADD COLUMN promoted_from TEXT NOT NULL DEFAULT '';`,
 }
 
 // Store is the state database.
@@ -122,6 +139,26 @@ type Image struct {
 	ModulesDir string
 	SizeBytes  int64
 	CreatedAt  time.Time
+	// PromotedFrom is the rootfs a managed image was copied from (empty for
+	// images registered unmanaged and never promoted).
+	PromotedFrom string
+	// Files, when not nil, are written by InsertImage and UpdateImage (in
+	// the same transaction as the image). GetImage and ListImages leave it
+	// nil: read them with ImageFiles.
+	Files []ImageFile
+}
+
+// ImageFile is the fingerprint of one file an image uses.
+type ImageFile struct {
+	Path    string
+	Role    string // rootfs, kernel, initrd or modules
+	Rel     string // path inside the modules tree (modules only)
+	Link    bool   // a symlink, fingerprinted itself (not its target)
+	Size    int64
+	MTimeNS int64
+	Inode   uint64
+	Dev     uint64
+	SHA256  string // hex; set when banger copied the file (promote)
 }
 
 // VM is a stored VM.
@@ -162,36 +199,132 @@ func isUnique(err error) bool {
 	return err != nil && strings.Contains(err.Error(), "UNIQUE constraint failed")
 }
 
-// InsertImage adds an image. A duplicate name is errdefs.ErrAlreadyExists.
+// InsertImage adds an image, with its Files. A duplicate name is
+// errdefs.ErrAlreadyExists.
 func (s *Store) InsertImage(ctx context.Context, im Image) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO images (id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		im.ID, im.Name, im.Managed, im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir, im.SizeBytes, fmtTime(im.CreatedAt))
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("insert image %q: %w", im.Name, err)
+	}
+	defer tx.Rollback()
+	_, err = tx.ExecContext(ctx, `INSERT INTO images (id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at, promoted_from)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		im.ID, im.Name, im.Managed, im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir, im.SizeBytes, fmtTime(im.CreatedAt), im.PromotedFrom)
 	if isUnique(err) {
 		return fmt.Errorf("image %q: %w", im.Name, errdefs.ErrAlreadyExists)
 	}
 	if err != nil {
 		return fmt.Errorf("insert image %q: %w", im.Name, err)
 	}
+	if err := writeImageFiles(ctx, tx, im); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("insert image %q: %w", im.Name, err)
+	}
 	return nil
 }
 
-// UpdateImage replaces an image's fields (by id).
+// UpdateImage replaces an image's fields (by id), and its files when
+// im.Files is not nil, in one transaction.
 func (s *Store) UpdateImage(ctx context.Context, im Image) error {
-	_, err := s.db.ExecContext(ctx, `UPDATE images SET name=?, managed=?, rootfs=?, kernel=?, initrd=?, modules_dir=?, size_bytes=? WHERE id=?`,
-		im.Name, im.Managed, im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir, im.SizeBytes, im.ID)
+	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
+		return fmt.Errorf("update image %q: %w", im.Name, err)
+	}
+	defer tx.Rollback()
+	res, err := tx.ExecContext(ctx, `UPDATE images SET name=?, managed=?, rootfs=?, kernel=?, initrd=?, modules_dir=?, size_bytes=?, promoted_from=? WHERE id=?`,
+		im.Name, im.Managed, im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir, im.SizeBytes, im.PromotedFrom, im.ID)
+	if err != nil {
+		return fmt.Errorf("update image %q: %w", im.Name, err)
+	}
+	if n, err := res.RowsAffected(); err == nil && n == 0 {
+		return fmt.Errorf("image %q: %w", im.Name, errdefs.ErrNotFound)
+	}
+	if err := writeImageFiles(ctx, tx, im); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("update image %q: %w", im.Name, err)
 	}
 	return nil
 }
 
-const imageCols = `id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at`
+// writeImageFiles replaces the files of im when im.Files is not nil.
+func writeImageFiles(ctx context.Context, tx *sql.Tx, im Image) error {
+	if im.Files == nil {
+		return nil
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM image_files WHERE image_id = ?`, im.ID); err != nil {
+		return fmt.Errorf("write files of image %q: %w", im.Name, err)
+	}
+	stmt, err := tx.PrepareContext(ctx, `INSERT INTO image_files (image_id, path, role, rel, link, size, mtime_ns, inode, dev, sha256)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+	if err != nil {
+		return fmt.Errorf("write files of image %q: %w", im.Name, err)
+	}
+	defer stmt.Close()
+	for _, f := range im.Files {
+		if _, err := stmt.ExecContext(ctx, im.ID, f.Path, f.Role, f.Rel, f.Link, f.Size, f.MTimeNS, int64(f.Inode), int64(f.Dev), f.SHA256); err != nil {
+			return fmt.Errorf("write files of image %q: %s: %w", im.Name, f.Path, err)
+		}
+	}
+	return nil
+}
+
+// AddImageFilesIfNone records files for the image id when it has none yet
+// (an image registered before fingerprints were kept), and reports
+// whether it did. Unlike UpdateImage it touches nothing else, so it can't
+// undo a concurrent update of the image.
+func (s *Store) AddImageFilesIfNone(ctx context.Context, id string, files []ImageFile) (bool, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return false, fmt.Errorf("record files of image %s: %w", id, err)
+	}
+	defer tx.Rollback()
+	var n int
+	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM image_files WHERE image_id = ?`, id).Scan(&n); err != nil {
+		return false, fmt.Errorf("record files of image %s: %w", id, err)
+	}
+	if n > 0 {
+		return false, nil
+	}
+	if err := writeImageFiles(ctx, tx, Image{ID: id, Name: id, Files: files}); err != nil {
+		return false, err
+	}
+	if err := tx.Commit(); err != nil {
+		return false, fmt.Errorf("record files of image %s: %w", id, err)
+	}
+	return true, nil
+}
+
+// ImageFiles returns the recorded files of an image, by path; none for an
+// image registered before fingerprints were kept.
+func (s *Store) ImageFiles(ctx context.Context, id string) ([]ImageFile, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT path, role, rel, link, size, mtime_ns, inode, dev, sha256 FROM image_files WHERE image_id = ? ORDER BY path`, id)
+	if err != nil {
+		return nil, fmt.Errorf("files of image %s: %w", id, err)
+	}
+	defer rows.Close()
+	out := []ImageFile{}
+	for rows.Next() {
+		var f ImageFile
+		var inode, dev int64
+		if err := rows.Scan(&f.Path, &f.Role, &f.Rel, &f.Link, &f.Size, &f.MTimeNS, &inode, &dev, &f.SHA256); err != nil {
+			return nil, fmt.Errorf("files of image %s: %w", id, err)
+		}
+		f.Inode, f.Dev = uint64(inode), uint64(dev)
+		out = append(out, f)
+	}
+	return out, rows.Err()
+}
+
+const imageCols = `id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at, promoted_from`
 
 func scanImage(row interface{ Scan(...any) error }) (Image, error) {
 	var im Image
 	var created string
-	err := row.Scan(&im.ID, &im.Name, &im.Managed, &im.Rootfs, &im.Kernel, &im.Initrd, &im.ModulesDir, &im.SizeBytes, &created)
+	err := row.Scan(&im.ID, &im.Name, &im.Managed, &im.Rootfs, &im.Kernel, &im.Initrd, &im.ModulesDir, &im.SizeBytes, &created, &im.PromotedFrom)
 	im.CreatedAt = parseTime(created)
 	return im, err
 }

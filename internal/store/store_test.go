@@ -2,8 +2,10 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"path/filepath"
+	"reflect"
 	"testing"
 	"time"
 
@@ -173,5 +175,83 @@ func TestVMNameTakenReportsErrors(t *testing.T) {
 	s.Close()
 	if taken, err := s.VMNameTaken(context.Background(), "x"); err == nil {
 		t.Fatalf("VMNameTaken on a closed store = %v, nil; want an error", taken)
+	}
+}
+
+// Image files are written with the image, replaced on update, read back
+// whole, and go with the image.
+func TestImageFiles(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTest(t)
+	files := []ImageFile{
+		{Path: "/img/kernel", Role: "kernel", Size: 10, MTimeNS: 1_700_000_000_123_456_789, Inode: 1 << 40, Dev: 2049},
+		{Path: "/img/mods/a.ko", Role: "modules", Rel: "a.ko", Link: true, Size: 3, MTimeNS: 5, Inode: 7, Dev: 8, SHA256: "ab"},
+	}
+	im := Image{ID: "i1", Name: "img", Rootfs: "/img/rootfs", Kernel: "/img/kernel", CreatedAt: time.Now(), Files: files}
+	if err := s.InsertImage(ctx, im); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.ImageFiles(ctx, "i1")
+	if err != nil || !reflect.DeepEqual(got, files) {
+		t.Fatalf("files = %+v, %v; want %+v", got, err, files)
+	}
+	// An update without Files keeps them; with Files replaces them.
+	im.Files = nil
+	im.Managed, im.PromotedFrom = true, "/img/rootfs"
+	if err := s.UpdateImage(ctx, im); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.ImageFiles(ctx, "i1"); len(got) != 2 {
+		t.Errorf("files after an update without Files: %+v", got)
+	}
+	if back, err := s.GetImage(ctx, "i1"); err != nil || back.PromotedFrom != "/img/rootfs" || !back.Managed {
+		t.Errorf("image after update: %+v, %v", back, err)
+	}
+	im.Files = files[:1]
+	if err := s.UpdateImage(ctx, im); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.ImageFiles(ctx, "i1"); !reflect.DeepEqual(got, files[:1]) {
+		t.Errorf("files after replacing: %+v", got)
+	}
+	if err := s.DeleteImage(ctx, "i1"); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := s.db.QueryRow(`SELECT COUNT(*) FROM image_files`).Scan(&n); err != nil || n != 0 {
+		t.Errorf("%d file rows left after the image was deleted (%v)", n, err)
+	}
+	if err := s.UpdateImage(ctx, im); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("update of a deleted image: %v, want ErrNotFound", err)
+	}
+}
+
+// A database made by the first schema is migrated: its images keep their
+// fields and have no recorded files yet.
+func TestMigrateFromVersion1(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "state.db")
+	db, err := sql.Open("sqlite", "file:"+path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{migrations[0], `PRAGMA user_version = 1`,
+		`INSERT INTO images (id, name, rootfs, kernel, created_at) VALUES ('i1', 'old', '/r', '/k', '2026-01-01T00:00:00Z')`} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+	s, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	im, err := s.GetImage(ctx, "old")
+	if err != nil || im.Rootfs != "/r" || im.PromotedFrom != "" {
+		t.Fatalf("migrated image: %+v, %v", im, err)
+	}
+	if files, err := s.ImageFiles(ctx, "i1"); err != nil || len(files) != 0 {
+		t.Errorf("migrated image files: %+v, %v", files, err)
 	}
 }
