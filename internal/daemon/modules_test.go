@@ -82,6 +82,17 @@ func TestImageRegisterWrongModules(t *testing.T) {
 			}
 		}
 	}
+	// The right release, but one of the modules a VM gets is another's.
+	mixed := filepath.Join(e.dir, "mixed", "modules")
+	kmodtest.WriteRelease(t, mixed, modRel)
+	writeFile(t, filepath.Join(mixed, "kernel", "drivers", "block", "virtio_blk.ko"), kmodtest.Module("virtio_blk", other))
+	_, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "wrong", Rootfs: e.rootfs, Kernel: kernel, ModulesDir: mixed})
+	wireErr(t, "register with one module of another release", err, errdefs.ErrInvalid)
+	for _, want := range []string{"virtio_blk.ko", modRel, other} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("mixed: %q does not name %s", err, want)
+		}
+	}
 	if names := imageNames(t, d); len(names) != 1 {
 		t.Errorf("images after refused registers: %v", names)
 	}

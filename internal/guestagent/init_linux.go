@@ -287,7 +287,7 @@ func loadModules(c *initConsole, names []string, wantRelease string) (problem st
 		default:
 			reason := err.Error()
 			// A module built for another kernel: say for which.
-			if r, verr := kmod.ModuleFileRelease(mp); verr == nil && r != release {
+			if r := moduleRelease(mp); r != "" && r != release {
 				reason += " (built for kernel " + r + ")"
 			}
 			failed = append(failed, name+": "+reason)
@@ -303,6 +303,24 @@ func loadModules(c *initConsole, names []string, wantRelease string) (problem st
 		}
 	}
 	return modulesProblem(wantRelease, release, true, failed)
+}
+
+// moduleRelease is the release an uncompressed module file was built for,
+// or "".
+func moduleRelease(p string) string {
+	if !strings.HasSuffix(p, ".ko") {
+		return ""
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	r, err := kmod.ModuleRelease(f)
+	if err != nil {
+		return ""
+	}
+	return r
 }
 
 func loadModule(p string) error {

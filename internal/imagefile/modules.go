@@ -5,14 +5,15 @@ import (
 	"path/filepath"
 
 	"github.com/bangerdev/banger/internal/hostfile"
+	"github.com/bangerdev/banger/internal/initramfs"
 	"github.com/bangerdev/banger/internal/kernelimage"
-	"github.com/bangerdev/banger/internal/kmod"
 )
 
 // checkModules checks that the modules directory can serve the kernel: the
 // kernel's release is read from the kernel image itself (bzImage header,
 // ELF linux_banner), and the modules directory must hold the modules of
-// that release (see kmod.FindRelease), whatever the directory is called.
+// that release (see kmod.FindRelease), whatever the directory is called,
+// and every module a VM gets from it must be there and built for it.
 func checkModules(kernel, modulesDir string) error {
 	kernel, modulesDir = filepath.Clean(kernel), filepath.Clean(modulesDir)
 	rel, err := KernelRelease(kernel)
@@ -23,7 +24,8 @@ func checkModules(kernel, modulesDir string) error {
 		}
 		return &ArtifactError{Field: FieldModules, Path: modulesDir, Reason: reason, Err: err}
 	}
-	if _, err := kmod.FindRelease(modulesDir, rel, hostfile.OpenBeneath); err != nil {
+	// The modules a VM's initramfs gets, as startVM packs them.
+	if _, err := initramfs.ResolveModules(modulesDir, rel, initramfs.DefaultModules); err != nil {
 		return &ArtifactError{Field: FieldModules, Path: modulesDir, Reason: err.Error(), Err: errors.Join(ErrInvalid, err)}
 	}
 	return nil

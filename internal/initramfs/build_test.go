@@ -255,10 +255,7 @@ func TestBuildTestImageModules(t *testing.T) {
 	}
 	b, err := os.ReadFile(filepath.Join(img, "kernel-release"))
 	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("no test image under CI: %v", err)
-		}
-		t.Skipf("no test image: %v", err)
+		testenv.Missing(t, "no test image: %v", err)
 	}
 	rel := strings.TrimSpace(string(b))
 	link := filepath.Join(t.TempDir(), "modules")

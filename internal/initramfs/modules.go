@@ -86,6 +86,9 @@ func ResolveModules(modulesDir, release string, names []string) (*ModuleSet, err
 		if !fileExists(filepath.Join(dir, filepath.FromSlash(rp))) {
 			return nil, fmt.Errorf("module %s listed in modules.dep is missing from %s", rp, dir)
 		}
+		if err := checkModuleRelease(dir, rp, rel); err != nil {
+			return nil, err
+		}
 		set.Files = append(set.Files, rp)
 		var ds []string
 		for _, d := range deps[kmod.ModuleName(p)].Deps {
@@ -105,6 +108,26 @@ func ResolveModules(modulesDir, release string, names []string) (*ModuleSet, err
 		}
 	}
 	return set, nil
+}
+
+// checkModuleRelease refuses the module file rp of dir when its vermagic
+// names another release than the kernel's: the guest could not load it. A
+// module whose release can't be read (compressed with xz or zstd) passes.
+func checkModuleRelease(dir, rp, release string) error {
+	if !strings.HasSuffix(rp, ".ko") && !strings.HasSuffix(rp, ".ko.gz") {
+		return nil
+	}
+	f, err := hostfile.OpenBeneath(dir, filepath.FromSlash(rp))
+	if err != nil {
+		return fmt.Errorf("initramfs: %w", err)
+	}
+	defer f.Close()
+	r, err := kmod.FileRelease(f)
+	if err != nil || r == release {
+		return nil
+	}
+	return fmt.Errorf("module %s in %s was built for kernel %s, not for the kernel's release %s: give the modules of release %s: %w",
+		rp, dir, r, release, release, kmod.ErrWrongRelease)
 }
 
 // hostModules is deps.Resolve(names) for packing modules on the host: a

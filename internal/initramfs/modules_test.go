@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/bangerdev/banger/internal/kmod"
+	"github.com/bangerdev/banger/internal/kmod/kmodtest"
 )
 
 // sampleDep is the modules.dep of the fake release directory fakeModules
@@ -138,5 +139,36 @@ func TestRelModulePath(t *testing.T) {
 	}
 	if _, err := relModulePath("/d/6.1", "6.1", "../../etc/passwd"); err == nil {
 		t.Error("escaping path accepted")
+	}
+}
+
+// TestResolveModulesChecksEachModule: one module built for another kernel
+// in an otherwise right tree is refused, naming it and both releases.
+func TestResolveModulesChecksEachModule(t *testing.T) {
+	const rel = "6.1.0-57-cloud-amd64"
+	dir := filepath.Join(t.TempDir(), "modules")
+	kmodtest.WriteRelease(t, dir, rel)
+	if _, err := ResolveModules(dir, rel, []string{"virtio_blk"}); err != nil {
+		t.Fatal(err)
+	}
+	blk := filepath.Join(dir, "kernel/drivers/block/virtio_blk.ko")
+	if err := os.WriteFile(blk, kmodtest.Module("virtio_blk", "6.1.0-1-other"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := ResolveModules(dir, rel, []string{"virtio_blk"})
+	if !errors.Is(err, kmod.ErrWrongRelease) {
+		t.Fatalf("err = %v, want kmod.ErrWrongRelease", err)
+	}
+	for _, want := range []string{"kernel/drivers/block/virtio_blk.ko", rel, "6.1.0-1-other"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("%q lacks %q", err, want)
+		}
+	}
+	// A module that can't be read (not ELF here) is left to the guest.
+	if err := os.WriteFile(blk, []byte("garbage"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ResolveModules(dir, rel, []string{"virtio_blk"}); err != nil {
+		t.Errorf("unreadable module: %v", err)
 	}
 }

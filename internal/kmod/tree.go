@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"compress/gzip"
-	"debug/elf"
 	"errors"
 	"fmt"
 	"io"
@@ -165,7 +164,7 @@ func probe(open OpenFunc, dir, name string) Found {
 		if err != nil {
 			continue
 		}
-		rel, err := moduleFileRelease(mf)
+		rel, err := FileRelease(mf)
 		mf.Close()
 		if err != nil {
 			continue
@@ -187,22 +186,20 @@ func ModuleFileRelease(p string) (string, error) {
 		return "", err
 	}
 	defer f.Close()
-	return moduleFileRelease(f)
+	return FileRelease(f)
 }
 
-func moduleFileRelease(f *os.File) (string, error) {
+// FileRelease is ModuleFileRelease of an open module file (its name tells
+// whether it is gzip'ed).
+func FileRelease(f *os.File) (string, error) {
 	p := f.Name()
-	var r io.ReaderAt = f
+	var r io.Reader = f
 	if strings.HasSuffix(p, ".gz") {
 		zr, err := gzip.NewReader(f)
 		if err != nil {
 			return "", fmt.Errorf("%s: %w", p, err)
 		}
-		b, err := io.ReadAll(io.LimitReader(zr, maxModuleBytes))
-		if err != nil {
-			return "", fmt.Errorf("%s: %w", p, err)
-		}
-		r = bytes.NewReader(b)
+		r = zr
 	}
 	rel, err := ModuleRelease(r)
 	if err != nil {
@@ -211,31 +208,37 @@ func moduleFileRelease(f *os.File) (string, error) {
 	return rel, nil
 }
 
+var (
+	elfMagic = []byte("\x7fELF")
+	vermagic = []byte("\x00vermagic=")
+)
+
 // ModuleRelease returns the kernel release an uncompressed module (an ELF
 // relocatable file) was built for: the first word of the vermagic entry of
-// its .modinfo section.
-func ModuleRelease(r io.ReaderAt) (string, error) {
-	f, err := elf.NewFile(r)
+// its .modinfo section, whose entries are NUL-separated "key=value" strings.
+// It scans the file's bytes rather than parsing ELF, so the guest agent,
+// which reports the release of a module it failed to load, stays small.
+func ModuleRelease(r io.Reader) (string, error) {
+	b, err := io.ReadAll(io.LimitReader(r, maxModuleBytes))
 	if err != nil {
-		return "", fmt.Errorf("not a kernel module: %w", err)
+		return "", fmt.Errorf("read kernel module: %w", err)
 	}
-	defer f.Close()
-	sec := f.Section(".modinfo")
-	if sec == nil || sec.Type == elf.SHT_NOBITS || sec.Size > 1<<20 {
-		return "", errors.New("kernel module without .modinfo")
+	if !bytes.HasPrefix(b, elfMagic) {
+		return "", errors.New("not a kernel module (not an ELF file)")
 	}
-	data, err := sec.Data()
-	if err != nil {
-		return "", fmt.Errorf("read .modinfo: %w", err)
+	i := bytes.Index(b, vermagic)
+	if i < 0 {
+		return "", errors.New("kernel module without vermagic")
 	}
-	for _, kv := range bytes.Split(data, []byte{0}) {
-		if v, ok := bytes.CutPrefix(kv, []byte("vermagic=")); ok {
-			if fs := strings.Fields(string(v)); len(fs) > 0 {
-				return fs[0], nil
-			}
-		}
+	v := b[i+len(vermagic):]
+	if j := bytes.IndexByte(v, 0); j >= 0 {
+		v = v[:j]
 	}
-	return "", errors.New("kernel module without vermagic")
+	fs := strings.Fields(string(v))
+	if len(fs) == 0 {
+		return "", errors.New("kernel module with an empty vermagic")
+	}
+	return fs[0], nil
 }
 
 func isFile(p string) bool {
