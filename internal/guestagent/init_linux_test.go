@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/kmod/kmodtest"
 )
 
 func TestRemoveOnDevice(t *testing.T) {
@@ -53,5 +55,25 @@ func TestRunInitRefusesNonPID1(t *testing.T) {
 	}
 	if code := runInit([]string{"/banger/init"}); code != 2 {
 		t.Errorf("runInit as PID %d = %d, want 2", os.Getpid(), code)
+	}
+}
+
+// moduleRelease names the kernel a module that failed to load was built
+// for, in the console's module failure line.
+func TestModuleRelease(t *testing.T) {
+	dir := t.TempDir()
+	ko := filepath.Join(dir, "virtio_blk.ko")
+	if err := os.WriteFile(ko, kmodtest.Module("virtio_blk", "6.1.0-1-other"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := moduleRelease(ko); got != "6.1.0-1-other" {
+		t.Errorf("moduleRelease = %q", got)
+	}
+	bad := filepath.Join(dir, "bad.ko")
+	os.WriteFile(bad, []byte("garbage"), 0o644)
+	for _, p := range []string{bad, filepath.Join(dir, "missing.ko"), filepath.Join(dir, "x.ko.xz")} {
+		if got := moduleRelease(p); got != "" {
+			t.Errorf("moduleRelease(%s) = %q, want empty", p, got)
+		}
 	}
 }
