@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/client"
 	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/store"
@@ -310,4 +312,42 @@ func TestErrorsQuoteAShortPrefixOfInput(t *testing.T) {
 	if !errors.Is(err, errdefs.ErrInvalid) {
 		t.Errorf("create with a 10 MB name = %v, want ErrInvalid", err)
 	}
+}
+
+// endless is stdin that never ends, like yes's output.
+type endless struct{}
+
+func (endless) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = "y\n"[i%2]
+	}
+	return len(p), nil
+}
+
+// A command that stops reading its input ("yes | banger vm exec x --
+// head -1") returns, and the daemon's input pump leaves no goroutine
+// behind. Not parallel: it counts the process's goroutines.
+func TestExecEndlessStdinLeavesNoGoroutine(t *testing.T) {
+	_, d := setup(t, nil)
+	createStarted(t, d, "yes")
+	ctx := testCtx(t)
+	// Warm up: the agent connection and its goroutines exist from here on.
+	if code, _, _, err := execResult(t, d, "yes", "", "true"); err != nil || code != 0 {
+		t.Fatalf("exec true = %d, %v", code, err)
+	}
+	pumps := func() int {
+		buf := make([]byte, 1<<20)
+		st := string(buf[:runtime.Stack(buf, true)])
+		return strings.Count(st, "daemon.pumpInput")
+	}
+	base := runtime.NumGoroutine()
+	for i := 0; i < 3; i++ {
+		var out syncBuffer
+		code, err := d.c.VMExec(ctx, api.VMExecParams{Name: "yes", Argv: []string{"head", "-1"}}, client.ExecIO{Stdin: endless{}, Stdout: &out, Stderr: &out})
+		if err != nil || code != 0 || out.String() != "y\n" {
+			t.Fatalf("exec head -1 with endless stdin = %d, %q, %v", code, out.String(), err)
+		}
+	}
+	waitFor(ctx, t, "the input pumps to end", func() bool { return pumps() == 0 })
+	waitFor(ctx, t, fmt.Sprintf("the goroutine count to return to %d", base), func() bool { return runtime.NumGoroutine() <= base })
 }

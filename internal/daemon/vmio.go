@@ -30,8 +30,13 @@ func (w frameWriter) Write(p []byte) (int, error) {
 }
 
 // pumpInput feeds the client's stdin frames into a pipe and its resize
-// frames into a channel.
-func pumpInput(call *rpc.Call) (io.Reader, <-chan agent.WindowSize) {
+// frames into a channel, until the client's frames end (the RPC server ends
+// them when the call returns). The handler must call stop when it is done
+// with the input: stop closes the pipe's read end, so a pump blocked writing
+// input that nobody will read (the command ended before reading it all:
+// "yes | banger vm exec x -- head -1") returns and drains the remaining
+// frames, and a reader still waiting for input gets an error.
+func pumpInput(call *rpc.Call) (io.Reader, <-chan agent.WindowSize, func()) {
 	pr, pw := io.Pipe()
 	resize := make(chan agent.WindowSize, 4)
 	go func() {
@@ -58,8 +63,12 @@ func pumpInput(call *rpc.Call) (io.Reader, <-chan agent.WindowSize) {
 			}
 		}
 	}()
-	return pr, resize
+	return pr, resize, func() { pr.CloseWithError(errInputDone) }
 }
+
+// errInputDone is what a reader of a call's input gets once the call is
+// done with it.
+var errInputDone = errors.New("the call no longer reads its input")
 
 func (d *Daemon) vmExec(ctx context.Context, call *rpc.Call) (any, error) {
 	var p api.VMExecParams
@@ -77,7 +86,8 @@ func (d *Daemon) vmExec(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	stdin, resize := pumpInput(call)
+	stdin, resize, stop := pumpInput(call)
+	defer stop()
 	code, err := c.Exec(ctx, agent.ExecOptions{
 		Argv: p.Argv, Env: p.Env, Dir: p.Dir,
 		Stdin: stdin, Stdout: frameWriter{call, api.FrameStdout}, Stderr: frameWriter{call, api.FrameStderr},
@@ -111,7 +121,8 @@ func (d *Daemon) vmCopyIn(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	stdin, _ := pumpInput(call)
+	stdin, _, stop := pumpInput(call)
+	defer stop()
 	if err := c.CopyIn(ctx, stdin, path); err != nil {
 		return nil, fmt.Errorf("copy into vm %q: %w", v.Name, err)
 	}
