@@ -74,8 +74,9 @@ func (e *ReleaseError) Unwrap() error { return ErrWrongRelease }
 // when it names another release, the directory is refused. A release
 // directory whose modules can't be read (compressed with xz or zstd, which
 // the standard library doesn't read) is accepted when it is modulesDir
-// itself or is named release. A child named otherwise is accepted when its
-// modules say release. Errors are *ReleaseError.
+// itself and not named after another release (a name like "5.10.0-9"), or
+// is named release. A child named otherwise is accepted when its modules
+// say release. Errors are *ReleaseError.
 //
 // open opens a file (a path relative to a release directory) for reading;
 // the host passes one that refuses symlinks out of the directory. nil
@@ -86,7 +87,9 @@ func FindRelease(modulesDir, release string, open OpenFunc) (string, error) {
 	}
 	if isFile(filepath.Join(modulesDir, "modules.dep")) {
 		f := probe(open, modulesDir, filepath.Base(filepath.Clean(modulesDir)))
-		if f.Verified && f.Release != release {
+		// Unverified, the name is all there is: one that is another
+		// release's (/lib/modules/5.10.0-9-amd64) is not this kernel's.
+		if f.Release != release && (f.Verified || looksLikeRelease(f.Release)) {
 			return "", &ReleaseError{Dir: modulesDir, Want: release, Found: []Found{f}}
 		}
 		return modulesDir, nil
@@ -133,6 +136,12 @@ func FindRelease(modulesDir, release string, open OpenFunc) (string, error) {
 			modulesDir, release, strings.Join(match, ", "), ErrWrongRelease)
 	}
 	return "", &ReleaseError{Dir: modulesDir, Want: release, Found: found}
+}
+
+// looksLikeRelease tells a directory name that is a kernel release
+// ("6.1.0-28-cloud-amd64", "5.10.0") from any other name ("modules").
+func looksLikeRelease(name string) bool {
+	return len(name) > 2 && name[0] >= '0' && name[0] <= '9' && strings.Contains(name, ".")
 }
 
 // OpenFunc opens the file rel (relative, slash-separated) of directory dir.

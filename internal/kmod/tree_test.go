@@ -90,6 +90,20 @@ func TestFindReleaseUnverifiable(t *testing.T) {
 	if got, err := kmod.FindRelease(top, rel, nil); err != nil || got != top {
 		t.Errorf("unverifiable release dir given directly: %q, %v", got, err)
 	}
+	// Named after another release, the name is all there is: refused.
+	other := filepath.Join(tmp, "x", "5.10.0-9-amd64")
+	if err := os.MkdirAll(filepath.Dir(other), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(top, other); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kmod.FindRelease(other, rel, nil); !errors.Is(err, kmod.ErrWrongRelease) || !strings.Contains(err.Error(), "5.10.0-9-amd64") {
+		t.Errorf("unverifiable dir named after another release: %v", err)
+	}
+	if err := os.Rename(other, top); err != nil {
+		t.Fatal(err)
+	}
 	// As a child named otherwise it can't be told apart from another
 	// release: refused, naming it.
 	if _, err := kmod.FindRelease(tmp, rel, nil); !errors.Is(err, kmod.ErrWrongRelease) || !strings.Contains(err.Error(), "unverified") {
