@@ -62,6 +62,24 @@ type Image struct {
 	SizeBytes  int64     `json:"size_bytes"`
 	CreatedAt  time.Time `json:"created_at"`
 	UsedBy     []string  `json:"used_by,omitempty"`
+	// PromotedFrom is the rootfs a managed image was copied from.
+	PromotedFrom string `json:"promoted_from,omitempty"`
+	// Files are the fingerprints of the image's rootfs, kernel and initrd
+	// (image inspect only; VMs are refused once one no longer matches).
+	Files []ImageFile `json:"files,omitempty"`
+	// ModulesFiles is how many files and symlinks of the modules tree are
+	// fingerprinted (image inspect only).
+	ModulesFiles int `json:"modules_files,omitempty"`
+}
+
+// ImageFile is the recorded fingerprint of one file of an image.
+type ImageFile struct {
+	Role    string    `json:"role"` // rootfs, kernel, initrd
+	Path    string    `json:"path"`
+	Size    int64     `json:"size"`
+	ModTime time.Time `json:"mtime"`
+	Inode   uint64    `json:"inode"`
+	SHA256  string    `json:"sha256,omitempty"` // recorded when promote made the copy
 }
 
 // ImageRegisterParams registers host files as an unmanaged image. Paths

@@ -1,6 +1,8 @@
 package daemon
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"os"
 	"os/exec"
@@ -156,6 +158,19 @@ func TestPromoteMovesDisksOntoTheCopy(t *testing.T) {
 	}
 	if b := backing(t, running); b != e.rootfs {
 		t.Errorf("running VM's disk backed by %q during promote, want it left on %s (QEMU has it open)", b, e.rootfs)
+	}
+	got, err := d.c.ImageInspect(ctx, "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig, err := os.ReadFile(e.rootfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(orig)
+	if got.PromotedFrom != e.rootfs || len(got.Files) != 3 || got.Files[0].Role != "rootfs" || got.Files[0].Path != im.Rootfs ||
+		got.Files[0].SHA256 != hex.EncodeToString(sum[:]) || got.Files[0].Size != int64(len(orig)) {
+		t.Errorf("image inspect after promote: promoted from %q, files %+v; want the copy's fingerprints with the original's sha256 %x", got.PromotedFrom, got.Files, sum)
 	}
 	if names := strings.Join(ph.names(), "\n"); !strings.Contains(names, "verify copy") || !strings.Contains(names, "vm running runs") {
 		t.Errorf("promote's phases don't report the hash check and the running VM: %s", names)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/bangerdev/banger/internal/api"
@@ -36,6 +37,7 @@ func (d *Daemon) imageAPI(ctx context.Context, im store.Image) api.Image {
 	return api.Image{
 		ID: im.ID, Name: im.Name, Managed: im.Managed, Rootfs: im.Rootfs, Kernel: im.Kernel,
 		Initrd: im.Initrd, ModulesDir: im.ModulesDir, SizeBytes: im.SizeBytes, CreatedAt: im.CreatedAt, UsedBy: users,
+		PromotedFrom: im.PromotedFrom,
 	}
 }
 
@@ -206,7 +208,21 @@ func (d *Daemon) imageInspect(ctx context.Context, call *rpc.Call) (any, error) 
 	if err != nil {
 		return nil, err
 	}
-	return d.imageAPI(ctx, im), nil
+	out := d.imageAPI(ctx, im)
+	files, err := d.store.ImageFiles(ctx, im.ID)
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range files {
+		if f.Role == imagefile.FieldModules {
+			out.ModulesFiles++
+			continue
+		}
+		out.Files = append(out.Files, api.ImageFile{Role: f.Role, Path: f.Path, Size: f.Size, ModTime: time.Unix(0, f.MTimeNS).UTC(), Inode: f.Inode, SHA256: f.SHA256})
+	}
+	order := map[string]int{imagefile.FieldRootfs: 0, imagefile.FieldKernel: 1, imagefile.FieldInitrd: 2}
+	slices.SortStableFunc(out.Files, func(a, b api.ImageFile) int { return order[a.Role] - order[b.Role] })
+	return out, nil
 }
 
 func (d *Daemon) imageRemove(ctx context.Context, call *rpc.Call) (any, error) {
