@@ -129,6 +129,7 @@ type VM struct {
 	StartedAt    *time.Time `json:"started_at,omitempty"`
 	Guest        *GuestInfo `json:"guest,omitempty"`
 	LastError    string     `json:"last_error,omitempty"`
+	AutoRemove   bool       `json:"auto_remove,omitempty"` // see VMCreateParams
 	// BootTimeline is the VM's last (or current) start, phase by phase.
 	BootTimeline *BootTimeline `json:"boot_timeline,omitempty"`
 }
@@ -187,6 +188,11 @@ type VMCreateParams struct {
 	Accel     string `json:"accel,omitempty"`      // auto, kvm, tcg
 	Start     bool   `json:"start,omitempty"`      // start and wait until ready
 	WaitBoot  bool   `json:"wait_boot,omitempty"`  // with Start: see VMStartParams
+	// AutoRemove makes the daemon remove the VM when an exec call on it
+	// ends (however it ends: the command exited, the client was killed),
+	// when no call comes back for it after its create or start, when its
+	// VMM exits, and at daemon start (vm run --rm; Docker's AutoRemove).
+	AutoRemove bool `json:"auto_remove,omitempty"`
 }
 
 // VMStartParams starts a VM.

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/client"
+	"github.com/bangerdev/banger/internal/errdefs"
 )
 
 // createFlags are shared by vm create and vm run.
@@ -386,12 +388,14 @@ func (a *app) vmRunCmd() *cobra.Command {
 		Use:   "run [flags] [-- CMD [ARG...]]",
 		Short: "Create and start a VM, wait until it is ready, then run a command or a shell in it",
 		Long: "Create and start a VM, wait until it is ready, then run CMD in it (or a login shell when no\n" +
-			"command is given) and exit with its exit code. With --rm the VM is removed afterwards.",
+			"command is given) and exit with its exit code. With --rm the VM is removed afterwards: the daemon\n" +
+			"removes it when the command ends, even if this client is killed.",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := a.createParams(&f)
 			if err != nil {
 				return err
 			}
+			p.AutoRemove = rm
 			pr := a.progress()
 			defer pr.done()
 			vm, err := a.client().VMCreate(cmd.Context(), p, pr.update)
@@ -403,7 +407,9 @@ func (a *app) vmRunCmd() *cobra.Command {
 					// Remove even when the start failed or we were interrupted.
 					ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 					defer cancel()
-					if err := a.client().VMRemove(ctx, api.VMRemoveParams{Name: vm.Name, Force: true}); err != nil {
+					// The daemon removes the VM too (it is AutoRemove);
+					// this makes it gone before we exit.
+					if err := a.client().VMRemove(ctx, api.VMRemoveParams{Name: vm.Name, Force: true}); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 						fmt.Fprintf(a.stderr, "banger: remove %s: %v\n", vm.Name, err)
 					}
 				}()

@@ -106,14 +106,17 @@ type Daemon struct {
 	ctx context.Context
 
 	// Replaceable parts (see deps).
-	onPhase   func(ctx context.Context, vm, phase string)
-	removeDir func(path string) error
+	onPhase         func(ctx context.Context, vm, phase string)
+	removeDir       func(path string) error
+	autoRemoveGrace time.Duration
 
 	mu       sync.Mutex
 	locks    map[string]*sync.Mutex // per-VM lifecycle locks, by id
 	running  map[string]*runningVM  // by id
 	booting  map[string]*boot       // starts in progress, by id
+	attached map[string]*attachment // calls on auto-remove VMs, by id
 	monitors sync.WaitGroup         // one per running VM
+	removals sync.WaitGroup         // auto-removals scheduled or running
 	create   sync.Mutex             // serialises name allocation
 }
 
@@ -126,6 +129,9 @@ type deps struct {
 	onPhase func(ctx context.Context, vm, phase string)
 	// removeDir removes a VM directory (default os.RemoveAll).
 	removeDir func(path string) error
+	// autoRemoveGrace is how long an auto-remove VM waits for its client's
+	// next call after a create or start (default 30s).
+	autoRemoveGrace time.Duration
 }
 
 // Run builds the daemon's parts in order and serves until ctx ends. VMs keep
@@ -140,6 +146,9 @@ func Run(ctx context.Context, cfg config.Daemon, log *slog.Logger) error {
 func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) error {
 	if dp.removeDir == nil {
 		dp.removeDir = os.RemoveAll
+	}
+	if dp.autoRemoveGrace == 0 {
+		dp.autoRemoveGrace = 30 * time.Second
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
@@ -177,22 +186,25 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 	// Monitors live until run returns; the VMs they watch live on.
 	ctx, stopMonitors := context.WithCancel(ctx)
 	d := &Daemon{
-		cfg:         cfg,
-		log:         log,
-		store:       st,
-		driver:      dp.newDriver(),
-		onPhase:     dp.onPhase,
-		removeDir:   dp.removeDir,
-		cloner:      disk.NewCloner(log.With("component", "disk"), cfg.QEMUImgBinary),
-		agentBinary: agentBin,
-		socketGID:   gid,
-		ctx:         ctx,
-		locks:       map[string]*sync.Mutex{},
-		running:     map[string]*runningVM{},
-		booting:     map[string]*boot{},
+		cfg:             cfg,
+		log:             log,
+		store:           st,
+		driver:          dp.newDriver(),
+		onPhase:         dp.onPhase,
+		removeDir:       dp.removeDir,
+		autoRemoveGrace: dp.autoRemoveGrace,
+		attached:        map[string]*attachment{},
+		cloner:          disk.NewCloner(log.With("component", "disk"), cfg.QEMUImgBinary),
+		agentBinary:     agentBin,
+		socketGID:       gid,
+		ctx:             ctx,
+		locks:           map[string]*sync.Mutex{},
+		running:         map[string]*runningVM{},
+		booting:         map[string]*boot{},
 	}
 	defer func() {
 		stopMonitors()
+		d.stopRemovals()
 		d.monitors.Wait()
 	}()
 	if removed, err := imagefile.RemovePartial(filepath.Join(cfg.StateDir, "images")); err != nil {

@@ -38,8 +38,9 @@ type testEnv struct {
 	initrd string
 
 	// Hooks passed to the daemons started from now on (see deps).
-	onPhase   func(ctx context.Context, vm, phase string)
-	removeDir func(path string) error
+	onPhase         func(ctx context.Context, vm, phase string)
+	removeDir       func(path string) error
+	autoRemoveGrace time.Duration
 }
 
 // newEnv makes a short temp dir (unix socket paths are limited to 108
@@ -123,7 +124,7 @@ func (e *testEnv) start() *testDaemon {
 		defer retry.Stop()
 		giveUp := time.Now().Add(10 * time.Second)
 		for {
-			err := run(ctx, e.cfg, e.log, deps{newDriver: func() vmm.Driver { return e.fake }, onPhase: e.onPhase, removeDir: e.removeDir})
+			err := run(ctx, e.cfg, e.log, deps{newDriver: func() vmm.Driver { return e.fake }, onPhase: e.onPhase, removeDir: e.removeDir, autoRemoveGrace: e.autoRemoveGrace})
 			if errors.Is(err, unix.EWOULDBLOCK) && time.Now().Before(giveUp) {
 				<-retry.C
 				continue

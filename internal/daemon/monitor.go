@@ -57,6 +57,9 @@ func (d *Daemon) track(v store.VM, r *runningVM) {
 		}
 		d.log.Info("vm exited", "vm", v.Name, "pid", r.handle.PID)
 		close(r.exited)
+		if v.AutoRemove {
+			d.autoRemoveIfIdle(v.ID)
+		}
 	}()
 }
 

@@ -59,6 +59,9 @@ func (d *Daemon) reconcile(ctx context.Context) error {
 // A store error fails the daemon's start: serving with rows that disagree
 // with the processes would act on wrong state.
 func (d *Daemon) reconcileVM(ctx context.Context, v store.VM) error {
+	if v.AutoRemove {
+		return d.reconcileAutoRemove(ctx, v)
+	}
 	var h vmm.Handle
 	if v.Handle == "" {
 		found, ok := d.recoverVMM(v.Dir)

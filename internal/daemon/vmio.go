@@ -82,6 +82,8 @@ func (d *Daemon) vmExec(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	// An auto-remove VM goes when its command ends, however the call ends.
+	defer d.attach(v, true)()
 	c, _, err := d.agentFor(ctx, v)
 	if err != nil {
 		return nil, err

@@ -55,7 +55,7 @@ func (d *Daemon) vmAPI(v store.VM) api.VM {
 		ID: v.ID, Name: v.Name, ImageID: v.ImageID, State: v.State, CPUs: v.CPUs, MemoryMiB: v.MemoryMiB,
 		DiskBytes: v.DiskBytes, DiskPath: v.DiskPath, DiskFormat: v.DiskFormat, DiskStrategy: v.DiskStrategy,
 		VMM: v.VMM, AccelWanted: v.AccelWanted, Dir: v.Dir, ConsoleLog: filepath.Join(v.Dir, fileConsole),
-		CreatedAt: v.CreatedAt, LastError: v.LastError, Image: v.ImageName,
+		CreatedAt: v.CreatedAt, LastError: v.LastError, Image: v.ImageName, AutoRemove: v.AutoRemove,
 		BootTimeline: timelineAPI(v, time.Now()),
 	}
 	if !v.StartedAt.IsZero() && v.State == api.StateRunning {
@@ -85,6 +85,7 @@ func (d *Daemon) vmCreate(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer d.attach(v, false)()
 	if p.Start {
 		if err := d.startVM(ctx, call, v, p.WaitBoot); err != nil {
 			return nil, err
@@ -192,7 +193,7 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	v = store.VM{
 		ID: id, Name: name, ImageID: im.ID, ImageName: im.Name, State: api.StateStopped, CPUs: cpus, MemoryMiB: mem,
 		DiskBytes: cl.Size, DiskPath: cl.Path, DiskFormat: cl.Format, DiskStrategy: cl.Strategy,
-		VMM: d.driver.Name(), AccelWanted: accel, Dir: dir, CreatedAt: time.Now(),
+		VMM: d.driver.Name(), AccelWanted: accel, Dir: dir, CreatedAt: time.Now(), AutoRemove: p.AutoRemove,
 	}
 	if err := d.store.InsertVM(ctx, v); err != nil {
 		return v, err
@@ -238,6 +239,7 @@ func (d *Daemon) vmStart(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer d.attach(v, false)()
 	if err := d.startVM(ctx, call, v, p.WaitBoot); err != nil {
 		return nil, err
 	}

@@ -66,6 +66,9 @@ var migrations = []string{
 		PRIMARY KEY (image_id, path)
 	);
 	ALTER TABLE images ADD COLUMN promoted_from TEXT NOT NULL DEFAULT '';`,
+	// VMs the daemon removes when their command ends or their client goes
+	// (vm run --rm).
+	`ALTER TABLE vms ADD COLUMN auto_remove INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // Store is the state database.
@@ -181,6 +184,7 @@ type VM struct {
 	CreatedAt    time.Time
 	StartedAt    time.Time
 	LastError    string
+	AutoRemove   bool // removed by the daemon when its command ends or its client goes (vm run --rm)
 }
 
 func fmtTime(t time.Time) string {
@@ -408,7 +412,7 @@ func (s *Store) ImageUsers(ctx context.Context, id string) ([]string, error) {
 	return out, rows.Err()
 }
 
-const vmCols = `id, name, image_id, state, cpus, memory_mib, disk_bytes, disk_path, disk_format, disk_strategy, vmm, accel_wanted, dir, handle, created_at, started_at, last_error`
+const vmCols = `id, name, image_id, state, cpus, memory_mib, disk_bytes, disk_path, disk_format, disk_strategy, vmm, accel_wanted, dir, handle, created_at, started_at, last_error, auto_remove`
 
 // vmSelect reads a VM with its image's name.
 const vmSelect = `SELECT ` + vmCols + `, (SELECT name FROM images WHERE images.id = vms.image_id) FROM vms`
@@ -418,7 +422,7 @@ func scanVM(row interface{ Scan(...any) error }) (VM, error) {
 	var created, started string
 	var imageName sql.NullString
 	err := row.Scan(&v.ID, &v.Name, &v.ImageID, &v.State, &v.CPUs, &v.MemoryMiB, &v.DiskBytes, &v.DiskPath, &v.DiskFormat, &v.DiskStrategy,
-		&v.VMM, &v.AccelWanted, &v.Dir, &v.Handle, &created, &started, &v.LastError, &imageName)
+		&v.VMM, &v.AccelWanted, &v.Dir, &v.Handle, &created, &started, &v.LastError, &v.AutoRemove, &imageName)
 	v.ImageName = imageName.String
 	v.CreatedAt = parseTime(created)
 	v.StartedAt = parseTime(started)
@@ -427,9 +431,9 @@ func scanVM(row interface{ Scan(...any) error }) (VM, error) {
 
 // InsertVM adds a VM. A duplicate name is errdefs.ErrAlreadyExists.
 func (s *Store) InsertVM(ctx context.Context, v VM) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO vms (`+vmCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+	_, err := s.db.ExecContext(ctx, `INSERT INTO vms (`+vmCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		v.ID, v.Name, v.ImageID, v.State, v.CPUs, v.MemoryMiB, v.DiskBytes, v.DiskPath, v.DiskFormat, v.DiskStrategy,
-		v.VMM, v.AccelWanted, v.Dir, v.Handle, fmtTime(v.CreatedAt), fmtTime(v.StartedAt), v.LastError)
+		v.VMM, v.AccelWanted, v.Dir, v.Handle, fmtTime(v.CreatedAt), fmtTime(v.StartedAt), v.LastError, v.AutoRemove)
 	if isUnique(err) {
 		return fmt.Errorf("vm %q: %w", v.Name, errdefs.ErrAlreadyExists)
 	}
