@@ -62,11 +62,14 @@ func trimFile(path string, max, keep int64) (int64, error) {
 	if err != nil && !errors.Is(err, io.EOF) {
 		return 0, fmt.Errorf("read %s: %w", path, err)
 	}
-	if err := f.Truncate(0); err != nil {
-		return 0, fmt.Errorf("truncate %s: %w", path, err)
-	}
-	if _, err := f.WriteAt(append([]byte(truncatedNote), tail[:n]...), 0); err != nil {
+	// Rewrite the head, then cut the rest: a reader never finds the file
+	// empty (vm logs, or a test waiting for the cap), only shorter.
+	kept := append([]byte(truncatedNote), tail[:n]...)
+	if _, err := f.WriteAt(kept, 0); err != nil {
 		return 0, fmt.Errorf("rewrite %s: %w", path, err)
+	}
+	if err := f.Truncate(int64(len(kept))); err != nil {
+		return 0, fmt.Errorf("truncate %s: %w", path, err)
 	}
 	return size - int64(n), nil
 }
