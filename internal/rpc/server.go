@@ -107,33 +107,36 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	}
 }
 
-func peerOf(conn net.Conn) (Peer, error) {
+// peerOf reads the peer's credentials. When only its supplementary groups
+// can't be read (kernels before 4.13), the peer is returned without them,
+// with groupsErr set: those groups then grant nothing.
+func peerOf(conn net.Conn) (_ Peer, groupsErr, err error) {
 	uc, ok := conn.(*net.UnixConn)
 	if !ok {
-		return Peer{}, errors.New("not a unix connection")
+		return Peer{}, nil, errors.New("not a unix connection")
 	}
 	raw, err := uc.SyscallConn()
 	if err != nil {
-		return Peer{}, err
+		return Peer{}, nil, err
 	}
 	var cred *unix.Ucred
 	var serr error
 	if err := raw.Control(func(fd uintptr) {
 		cred, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
-		return Peer{}, err
+		return Peer{}, nil, err
 	}
 	if serr != nil {
-		return Peer{}, serr
+		return Peer{}, nil, serr
 	}
-	var groups []uint32
-	if err := raw.Control(func(fd uintptr) { groups, serr = peerGroups(int(fd)) }); err != nil {
-		return Peer{}, err
+	p := Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}
+	if err := raw.Control(func(fd uintptr) { p.Groups, serr = peerGroups(int(fd)) }); err != nil {
+		return Peer{}, nil, err
 	}
 	if serr != nil {
-		return Peer{}, fmt.Errorf("SO_PEERGROUPS: %w", serr)
+		return p, fmt.Errorf("SO_PEERGROUPS: %w", serr), nil
 	}
-	return Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid, Groups: groups}, nil
+	return p, nil, nil
 }
 
 // peerGroups reads the peer's supplementary groups (SO_PEERGROUPS, Linux
@@ -186,7 +189,10 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 		call.finish(nil, fmt.Errorf("method %q (client and daemon versions differ?): %w", req.Method, errdefs.ErrUnknownMethod))
 		return
 	}
-	peer, err := peerOf(conn)
+	peer, groupsErr, err := peerOf(conn)
+	if groupsErr != nil {
+		s.log.Warn("rpc: the peer's supplementary groups are unknown; they grant nothing", "peer_uid", peer.UID, "err", groupsErr)
+	}
 	if err != nil {
 		// Unknown peers are never privileged.
 		s.log.Warn("rpc: no peer credentials", "err", err)
