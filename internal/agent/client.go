@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -66,9 +67,10 @@ type DialFunc func(ctx context.Context) (net.Conn, error)
 // Client is a connection to one guest agent. It is safe for concurrent use:
 // each operation runs on its own SSH channel.
 type Client struct {
-	ssh  *ssh.Client
-	log  *slog.Logger
-	done chan struct{}
+	ssh   *ssh.Client
+	log   *slog.Logger
+	done  chan struct{}
+	proto string // the agent's protocol version
 
 	closeOnce sync.Once
 	closeErr  error
@@ -134,6 +136,7 @@ func Dial(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger) (*Cli
 		return nil, fmt.Errorf("agent speaks protocol %q, host speaks %q: %w",
 			info.ProtoVersion, agentproto.Version, ErrIncompatibleAgent)
 	}
+	c.proto = info.ProtoVersion
 	log.Debug("connected to agent", "agent_version", info.AgentVersion,
 		"proto_version", info.ProtoVersion, "kernel", info.KernelRelease)
 	go c.keepalive()
@@ -165,6 +168,15 @@ func (c *Client) keepalive() {
 func major(v string) string {
 	m, _, _ := strings.Cut(v, ".")
 	return m
+}
+
+// protoAtLeast reports whether the agent speaks protocol maj.min or a later
+// minor version.
+func (c *Client) protoAtLeast(maj, min int) bool {
+	a, b, _ := strings.Cut(c.proto, ".")
+	gotMaj, err1 := strconv.Atoi(a)
+	gotMin, err2 := strconv.Atoi(b)
+	return err1 == nil && err2 == nil && gotMaj == maj && gotMin >= min
 }
 
 // WaitReady calls Dial until it succeeds or ctx ends, each attempt bounded

@@ -16,22 +16,38 @@ import (
 // copy (bad path, refused tar entry, I/O error in the guest).
 var ErrCopyFailed = errors.New("copy failed in guest")
 
+// CopyOptions tune CopyIn.
+type CopyOptions struct {
+	// Archive keeps the stream's ownership, setuid/setgid/sticky bits and
+	// special files in the guest (agents of protocol 1.2 and later).
+	Archive bool
+}
+
+// ErrCopyTooLarge is returned by CopyOut when the guest sends more than
+// the size it announced.
+var ErrCopyTooLarge = errors.New("guest sent more than it announced")
+
 // CopyIn sends tarStream to the guest, which extracts it under destDir (an
 // absolute guest path, created with its parents when missing). Entries that
 // would land outside destDir (".." components, absolute names, paths through
-// symlinks leading out) make the whole copy fail. Modes and modification
-// times are kept; files belong to root in the guest.
-func (c *Client) CopyIn(ctx context.Context, tarStream io.Reader, destDir string) error {
+// symlinks) make the whole copy fail. Modes (without setuid, setgid and
+// sticky bits unless opts.Archive) and modification times are kept; files
+// belong to root in the guest unless opts.Archive.
+func (c *Client) CopyIn(ctx context.Context, tarStream io.Reader, destDir string, opts CopyOptions) error {
 	if !path.IsAbs(destDir) {
 		return fmt.Errorf("copy in to %q: destination must be an absolute path", destDir)
 	}
-	ch, reqs, err := c.openCopy(ctx, agentproto.ChanCopyIn, destDir)
+	if opts.Archive && !c.protoAtLeast(1, 2) {
+		return fmt.Errorf("copy in to %s: the VM's agent (protocol %s) can't keep ownership; restart the VM to update it: %w",
+			destDir, c.proto, ErrIncompatibleAgent)
+	}
+	ch, reqs, err := c.openCopy(ctx, agentproto.ChanCopyIn, agentproto.CopyRequest{Path: destDir, Archive: opts.Archive})
 	if err != nil {
 		return fmt.Errorf("copy in to %s: %w", destDir, err)
 	}
 	defer ch.Close()
 	statusc := make(chan copyStatus, 1)
-	go func() { statusc <- collectCopyStatus(reqs) }()
+	go func() { statusc <- collectCopyStatus(reqs, nil) }()
 	go io.Copy(io.Discard, ch)
 
 	sent := make(chan error, 1)
@@ -63,26 +79,76 @@ func (c *Client) CopyIn(ctx context.Context, tarStream io.Reader, destDir string
 
 // CopyOut writes to w a tar stream of the file or directory at srcPath (an
 // absolute guest path). The top entry of the archive is the base name of
-// srcPath. On error, w may have received part of the stream.
+// srcPath. The guest is not trusted: it must announce the stream's size
+// before sending it (agentproto.ReqCopyHeader), and no more than that is
+// passed to w; a longer stream fails with ErrCopyTooLarge. On error, w may
+// have received part of the stream.
 func (c *Client) CopyOut(ctx context.Context, srcPath string, w io.Writer) error {
 	if !path.IsAbs(srcPath) {
 		return fmt.Errorf("copy out of %q: source must be an absolute path", srcPath)
 	}
-	ch, reqs, err := c.openCopy(ctx, agentproto.ChanCopyOut, srcPath)
+	if !c.protoAtLeast(1, 2) {
+		return fmt.Errorf("copy out of %s: the VM's agent (protocol %s) doesn't announce copy sizes; restart the VM to update it: %w",
+			srcPath, c.proto, ErrIncompatibleAgent)
+	}
+	ch, reqs, err := c.openCopy(ctx, agentproto.ChanCopyOut, agentproto.CopyRequest{Path: srcPath})
 	if err != nil {
 		return fmt.Errorf("copy out of %s: %w", srcPath, err)
 	}
 	defer ch.Close()
 	ch.CloseWrite()
+	headerc := make(chan agentproto.CopyHeader, 1)
 	statusc := make(chan copyStatus, 1)
-	go func() { statusc <- collectCopyStatus(reqs) }()
+	go func() { statusc <- collectCopyStatus(reqs, headerc) }()
+
+	// The header comes before the stream; the channel's window holds
+	// what the guest sends meanwhile.
+	var hdr agentproto.CopyHeader
+	select {
+	case h, ok := <-headerc:
+		if !ok {
+			// No header: the copy failed before it began, or the guest
+			// misbehaves.
+			select {
+			case st := <-statusc:
+				if err := st.err(); err != nil {
+					return fmt.Errorf("copy out of %s: %w", srcPath, err)
+				}
+			case <-ctx.Done():
+				return fmt.Errorf("copy out of %s: %w", srcPath, ctx.Err())
+			}
+			return fmt.Errorf("copy out of %s: the guest sent no copy header: %w", srcPath, ErrCopyFailed)
+		}
+		hdr = h
+	case <-ctx.Done():
+		return fmt.Errorf("copy out of %s: %w", srcPath, ctx.Err())
+	}
+	if hdr.Size < 0 {
+		return fmt.Errorf("copy out of %s: the guest announced %d bytes: %w", srcPath, hdr.Size, ErrCopyFailed)
+	}
+
 	copied := make(chan error, 1)
-	go func() { copied <- drainTo(w, ch) }()
+	go func() {
+		if err := drainTo(w, io.LimitReader(ch, hdr.Size)); err != nil {
+			copied <- err
+			return
+		}
+		// Anything past the announced size stops the copy.
+		var b [1]byte
+		if n, _ := io.ReadFull(ch, b[:]); n > 0 {
+			copied <- fmt.Errorf("the copy was stopped after the %d bytes the guest announced: %w", hdr.Size, ErrCopyTooLarge)
+			return
+		}
+		copied <- nil
+	}()
 
 	var st *copyStatus
 	for copied != nil || st == nil {
 		select {
 		case err := <-copied:
+			if errors.Is(err, ErrCopyTooLarge) {
+				return fmt.Errorf("copy out of %s: %w", srcPath, err)
+			}
 			if err != nil {
 				return fmt.Errorf("copy out of %s: write tar stream: %w", srcPath, err)
 			}
@@ -100,11 +166,11 @@ func (c *Client) CopyOut(ctx context.Context, srcPath string, w io.Writer) error
 }
 
 // openCopy opens a copy channel; ctx bounds the opening.
-func (c *Client) openCopy(ctx context.Context, chanType, p string) (ssh.Channel, <-chan *ssh.Request, error) {
+func (c *Client) openCopy(ctx context.Context, chanType string, req agentproto.CopyRequest) (ssh.Channel, <-chan *ssh.Request, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, nil, err
 	}
-	payload, err := agentproto.MarshalPayload(agentproto.CopyRequest{Path: p})
+	payload, err := agentproto.MarshalPayload(req)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -158,11 +224,29 @@ func (s copyStatus) err() error {
 }
 
 // collectCopyStatus reads the channel requests until the channel closes and
-// returns the agent's ReqCopyStatus.
-func collectCopyStatus(reqs <-chan *ssh.Request) copyStatus {
+// returns the agent's ReqCopyStatus. With headerc, the first
+// ReqCopyHeader is sent on it; headerc is closed when the header was
+// received, or can no longer come (status received, channel closed, bad
+// header).
+func collectCopyStatus(reqs <-chan *ssh.Request, headerc chan<- agentproto.CopyHeader) copyStatus {
 	var st copyStatus
+	closeHeader := func() {
+		if headerc != nil {
+			close(headerc)
+			headerc = nil
+		}
+	}
+	defer closeHeader()
 	for req := range reqs {
-		if req.Type == agentproto.ReqCopyStatus {
+		switch req.Type {
+		case agentproto.ReqCopyHeader:
+			var h agentproto.CopyHeader
+			if headerc != nil && agentproto.UnmarshalPayload(req.Payload, &h) == nil {
+				headerc <- h
+			}
+			closeHeader()
+		case agentproto.ReqCopyStatus:
+			closeHeader()
 			st.received = true
 			if err := agentproto.UnmarshalPayload(req.Payload, &st.status); err != nil {
 				st.decode = err

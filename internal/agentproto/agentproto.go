@@ -17,8 +17,9 @@ import (
 )
 
 // Version is the agent protocol version. The host refuses agents whose
-// major version differs.
-const Version = "1.1"
+// major version differs; minor versions add messages (see each one's
+// "since").
+const Version = "1.2"
 
 // VirtioPortName is the name of the virtio-serial port carrying the agent
 // connection (/sys/class/virtio-ports/*/name in the guest).
@@ -109,6 +110,12 @@ const (
 	// GlobalShutdown is a global request asking the guest to power off
 	// (Reboot=false) cleanly. The reply is sent before shutdown starts.
 	GlobalShutdown = "banger-shutdown@banger.dev"
+	// ReqCopyHeader is a channel request (want-reply false) that the guest
+	// sends on ChanCopyOut channels before the first byte of the tar
+	// stream; its payload is a CopyHeader announcing the stream's size. The
+	// host stops a stream that goes past it. Since protocol 1.2; hosts
+	// refuse to copy out of older agents, whose streams are unbounded.
+	ReqCopyHeader = "copy-header@banger.dev"
 	// ReqCopyStatus is a channel request (want-reply false) that the guest
 	// sends on ChanCopyIn and ChanCopyOut channels just before closing them;
 	// its payload is a CopyStatus. On ChanCopyIn it is sent once the host's
@@ -129,6 +136,18 @@ type ExecRequest struct {
 // CopyRequest is the extra data of ChanCopyIn and ChanCopyOut channels.
 type CopyRequest struct {
 	Path string `json:"path"`
+	// Archive (ChanCopyIn, since 1.2) keeps the stream's ownership and
+	// setuid/setgid/sticky bits and lets device nodes and FIFOs be created;
+	// without it they are dropped or refused and files belong to root.
+	Archive bool `json:"archive,omitempty"`
+}
+
+// CopyHeader is the payload of ReqCopyHeader.
+type CopyHeader struct {
+	// Size is the exact length in bytes of the tar stream that follows.
+	Size int64 `json:"size"`
+	// Entries is the number of tar entries in it.
+	Entries int64 `json:"entries"`
 }
 
 // CopyStatus is the payload of ReqCopyStatus. Error is empty on success.

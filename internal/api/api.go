@@ -237,10 +237,14 @@ type VMExecParams struct {
 
 // VMCopyParams copies files: MethodVMCopyIn carries a tar stream from the
 // client (FrameStdin frames) extracted under Path in the guest;
-// MethodVMCopyOut sends a tar of Path as FrameStdout frames.
+// MethodVMCopyOut sends a tar of Path as FrameStdout frames, no longer than
+// the size the guest announced, for the client to extract.
 type VMCopyParams struct {
 	Name string `json:"name"`
 	Path string `json:"path"`
+	// Archive (copy in) keeps the stream's ownership, setuid/setgid/sticky
+	// bits and special files in the guest.
+	Archive bool `json:"archive,omitempty"`
 }
 
 // Frame types of a streaming call.

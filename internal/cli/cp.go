@@ -4,12 +4,15 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/tarcopy"
 	"github.com/bangerdev/banger/internal/vmname"
 )
@@ -24,23 +27,30 @@ func splitRemote(s string) (name, path string, ok bool) {
 }
 
 func (a *app) vmCpCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "cp SRC DST",
+	var archive bool
+	var maxFileSize string
+	cmd := &cobra.Command{
+		Use:   "cp [-a] SRC DST",
 		Short: "Copy files or directories between the host and a VM",
 		Long: "Copy SRC into the directory DST. One side names a VM as NAME:/path.\n" +
 			"  banger vm cp ./project dev:/root        → /root/project in the guest\n" +
 			"  banger vm cp dev:/var/log/syslog ./out  → ./out/syslog on the host\n" +
-			"Modes and modification times are kept.",
+			"Permissions and modification times are kept and sparse files stay sparse.\n" +
+			"Setuid, setgid and sticky bits are dropped, device nodes and FIFOs refused,\n" +
+			"and copies belong to the invoking user (under sudo, SUDO_UID/SUDO_GID)\n" +
+			"unless -a keeps them with the original ownership, like cp -a.\n" +
+			"A copy out of a VM takes nothing but SRC's tree from the guest; if the guest\n" +
+			"sends anything else, the copy stops and what it wrote is removed.",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			srcVM, src, srcRemote := splitRemote(args[0])
 			dstVM, dst, dstRemote := splitRemote(args[1])
 			switch {
 			case srcRemote == dstRemote:
-				return fmt.Errorf("exactly one of SRC and DST must name a VM (NAME:/path)")
+				return fmt.Errorf("exactly one of SRC and DST must name a VM (NAME:/path): %w", errdefs.ErrInvalid)
 			case dstRemote:
 				if !strings.HasPrefix(dst, "/") {
-					return fmt.Errorf("guest path %q must be absolute", dst)
+					return fmt.Errorf("guest path %q must be absolute: %w", dst, errdefs.ErrInvalid)
 				}
 				src, err := filepath.Abs(src)
 				if err != nil {
@@ -50,32 +60,67 @@ func (a *app) vmCpCmd() *cobra.Command {
 					return err
 				}
 				pr, pw := io.Pipe()
-				go func() { pw.CloseWithError(tarcopy.Write(pw, src, nil)) }()
-				err = a.client().VMCopyIn(cmd.Context(), api.VMCopyParams{Name: dstVM, Path: dst}, pr)
+				go func() { pw.CloseWithError(tarcopy.Write(pw, src, tarcopy.WriteOptions{})) }()
+				err = a.client().VMCopyIn(cmd.Context(), api.VMCopyParams{Name: dstVM, Path: dst, Archive: archive}, pr)
 				pr.Close()
 				return err
 			default:
 				if !strings.HasPrefix(src, "/") {
-					return fmt.Errorf("guest path %q must be absolute", src)
+					return fmt.Errorf("guest path %q must be absolute: %w", src, errdefs.ErrInvalid)
 				}
 				dst, err := filepath.Abs(dst)
 				if err != nil {
 					return err
 				}
-				pr, pw := io.Pipe()
-				done := make(chan error, 1)
-				go func() {
-					err := tarcopy.Extract(pr, dst, nil)
-					pr.CloseWithError(err)
-					done <- err
-				}()
-				err = a.client().VMCopyOut(cmd.Context(), api.VMCopyParams{Name: srcVM, Path: src}, pw)
-				pw.CloseWithError(err)
-				if xerr := <-done; err == nil {
-					err = xerr
+				opts := tarcopy.ExtractOptions{Base: guestBase(src), Archive: archive}
+				if maxFileSize != "" {
+					if opts.MaxFileSize, err = parseSize(maxFileSize, 1); err != nil {
+						return fmt.Errorf("--max-file-size: %w: %w", err, errdefs.ErrInvalid)
+					}
 				}
-				return err
+				if !archive {
+					if opts.Owner, err = invokingUser(); err != nil {
+						return err
+					}
+				}
+				return tarcopy.ExtractFrom(func(w io.Writer) error {
+					return a.client().VMCopyOut(cmd.Context(), api.VMCopyParams{Name: srcVM, Path: src}, w)
+				}, dst, opts)
 			}
 		},
 	}
+	cmd.Flags().BoolVarP(&archive, "archive", "a", false,
+		"keep ownership, setuid/setgid/sticky bits and (as root) device nodes and FIFOs")
+	cmd.Flags().StringVar(&maxFileSize, "max-file-size", "",
+		"copy out: refuse files larger than this, holes included, e.g. 200G (default 64G)")
+	return cmd
+}
+
+// guestBase is the top-level name of the tar stream of guest path src, the
+// only name a copy out accepts ("." for "/").
+func guestBase(src string) string {
+	b := path.Base(path.Clean(src))
+	if b == "/" {
+		return "."
+	}
+	return b
+}
+
+// invokingUser is the owner to give copied files when banger runs as root
+// on behalf of a sudo user (SUDO_UID, SUDO_GID); nil otherwise: the
+// process's own user is the invoking user.
+func invokingUser() (*tarcopy.Owner, error) {
+	if os.Geteuid() != 0 {
+		return nil, nil
+	}
+	su, sg := os.Getenv("SUDO_UID"), os.Getenv("SUDO_GID")
+	if su == "" {
+		return nil, nil
+	}
+	uid, err1 := strconv.Atoi(su)
+	gid, err2 := strconv.Atoi(sg)
+	if err1 != nil || err2 != nil || uid < 0 || gid < 0 {
+		return nil, fmt.Errorf("SUDO_UID=%q SUDO_GID=%q: not numeric ids; unset them or use -a: %w", su, sg, errdefs.ErrInvalid)
+	}
+	return &tarcopy.Owner{UID: uid, GID: gid}, nil
 }

@@ -101,42 +101,45 @@ func (d *Daemon) vmExec(ctx context.Context, call *rpc.Call) (any, error) {
 	return api.ExecResult{ExitCode: code}, nil
 }
 
-// copyTarget decodes a copy call and returns its guest path, VM and agent.
-func (d *Daemon) copyTarget(ctx context.Context, call *rpc.Call) (string, store.VM, *agent.Client, error) {
+// copyTarget decodes a copy call and returns its parameters, VM and agent.
+func (d *Daemon) copyTarget(ctx context.Context, call *rpc.Call) (api.VMCopyParams, store.VM, *agent.Client, error) {
 	var p api.VMCopyParams
 	if err := call.Decode(&p); err != nil {
-		return "", store.VM{}, nil, err
+		return p, store.VM{}, nil, err
 	}
 	if !filepath.IsAbs(p.Path) {
-		return "", store.VM{}, nil, fmt.Errorf("guest path %s must be absolute: %w", errdefs.Quote(p.Path), errdefs.ErrInvalid)
+		return p, store.VM{}, nil, fmt.Errorf("guest path %s must be absolute: %w", errdefs.Quote(p.Path), errdefs.ErrInvalid)
 	}
 	v, err := d.store.GetVM(ctx, p.Name)
 	if err != nil {
-		return "", v, nil, err
+		return p, v, nil, err
 	}
 	c, _, err := d.agentFor(ctx, v)
-	return p.Path, v, c, err
+	return p, v, c, err
 }
 
 func (d *Daemon) vmCopyIn(ctx context.Context, call *rpc.Call) (any, error) {
-	path, v, c, err := d.copyTarget(ctx, call)
+	p, v, c, err := d.copyTarget(ctx, call)
 	if err != nil {
 		return nil, err
 	}
 	stdin, _, stop := pumpInput(call)
 	defer stop()
-	if err := c.CopyIn(ctx, stdin, path); err != nil {
+	if err := c.CopyIn(ctx, stdin, p.Path, agent.CopyOptions{Archive: p.Archive}); err != nil {
 		return nil, fmt.Errorf("copy into vm %q: %w", v.Name, err)
 	}
 	return nil, nil
 }
 
+// vmCopyOut relays the guest's tar stream to the client, which extracts
+// it as the invoking user. The agent client passes on no more than the
+// size the guest announced.
 func (d *Daemon) vmCopyOut(ctx context.Context, call *rpc.Call) (any, error) {
-	path, v, c, err := d.copyTarget(ctx, call)
+	p, v, c, err := d.copyTarget(ctx, call)
 	if err != nil {
 		return nil, err
 	}
-	if err := c.CopyOut(ctx, path, frameWriter{call, api.FrameStdout}); err != nil {
+	if err := c.CopyOut(ctx, p.Path, frameWriter{call, api.FrameStdout}); err != nil {
 		return nil, fmt.Errorf("copy from vm %q: %w", v.Name, err)
 	}
 	return nil, nil

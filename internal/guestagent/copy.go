@@ -33,7 +33,7 @@ func (s *server) handleCopyIn(nc ssh.NewChannel, log *slog.Logger) {
 		return
 	}
 	defer ch.Close()
-	err := tarcopy.Extract(ch, req.Path, log)
+	err := tarcopy.Extract(ch, req.Path, tarcopy.ExtractOptions{Archive: req.Archive, Log: log})
 	if err == nil {
 		// Read up to the host's EOF (tar padding after the end marker),
 		// so the status follows the whole stream.
@@ -57,7 +57,18 @@ func (s *server) handleCopyOut(nc ssh.NewChannel, log *slog.Logger) {
 	}
 	defer ch.Close()
 	go io.Copy(io.Discard, ch) // the host sends nothing; keep the window open
-	err := tarcopy.Write(ch, req.Path, log)
+	// Announce the stream's size first: the host stops a stream that
+	// goes past it.
+	err := tarcopy.Write(ch, req.Path, tarcopy.WriteOptions{Log: log, Announce: func(size, entries int64) error {
+		payload, err := agentproto.MarshalPayload(agentproto.CopyHeader{Size: size, Entries: entries})
+		if err != nil {
+			return err
+		}
+		if _, err := ch.SendRequest(agentproto.ReqCopyHeader, false, payload); err != nil {
+			return fmt.Errorf("announce copy size: %w", err)
+		}
+		return nil
+	}})
 	if err != nil {
 		log.Warn("copy out", "path", req.Path, "err", err)
 	}

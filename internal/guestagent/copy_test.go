@@ -130,7 +130,7 @@ func TestCopyRoundTrip(t *testing.T) {
 
 	// The destination and its parents are created.
 	dst := filepath.Join(t.TempDir(), "new", "parent")
-	if err := c.CopyIn(ctx, bytes.NewReader(archive.Bytes()), dst); err != nil {
+	if err := c.CopyIn(ctx, bytes.NewReader(archive.Bytes()), dst, agent.CopyOptions{Archive: true}); err != nil {
 		t.Fatalf("copy in: %v", err)
 	}
 	compareTrees(t, src, filepath.Join(dst, "tree"))
@@ -147,10 +147,21 @@ func TestCopyRoundTrip(t *testing.T) {
 	}
 
 	// Copying again over the existing tree works (files are replaced).
-	if err := c.CopyIn(ctx, bytes.NewReader(archive.Bytes()), dst); err != nil {
+	if err := c.CopyIn(ctx, bytes.NewReader(archive.Bytes()), dst, agent.CopyOptions{Archive: true}); err != nil {
 		t.Fatalf("second copy in: %v", err)
 	}
 	compareTrees(t, src, filepath.Join(dst, "tree"))
+
+	// Without Archive, setuid, setgid and sticky bits are dropped.
+	plain := t.TempDir()
+	if err := c.CopyIn(ctx, bytes.NewReader(archive.Bytes()), plain, agent.CopyOptions{}); err != nil {
+		t.Fatalf("copy in without archive: %v", err)
+	}
+	for name, want := range map[string]fs.FileMode{"tree/deep/er/est/f": 0o711, "tree/deep/er": fs.ModeDir | 0o777} {
+		if fi, err := os.Lstat(filepath.Join(plain, name)); err != nil || fi.Mode() != want {
+			t.Errorf("%s without archive: %v %v, want mode %v", name, fi.Mode(), err, want)
+		}
+	}
 
 	// A single file: the archive holds just its base name.
 	archive.Reset()
@@ -183,24 +194,24 @@ func TestCopyErrors(t *testing.T) {
 	if err := c.CopyOut(ctx, "relative/path", io.Discard); err == nil {
 		t.Errorf("copy out of relative path accepted")
 	}
-	if err := c.CopyIn(ctx, bytes.NewReader(nil), "relative"); err == nil {
+	if err := c.CopyIn(ctx, bytes.NewReader(nil), "relative", agent.CopyOptions{}); err == nil {
 		t.Errorf("copy in to relative path accepted")
 	}
 	// The destination is a file.
 	file := filepath.Join(dir, "file")
 	os.WriteFile(file, []byte("x"), 0o644)
-	err = c.CopyIn(ctx, bytes.NewReader(tarOf(t, entry{name: "a", body: "a"})), file)
+	err = c.CopyIn(ctx, bytes.NewReader(tarOf(t, entry{name: "a", body: "a"})), file, agent.CopyOptions{})
 	if !errors.Is(err, agent.ErrCopyFailed) {
 		t.Errorf("copy in under a file: %v, want ErrCopyFailed", err)
 	}
 	// Garbage instead of a tar stream.
-	err = c.CopyIn(ctx, bytes.NewReader(bytes.Repeat([]byte("garbage!"), 200)), filepath.Join(dir, "d"))
+	err = c.CopyIn(ctx, bytes.NewReader(bytes.Repeat([]byte("garbage!"), 200)), filepath.Join(dir, "d"), agent.CopyOptions{})
 	if !errors.Is(err, agent.ErrCopyFailed) {
 		t.Errorf("copy in of garbage: %v, want ErrCopyFailed", err)
 	}
 	// A local read error aborts the copy.
 	readErr := errors.New("disk on fire")
-	err = c.CopyIn(ctx, io.MultiReader(bytes.NewReader(tarOf(t, entry{name: "a", body: "a"})[:512]), errReader{readErr}), filepath.Join(dir, "e"))
+	err = c.CopyIn(ctx, io.MultiReader(bytes.NewReader(tarOf(t, entry{name: "a", body: "a"})[:512]), errReader{readErr}), filepath.Join(dir, "e"), agent.CopyOptions{})
 	if !errors.Is(err, readErr) {
 		t.Errorf("copy in with read error: %v, want %v", err, readErr)
 	}
@@ -286,7 +297,7 @@ func TestCopyInRefusesEscapes(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := c.CopyIn(testCtx(t), bytes.NewReader(tarOf(t, tt.entries...)), dest)
+			err := c.CopyIn(testCtx(t), bytes.NewReader(tarOf(t, tt.entries...)), dest, agent.CopyOptions{})
 			if !errors.Is(err, agent.ErrCopyFailed) {
 				t.Fatalf("copy in: %v, want ErrCopyFailed", err)
 			}
@@ -306,7 +317,7 @@ func TestCopyInRefusesEscapes(t *testing.T) {
 	err := c.CopyIn(testCtx(t), bytes.NewReader(tarOf(t,
 		entry{name: "s", typ: tar.TypeSymlink, link: secret},
 		entry{name: "s", body: "replaced"},
-	)), dest)
+	)), dest, agent.CopyOptions{})
 	if err != nil {
 		t.Fatalf("copy in over symlink: %v", err)
 	}

@@ -1,8 +1,20 @@
 package tarcopy
 
 import (
+	"archive/tar"
+	"bytes"
 	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 func TestEntryName(t *testing.T) {
@@ -26,5 +38,396 @@ func TestEntryName(t *testing.T) {
 		if _, err := entryName(bad); !errors.Is(err, ErrUnsafePath) {
 			t.Errorf("entryName(%q): %v, want ErrUnsafePath", bad, err)
 		}
+	}
+}
+
+func TestQuoteIsShort(t *testing.T) {
+	q := quote(strings.Repeat("x", 10000))
+	if len(q) > 80 {
+		t.Errorf("quote of a long name is %d bytes", len(q))
+	}
+}
+
+// entry describes one crafted tar entry.
+type entry struct {
+	name, body, link string
+	typ              byte
+	mode             int64
+}
+
+func tarOf(t *testing.T, entries ...entry) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	tw := tar.NewWriter(&b)
+	for _, e := range entries {
+		typ := e.typ
+		if typ == 0 {
+			typ = tar.TypeReg
+		}
+		mode := e.mode
+		if mode == 0 {
+			mode = 0o644
+			if typ == tar.TypeDir {
+				mode = 0o755
+			}
+		}
+		hdr := &tar.Header{Name: e.name, Typeflag: typ, Mode: mode, Linkname: e.link, ModTime: time.Unix(1600000000, 0)}
+		if typ == tar.TypeReg {
+			hdr.Size = int64(len(e.body))
+		}
+		if err := tw.WriteHeader(hdr); err != nil {
+			t.Fatal(err)
+		}
+		if typ == tar.TypeReg {
+			io.WriteString(tw, e.body)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// sparseClaim is a PAX GNU sparse 1.0 entry named name that claims
+// realsize bytes and carries one byte of data, as a hostile guest could
+// send it.
+func sparseClaim(name string, realsize int64) []byte {
+	mapBytes := []byte(fmt.Sprintf("1\n%d\n1\n", realsize-1))
+	mapBytes = append(mapBytes, make([]byte, pad(int64(len(mapBytes))))...)
+	body := paxRecord("GNU.sparse.major", "1") + paxRecord("GNU.sparse.minor", "0") +
+		paxRecord("GNU.sparse.name", name) + paxRecord("GNU.sparse.realsize", strconv.FormatInt(realsize, 10))
+	var out []byte
+	out = append(out, ustar{name: "PaxHeaders.0/x", typ: tar.TypeXHeader, mode: 0o644, size: int64(len(body))}.block()...)
+	out = append(out, body...)
+	out = append(out, make([]byte, pad(int64(len(body))))...)
+	size := int64(len(mapBytes)) + 1
+	out = append(out, ustar{name: "GNUSparseFile.0/x", typ: tar.TypeReg, mode: 0o644, size: size}.block()...)
+	out = append(out, mapBytes...)
+	out = append(out, 'x')
+	out = append(out, make([]byte, pad(size)+1024)...)
+	return out
+}
+
+// snapshot lists every path under dir with its size and mode, to compare
+// before and after a refused copy.
+func snapshot(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	m := map[string]string{}
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		content := ""
+		if fi.Mode().IsRegular() {
+			b, _ := os.ReadFile(p)
+			content = string(b)
+		}
+		m[p] = fmt.Sprintf("%v %q", fi.Mode(), content)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// TestExtractRefusesHostileStreams feeds crafted streams, as a hostile
+// guest would send them, and checks that each is refused with the right
+// error, that nothing outside the destination changed and that the
+// partial copy is gone while what was at the destination before stays.
+func TestExtractRefusesHostileStreams(t *testing.T) {
+	tests := []struct {
+		name    string
+		entries []entry
+		raw     []byte // appended after the entries
+		want    error
+		mention string // the error names the offending entry
+		archive bool
+	}{
+		{"dotdot", []entry{{name: "tree/", typ: tar.TypeDir}, {name: "tree/../../x", body: "pwned"}}, nil, ErrUnsafePath, "tree/../../x", false},
+		{"absolute", []entry{{name: "tree/a", body: "a"}, {name: "/OUTSIDE/abs", body: "pwned"}}, nil, ErrUnsafePath, "/OUTSIDE/abs", false},
+		{"symlink then write through", []entry{
+			{name: "tree/", typ: tar.TypeDir},
+			{name: "tree/evil", typ: tar.TypeSymlink, link: "/OUTSIDE"},
+			{name: "tree/evil/pwned", body: "pwned"}}, nil, ErrUnsafePath, "tree/evil", false},
+		{"relative symlink then mkdir through", []entry{
+			{name: "tree/evil", typ: tar.TypeSymlink, link: "../../outside"},
+			{name: "tree/evil/newdir/", typ: tar.TypeDir}}, nil, ErrUnsafePath, "tree/evil", false},
+		{"symlinked parent inside the tree", []entry{
+			{name: "tree/sub/", typ: tar.TypeDir},
+			{name: "tree/l", typ: tar.TypeSymlink, link: "sub"},
+			{name: "tree/l/f", body: "x"}}, nil, ErrUnsafePath, "tree/l", false},
+		{"hard link outside", []entry{{name: "tree/f", body: "x"},
+			{name: "tree/h", typ: tar.TypeLink, link: "../outside/secret"}}, nil, ErrUnsafePath, "tree/h", false},
+		{"hard link to a file this copy did not write", []entry{{name: "tree/f", body: "x"},
+			{name: "tree/h", typ: tar.TypeLink, link: "tree/old"}}, nil, ErrUnsafePath, "tree/old", false},
+		{"hard link through a symlink", []entry{
+			{name: "tree/s", typ: tar.TypeSymlink, link: "/OUTSIDE"},
+			{name: "tree/h", typ: tar.TypeLink, link: "tree/s/secret"}}, nil, ErrUnsafePath, "tree/s/secret", false},
+		{"entry outside the base name", []entry{{name: "tree/f", body: "x"},
+			{name: "other/f", body: "x"}}, nil, ErrUnsafePath, "other/f", false},
+		{"sibling with the base as prefix", []entry{{name: "treehouse", body: "x"}}, nil, ErrUnsafePath, "treehouse", false},
+		{"fifo", []entry{{name: "tree/f", body: "x"}, {name: "tree/fifo", typ: tar.TypeFifo}}, nil, ErrSpecialFile, "tree/fifo", false},
+		{"device node", []entry{{name: "tree/sda", typ: tar.TypeBlock}}, nil, ErrSpecialFile, "tree/sda", false},
+		{"sparse claim past the limit", []entry{{name: "tree/f", body: "x"}}, sparseClaim("tree/huge", 1<<50), ErrTooLarge, "tree/huge", false},
+		{"dense file past the limit", []entry{{name: "tree/big", body: strings.Repeat("x", 2<<20)}}, nil, ErrTooLarge, "tree/big", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			base := t.TempDir()
+			outside := filepath.Join(base, "outside")
+			os.Mkdir(outside, 0o755)
+			os.WriteFile(filepath.Join(outside, "secret"), []byte("original"), 0o644)
+			dest := filepath.Join(base, "dest")
+			os.MkdirAll(filepath.Join(dest, "tree"), 0o755)
+			os.WriteFile(filepath.Join(dest, "tree", "old"), []byte("kept"), 0o644)
+			before := snapshot(t, base)
+
+			var ents []entry
+			for _, e := range tt.entries {
+				e.name = strings.ReplaceAll(e.name, "/OUTSIDE", outside)
+				e.link = strings.ReplaceAll(e.link, "/OUTSIDE", outside)
+				ents = append(ents, e)
+			}
+			stream := tarOf(t, ents...)
+			if tt.raw != nil {
+				stream = append(stream[:len(stream)-1024], tt.raw...)
+			}
+			err := Extract(bytes.NewReader(stream), dest, ExtractOptions{Base: "tree", Archive: tt.archive, MaxFileSize: 1 << 20})
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("extract: %v, want %v", err, tt.want)
+			}
+			mention := strings.ReplaceAll(tt.mention, "/OUTSIDE", outside)
+			if !strings.Contains(err.Error(), quote(mention)) {
+				t.Errorf("error %q does not name %q", err, mention)
+			}
+			after := snapshot(t, base)
+			for p, v := range after {
+				if before[p] != v {
+					t.Errorf("%s: %s after the refused copy, was %s", p, v, before[p])
+				}
+			}
+			for p := range before {
+				if _, ok := after[p]; !ok {
+					t.Errorf("%s removed by the refused copy", p)
+				}
+			}
+		})
+	}
+}
+
+func TestExtractRemovesTheDestinationItCreated(t *testing.T) {
+	base := t.TempDir()
+	dest := filepath.Join(base, "new", "dest")
+	err := Extract(bytes.NewReader(tarOf(t, entry{name: "tree/a/b/f", body: "x"}, entry{name: "x/y", body: "x"})), dest, ExtractOptions{Base: "tree"})
+	if !errors.Is(err, ErrUnsafePath) {
+		t.Fatalf("extract: %v, want ErrUnsafePath", err)
+	}
+	if _, err := os.Lstat(filepath.Join(base, "new")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("destination parents left behind: %v", err)
+	}
+}
+
+func TestExtractPreDestinationSymlink(t *testing.T) {
+	// The destination already holds a symlink under the base name: an
+	// entry through it is refused rather than written to its target.
+	base := t.TempDir()
+	outside := filepath.Join(base, "outside")
+	os.Mkdir(outside, 0o755)
+	dest := filepath.Join(base, "dest")
+	os.Mkdir(dest, 0o755)
+	os.Symlink(outside, filepath.Join(dest, "tree"))
+	err := Extract(bytes.NewReader(tarOf(t, entry{name: "tree/f", body: "x"})), dest, ExtractOptions{Base: "tree"})
+	if !errors.Is(err, ErrUnsafePath) {
+		t.Fatalf("extract: %v, want ErrUnsafePath", err)
+	}
+	if _, err := os.Lstat(filepath.Join(outside, "f")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("file written through the symlink: %v", err)
+	}
+}
+
+func TestExtractModesAndOwnership(t *testing.T) {
+	stream := tarOf(t,
+		entry{name: "tree/", typ: tar.TypeDir, mode: 0o1777},
+		entry{name: "tree/suid", body: "x", mode: 0o4755},
+		entry{name: "tree/sgid", body: "x", mode: 0o2711},
+		entry{name: "tree/link", typ: tar.TypeSymlink, link: "suid"},
+	)
+	want := map[bool]map[string]fs.FileMode{
+		false: {"tree": fs.ModeDir | 0o777, "tree/suid": 0o755, "tree/sgid": 0o711},
+		true:  {"tree": fs.ModeDir | fs.ModeSticky | 0o777, "tree/suid": fs.ModeSetuid | 0o755, "tree/sgid": fs.ModeSetgid | 0o711},
+	}
+	for _, archive := range []bool{false, true} {
+		t.Run(fmt.Sprintf("archive=%v", archive), func(t *testing.T) {
+			dest := t.TempDir()
+			opts := ExtractOptions{Base: "tree", Archive: archive}
+			if os.Geteuid() == 0 {
+				opts.Owner = &Owner{UID: 4321, GID: 4322}
+			}
+			if err := Extract(bytes.NewReader(stream), dest, opts); err != nil {
+				t.Fatal(err)
+			}
+			for name, mode := range want[archive] {
+				fi, err := os.Lstat(filepath.Join(dest, name))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if fi.Mode() != mode {
+					t.Errorf("%s: mode %v, want %v", name, fi.Mode(), mode)
+				}
+				if opts.Owner == nil {
+					continue
+				}
+				st := fi.Sys().(*syscall.Stat_t)
+				wantUID, wantGID := 4321, 4322
+				if archive { // the stream's owner (tarOf writes 0)
+					wantUID, wantGID = 0, 0
+				}
+				if int(st.Uid) != wantUID || int(st.Gid) != wantGID {
+					t.Errorf("%s: owner %d:%d, want %d:%d", name, st.Uid, st.Gid, wantUID, wantGID)
+				}
+			}
+		})
+	}
+}
+
+func TestExtractSpecialFilesWithArchive(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("creating device nodes needs root")
+	}
+	dest := t.TempDir()
+	err := Extract(bytes.NewReader(tarOf(t, entry{name: "tree/fifo", typ: tar.TypeFifo})), dest, ExtractOptions{Base: "tree", Archive: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Lstat(filepath.Join(dest, "tree", "fifo"))
+	if err != nil || fi.Mode()&fs.ModeNamedPipe == 0 {
+		t.Errorf("fifo: %v %v", fi, err)
+	}
+}
+
+func TestExtractReplacesExistingFiles(t *testing.T) {
+	dest := t.TempDir()
+	os.MkdirAll(filepath.Join(dest, "tree"), 0o755)
+	os.WriteFile(filepath.Join(dest, "tree", "f"), []byte("old"), 0o644)
+	os.WriteFile(filepath.Join(dest, "tree", "keep"), []byte("keep"), 0o644)
+	err := Extract(bytes.NewReader(tarOf(t,
+		entry{name: "tree/", typ: tar.TypeDir},
+		entry{name: "tree/f", body: "new"},
+		entry{name: "tree/s", typ: tar.TypeSymlink, link: "/etc/passwd"},
+		entry{name: "tree/s", body: "over the symlink"},
+		entry{name: "tree/h", typ: tar.TypeLink, link: "tree/f"},
+	)), dest, ExtractOptions{Base: "tree"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]string{"f": "new", "keep": "keep", "s": "over the symlink", "h": "new"} {
+		if b, err := os.ReadFile(filepath.Join(dest, "tree", name)); err != nil || string(b) != want {
+			t.Errorf("%s: %q %v, want %q", name, b, err, want)
+		}
+	}
+	ents, _ := os.ReadDir(filepath.Join(dest, "tree"))
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), ".banger-cp-") {
+			t.Errorf("temporary file %s left", e.Name())
+		}
+	}
+}
+
+// makeSparse creates a file of size bytes with a little data at the given
+// offsets and holes elsewhere.
+func makeSparse(t *testing.T, p string, size int64, offsets ...int64) {
+	t.Helper()
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range offsets {
+		if _, err := f.WriteAt([]byte("data at "+strconv.FormatInt(off, 10)), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func allocated(t *testing.T, p string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(p, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+func TestSparseRoundTrip(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "tree")
+	os.Mkdir(src, 0o755)
+	const size = 256 << 20
+	makeSparse(t, filepath.Join(src, "sparse"), size, 1<<20, 100<<20+7)
+	makeSparse(t, filepath.Join(src, "data-at-end"), 64<<20, 64<<20-3)
+	makeSparse(t, filepath.Join(src, "all-hole"), 32<<20)
+	os.WriteFile(filepath.Join(src, "dense"), bytes.Repeat([]byte("dense"), 1000), 0o644)
+	if a := allocated(t, filepath.Join(src, "sparse")); a > 1<<20 {
+		t.Skipf("the test filesystem doesn't keep holes (%d bytes allocated)", a)
+	}
+
+	var stream bytes.Buffer
+	var announced, entries int64
+	err := Write(&stream, src, WriteOptions{Announce: func(s, e int64) error { announced, entries = s, e; return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(stream.Len()) != announced || entries != 5 {
+		t.Errorf("stream of %d bytes, %d entries announced as %d bytes", stream.Len(), entries, announced)
+	}
+	if stream.Len() > 64<<10 {
+		t.Errorf("stream of %d bytes for %d bytes of data: holes were sent", stream.Len(), 3*20+5000)
+	}
+	if tarBin, err := exec.LookPath("tar"); err == nil {
+		// GNU tar reads the sparse entries too.
+		cmd := exec.Command(tarBin, "-tvf", "-")
+		cmd.Stdin = bytes.NewReader(stream.Bytes())
+		out, err := cmd.CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "tree/sparse") || !strings.Contains(string(out), strconv.Itoa(size)) {
+			t.Errorf("tar -tv: %v\n%s", err, out)
+		}
+	}
+
+	dest := t.TempDir()
+	if err := Extract(bytes.NewReader(stream.Bytes()), dest, ExtractOptions{Base: "tree"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"sparse", "data-at-end", "all-hole", "dense"} {
+		want, _ := os.ReadFile(filepath.Join(src, name))
+		got, err := os.ReadFile(filepath.Join(dest, "tree", name))
+		if err != nil || !bytes.Equal(want, got) {
+			t.Errorf("%s: content differs (%d bytes, want %d): %v", name, len(got), len(want), err)
+		}
+	}
+	for _, name := range []string{"sparse", "data-at-end", "all-hole"} {
+		if a := allocated(t, filepath.Join(dest, "tree", name)); a > 64<<10 {
+			t.Errorf("%s: %d bytes allocated on the host, want about its data size", name, a)
+		}
+	}
+	if fi, _ := os.Stat(filepath.Join(dest, "tree", "sparse")); fi == nil || fi.Size() != size {
+		t.Errorf("sparse: size %v, want %d", fi, size)
+	}
+}
+
+func TestWriteStopsWhenSourceGrows(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "f")
+	os.WriteFile(src, []byte("short"), 0o644)
+	err := Write(io.Discard, src, WriteOptions{Announce: func(int64, int64) error {
+		return os.WriteFile(src, bytes.Repeat([]byte("longer"), 1000), 0o644)
+	}})
+	if !errors.Is(err, ErrSourceChanged) {
+		t.Errorf("write: %v, want ErrSourceChanged", err)
 	}
 }

@@ -1,0 +1,215 @@
+package agent_test
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/agent"
+	"github.com/bangerdev/banger/internal/agentproto"
+	"github.com/bangerdev/banger/internal/tarcopy"
+)
+
+// fakeAgent is a hostile guest agent: it speaks protocol proto and
+// answers every copy-out channel with copyOut.
+func fakeAgent(t *testing.T, proto string, copyOut func(ch ssh.Channel)) *agent.Client {
+	t.Helper()
+	km, err := agent.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := km.Keys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := ssh.ParsePrivateKey([]byte(km.HostPrivatePEM))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := &ssh.ServerConfig{
+		PublicKeyCallback: func(ssh.ConnMetadata, ssh.PublicKey) (*ssh.Permissions, error) { return nil, nil },
+	}
+	cfg.AddHostKey(signer)
+	guest, host := socketPair(t)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, chans, reqs, err := ssh.NewServerConn(guest, cfg)
+		if err != nil {
+			return
+		}
+		go func() {
+			for req := range reqs {
+				if req.Type == agentproto.GlobalInfo {
+					payload, _ := agentproto.MarshalPayload(agentproto.Info{ProtoVersion: proto})
+					req.Reply(true, payload)
+					continue
+				}
+				req.Reply(false, nil)
+			}
+		}()
+		for nc := range chans {
+			if nc.ChannelType() != agentproto.ChanCopyOut {
+				nc.Reject(ssh.UnknownChannelType, "no")
+				continue
+			}
+			ch, creqs, err := nc.Accept()
+			if err != nil {
+				continue
+			}
+			go ssh.DiscardRequests(creqs)
+			go func() {
+				defer ch.Close()
+				copyOut(ch)
+			}()
+		}
+	}()
+	t.Cleanup(func() { guest.Close(); <-done })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := agent.Dial(ctx, func(context.Context) (net.Conn, error) { return host, nil }, keys, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func send(ch ssh.Channel, req string, v any) {
+	payload, _ := agentproto.MarshalPayload(v)
+	ch.SendRequest(req, false, payload)
+}
+
+// tarStream is a tree "tree" with a small file, then a larger one.
+func tarStream(t *testing.T) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	tw := tar.NewWriter(&b)
+	for _, f := range []struct {
+		name string
+		size int
+	}{{"tree/small", 10}, {"tree/big", 256 << 10}} {
+		if err := tw.WriteHeader(&tar.Header{Name: f.name, Mode: 0o644, Size: int64(f.size), ModTime: time.Unix(1e9, 0)}); err != nil {
+			t.Fatal(err)
+		}
+		tw.Write(bytes.Repeat([]byte("x"), f.size))
+	}
+	tw.Close()
+	return b.Bytes()
+}
+
+func copyCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func TestCopyOutStopsPastTheAnnouncedSize(t *testing.T) {
+	stream := tarStream(t)
+	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
+		// Announce the first file only, then send everything.
+		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: 2048, Entries: 1})
+		ch.Write(stream)
+		ch.CloseWrite()
+		send(ch, agentproto.ReqCopyStatus, agentproto.CopyStatus{})
+	})
+	dest := filepath.Join(t.TempDir(), "dest")
+	var got int64
+	err := tarcopy.ExtractFrom(func(w io.Writer) error {
+		return c.CopyOut(copyCtx(t), "/tree", countingWriter{w, &got})
+	}, dest, tarcopy.ExtractOptions{Base: "tree"})
+	if !errors.Is(err, agent.ErrCopyTooLarge) {
+		t.Fatalf("copy out: %v, want ErrCopyTooLarge", err)
+	}
+	if !strings.Contains(err.Error(), "2048 bytes") {
+		t.Errorf("error %q doesn't say what was announced", err)
+	}
+	if got > 2048 {
+		t.Errorf("%d bytes passed on, more than the 2048 announced", got)
+	}
+	// tree/small was complete within the announced size; it is removed
+	// with the rest of the partial copy, destination included.
+	if _, err := os.Lstat(dest); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("partial copy left at %s: %v", dest, err)
+	}
+}
+
+type countingWriter struct {
+	w io.Writer
+	n *int64
+}
+
+func (c countingWriter) Write(p []byte) (int, error) {
+	*c.n += int64(len(p))
+	return c.w.Write(p)
+}
+
+func TestCopyOutRequiresAHeader(t *testing.T) {
+	stream := tarStream(t)
+	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
+		ch.Write(stream[:4096]) // within the channel window
+		ch.CloseWrite()
+		send(ch, agentproto.ReqCopyStatus, agentproto.CopyStatus{})
+	})
+	var out bytes.Buffer
+	err := c.CopyOut(copyCtx(t), "/tree", &out)
+	if !errors.Is(err, agent.ErrCopyFailed) || !strings.Contains(err.Error(), "no copy header") {
+		t.Errorf("copy out: %v, want ErrCopyFailed for a missing header", err)
+	}
+	if out.Len() != 0 {
+		t.Errorf("%d bytes passed on without a header", out.Len())
+	}
+}
+
+func TestCopyOutRefusesOldAgents(t *testing.T) {
+	var opened atomic.Bool
+	c := fakeAgent(t, "1.0", func(ch ssh.Channel) { opened.Store(true) })
+	err := c.CopyOut(copyCtx(t), "/tree", io.Discard)
+	if !errors.Is(err, agent.ErrIncompatibleAgent) || !strings.Contains(err.Error(), "restart the VM") {
+		t.Errorf("copy out of a 1.0 agent: %v, want ErrIncompatibleAgent", err)
+	}
+	if opened.Load() {
+		t.Errorf("copy channel opened with an agent that can't announce sizes")
+	}
+}
+
+func TestCopyOutHonestHeaderHostileContent(t *testing.T) {
+	var b bytes.Buffer
+	tw := tar.NewWriter(&b)
+	tw.WriteHeader(&tar.Header{Name: "tree/ok", Mode: 0o644, Size: 2})
+	tw.Write([]byte("ok"))
+	tw.WriteHeader(&tar.Header{Name: "tree/../../escape", Mode: 0o644, Size: 2})
+	tw.Write([]byte("no"))
+	tw.Close()
+	stream := b.Bytes()
+	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
+		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: int64(len(stream)), Entries: 2})
+		ch.Write(stream)
+		ch.CloseWrite()
+		send(ch, agentproto.ReqCopyStatus, agentproto.CopyStatus{})
+	})
+	base := t.TempDir()
+	dest := filepath.Join(base, "a", "dest")
+	err := tarcopy.ExtractFrom(func(w io.Writer) error {
+		return c.CopyOut(copyCtx(t), "/tree", w)
+	}, dest, tarcopy.ExtractOptions{Base: "tree"})
+	if !errors.Is(err, tarcopy.ErrUnsafePath) {
+		t.Fatalf("copy out: %v, want ErrUnsafePath", err)
+	}
+	ents, _ := os.ReadDir(base)
+	if len(ents) != 0 {
+		t.Errorf("%d entries left in %s after the refused copy", len(ents), base)
+	}
+}

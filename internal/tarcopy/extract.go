@@ -1,0 +1,585 @@
+package tarcopy
+
+import (
+	"archive/tar"
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Errors of Extract; every refusal wraps one of them and names the entry.
+var (
+	// ErrUnsafePath is returned for entries that would land outside the
+	// destination or outside the requested tree: absolute names, ".."
+	// components, names not under ExtractOptions.Base, entries whose parent
+	// is a symlink, hard links to files this copy did not create.
+	ErrUnsafePath = errors.New("path escapes the destination")
+	// ErrSpecialFile is returned for device nodes and FIFOs, which are only
+	// created with ExtractOptions.Archive by root.
+	ErrSpecialFile = errors.New("special file refused")
+	// ErrTooLarge is returned for a file larger than
+	// ExtractOptions.MaxFileSize.
+	ErrTooLarge = errors.New("file larger than the limit")
+)
+
+// DefaultMaxFileSize is the largest file Extract writes when
+// ExtractOptions.MaxFileSize is 0: a sparse entry can claim any size for a
+// few bytes of stream.
+const DefaultMaxFileSize = 64 << 30
+
+// Owner is a numeric owner for extracted entries.
+type Owner struct{ UID, GID int }
+
+// ExtractOptions tune Extract.
+type ExtractOptions struct {
+	// Base, when set, is the only top-level name allowed: every entry must
+	// be Base or under Base/. "." allows every name.
+	Base string
+	// Archive keeps the stream's setuid, setgid and sticky bits and, when
+	// running as root, its numeric ownership, and lets root create device
+	// nodes and FIFOs. Without it those bits are dropped and special files
+	// are refused.
+	Archive bool
+	// Owner, when set and Archive is not, is given every created entry
+	// (root extracting on behalf of a sudo user).
+	Owner *Owner
+	// MaxFileSize bounds the size of each regular file (its apparent size,
+	// holes included); 0 means DefaultMaxFileSize.
+	MaxFileSize int64
+	// Log receives warnings about skipped entries; nil discards them.
+	Log *slog.Logger
+}
+
+// Extract unpacks the tar stream r under the absolute directory dest,
+// creating dest and its missing parents, and treats the stream as hostile:
+//
+//   - every entry is created relative to a directory descriptor, and each
+//     parent directory is opened with O_NOFOLLOW, so neither "..", absolute
+//     names nor symlinks (made by the stream or already there) can make an
+//     entry land outside dest: such entries are refused, not skipped;
+//   - names outside opts.Base and hard links to anything this copy did not
+//     create are refused;
+//   - setuid/setgid/sticky bits, ownership and special files follow
+//     opts.Archive;
+//   - files larger than opts.MaxFileSize are refused before anything is
+//     written, and runs of zeros are written as holes, so sparse files stay
+//     sparse.
+//
+// Existing directories are merged into; an existing non-directory is
+// replaced atomically (the new entry is written under a temporary name and
+// renamed over it). On error, every entry this call created (and the parts
+// of dest it created) is removed and the error names the offending entry.
+func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
+	if !filepath.IsAbs(dest) {
+		return fmt.Errorf("destination %s: not an absolute path", quote(dest))
+	}
+	if opts.MaxFileSize <= 0 {
+		opts.MaxFileSize = DefaultMaxFileSize
+	}
+	opts.Log = logger(opts.Log)
+	x := &extractor{opts: opts, files: map[string]bool{}, lastFD: -1}
+	firstNew, err := mkdirAllNew(filepath.Clean(dest))
+	if err != nil {
+		return err
+	}
+	x.root, err = unix.Open(dest, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if firstNew != "" {
+			removeEmptyChain(firstNew, filepath.Clean(dest))
+		}
+		return fmt.Errorf("open destination %s: %w", quote(dest), err)
+	}
+	defer func() {
+		if err != nil {
+			x.rollback()
+		}
+		x.dropParent()
+		unix.Close(x.root)
+		if err != nil && firstNew != "" {
+			removeEmptyChain(firstNew, filepath.Clean(dest))
+		}
+	}()
+
+	tr := tar.NewReader(r)
+	for {
+		hdr, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("read tar: %w", err)
+		}
+		if err := x.entry(hdr, tr); err != nil {
+			return err
+		}
+	}
+	return x.finishDirs()
+}
+
+type dirMeta struct {
+	name string
+	hdr  *tar.Header
+}
+
+type extractor struct {
+	opts ExtractOptions
+	root int
+	// created lists what this copy created, in order (names relative to
+	// the destination), for rollback.
+	created []string
+	// files holds the regular files this copy wrote (hard link targets).
+	files map[string]bool
+	dirs  []dirMeta
+	// lastDir/lastFD cache the parent directory of the previous entry.
+	lastDir string
+	lastFD  int
+}
+
+func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
+	name, err := entryName(hdr.Name)
+	if err != nil {
+		return err
+	}
+	if hdr.Typeflag == tar.TypeXGlobalHeader {
+		return nil
+	}
+	if err := x.underBase(name); err != nil {
+		return err
+	}
+	if name == "." {
+		// The destination itself ("/" copied): leave its metadata alone.
+		if hdr.Typeflag == tar.TypeDir {
+			return nil
+		}
+		return fmt.Errorf("tar entry %s: not a directory: %w", quote(hdr.Name), ErrUnsafePath)
+	}
+	switch hdr.Typeflag {
+	case tar.TypeReg, tar.TypeDir, tar.TypeSymlink, tar.TypeLink:
+	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+		if !x.opts.Archive || os.Geteuid() != 0 {
+			return fmt.Errorf("tar entry %s: device node or FIFO (copy as root with --archive to keep it): %w",
+				quote(name), ErrSpecialFile)
+		}
+	default:
+		x.opts.Log.Warn("copy: skipping unsupported entry", "name", name, "type", string(hdr.Typeflag))
+		return nil
+	}
+	if hdr.Typeflag != tar.TypeReg {
+		x.dropParent() // the tree's shape may change: walk again next time
+	}
+	dir, leaf := path.Split(name)
+	parent, err := x.parent(strings.TrimSuffix(dir, "/"))
+	if err != nil {
+		return fmt.Errorf("tar entry %s: %w", quote(name), err)
+	}
+	switch hdr.Typeflag {
+	case tar.TypeDir:
+		return x.mkdir(parent, name, leaf, hdr)
+	case tar.TypeReg:
+		if hdr.Size > x.opts.MaxFileSize {
+			return fmt.Errorf("tar entry %s: %d bytes, more than the %d allowed (raise the limit with --max-file-size): %w",
+				quote(name), hdr.Size, x.opts.MaxFileSize, ErrTooLarge)
+		}
+		return x.create(parent, name, leaf, func(tmp string) error { return x.writeFile(parent, tmp, name, hdr, tr) })
+	case tar.TypeSymlink:
+		return x.create(parent, name, leaf, func(tmp string) error {
+			if err := unix.Symlinkat(hdr.Linkname, parent, tmp); err != nil {
+				return fmt.Errorf("create symlink: %w", err)
+			}
+			return x.meta(parent, tmp, -1, hdr, true)
+		})
+	case tar.TypeLink:
+		target, err := entryName(hdr.Linkname)
+		if err != nil {
+			return fmt.Errorf("tar entry %s: hard link: %w", quote(name), err)
+		}
+		if !x.files[target] {
+			return fmt.Errorf("tar entry %s: hard link to %s, which this copy did not create: %w",
+				quote(name), quote(target), ErrUnsafePath)
+		}
+		tdir, tleaf := path.Split(target)
+		tparent, err := x.openDir(strings.TrimSuffix(tdir, "/"), false)
+		if err != nil {
+			return fmt.Errorf("tar entry %s: hard link target: %w", quote(name), err)
+		}
+		defer unix.Close(tparent)
+		return x.create(parent, name, leaf, func(tmp string) error {
+			if err := unix.Linkat(tparent, tleaf, parent, tmp, 0); err != nil {
+				return fmt.Errorf("create hard link: %w", err)
+			}
+			return nil
+		})
+	default: // special files, root with Archive only
+		mode := uint32(hdr.Mode & 0o7777)
+		switch hdr.Typeflag {
+		case tar.TypeChar:
+			mode |= unix.S_IFCHR
+		case tar.TypeBlock:
+			mode |= unix.S_IFBLK
+		default:
+			mode |= unix.S_IFIFO
+		}
+		dev := unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))
+		return x.create(parent, name, leaf, func(tmp string) error {
+			if err := unix.Mknodat(parent, tmp, mode, int(dev)); err != nil {
+				return fmt.Errorf("create special file: %w", err)
+			}
+			return x.meta(parent, tmp, -1, hdr, false)
+		})
+	}
+}
+
+// underBase refuses names outside opts.Base.
+func (x *extractor) underBase(name string) error {
+	b := x.opts.Base
+	if b == "" || b == "." || name == b || strings.HasPrefix(name, b+"/") {
+		return nil
+	}
+	return fmt.Errorf("tar entry %s: not under %s, the name asked for: %w", quote(name), quote(b), ErrUnsafePath)
+}
+
+// parent returns a descriptor of directory dir (relative to the
+// destination; "" for the destination), creating missing components. The
+// descriptor is cached until the next call with another directory.
+func (x *extractor) parent(dir string) (int, error) {
+	if x.lastFD >= 0 && x.lastDir == dir {
+		return x.lastFD, nil
+	}
+	x.dropParent()
+	fd, err := x.openDir(dir, true)
+	if err != nil {
+		return -1, err
+	}
+	x.lastDir, x.lastFD = dir, fd
+	return fd, nil
+}
+
+func (x *extractor) dropParent() {
+	if x.lastFD >= 0 {
+		unix.Close(x.lastFD)
+	}
+	x.lastFD, x.lastDir = -1, ""
+}
+
+// openDir walks dir one component at a time from the destination, never
+// following a symlink; with create, missing directories are made (0700
+// until finishDirs) and recorded.
+func (x *extractor) openDir(dir string, create bool) (int, error) {
+	fd, err := unix.Dup(x.root)
+	if err != nil {
+		return -1, err
+	}
+	if dir == "" || dir == "." {
+		return fd, nil
+	}
+	walked := ""
+	for comp := range strings.SplitSeq(dir, "/") {
+		walked = path.Join(walked, comp)
+		next, err := unix.Openat(fd, comp, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if errors.Is(err, unix.ENOENT) && create {
+			if err = unix.Mkdirat(fd, comp, 0o700); err == nil {
+				x.created = append(x.created, walked)
+				next, err = unix.Openat(fd, comp, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+			}
+		}
+		unix.Close(fd)
+		switch {
+		case errors.Is(err, unix.ELOOP), errors.Is(err, unix.ENOTDIR):
+			return -1, fmt.Errorf("parent %s is a symlink or not a directory: %w", quote(walked), ErrUnsafePath)
+		case err != nil:
+			return -1, fmt.Errorf("open %s: %w", quote(walked), err)
+		}
+		fd = next
+	}
+	return fd, nil
+}
+
+func (x *extractor) mkdir(parent int, name, leaf string, hdr *tar.Header) error {
+	err := unix.Mkdirat(parent, leaf, 0o700)
+	if errors.Is(err, unix.EEXIST) {
+		var st unix.Stat_t
+		if err := unix.Fstatat(parent, leaf, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return fmt.Errorf("tar entry %s: %w", quote(name), err)
+		}
+		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			return fmt.Errorf("tar entry %s: exists and is not a directory: %w", quote(name), fs.ErrExist)
+		}
+		// An existing directory is merged into and gets the entry's
+		// metadata, as tar does.
+		x.dirs = append(x.dirs, dirMeta{name, hdr})
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("tar entry %s: create directory: %w", quote(name), err)
+	}
+	x.created = append(x.created, name)
+	x.dirs = append(x.dirs, dirMeta{name, hdr})
+	return nil
+}
+
+// create makes a non-directory entry through make, which creates it under
+// the name it is given in parent. A new name is created in place; an
+// existing non-directory is replaced by renaming a temporary entry over it.
+func (x *extractor) create(parent int, name, leaf string, make func(string) error) error {
+	var st unix.Stat_t
+	err := unix.Fstatat(parent, leaf, &st, unix.AT_SYMLINK_NOFOLLOW)
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		x.created = append(x.created, name)
+		if err := make(leaf); err != nil {
+			return fmt.Errorf("tar entry %s: %w", quote(name), err)
+		}
+		return nil
+	case err != nil:
+		return fmt.Errorf("tar entry %s: %w", quote(name), err)
+	case st.Mode&unix.S_IFMT == unix.S_IFDIR:
+		return fmt.Errorf("tar entry %s: a directory is in the way: %w", quote(name), fs.ErrExist)
+	}
+	tmp := tempName()
+	if err := make(tmp); err != nil {
+		_ = unix.Unlinkat(parent, tmp, 0)
+		return fmt.Errorf("tar entry %s: %w", quote(name), err)
+	}
+	if err := unix.Renameat(parent, tmp, parent, leaf); err != nil {
+		_ = unix.Unlinkat(parent, tmp, 0)
+		return fmt.Errorf("tar entry %s: replace: %w", quote(name), err)
+	}
+	return nil
+}
+
+func tempName() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return ".banger-cp-" + hex.EncodeToString(b[:])
+}
+
+// holeBlock is the granularity at which zeros become holes.
+const holeBlock = 4096
+
+var zeros [holeBlock]byte
+
+// writeFile creates file leaf in parent with hdr's content from tr,
+// leaving holes where the content is zero.
+func (x *extractor) writeFile(parent int, leaf, name string, hdr *tar.Header, tr io.Reader) error {
+	fd, err := unix.Openat(parent, leaf, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return fmt.Errorf("create: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), leaf)
+	defer f.Close()
+	buf := make([]byte, 32*holeBlock)
+	var off int64
+	for off < hdr.Size {
+		n, rerr := io.ReadFull(tr, buf[:min(int64(len(buf)), hdr.Size-off)])
+		for i := 0; i < n; i += holeBlock {
+			blk := buf[i:min(i+holeBlock, n)]
+			if !bytes.Equal(blk, zeros[:len(blk)]) {
+				if _, err := f.WriteAt(blk, off+int64(i)); err != nil {
+					return fmt.Errorf("write: %w", err)
+				}
+			}
+		}
+		off += int64(n)
+		if rerr != nil {
+			return fmt.Errorf("read tar: %w", rerr)
+		}
+	}
+	if err := f.Truncate(hdr.Size); err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	if err := x.meta(parent, leaf, fd, hdr, false); err != nil {
+		return err
+	}
+	x.files[name] = true
+	return nil
+}
+
+// meta sets ownership, mode and times of leaf in parent (through fd when
+// it is open, >= 0). Ownership comes first: chown clears setuid bits.
+func (x *extractor) meta(parent int, leaf string, fd int, hdr *tar.Header, symlink bool) error {
+	uid, gid := -1, -1
+	switch {
+	case x.opts.Archive && os.Geteuid() == 0:
+		uid, gid = hdr.Uid, hdr.Gid
+	case !x.opts.Archive && x.opts.Owner != nil:
+		uid, gid = x.opts.Owner.UID, x.opts.Owner.GID
+	}
+	if uid >= 0 {
+		var err error
+		if fd >= 0 {
+			err = unix.Fchown(fd, uid, gid)
+		} else {
+			err = unix.Fchownat(parent, leaf, uid, gid, unix.AT_SYMLINK_NOFOLLOW)
+		}
+		if err != nil {
+			return fmt.Errorf("chown: %w", err)
+		}
+	}
+	if !symlink {
+		mode := x.mode(hdr)
+		var err error
+		if fd >= 0 {
+			err = unix.Fchmod(fd, mode)
+		} else {
+			err = unix.Fchmodat(parent, leaf, mode, 0)
+		}
+		if err != nil {
+			return fmt.Errorf("chmod: %w", err)
+		}
+	}
+	atime := hdr.AccessTime
+	if atime.IsZero() {
+		atime = hdr.ModTime
+	}
+	ts := []unix.Timespec{unix.NsecToTimespec(atime.UnixNano()), unix.NsecToTimespec(hdr.ModTime.UnixNano())}
+	if fd >= 0 {
+		tv := []unix.Timeval{unix.NsecToTimeval(atime.UnixNano()), unix.NsecToTimeval(hdr.ModTime.UnixNano())}
+		if err := unix.Futimes(fd, tv); err != nil {
+			return fmt.Errorf("set times: %w", err)
+		}
+		return nil
+	}
+	if err := unix.UtimesNanoAt(parent, leaf, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("set times: %w", err)
+	}
+	return nil
+}
+
+// mode is hdr's permission bits, with setuid/setgid/sticky only under
+// Archive.
+func (x *extractor) mode(hdr *tar.Header) uint32 {
+	if x.opts.Archive {
+		return uint32(hdr.Mode & 0o7777)
+	}
+	return uint32(hdr.Mode & 0o777)
+}
+
+// finishDirs sets the metadata of the directories this copy created,
+// deepest first: creating entries changes a directory's mtime, and a
+// read-only mode must not be set before its children are written.
+func (x *extractor) finishDirs() error {
+	x.dropParent()
+	slices.Reverse(x.dirs)
+	for _, d := range x.dirs {
+		dir, leaf := path.Split(d.name)
+		parent, err := x.openDir(strings.TrimSuffix(dir, "/"), false)
+		if err != nil {
+			return fmt.Errorf("tar entry %s: %w", quote(d.name), err)
+		}
+		fd, err := unix.Openat(parent, leaf, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		unix.Close(parent)
+		if err != nil {
+			return fmt.Errorf("tar entry %s: %w", quote(d.name), err)
+		}
+		err = x.meta(-1, "", fd, d.hdr, false)
+		unix.Close(fd)
+		if err != nil {
+			return fmt.Errorf("tar entry %s: %w", quote(d.name), err)
+		}
+	}
+	return nil
+}
+
+// rollback removes what this copy created, newest first. Directories that
+// are not empty (something else wrote there) are left.
+func (x *extractor) rollback() {
+	x.dropParent()
+	for _, name := range slices.Backward(x.created) {
+		dir, leaf := path.Split(name)
+		parent, err := x.openDir(strings.TrimSuffix(dir, "/"), false)
+		if err != nil {
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Fstatat(parent, leaf, &st, unix.AT_SYMLINK_NOFOLLOW) == nil {
+			flags := 0
+			if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+				flags = unix.AT_REMOVEDIR
+				// A read-only directory mode is only set at the end; make
+				// sure the directory can be emptied.
+				_ = unix.Fchmodat(parent, leaf, 0o700, 0)
+			}
+			if err := unix.Unlinkat(parent, leaf, flags); err != nil {
+				x.opts.Log.Warn("copy: remove partial copy", "name", name, "err", err)
+			}
+		}
+		unix.Close(parent)
+	}
+}
+
+// mkdirAllNew creates dir and its parents and returns the topmost directory
+// it created ("" if dir existed).
+func mkdirAllNew(dir string) (string, error) {
+	first := ""
+	for p := dir; ; p = filepath.Dir(p) {
+		if _, err := os.Lstat(p); err == nil {
+			break
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return "", fmt.Errorf("destination %s: %w", quote(dir), err)
+		}
+		first = p
+		if p == filepath.Dir(p) {
+			break
+		}
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("create destination: %w", err)
+	}
+	return first, nil
+}
+
+// removeEmptyChain removes dest and its parents up to first, deepest
+// first, while they are empty (the part of the destination path this copy
+// created).
+func removeEmptyChain(first, dest string) {
+	for p := dest; ; p = filepath.Dir(p) {
+		if os.Remove(p) != nil || p == first || p == filepath.Dir(p) {
+			return
+		}
+	}
+}
+
+// quote quotes at most a short prefix of a name that came from the stream.
+func quote(s string) string {
+	const maxLen = 64
+	if len(s) > maxLen {
+		return fmt.Sprintf("%q…", s[:maxLen])
+	}
+	return fmt.Sprintf("%q", s)
+}
+
+// ExtractFrom extracts under dest, as Extract does, the stream that
+// stream writes (a copy out of a VM). When stream fails, the partial copy
+// is removed too and its error is returned.
+func ExtractFrom(stream func(io.Writer) error, dest string, opts ExtractOptions) error {
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := Extract(pr, dest, opts)
+		pr.CloseWithError(err)
+		done <- err
+	}()
+	err := stream(pw)
+	pw.CloseWithError(err)
+	xerr := <-done
+	switch {
+	case err != nil && errors.Is(xerr, err):
+		// The stream broke off; Extract removed the partial copy.
+		return fmt.Errorf("%w (the partial copy was removed)", err)
+	case xerr != nil:
+		return fmt.Errorf("%w (the partial copy was removed)", xerr)
+	}
+	return err
+}
