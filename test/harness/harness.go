@@ -107,12 +107,19 @@ func (e *Env) Banger(args ...string) (string, string, int) {
 	return e.BangerIn(nil, args...)
 }
 
+// Command returns the CLI's command, not started, for tests that feed it
+// or signal it themselves.
+func (e *Env) Command(ctx context.Context, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, filepath.Join(e.binDir, "banger"), append([]string{"--socket", e.socket}, args...)...)
+	cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+e.dir)
+	return cmd
+}
+
 // BangerIn is Banger with stdin.
 func (e *Env) BangerIn(stdin []byte, args ...string) (string, string, int) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, filepath.Join(e.binDir, "banger"), append([]string{"--socket", e.socket}, args...)...)
-	cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+e.dir)
+	cmd := e.Command(ctx, args...)
 	var so, se bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &so, &se
 	if stdin != nil {
