@@ -431,3 +431,29 @@ func TestWriteStopsWhenSourceGrows(t *testing.T) {
 		t.Errorf("write: %v, want ErrSourceChanged", err)
 	}
 }
+
+func TestWriteAnnouncesItsExactSize(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "tree")
+	long := filepath.Join(src, strings.Repeat("long-name-", 15))
+	os.MkdirAll(long, 0o755)
+	os.WriteFile(filepath.Join(long, "f"), bytes.Repeat([]byte("x"), 300_001), 0o644)
+	os.WriteFile(filepath.Join(src, "empty"), nil, 0o600)
+	os.Symlink("empty", filepath.Join(src, "link"))
+	os.Link(filepath.Join(src, "empty"), filepath.Join(src, "hard"))
+	makeSparse(t, filepath.Join(src, "sparse"), 10<<20, 5<<20)
+	var stream bytes.Buffer
+	var announced, entries int64
+	if err := Write(&stream, src, WriteOptions{Announce: func(s, e int64) error { announced, entries = s, e; return nil }}); err != nil {
+		t.Fatal(err)
+	}
+	if int64(stream.Len()) != announced || entries != 7 {
+		t.Errorf("stream of %d bytes announced as %d bytes, %d entries (want 7)", stream.Len(), announced, entries)
+	}
+	dest := t.TempDir()
+	if err := Extract(bytes.NewReader(stream.Bytes()), dest, ExtractOptions{Base: "tree"}); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dest, "tree", strings.Repeat("long-name-", 15), "f")); err != nil || len(b) != 300_001 {
+		t.Errorf("long-named file: %d bytes, %v", len(b), err)
+	}
+}

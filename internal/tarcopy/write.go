@@ -87,8 +87,8 @@ func (c *capWriter) Write(p []byte) (int, error) {
 }
 
 // walkTree writes the tar stream of src to w and returns its number of
-// entries. With sizeOnly, file contents are not read: w receives the
-// headers and as many placeholder bytes as the contents would take.
+// entries. With sizeOnly, w is a *counter and file contents are not read:
+// the counter receives the headers and counts the contents.
 func walkTree(w io.Writer, src string, sizeOnly bool, log *slog.Logger) (int64, error) {
 	top := filepath.Base(src)
 	if top == "/" {
@@ -158,11 +158,16 @@ func walkTree(w io.Writer, src string, sizeOnly bool, log *slog.Logger) (int64, 
 		if isSparse(segs, hdr.Size) {
 			return writeSparse(w, tw, hdr, segs, f, sizeOnly)
 		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			return err
-		}
 		if sizeOnly {
-			_, err = io.CopyN(tw, zeroReader{}, hdr.Size)
+			// The header as tw would write it, then the padded content,
+			// without reading (or copying zeros for) the file.
+			if err := tar.NewWriter(w).WriteHeader(hdr); err != nil {
+				return err
+			}
+			w.(*counter).n += hdr.Size + pad(hdr.Size)
+			return nil
+		}
+		if err := tw.WriteHeader(hdr); err != nil {
 			return err
 		}
 		if _, err := io.CopyN(tw, f, hdr.Size); err != nil {
@@ -175,10 +180,6 @@ func walkTree(w io.Writer, src string, sizeOnly bool, log *slog.Logger) (int64, 
 	}
 	return entries, tw.Close()
 }
-
-type zeroReader struct{}
-
-func (zeroReader) Read(p []byte) (int, error) { clear(p); return len(p), nil }
 
 // segment is a data region of a file.
 type segment struct{ off, len int64 }
@@ -293,11 +294,11 @@ func writeSparse(w io.Writer, tw *tar.Writer, hdr *tar.Header, segs []segment, f
 		return err
 	}
 	for _, s := range segs {
-		var r io.Reader = zeroReader{}
-		if !sizeOnly {
-			r = io.NewSectionReader(f, s.off, s.len)
+		if sizeOnly {
+			w.(*counter).n += s.len
+			continue
 		}
-		if n, err := io.CopyN(w, r, s.len); err != nil {
+		if n, err := io.CopyN(w, io.NewSectionReader(f, s.off, s.len), s.len); err != nil {
 			if errors.Is(err, io.EOF) {
 				err = fmt.Errorf("file shrank: %w", ErrSourceChanged)
 			}
