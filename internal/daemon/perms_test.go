@@ -17,6 +17,7 @@ import (
 	"github.com/bangerdev/banger/internal/client"
 	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/kmod/kmodtest"
 )
 
 // clientEnv makes the test binary a banger client (see TestMain): it runs
@@ -135,5 +136,33 @@ func TestSocketGroupMemberCannotManageImages(t *testing.T) {
 	ims, err := d.ImageList(ctx)
 	if err != nil || len(ims) != 1 || ims[0].Name != "default" || ims[0].Managed {
 		t.Errorf("images after the member's calls: %+v, %v; want only the unmanaged default", ims, err)
+	}
+}
+
+// image register refuses a modules tree whose module is a symlink out of
+// the tree (here to a root-only file): the file would be packed into a
+// guest's initramfs.
+func TestRegisterRefusesModuleSymlinkOut(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	ctx := testCtx(t)
+	secret := writeFile(t, filepath.Join(e.dir, "secret", "shadow"), []byte("root:$y$SECRET:19000::::::"))
+	if err := os.Chmod(secret, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mods := filepath.Join(e.dir, "src", "modules")
+	kmodtest.WriteRelease(t, mods, "6.1.0-test")
+	ko := filepath.Join(mods, "kernel", "drivers", "block", "virtio_blk.ko")
+	if err := os.Remove(ko); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(secret, ko); err != nil {
+		t.Fatal(err)
+	}
+	kernel := writeFile(t, filepath.Join(e.dir, "src", "vmlinuz"), kmodtest.Kernel("6.1.0-test"))
+	_, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "leaky", Rootfs: e.rootfs, Kernel: kernel, ModulesDir: mods})
+	wireErr(t, "register with a module linking out of the tree", err, errdefs.ErrInvalid)
+	if !strings.Contains(err.Error(), "virtio_blk.ko") || !strings.Contains(err.Error(), "symlink leads outside") {
+		t.Errorf("error %q does not name the module and the symlink", err)
 	}
 }
