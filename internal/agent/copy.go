@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"path"
+	"strconv"
 
 	"golang.org/x/crypto/ssh"
 
@@ -218,7 +219,9 @@ func (s copyStatus) err() error {
 	case !s.received:
 		return fmt.Errorf("channel closed without a copy status: %w", ErrConnectionLost)
 	case s.status.Error != "":
-		return fmt.Errorf("%w: %s", ErrCopyFailed, s.status.Error)
+		// The guest's words: quoted (no control characters reach the
+		// terminal) and cut short.
+		return fmt.Errorf("%w: %s", ErrCopyFailed, quoteGuest(s.status.Error))
 	}
 	return nil
 }
@@ -271,4 +274,14 @@ func (s *stickyReader) Read(p []byte) (int, error) {
 		s.err = err
 	}
 	return n, err
+}
+
+// quoteGuest quotes a message from the guest, keeping at most its first
+// 512 bytes.
+func quoteGuest(s string) string {
+	const maxLen = 512
+	if len(s) <= maxLen {
+		return strconv.Quote(s)
+	}
+	return strconv.Quote(s[:maxLen]) + fmt.Sprintf("... (%d bytes)", len(s))
 }

@@ -213,3 +213,18 @@ func TestCopyOutHonestHeaderHostileContent(t *testing.T) {
 		t.Errorf("%d entries left in %s after the refused copy", len(ents), base)
 	}
 }
+
+func TestCopyOutQuotesTheGuestsError(t *testing.T) {
+	msg := "\x1b]0;pwned\x07" + strings.Repeat("y", 100_000)
+	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
+		ch.CloseWrite()
+		send(ch, agentproto.ReqCopyStatus, agentproto.CopyStatus{Error: msg})
+	})
+	err := c.CopyOut(copyCtx(t), "/tree", io.Discard)
+	if !errors.Is(err, agent.ErrCopyFailed) {
+		t.Fatalf("copy out: %v, want ErrCopyFailed", err)
+	}
+	if strings.ContainsAny(err.Error(), "\x1b\x07") || len(err.Error()) > 1000 {
+		t.Errorf("the guest's message reaches the user raw or whole (%d bytes): %.100q", len(err.Error()), err)
+	}
+}
