@@ -97,13 +97,14 @@ type NameParams struct {
 	Name string `json:"name"`
 }
 
-// VM states.
+// VM states. The state database records stopped or running (running: a
+// VMM handle is recorded); starting is reported while a start call is in
+// progress (the VMM may not run yet, or its agent not answer yet). A failed
+// start leaves the VM stopped with LastError set.
 const (
 	StateStopped  = "stopped"
 	StateStarting = "starting"
 	StateRunning  = "running"
-	StateStopping = "stopping"
-	StateError    = "error"
 )
 
 // VM is a VM as the daemon reports it.

@@ -110,6 +110,9 @@ func TestStopKillRemoveAbortBootInEveryPhase(t *testing.T) {
 					startErr <- err
 				}()
 				gate.wait(ctx, t, name, phase)
+				if got := inspect(t, d, name); got.State != api.StateStarting {
+					t.Errorf("vm %s during %q is %s, want starting", name, phase, got.State)
+				}
 				if phase == "wait for agent" {
 					waitFor(ctx, t, "the agent to be dialed", func() bool { return inOrder(e.fake.callsFor(name), "start", "dial") })
 				}

@@ -64,6 +64,9 @@ func (d *Daemon) vmAPI(v store.VM) api.VM {
 	}
 	d.mu.Lock()
 	r := d.running[v.ID]
+	if d.booting[v.ID] != nil {
+		out.State = api.StateStarting
+	}
 	d.mu.Unlock()
 	if r != nil {
 		out.PID, out.Accel = r.handle.PID, r.handle.Accel
