@@ -555,8 +555,8 @@ func TestListWhileBooting(t *testing.T) {
 	if err != nil {
 		t.Fatalf("list while a vm boots: %v", err)
 	}
-	if len(vms) != 1 || vms[0].State != api.StateRunning || vms[0].Guest != nil {
-		t.Errorf("list while booting = %+v; want the vm running, no guest info yet", vms)
+	if len(vms) != 1 || vms[0].State != api.StateStarting || vms[0].Guest != nil {
+		t.Errorf("list while booting = %+v; want the vm starting, no guest info yet", vms)
 	}
 
 	// Giving up on the start stops the VM.
@@ -668,7 +668,7 @@ func TestKillAbortsBoot(t *testing.T) {
 		_, err := d.c.VMStart(ctx, api.VMStartParams{Name: "stuck"}, nil)
 		startErr <- err
 	}()
-	waitFor(ctx, t, "the VM to boot", func() bool { return inspect(t, d, "stuck").State == api.StateRunning })
+	waitFor(ctx, t, "the VM to boot", func() bool { return inspect(t, d, "stuck").PID != 0 })
 	begin := time.Now()
 	if _, err := d.c.VMKill(ctx, "stuck"); err != nil && !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Fatalf("kill: %v", err)
