@@ -77,7 +77,7 @@ func (a *app) vmCmd() *cobra.Command {
 
 func (a *app) vmCreateCmd() *cobra.Command {
 	var f createFlags
-	var start, waitBoot bool
+	var start, waitBoot, timings bool
 	cmd := &cobra.Command{
 		Use:   "create",
 		Short: "Create a VM with a copy-on-write root disk",
@@ -91,9 +91,15 @@ func (a *app) vmCreateCmd() *cobra.Command {
 			if waitBoot && !start {
 				return fmt.Errorf("--wait-boot needs --start")
 			}
+			if timings && !start {
+				return fmt.Errorf("--timings needs --start")
+			}
 			pr := a.progress()
 			vm, err := a.client().VMCreate(cmd.Context(), p, pr.update)
 			pr.done()
+			if timings && err == nil {
+				a.timingsAfter(cmd.Context(), vm.Name, vm, nil)
+			}
 			if err != nil {
 				return err
 			}
@@ -104,6 +110,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 	f.add(cmd)
 	cmd.Flags().BoolVar(&start, "start", false, "start the VM and wait until it is ready")
 	cmd.Flags().BoolVar(&waitBoot, "wait-boot", false, "with --start: "+waitBootHelp)
+	cmd.Flags().BoolVar(&timings, "timings", false, "with --start: "+timingsHelp)
 	return cmd
 }
 
@@ -127,7 +134,7 @@ func (a *app) forEach(names []string, fn func(name string) error) error {
 const waitBootHelp = "also wait until the guest's init has finished booting (systemd: its services are up), not only for the agent"
 
 func (a *app) vmStartCmd() *cobra.Command {
-	var waitBoot bool
+	var waitBoot, timings bool
 	cmd := &cobra.Command{
 		Use:   "start NAME...",
 		Short: "Start VMs and wait until they are ready",
@@ -136,12 +143,17 @@ func (a *app) vmStartCmd() *cobra.Command {
 			return a.forEach(args, func(n string) error {
 				pr := a.progress()
 				defer pr.done()
-				_, err := a.client().VMStart(cmd.Context(), api.VMStartParams{Name: n, WaitBoot: waitBoot}, pr.update)
+				vm, err := a.client().VMStart(cmd.Context(), api.VMStartParams{Name: n, WaitBoot: waitBoot}, pr.update)
+				if timings {
+					pr.done()
+					a.timingsAfter(cmd.Context(), n, vm, err)
+				}
 				return err
 			})
 		},
 	}
 	cmd.Flags().BoolVar(&waitBoot, "wait-boot", false, waitBootHelp)
+	cmd.Flags().BoolVar(&timings, "timings", false, timingsHelp)
 	return cmd
 }
 
@@ -383,7 +395,7 @@ func (a *app) exec(ctx context.Context, name string, argv []string, f *execFlags
 func (a *app) vmRunCmd() *cobra.Command {
 	var f createFlags
 	var ef execFlags
-	var rm, waitBoot bool
+	var rm, waitBoot, timings bool
 	cmd := &cobra.Command{
 		Use:   "run [flags] [-- CMD [ARG...]]",
 		Short: "Create and start a VM, wait until it is ready, then run a command or a shell in it",
@@ -414,10 +426,14 @@ func (a *app) vmRunCmd() *cobra.Command {
 					}
 				}()
 			}
-			if _, err := a.client().VMStart(cmd.Context(), api.VMStartParams{Name: vm.Name, WaitBoot: waitBoot}, pr.update); err != nil {
+			started, err := a.client().VMStart(cmd.Context(), api.VMStartParams{Name: vm.Name, WaitBoot: waitBoot}, pr.update)
+			pr.done()
+			if timings {
+				a.timingsAfter(cmd.Context(), vm.Name, started, err)
+			}
+			if err != nil {
 				return err
 			}
-			pr.done()
 			if !rm {
 				fmt.Fprintf(a.stderr, "VM %s is running (banger vm exec %s -- CMD; banger vm rm -f %s)\n", vm.Name, vm.Name, vm.Name)
 			}
@@ -428,6 +444,7 @@ func (a *app) vmRunCmd() *cobra.Command {
 	ef.add(cmd)
 	cmd.Flags().BoolVar(&rm, "rm", false, "remove the VM when the command exits")
 	cmd.Flags().BoolVar(&waitBoot, "wait-boot", false, waitBootHelp)
+	cmd.Flags().BoolVar(&timings, "timings", false, timingsHelp)
 	cmd.Flags().SetInterspersed(false)
 	return cmd
 }

@@ -2,10 +2,13 @@
 
 // Package bench measures banger against its goals (run with make bench):
 //
-//	(a) boot to agent-ready through banger vs a bare qemu-system-x86_64 command
+//	(a) boot to ready through banger vs a bare qemu-system-x86_64 command
 //	    line booting the same kernel, initrd and root disk to the same readiness
-//	    signal (the guest agent's SSH handshake and info reply), same run;
-//	    goal: ratio <= 1.10
+//	    signal (the guest agent's SSH handshake, then its info reporting early
+//	    boot done), same run; goal: ratio <= 1.10. The same run also reports
+//	    what waiting for early boot costs: the time to the agent's first
+//	    answer against the time to ready, from banger's boot timeline and from
+//	    the bare boot.
 //	(b) vm create for a 1 GiB image vs a 20 GiB image; goal: ratio <= 1.2
 //	(c) bangerd's resident memory idle and with 20 VMs recorded; goal < 40 MiB
 package bench
@@ -56,13 +59,16 @@ func BenchmarkBootToReady(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	var viaBanger, bare []time.Duration
+	var viaBanger, bare, bangerAgent, bangerReady, bareAgent []time.Duration
 	for i := 0; i < samples; i++ {
 		start := time.Now()
-		if _, err := c.VMStart(ctx, api.VMStartParams{Name: "bench"}, nil); err != nil {
+		started, err := c.VMStart(ctx, api.VMStartParams{Name: "bench"}, nil)
+		if err != nil {
 			b.Fatal(err)
 		}
 		viaBanger = append(viaBanger, time.Since(start))
+		agentAt, readyAt := timelineMarks(b, started.BootTimeline)
+		bangerAgent, bangerReady = append(bangerAgent, agentAt), append(bangerReady, readyAt)
 		cmdline := appendArg(b, vm.Dir)
 		// Keep the initrd banger built for this boot for the bare run.
 		initrd := filepath.Join(b.TempDir(), "initrd.img")
@@ -72,7 +78,8 @@ func BenchmarkBootToReady(b *testing.B) {
 		if _, err := c.VMKill(ctx, "bench"); err != nil {
 			b.Fatal(err)
 		}
-		bare = append(bare, bareBoot(b, imageDir, vm.Dir, initrd, cmdline))
+		agentAt, readyAt = bareBoot(b, imageDir, vm.Dir, initrd, cmdline)
+		bare, bareAgent = append(bare, readyAt), append(bareAgent, agentAt)
 	}
 	mb, mq := median(viaBanger), median(bare)
 	b.ReportMetric(float64(mb.Milliseconds()), "banger-ms")
@@ -80,6 +87,38 @@ func BenchmarkBootToReady(b *testing.B) {
 	b.ReportMetric(float64(mb)/float64(mq), "ratio")
 	fmt.Printf("boot-to-ready: banger %v (samples %v), bare qemu %v (samples %v), ratio %.3f (goal <= 1.10)\n",
 		mb, viaBanger, mq, bare, float64(mb)/float64(mq))
+	ma, mr, mba := median(bangerAgent), median(bangerReady), median(bareAgent)
+	b.ReportMetric(float64(ma.Milliseconds()), "banger-agent-answers-ms")
+	b.ReportMetric(float64(mr.Milliseconds()), "banger-early-boot-done-ms")
+	b.ReportMetric(float64(mr)/float64(ma), "early-boot-wait-ratio")
+	b.ReportMetric(float64(mba.Milliseconds()), "bare-agent-answers-ms")
+	fmt.Printf("early boot wait (systemd image): banger start to agent answers %v (samples %v), to early boot done %v (samples %v): +%v, ratio %.3f; bare qemu: agent answers %v, early boot done %v\n",
+		ma, bangerAgent, mr, bangerReady, mr-ma, float64(mr)/float64(ma), mba, mq)
+}
+
+// timelineMarks returns when, in a start's boot timeline (clone excluded),
+// the agent first answered and when early boot was done.
+func timelineMarks(b *testing.B, tl *api.BootTimeline) (agentAt, readyAt time.Duration) {
+	if tl == nil {
+		b.Fatal("vm start returned no boot timeline")
+	}
+	var sum float64
+	for _, p := range tl.Phases {
+		if p.Name == api.PhaseClone {
+			continue
+		}
+		sum += p.DurationMS
+		switch p.Name {
+		case api.PhaseKernelToAgent:
+			agentAt = time.Duration(sum * float64(time.Millisecond))
+		case api.PhaseEarlyBoot:
+			readyAt = time.Duration(sum * float64(time.Millisecond))
+		}
+	}
+	if agentAt == 0 || readyAt == 0 {
+		b.Fatalf("boot timeline without the agent or early boot phases: %+v", tl.Phases)
+	}
+	return agentAt, readyAt
 }
 
 // appendArg returns the kernel command line of the QEMU running in vmDir
@@ -108,9 +147,10 @@ func appendArg(b *testing.B, vmDir string) string {
 }
 
 // bareBoot boots QEMU by hand with the same kernel, initrd, disk and
-// devices, and waits for the same signal: the agent's SSH handshake and
-// its info reply.
-func bareBoot(b *testing.B, imageDir, vmDir, initrd, cmdline string) time.Duration {
+// devices, and waits for the same signal: the agent's SSH handshake, then
+// its info reporting early boot done. It returns when the agent first
+// answered and when early boot was done.
+func bareBoot(b *testing.B, imageDir, vmDir, initrd, cmdline string) (agentAt, readyAt time.Duration) {
 	dir, err := os.MkdirTemp("/tmp", "bare")
 	if err != nil {
 		b.Fatal(err)
@@ -152,10 +192,21 @@ func bareBoot(b *testing.B, imageDir, vmDir, initrd, cmdline string) time.Durati
 		b.Fatalf("bare boot: %v", err)
 	}
 	defer ac.Close()
-	if _, err := ac.Info(ctx); err != nil {
-		b.Fatal(err)
+	agentAt = time.Since(start)
+	for {
+		info, err := ac.Info(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if info.EarlyBootDone {
+			return agentAt, time.Since(start)
+		}
+		select {
+		case <-ctx.Done():
+			b.Fatalf("bare boot: early boot not done: %v", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
-	return time.Since(start)
 }
 
 // makeImage makes a sparse ext4 image of the given size.
