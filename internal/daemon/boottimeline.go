@@ -180,15 +180,14 @@ func (t *bootTimeline) stuck(err error) error {
 // is ready for commands. It leaves the timeline in phase "full boot".
 func (d *Daemon) waitReady(ctx context.Context, call *rpc.Call, v store.VM, r *runningVM, keys agent.Keys, tl *bootTimeline) error {
 	tl.begin(api.PhaseKernelToAgent)
-	c, err := d.connectAgent(ctx, r, keys)
-	if err != nil {
+	if _, err := d.connectAgent(ctx, r, keys); err != nil {
 		return err
 	}
 	tl.begin(api.PhaseEarlyBoot)
 	if err := d.phase(ctx, call, v, "wait for early boot"); err != nil {
 		return err
 	}
-	if err := d.waitEarlyBoot(ctx, r, c); err != nil {
+	if err := d.waitEarlyBoot(ctx, r, keys); err != nil {
 		return err
 	}
 	tl.begin(api.PhaseFullBoot)
@@ -196,7 +195,9 @@ func (d *Daemon) waitReady(ctx context.Context, call *rpc.Call, v store.VM, r *r
 }
 
 // waitEarlyBoot polls the agent's info until it reports early boot done.
-func (d *Daemon) waitEarlyBoot(ctx context.Context, r *runningVM, c *agent.Client) error {
+// A connection lost meanwhile (a keepalive unanswered in a guest that is
+// busy booting, the agent restarted by its supervisor) is redialed.
+func (d *Daemon) waitEarlyBoot(ctx context.Context, r *runningVM, keys agent.Keys) error {
 	// Stop waiting as soon as the VMM exits.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -207,30 +208,46 @@ func (d *Daemon) waitEarlyBoot(ctx context.Context, r *runningVM, c *agent.Clien
 		case <-ctx.Done():
 		}
 	}()
-	for {
-		info, err := c.Info(ctx)
-		if err != nil {
-			select {
-			case <-r.exited:
-				return errors.New("the VM exited during boot")
-			default:
-			}
-			return fmt.Errorf("agent info: %w", err)
+	exited := func() bool {
+		select {
+		case <-r.exited:
+			return true
+		default:
+			return false
 		}
-		r.mu.Lock()
-		r.info = &info
-		r.mu.Unlock()
-		if info.EarlyBootDone {
-			return nil
+	}
+	signal := ""
+	for {
+		c, err := d.connectAgent(ctx, r, keys)
+		if err != nil {
+			if exited() {
+				return errors.New("the VM exited during boot")
+			}
+			return err
+		}
+		info, err := c.Info(ctx)
+		switch {
+		case err == nil:
+			r.mu.Lock()
+			r.info = &info
+			r.mu.Unlock()
+			if info.EarlyBootDone {
+				return nil
+			}
+			signal = info.EarlyBootSignal
+		case errors.Is(err, agent.ErrConnectionLost) && ctx.Err() == nil && !exited():
+			d.log.Debug("agent connection lost during early boot; redialing", "err", err)
+		case exited():
+			return errors.New("the VM exited during boot")
+		default:
+			return err
 		}
 		select {
 		case <-ctx.Done():
-			select {
-			case <-r.exited:
+			if exited() {
 				return errors.New("the VM exited during boot")
-			default:
 			}
-			return fmt.Errorf("guest early boot not done (signal %q): %w", info.EarlyBootSignal, ctx.Err())
+			return fmt.Errorf("guest early boot not done (signal %q): %w", signal, ctx.Err())
 		case <-time.After(earlyBootPoll):
 		}
 	}

@@ -34,7 +34,7 @@ const (
 	// earlyBootFallbackAfter: with the unit installed, systemd is asked
 	// directly only when the marker has not appeared this long after the
 	// agent started.
-	earlyBootFallbackAfter = 20 * time.Second
+	earlyBootFallbackAfter = 60 * time.Second
 	// systemctlInterval bounds how often systemd is asked.
 	systemctlInterval = 2 * time.Second
 )
