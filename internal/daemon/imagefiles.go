@@ -29,7 +29,7 @@ func artifactsOf(im store.Image) imagefile.Artifacts {
 func toStoreFiles(ss []imagefile.Stamp) []store.ImageFile {
 	out := make([]store.ImageFile, 0, len(ss))
 	for _, s := range ss {
-		out = append(out, store.ImageFile{Path: s.Path, Role: s.Role, Rel: s.Rel, Link: s.Link, Size: s.Size, MTimeNS: s.MTimeNS, Inode: s.Inode, Dev: s.Dev, SHA256: s.SHA256})
+		out = append(out, store.ImageFile{Path: s.Path, Role: s.Role, Rel: s.Rel, Link: s.Link, Size: s.Size, MTimeNS: s.MTimeNS, CTimeNS: s.CTimeNS, Inode: s.Inode, Dev: s.Dev, SHA256: s.SHA256})
 	}
 	return out
 }
@@ -37,7 +37,7 @@ func toStoreFiles(ss []imagefile.Stamp) []store.ImageFile {
 func fromStoreFiles(fs []store.ImageFile) []imagefile.Stamp {
 	out := make([]imagefile.Stamp, 0, len(fs))
 	for _, f := range fs {
-		out = append(out, imagefile.Stamp{Path: f.Path, Role: f.Role, Rel: f.Rel, Link: f.Link, Size: f.Size, MTimeNS: f.MTimeNS, Inode: f.Inode, Dev: f.Dev, SHA256: f.SHA256})
+		out = append(out, imagefile.Stamp{Path: f.Path, Role: f.Role, Rel: f.Rel, Link: f.Link, Size: f.Size, MTimeNS: f.MTimeNS, CTimeNS: f.CTimeNS, Inode: f.Inode, Dev: f.Dev, SHA256: f.SHA256})
 	}
 	return out
 }

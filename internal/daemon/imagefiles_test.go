@@ -44,6 +44,23 @@ func TestChangedImageFileRefusesCreateAndStart(t *testing.T) {
 				t.Fatal(err)
 			}
 		}},
+		{"written-in-place-mtime-restored", "written to or its metadata changed", func(t *testing.T, e *testEnv) {
+			st, err := os.Stat(e.rootfs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f, err := os.OpenFile(e.rootfs, os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.WriteAt([]byte("EDIT"), 4096); err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+			if err := os.Chtimes(e.rootfs, st.ModTime(), st.ModTime()); err != nil {
+				t.Fatal(err)
+			}
+		}},
 		{"replaced", "replaced by another file", func(t *testing.T, e *testEnv) {
 			b, err := os.ReadFile(e.rootfs)
 			if err != nil {

@@ -17,7 +17,7 @@ import (
 )
 
 // Stamp is the fingerprint of one file an image uses: what stat says of
-// it (size, modification time, inode and device), and, when banger copied
+// it (size, modification and inode change times, inode and device), and, when banger copied
 // it, a hash of its content. A file edited, truncated, touched or replaced
 // since it was stamped no longer matches (see Verify).
 type Stamp struct {
@@ -27,6 +27,7 @@ type Stamp struct {
 	Link    bool   // a symlink inside the modules tree, stamped itself
 	Size    int64
 	MTimeNS int64
+	CTimeNS int64 // inode change time; 0 when not known (not checked)
 	Inode   uint64
 	Dev     uint64
 	SHA256  string // hex, when hashed; a symlink's is its target's text
@@ -109,6 +110,7 @@ func stampOf(role, path, rel string, st fs.FileInfo) Stamp {
 	s := Stamp{Role: role, Path: path, Rel: rel, Link: st.Mode()&fs.ModeSymlink != 0, Size: st.Size(), MTimeNS: st.ModTime().UnixNano()}
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
 		s.Inode, s.Dev = sys.Ino, uint64(sys.Dev)
+		s.CTimeNS = time.Unix(sys.Ctim.Unix()).UnixNano()
 	}
 	return s
 }
@@ -187,6 +189,9 @@ func difference(was, now Stamp) string {
 	case was.MTimeNS != now.MTimeNS:
 		return fmt.Sprintf("modified at %s, recorded %s",
 			time.Unix(0, now.MTimeNS).UTC().Format(time.RFC3339Nano), time.Unix(0, was.MTimeNS).UTC().Format(time.RFC3339Nano))
+	case was.CTimeNS != 0 && was.CTimeNS != now.CTimeNS:
+		return fmt.Sprintf("written to or its metadata changed at %s (inode change time), recorded %s",
+			time.Unix(0, now.CTimeNS).UTC().Format(time.RFC3339Nano), time.Unix(0, was.CTimeNS).UTC().Format(time.RFC3339Nano))
 	}
 	return ""
 }

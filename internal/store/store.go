@@ -69,6 +69,9 @@ var migrations = []string{
 	// VMs the daemon removes when their command ends or their client goes
 	// (vm run --rm).
 	`ALTER TABLE vms ADD COLUMN auto_remove INTEGER NOT NULL DEFAULT 0;`,
+	// An image file's inode change time: any write changes it, even one
+	// whose size and mtime were then restored (0: not recorded).
+	`ALTER TABLE image_files ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // Store is the state database.
@@ -159,6 +162,7 @@ type ImageFile struct {
 	Link    bool   // a symlink, fingerprinted itself (not its target)
 	Size    int64
 	MTimeNS int64
+	CTimeNS int64 // 0 when not recorded
 	Inode   uint64
 	Dev     uint64
 	SHA256  string // hex; set when banger copied the file (promote)
@@ -262,14 +266,14 @@ func writeImageFiles(ctx context.Context, tx *sql.Tx, im Image) error {
 	if _, err := tx.ExecContext(ctx, `DELETE FROM image_files WHERE image_id = ?`, im.ID); err != nil {
 		return fmt.Errorf("write files of image %q: %w", im.Name, err)
 	}
-	stmt, err := tx.PrepareContext(ctx, `INSERT INTO image_files (image_id, path, role, rel, link, size, mtime_ns, inode, dev, sha256)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+	stmt, err := tx.PrepareContext(ctx, `INSERT INTO image_files (image_id, path, role, rel, link, size, mtime_ns, ctime_ns, inode, dev, sha256)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
 	if err != nil {
 		return fmt.Errorf("write files of image %q: %w", im.Name, err)
 	}
 	defer stmt.Close()
 	for _, f := range im.Files {
-		if _, err := stmt.ExecContext(ctx, im.ID, f.Path, f.Role, f.Rel, f.Link, f.Size, f.MTimeNS, int64(f.Inode), int64(f.Dev), f.SHA256); err != nil {
+		if _, err := stmt.ExecContext(ctx, im.ID, f.Path, f.Role, f.Rel, f.Link, f.Size, f.MTimeNS, f.CTimeNS, int64(f.Inode), int64(f.Dev), f.SHA256); err != nil {
 			return fmt.Errorf("write files of image %q: %s: %w", im.Name, f.Path, err)
 		}
 	}
@@ -305,7 +309,7 @@ func (s *Store) AddImageFilesIfNone(ctx context.Context, id string, files []Imag
 // ImageFiles returns the recorded files of an image, by path; none for an
 // image registered before fingerprints were kept.
 func (s *Store) ImageFiles(ctx context.Context, id string) ([]ImageFile, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT path, role, rel, link, size, mtime_ns, inode, dev, sha256 FROM image_files WHERE image_id = ? ORDER BY path`, id)
+	rows, err := s.db.QueryContext(ctx, `SELECT path, role, rel, link, size, mtime_ns, ctime_ns, inode, dev, sha256 FROM image_files WHERE image_id = ? ORDER BY path`, id)
 	if err != nil {
 		return nil, fmt.Errorf("files of image %s: %w", id, err)
 	}
@@ -314,7 +318,7 @@ func (s *Store) ImageFiles(ctx context.Context, id string) ([]ImageFile, error) 
 	for rows.Next() {
 		var f ImageFile
 		var inode, dev int64
-		if err := rows.Scan(&f.Path, &f.Role, &f.Rel, &f.Link, &f.Size, &f.MTimeNS, &inode, &dev, &f.SHA256); err != nil {
+		if err := rows.Scan(&f.Path, &f.Role, &f.Rel, &f.Link, &f.Size, &f.MTimeNS, &f.CTimeNS, &inode, &dev, &f.SHA256); err != nil {
 			return nil, fmt.Errorf("files of image %s: %w", id, err)
 		}
 		f.Inode, f.Dev = uint64(inode), uint64(dev)

@@ -184,7 +184,7 @@ func TestImageFiles(t *testing.T) {
 	ctx := context.Background()
 	s, _ := openTest(t)
 	files := []ImageFile{
-		{Path: "/img/kernel", Role: "kernel", Size: 10, MTimeNS: 1_700_000_000_123_456_789, Inode: 1 << 40, Dev: 2049},
+		{Path: "/img/kernel", Role: "kernel", Size: 10, MTimeNS: 1_700_000_000_123_456_789, CTimeNS: 1_700_000_001_000_000_007, Inode: 1 << 40, Dev: 2049},
 		{Path: "/img/mods/a.ko", Role: "modules", Rel: "a.ko", Link: true, Size: 3, MTimeNS: 5, Inode: 7, Dev: 8, SHA256: "ab"},
 	}
 	im := Image{ID: "i1", Name: "img", Rootfs: "/img/rootfs", Kernel: "/img/kernel", CreatedAt: time.Now(), Files: files}
