@@ -19,7 +19,8 @@ import (
 // disk reads its image's rootfs as its backing file for as long as the VM
 // lives, and the kernel, initrd and modules are read at each start. Every
 // file an image uses is fingerprinted when it is registered (stat: size,
-// modification time, inode) and, when promote copies it, hashed (sha256).
+// modification and change times, inode) and, when promote copies it,
+// hashed (sha256).
 // A VM is created or started only while the fingerprints still match.
 
 func artifactsOf(im store.Image) imagefile.Artifacts {
