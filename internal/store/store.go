@@ -337,9 +337,9 @@ func scanImage(row interface{ Scan(...any) error }) (Image, error) {
 	return im, err
 }
 
-// GetImage finds an image by name or id.
+// GetImage finds an image by id or name; an id wins over a name.
 func (s *Store) GetImage(ctx context.Context, ref string) (Image, error) {
-	im, err := scanImage(s.db.QueryRowContext(ctx, `SELECT `+imageCols+` FROM images WHERE name = ? OR id = ?`, ref, ref))
+	im, err := scanImage(s.db.QueryRowContext(ctx, `SELECT `+imageCols+` FROM images WHERE name = ? OR id = ? ORDER BY id = ? DESC LIMIT 1`, ref, ref, ref))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Image{}, fmt.Errorf("image %s: %w", errdefs.Quote(ref), errdefs.ErrNotFound)
 	}

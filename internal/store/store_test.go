@@ -130,7 +130,7 @@ func TestVMNamesAndIDsDoNotMix(t *testing.T) {
 		t.Fatal(err)
 	}
 	// An old row whose name is another VM's id (before names were checked).
-	for _, v := range []VM{{ID: "abcdef0123456789", Name: "first"}, {ID: "0123456789abcdef", Name: "abcdef0123456789"}} {
+	for _, v := range []VM{{ID: "0123456789abcdef", Name: "abcdef0123456789"}, {ID: "abcdef0123456789", Name: "first"}} {
 		v.ImageID, v.State, v.CreatedAt = "i1", "stopped", now
 		if err := s.InsertVM(ctx, v); err != nil {
 			t.Fatal(err)
@@ -253,5 +253,22 @@ func TestMigrateFromVersion1(t *testing.T) {
 	}
 	if files, err := s.ImageFiles(ctx, "i1"); err != nil || len(files) != 0 {
 		t.Errorf("migrated image files: %+v, %v", files, err)
+	}
+}
+
+func TestGetImagePrefersID(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTest(t)
+	now := time.Now()
+	// The row named like the other's id comes first in the table.
+	for _, im := range []Image{{ID: "0123456789abcdef", Name: "abcdef0123456789"}, {ID: "abcdef0123456789", Name: "first"}} {
+		im.Rootfs, im.Kernel, im.CreatedAt = "/r", "/k", now
+		if err := s.InsertImage(ctx, im); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := s.GetImage(ctx, "abcdef0123456789")
+	if err != nil || got.Name != "first" {
+		t.Fatalf("GetImage(id) = %q, %v; want the image with that id (first)", got.Name, err)
 	}
 }
