@@ -51,7 +51,7 @@ func (d *Daemon) connectAgent(ctx context.Context, r *runningVM, keys agent.Keys
 	info, err := c.Info(ctx)
 	if err != nil {
 		c.Close()
-		return nil, fmt.Errorf("agent info: %w", err)
+		return nil, err // already "agent info: ..."
 	}
 	r.mu.Lock()
 	r.agent, r.info = c, &info

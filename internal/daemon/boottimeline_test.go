@@ -109,3 +109,24 @@ func TestStartEarlyBootNeverDone(t *testing.T) {
 		t.Errorf("timeline after a start stuck in early boot: %+v", tl)
 	}
 }
+
+// A connection lost while early boot runs (a keepalive unanswered in a
+// guest busy booting) is redialed: the start still succeeds.
+func TestStartEarlyBootRedials(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	// Info requests: 1 in the dial's version check, 2 when connected, 3
+	// the first early boot poll.
+	e.fake.setBehaviour("flaky", fakeBehaviour{EarlyBootDropAt: 3, EarlyBootInfos: 5})
+	vm, err := d.c.VMCreate(testCtx(t), api.VMCreateParams{Name: "flaky", Start: true, MemoryMiB: 128, CPUs: 1}, nil)
+	if err != nil {
+		t.Fatalf("start with a connection lost during early boot: %v", err)
+	}
+	if vm.State != api.StateRunning || vm.BootTimeline == nil || !vm.BootTimeline.Ready {
+		t.Errorf("vm %s, timeline %+v", vm.State, vm.BootTimeline)
+	}
+	calls := e.fake.callsFor("flaky")
+	if !inOrder(calls, "dial", "agent-drop", "dial") {
+		t.Errorf("driver calls %v: want a dial again after the drop", calls)
+	}
+}

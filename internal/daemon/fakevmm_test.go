@@ -37,6 +37,9 @@ type fakeBehaviour struct {
 	// EarlyBootInfos-th info request on; EarlyBootNever: never.
 	EarlyBootInfos int
 	EarlyBootNever bool
+	// EarlyBootDropAt: the agent drops its connections at its
+	// EarlyBootDropAt-th info request (a keepalive lost in a busy guest).
+	EarlyBootDropAt int
 }
 
 // fakeDriver is a vmm.Driver whose "VM" lives in the test process: a
@@ -252,10 +255,20 @@ func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, erro
 
 func (f *fakeDriver) serveAgent(ctx context.Context, v *fakeVM, ln net.Listener, cfg agentproto.Config, b fakeBehaviour) {
 	var infos atomic.Int64
+	var openMu sync.Mutex
+	var open []net.Conn
 	hooks := guestagent.Hooks{
 		InitMode: "agent",
 		EarlyBootDone: func(context.Context) (bool, string) {
 			n := infos.Add(1)
+			if n == int64(b.EarlyBootDropAt) {
+				f.record("agent-drop", v.name)
+				openMu.Lock()
+				for _, c := range open {
+					c.Close()
+				}
+				openMu.Unlock()
+			}
 			return !b.EarlyBootNever && n >= int64(b.EarlyBootInfos), "unit"
 		},
 		Shutdown: func(reboot bool) error {
@@ -281,6 +294,9 @@ func (f *fakeDriver) serveAgent(ctx context.Context, v *fakeVM, ln net.Listener,
 			})
 			continue
 		}
+		openMu.Lock()
+		open = append(open, conn)
+		openMu.Unlock()
 		conns.Go(func() {
 			_ = guestagent.ServeConn(ctx, conn, cfg, hooks, f.log.With("side", "guest", "vm", v.name))
 		})
