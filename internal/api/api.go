@@ -133,6 +133,9 @@ type VM struct {
 	AutoRemove   bool       `json:"auto_remove,omitempty"` // see VMCreateParams
 	// BootTimeline is the VM's last (or current) start, phase by phase.
 	BootTimeline *BootTimeline `json:"boot_timeline,omitempty"`
+	// Confinement is how the running VM's VMM is confined; absent when the
+	// VM is stopped or runs unconfined (vmm_confine = false).
+	Confinement *Confinement `json:"confinement,omitempty"`
 }
 
 // Boot phases, in order (BootPhase.Name). Clone is recorded only for the
@@ -169,6 +172,19 @@ type BootPhase struct {
 	StartedAt  time.Time `json:"started_at"`
 	DurationMS float64   `json:"duration_ms"`
 	Running    bool      `json:"running,omitempty"`
+}
+
+// Confinement describes a confined VMM process (docs/security.md).
+type Confinement struct {
+	User             string   `json:"user,omitempty"`
+	UID              int      `json:"uid"`
+	GID              int      `json:"gid"`
+	Sandbox          string   `json:"sandbox,omitempty"` // QEMU's -sandbox policy
+	CgroupMode       string   `json:"cgroup_mode,omitempty"`
+	Cgroups          []string `json:"cgroups,omitempty"`
+	MemoryLimitBytes int64    `json:"memory_limit_bytes,omitempty"`
+	PIDsLimit        int64    `json:"pids_limit,omitempty"`
+	CPUWeight        int      `json:"cpu_weight,omitempty"`
 }
 
 // GuestInfo is what the guest agent reports.

@@ -264,6 +264,34 @@ func (m *Manager) create(g *Group, l Limits) error {
 	return nil
 }
 
+// GroupOf returns the group of process pid when it is one of m's (under
+// its parent): how a restarted daemon finds the cgroup of a VMM that was
+// started without a record.
+func (m *Manager) GroupOf(pid int) (*Group, error) {
+	cgs, err := ProcessCgroups(pid)
+	if err != nil {
+		return nil, err
+	}
+	prefix := "/" + m.parent + "/"
+	g := &Group{Mode: m.info.Mode}
+	if m.info.Mode == ModeV2 {
+		rel := cgs[""]
+		if !strings.HasPrefix(rel, prefix) {
+			return nil, fmt.Errorf("pid %d is in cgroup %s, not under %s", pid, rel, prefix)
+		}
+		g.Paths = []string{filepath.Join(m.info.Root, rel)}
+		return g, nil
+	}
+	for _, c := range Controllers {
+		rel := cgs[c]
+		if !strings.HasPrefix(rel, prefix) {
+			return nil, fmt.Errorf("pid %d is in %s cgroup %s, not under %s", pid, c, rel, prefix)
+		}
+		g.Paths = append(g.Paths, filepath.Join(m.info.Root, c, rel))
+	}
+	return g, nil
+}
+
 // Start starts cmd inside g, so that the process and all it creates are
 // limited from their first instruction.
 func (g *Group) Start(cmd *exec.Cmd) error {

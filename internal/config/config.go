@@ -58,6 +58,20 @@ type Daemon struct {
 	// Accel is the default accelerator: auto, kvm or tcg. Default auto (KVM
 	// when it can really run guests, else TCG with a warning).
 	Accel string `toml:"accel"`
+	// VMMConfine runs every QEMU confined: as VMMUser, under a seccomp
+	// sandbox, in its own cgroup, reaching only the files the daemon
+	// passes it (docs/security.md). Default true. When confinement can't be
+	// set up, vm start fails with the reason; false is for debugging only.
+	VMMConfine bool `toml:"vmm_confine"`
+	// VMMUser is the unprivileged user QEMU runs as; created (a system user
+	// with no home and no login shell) when missing. Default banger-vmm.
+	VMMUser string `toml:"vmm_user"`
+	// VMMCgroupParent holds one cgroup per VM (on v1, under each
+	// controller's hierarchy). Default banger.
+	VMMCgroupParent string `toml:"vmm_cgroup_parent"`
+	// VMMMemoryOverheadMiB is added to a VM's memory for its cgroup's memory
+	// limit (plus 1 GiB under TCG for QEMU's translation cache). Default 256.
+	VMMMemoryOverheadMiB int `toml:"vmm_memory_overhead_mib"`
 	// DefaultImage is used when vm create/run names no image. Default "default".
 	DefaultImage string `toml:"default_image"`
 	// DefaultCPUs for new VMs. Default 2.
@@ -81,19 +95,23 @@ type Daemon struct {
 // DefaultDaemon returns the daemon defaults.
 func DefaultDaemon() Daemon {
 	return Daemon{
-		SocketPath:       DefaultSocketPath,
-		StateDir:         DefaultStateDir,
-		QEMUBinary:       "qemu-system-x86_64",
-		QEMUImgBinary:    "qemu-img",
-		Accel:            "auto",
-		DefaultImage:     "default",
-		DefaultCPUs:      2,
-		DefaultMemoryMiB: 1024,
-		ReadyTimeout:     Duration{120 * time.Second},
-		StopTimeout:      Duration{30 * time.Second},
-		ConsoleLogMaxMiB: 16,
-		LogLevel:         "info",
-		LogFormat:        "text",
+		SocketPath:           DefaultSocketPath,
+		StateDir:             DefaultStateDir,
+		QEMUBinary:           "qemu-system-x86_64",
+		QEMUImgBinary:        "qemu-img",
+		Accel:                "auto",
+		VMMConfine:           true,
+		VMMUser:              "banger-vmm",
+		VMMCgroupParent:      "banger",
+		VMMMemoryOverheadMiB: 256,
+		DefaultImage:         "default",
+		DefaultCPUs:          2,
+		DefaultMemoryMiB:     1024,
+		ReadyTimeout:         Duration{120 * time.Second},
+		StopTimeout:          Duration{30 * time.Second},
+		ConsoleLogMaxMiB:     16,
+		LogLevel:             "info",
+		LogFormat:            "text",
 	}
 }
 
@@ -120,6 +138,15 @@ func (c Daemon) Validate() error {
 	}
 	if !filepath.IsAbs(c.SocketPath) {
 		errs = append(errs, fmt.Errorf("socket_path %q: must be an absolute path", c.SocketPath))
+	}
+	if c.VMMUser == "" || c.VMMUser == "root" {
+		errs = append(errs, fmt.Errorf("vmm_user %q: want an unprivileged user such as banger-vmm", c.VMMUser))
+	}
+	if p := filepath.Clean(c.VMMCgroupParent); c.VMMCgroupParent == "" || filepath.IsAbs(p) || p == "." || p == ".." || strings.HasPrefix(p, "../") {
+		errs = append(errs, fmt.Errorf("vmm_cgroup_parent %q: want a relative path such as banger", c.VMMCgroupParent))
+	}
+	if c.VMMMemoryOverheadMiB < 0 {
+		errs = append(errs, fmt.Errorf("vmm_memory_overhead_mib %d: must not be negative", c.VMMMemoryOverheadMiB))
 	}
 	if c.DefaultCPUs < 1 {
 		errs = append(errs, fmt.Errorf("default_cpus %d: must be at least 1", c.DefaultCPUs))

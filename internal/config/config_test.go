@@ -81,3 +81,27 @@ func TestShippedDaemonConfigIsTheDefaults(t *testing.T) {
 		t.Fatalf("packaging/bangerd.toml = %+v\nwant the defaults %+v", c, DefaultDaemon())
 	}
 }
+
+func TestDaemonConfinementKeys(t *testing.T) {
+	c, err := LoadDaemon(write(t, "vmm_confine = false\nvmm_user = \"qemu\"\nvmm_cgroup_parent = \"a/b\"\nvmm_memory_overhead_mib = 64\n"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.VMMConfine || c.VMMUser != "qemu" || c.VMMCgroupParent != "a/b" || c.VMMMemoryOverheadMiB != 64 {
+		t.Fatalf("got %+v", c)
+	}
+	if d := DefaultDaemon(); !d.VMMConfine || d.VMMUser != "banger-vmm" {
+		t.Fatalf("confinement is not on by default: %+v", d)
+	}
+	for body, want := range map[string]string{
+		"vmm_user = \"root\"\n":          "vmm_user",
+		"vmm_user = \"\"\n":              "vmm_user",
+		"vmm_cgroup_parent = \"/abs\"\n": "vmm_cgroup_parent",
+		"vmm_cgroup_parent = \"../x\"\n": "vmm_cgroup_parent",
+		"vmm_memory_overhead_mib = -1\n": "vmm_memory_overhead_mib",
+	} {
+		if _, err := LoadDaemon(write(t, body), true); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: err = %v, want mention of %q", body, err, want)
+		}
+	}
+}

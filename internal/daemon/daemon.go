@@ -138,7 +138,18 @@ type deps struct {
 // running when it returns.
 func Run(ctx context.Context, cfg config.Daemon, log *slog.Logger) error {
 	return run(ctx, cfg, log, deps{newDriver: func() vmm.Driver {
-		return qemu.New(qemu.Config{Binary: cfg.QEMUBinary, DefaultAccel: cfg.Accel}, log.With("vmm", "qemu"))
+		qcfg := qemu.Config{Binary: cfg.QEMUBinary, DefaultAccel: cfg.Accel}
+		if cfg.VMMConfine {
+			qcfg.Confine = qemu.NewConfine(ctx, qemu.ConfineOptions{
+				User: cfg.VMMUser, CgroupParent: cfg.VMMCgroupParent, MemoryOverheadMiB: cfg.VMMMemoryOverheadMiB,
+			})
+			if err := qcfg.Confine.Err; err != nil {
+				log.Error("qemu confinement unavailable: vm start will fail", "err", err)
+			}
+		} else {
+			log.Warn("qemu runs unconfined (vmm_confine = false): a guest that escapes QEMU is root on this host")
+		}
+		return qemu.New(qcfg, log.With("vmm", "qemu"))
 	}})
 }
 

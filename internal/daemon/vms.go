@@ -70,6 +70,10 @@ func (d *Daemon) vmAPI(v store.VM) api.VM {
 	d.mu.Unlock()
 	if r != nil {
 		out.PID, out.Accel = r.handle.PID, r.handle.Accel
+		if c := r.handle.Confinement; c != nil {
+			ac := api.Confinement(*c)
+			out.Confinement = &ac
+		}
 		r.mu.Lock()
 		if r.info != nil {
 			out.Guest = &api.GuestInfo{KernelRelease: r.info.KernelRelease, InitMode: r.info.InitMode, AgentVersion: r.info.AgentVersion, Hostname: r.info.Hostname}

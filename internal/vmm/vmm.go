@@ -79,6 +79,28 @@ type Handle struct {
 	AgentSocket   string `json:"agent_socket"`
 	PIDFile       string `json:"pid_file,omitempty"`
 	Accel         string `json:"accel"`
+	// Confinement is how the VMM process is confined; nil when it is not
+	// (confinement turned off). Cleanup removes its cgroups.
+	Confinement *Confinement `json:"confinement,omitempty"`
+}
+
+// Confinement records how a VMM process is confined, so that a restarted
+// daemon keeps showing it and removes its cgroups when the VMM exits.
+type Confinement struct {
+	// User, UID and GID are the unprivileged credentials the VMM runs with.
+	User string `json:"user,omitempty"`
+	UID  int    `json:"uid"`
+	GID  int    `json:"gid"`
+	// Sandbox is the VMM's seccomp policy (QEMU: the -sandbox value).
+	Sandbox string `json:"sandbox,omitempty"`
+	// CgroupMode is v1 or v2; Cgroups are the VMM's cgroup directories
+	// (one on v2, one per controller on v1).
+	CgroupMode string   `json:"cgroup_mode,omitempty"`
+	Cgroups    []string `json:"cgroups,omitempty"`
+	// Limits written to the cgroup.
+	MemoryLimitBytes int64 `json:"memory_limit_bytes,omitempty"`
+	PIDsLimit        int64 `json:"pids_limit,omitempty"`
+	CPUWeight        int   `json:"cpu_weight,omitempty"`
 }
 
 // Driver is a VMM backend.

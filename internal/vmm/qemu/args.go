@@ -24,6 +24,7 @@ type Paths struct {
 	QMPSocket   string
 	AgentSocket string
 	PIDFile     string
+	Log         string // a confined QEMU's stderr
 }
 
 // PathsFor returns the runtime files QEMU uses in the VM directory dir.
@@ -32,6 +33,7 @@ func PathsFor(dir string) Paths {
 		QMPSocket:   filepath.Join(dir, QMPSocketName),
 		AgentSocket: filepath.Join(dir, AgentSocketName),
 		PIDFile:     filepath.Join(dir, PIDFileName),
+		Log:         filepath.Join(dir, LogFileName),
 	}
 }
 

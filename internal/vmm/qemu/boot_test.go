@@ -187,3 +187,24 @@ func TestStartQEMUFails(t *testing.T) {
 	}
 	assertNoRuntimeFiles(t, d, spec.Dir)
 }
+
+// testConfine returns a confinement for tests: the banger-vmm user (created
+// if missing, as bangerd does) and cgroups under a parent of this test
+// process's own, removed at the end. It skips where confinement can't work.
+func testConfine(t *testing.T) *Confine {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("confinement needs root")
+	}
+	parent := "banger-test-" + strconv.Itoa(os.Getpid())
+	c := NewConfine(context.Background(), ConfineOptions{CgroupParent: parent, MemoryOverheadMiB: 256})
+	if c.Err != nil {
+		t.Fatalf("confinement unavailable on this host: %v", c.Err)
+	}
+	t.Cleanup(func() {
+		for _, ctl := range []string{"", "memory", "pids", "cpu"} {
+			os.Remove(filepath.Join("/sys/fs/cgroup", ctl, parent))
+		}
+	})
+	return c
+}

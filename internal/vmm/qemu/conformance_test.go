@@ -148,3 +148,16 @@ func (img testImage) spec(t *testing.T, dir string, b vmmtest.Behaviour) vmm.Spe
 		ConsoleLog: filepath.Join(dir, "console.log"),
 	}
 }
+
+// TestConformanceConfined runs the conformance suite with QEMU confined
+// (docs/security.md): another user, seccomp, its own cgroup, descriptors
+// instead of paths.
+func TestConformanceConfined(t *testing.T) {
+	requireQEMU(t)
+	img := findTestImage(t)
+	conf := testConfine(t)
+	vmmtest.Run(t, vmmtest.Factory{
+		New:  func(t *testing.T) vmm.Driver { return New(Config{Confine: conf}, testLogger(t)) },
+		Spec: img.spec,
+	})
+}

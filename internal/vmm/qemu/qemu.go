@@ -79,6 +79,10 @@ type Config struct {
 	// TSCKHz returns the host TSC frequency, handed to TCG guests as
 	// tsc_early_khz (see TCGCmdline). Default HostTSCKHz, computed once.
 	TSCKHz func() (uint64, error)
+	// Confine, when not nil, runs every QEMU confined (see Confine and
+	// docs/security.md). Nil runs QEMU as the daemon's user, unconfined,
+	// daemonized.
+	Confine *Confine
 }
 
 // Driver is the QEMU backend. It holds no per-VM state: everything it needs
@@ -200,6 +204,9 @@ func (d *Driver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, error) {
 			spec.Cmdline = TCGCmdline(spec.Cmdline, khz)
 		}
 	}
+	if c := d.cfg.Confine; c != nil && c.Err != nil {
+		return vmm.Handle{}, fmt.Errorf("start vm %s: confine qemu: %w", spec.Name, c.Err)
+	}
 	bin, err := exec.LookPath(d.cfg.Binary)
 	if err != nil {
 		return vmm.Handle{}, fmt.Errorf("start vm %s: find qemu: %w", spec.Name, err)
@@ -217,14 +224,18 @@ func (d *Driver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, error) {
 		return vmm.Handle{}, fmt.Errorf("start vm %s: %w", spec.Name, err)
 	}
 
-	h, err := d.launch(ctx, bin, spec, accel, paths)
+	launch := d.launch
+	if d.cfg.Confine != nil {
+		launch = d.launchConfined
+	}
+	h, err := launch(ctx, bin, spec, accel, paths)
 	if err != nil {
 		if aerr := d.abort(paths); aerr != nil {
 			d.log.Error("clean up after failed start", "vm", spec.Name, "err", aerr)
 		}
 		return vmm.Handle{}, fmt.Errorf("start vm %s: %w", spec.Name, err)
 	}
-	d.log.Info("qemu started", "vm", spec.Name, "pid", h.PID, "accel", h.Accel)
+	d.log.Info("qemu started", "vm", spec.Name, "pid", h.PID, "accel", h.Accel, "confined", h.Confinement != nil)
 	return h, nil
 }
 
@@ -339,17 +350,19 @@ func (d *Driver) abort(paths Paths) error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	return removeFiles(paths.QMPSocket, paths.AgentSocket, paths.PIDFile)
+	return removeFiles(paths.QMPSocket, paths.AgentSocket, paths.PIDFile, paths.Log)
 }
 
 // findQEMU returns the live (not zombie) processes whose command line has
-// "-pidfile <paths.PIDFile>": QEMU processes of this VM directory.
+// "-pidfile <paths.PIDFile>" (unconfined) or an fd set whose opaque names
+// paths.PIDFile (confined): QEMU processes of this VM directory.
 func (d *Driver) findQEMU(paths Paths) []int {
 	entries, err := os.ReadDir(d.procRoot)
 	if err != nil {
 		return nil
 	}
 	want := []byte("\x00-pidfile\x00" + paths.PIDFile + "\x00")
+	wantConfined := []byte(",opaque=" + escape(paths.PIDFile) + "\x00")
 	var pids []int
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
@@ -357,7 +370,7 @@ func (d *Driver) findQEMU(paths Paths) []int {
 			continue
 		}
 		cl, err := os.ReadFile(filepath.Join(d.procRoot, e.Name(), "cmdline"))
-		if err != nil || !bytes.Contains(cl, want) {
+		if err != nil || !bytes.Contains(cl, want) && !bytes.Contains(cl, wantConfined) {
 			continue
 		}
 		if st, err := readProcStat(d.procRoot, pid); err == nil && !st.exited() {
@@ -387,6 +400,7 @@ func (d *Driver) Recover(dir string) (vmm.Handle, bool) {
 	return vmm.Handle{
 		Driver: DriverName, PID: pids[0], StartTime: st.StartTime,
 		ControlSocket: paths.QMPSocket, AgentSocket: paths.AgentSocket, PIDFile: paths.PIDFile, Accel: accel,
+		Confinement: d.recoverConfinement(pids[0]),
 	}, true
 }
 
@@ -561,7 +575,14 @@ func (d *Driver) Cleanup(h vmm.Handle) error {
 			return nil
 		}
 	}
-	if err := removeFiles(h.ControlSocket, h.AgentSocket, h.PIDFile); err != nil {
+	var logFile string
+	if h.Confinement != nil && h.PIDFile != "" {
+		logFile = filepath.Join(filepath.Dir(h.PIDFile), LogFileName)
+	}
+	if err := removeFiles(h.ControlSocket, h.AgentSocket, h.PIDFile, logFile); err != nil {
+		return fmt.Errorf("cleanup: %w", err)
+	}
+	if err := d.removeCgroups(h); err != nil {
 		return fmt.Errorf("cleanup: %w", err)
 	}
 	return nil

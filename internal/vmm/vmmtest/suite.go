@@ -290,6 +290,13 @@ func assertGone(t *testing.T, spec vmm.Spec, h vmm.Handle, before dirState, allo
 	if ps := ProcessesUsing(spec.Dir); len(ps) > 0 {
 		t.Errorf("processes still use %s: %v", spec.Dir, ps)
 	}
+	if c := h.Confinement; c != nil {
+		for _, p := range c.Cgroups {
+			if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("cgroup %s left behind (stat: %v)", p, err)
+			}
+		}
+	}
 }
 
 // ProcessesUsing returns the live processes (zombies excluded, the caller

@@ -1,0 +1,246 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/bangerdev/banger/internal/cgroup"
+	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/vmmtest"
+)
+
+// qemuImg creates a qcow2 overlay of backing (format backingFmt) at path.
+func qemuImg(t *testing.T, path, backing, backingFmt string) {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skip("qemu-img not installed")
+	}
+	args := []string{"create", "-q", "-f", "qcow2", path, "16M"}
+	if backing != "" {
+		args = []string{"create", "-q", "-f", "qcow2", "-F", backingFmt, "-b", backing, path}
+	}
+	if out, err := exec.Command("qemu-img", args...).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img %v: %v: %s", args, err, out)
+	}
+}
+
+func TestQcow2Backing(t *testing.T) {
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "base.raw")
+	os.WriteFile(raw, make([]byte, 1<<20), 0o600)
+	mid := filepath.Join(dir, "mid.qcow2")
+	qemuImg(t, mid, raw, "raw")
+	top := filepath.Join(dir, "top.qcow2")
+	qemuImg(t, top, "mid.qcow2", "qcow2") // relative name
+	alone := filepath.Join(dir, "alone.qcow2")
+	qemuImg(t, alone, "", "")
+	for path, want := range map[string][2]string{
+		mid:   {raw, "raw"},
+		top:   {"mid.qcow2", "qcow2"},
+		alone: {"", ""},
+	} {
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		name, format, err := qcow2Backing(f)
+		f.Close()
+		if err != nil || name != want[0] || format != want[1] {
+			t.Errorf("%s: backing %q %q %v, want %q %q", filepath.Base(path), name, format, err, want[0], want[1])
+		}
+	}
+	f, _ := os.Open(raw)
+	defer f.Close()
+	if _, _, err := qcow2Backing(f); err == nil {
+		t.Error("a raw file parsed as qcow2")
+	}
+
+	// The whole chain becomes explicit -blockdev nodes, deepest first,
+	// each image opened from an fd set (read-only below the top).
+	cf := &confinedFiles{}
+	args, err := cf.openDisk(vmm.Disk{Path: top, Format: vmm.FormatQcow2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cf.close()
+	got := strings.Join(orderBlockdevs(args), " ")
+	want := strings.Join([]string{
+		"-blockdev driver=file,node-name=backing1-file,filename=/dev/fdset/3,read-only=on",
+		"-blockdev driver=raw,node-name=backing1,file=backing1-file,read-only=on",
+		"-blockdev driver=file,node-name=backing0-file,filename=/dev/fdset/2,read-only=on",
+		"-blockdev driver=qcow2,node-name=backing0,file=backing0-file,read-only=on,backing=backing1",
+		"-blockdev driver=file,node-name=root-file,filename=/dev/fdset/1,discard=unmap",
+		"-blockdev driver=qcow2,node-name=root,file=root-file,discard=unmap,backing=backing0",
+	}, " ")
+	if got != want {
+		t.Errorf("blockdevs:\n got %s\nwant %s", got, want)
+	}
+	if len(cf.files) != 3 || !slices.Contains(cf.args, "fd=5,set=3,opaque="+raw) {
+		t.Errorf("fd sets %v (%d files)", cf.args, len(cf.files))
+	}
+}
+
+func TestReadable(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		mode     os.FileMode
+		uid, gid int
+		want     bool
+	}{
+		{0o644, 1000, 1000, true},
+		{0o600, 1000, 1000, false},
+		{0o640, 1000, 0, true}, // the file's group (root's, 0)
+		{0o600, 0, 1000, true}, // the file's owner (root, 0)
+	} {
+		p := filepath.Join(dir, "f")
+		os.Remove(p)
+		os.WriteFile(p, nil, tc.mode)
+		os.Chmod(p, tc.mode)
+		os.Chown(p, 0, 0)
+		fi, _ := os.Stat(p)
+		if os.Geteuid() != 0 {
+			t.Skip("needs root to chown")
+		}
+		if got := readable(fi, tc.uid, tc.gid); got != tc.want {
+			t.Errorf("mode %o, uid %d gid %d: readable = %v", tc.mode, tc.uid, tc.gid, got)
+		}
+	}
+}
+
+// Fail closed: a driver whose confinement could not be set up starts
+// nothing.
+func TestStartConfinementUnavailable(t *testing.T) {
+	requireQEMU(t)
+	img := findTestImage(t)
+	spec := img.spec(t, filepath.Join(t.TempDir(), "vm"), vmmtest.RunForever)
+	d := New(Config{Confine: &Confine{Err: errors.New("no cgroups here; " + fixHint)}}, testLogger(t))
+	_, err := d.Start(context.Background(), spec)
+	if err == nil || !strings.Contains(err.Error(), "vmm_confine = false") {
+		t.Fatalf("Start = %v, want the confinement error with its fix", err)
+	}
+	if ents, _ := os.ReadDir(spec.Dir); len(ents) != 0 {
+		t.Errorf("refused start left %v", ents)
+	}
+}
+
+// TestBootConfined boots a confined guest whose files QEMU's user can't
+// open (a 0600 initrd, a qcow2 overlay on a 0600 raw base in 0700
+// directories) and checks what confinement promises: another uid, seccomp,
+// the cgroup with its limits, the disk chain reached through descriptors,
+// Recover rebuilding the record, and the cgroup gone after Kill.
+func TestBootConfined(t *testing.T) {
+	requireQEMU(t)
+	img := findTestImage(t)
+	conf := testConfine(t)
+	spec := img.spec(t, filepath.Join(t.TempDir(), "vm"), vmmtest.RunForever)
+	if err := os.Chmod(spec.Initrd, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The raw disk becomes the base of a qcow2 overlay, both private.
+	base := spec.RootDisk.Path
+	os.Chmod(base, 0o600)
+	os.Chmod(filepath.Dir(base), 0o700)
+	overlay := filepath.Join(t.TempDir(), "root.qcow2")
+	qemuImg(t, overlay, base, "raw")
+	os.Chmod(overlay, 0o600)
+	spec.RootDisk = vmm.Disk{Path: overlay, Format: vmm.FormatQcow2}
+
+	d := New(Config{Confine: conf}, testLogger(t))
+	ctx, cancel := context.WithTimeout(context.Background(), vmmtest.Timeout)
+	defer cancel()
+	h, err := d.Start(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Kill(context.Background(), h)
+	c := h.Confinement
+	if c == nil {
+		t.Fatal("handle has no confinement")
+	}
+	if c.UID != conf.UID || c.UID == 0 || c.Sandbox != Sandbox || c.User != DefaultUser {
+		t.Errorf("confinement %+v", c)
+	}
+	status, err := os.ReadFile("/proc/" + strconv.Itoa(h.PID) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"Seccomp:\t2", "Uid:\t" + strconv.Itoa(conf.UID) + "\t", "Gid:\t" + strconv.Itoa(conf.GID) + "\t"} {
+		if !strings.Contains(string(status), want) {
+			t.Errorf("qemu's /proc status lacks %q:\n%s", want, status)
+		}
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if g, ok := strings.CutPrefix(line, "Groups:"); ok && strings.TrimSpace(g) != "" {
+			t.Errorf("qemu has supplementary groups: %s", g)
+		}
+	}
+	cgs, err := cgroup.ProcessCgroups(h.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	limits := conf.Limits(spec.CPUs, spec.MemoryMiB, h.Accel)
+	if c.MemoryLimitBytes != limits.MemoryBytes || c.PIDsLimit != limits.PIDs || len(c.Cgroups) == 0 {
+		t.Errorf("recorded limits %+v, want %+v", c, limits)
+	}
+	for _, p := range c.Cgroups {
+		procs, err := os.ReadFile(filepath.Join(p, "cgroup.procs"))
+		if err != nil || strings.TrimSpace(string(procs)) != strconv.Itoa(h.PID) {
+			t.Errorf("%s/cgroup.procs = %q, %v; want only %d", p, procs, err, h.PID)
+		}
+	}
+	if c.CgroupMode == "v1" {
+		if !strings.HasSuffix(cgs["memory"], "/"+cgroupName(spec.ID)) {
+			t.Errorf("qemu's memory cgroup %q", cgs["memory"])
+		}
+		lim, _ := os.ReadFile(filepath.Join(c.Cgroups[0], "memory.limit_in_bytes"))
+		if strings.TrimSpace(string(lim)) != strconv.FormatInt(limits.MemoryBytes, 10) {
+			t.Errorf("memory.limit_in_bytes = %q", lim)
+		}
+	}
+	if err := vmmtest.WaitForConsole(ctx, spec.ConsoleLog, vmmtest.Marker); err != nil {
+		t.Fatal(err)
+	}
+	console, _ := os.ReadFile(spec.ConsoleLog)
+	if want := "vmmtest-disk-sectors=" + strconv.Itoa(testDiskBytes/512); !slices.Contains(strings.Fields(string(console)), want) {
+		t.Errorf("guest did not see the overlay disk (want %q):\n%s", want, console)
+	}
+	// QEMU's user can't open any of these files by name.
+	for _, p := range []string{spec.Initrd, base, overlay, spec.ConsoleLog} {
+		if canOpenAs(t, p, c.UID, c.GID) {
+			t.Errorf("uid %d can open %s", c.UID, p)
+		}
+	}
+	if r, ok := d.Recover(spec.Dir); !ok || !reflect.DeepEqual(r.Confinement.Cgroups, c.Cgroups) || r.Confinement.UID != c.UID {
+		t.Errorf("Recover = %+v (%+v), %v; want the confinement %+v", r, r.Confinement, ok, c)
+	}
+	if err := d.Kill(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range c.Cgroups {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("cgroup %s left after Kill (%v)", p, err)
+		}
+	}
+	assertNoRuntimeFiles(t, d, spec.Dir)
+	if _, err := os.Stat(filepath.Join(spec.Dir, LogFileName)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("qemu log left after Kill (%v)", err)
+	}
+}
+
+// canOpenAs reports whether a process with uid:gid (no groups) can open
+// path for reading.
+func canOpenAs(t *testing.T, path string, uid, gid int) bool {
+	t.Helper()
+	cmd := exec.Command("/bin/sh", "-c", `exec 3<"$1"`, "sh", path)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}}
+	return cmd.Run() == nil
+}
