@@ -33,6 +33,13 @@ type Env struct {
 
 func New(t testing.TB, binDir, imageDir string) *Env {
 	t.Helper()
+	return NewWithConfig(t, binDir, imageDir, "")
+}
+
+// NewWithConfig is New with the daemon's configuration file holding
+// config (TOML; "" for every default).
+func NewWithConfig(t testing.TB, binDir, imageDir, config string) *Env {
+	t.Helper()
 	// Unix socket paths are limited to 108 bytes: keep the directory short.
 	dir, err := os.MkdirTemp("/tmp", "bgr")
 	if err != nil {
@@ -47,7 +54,7 @@ func New(t testing.TB, binDir, imageDir string) *Env {
 	// An explicit, empty config: every setting at its default, so that a
 	// host's /etc/banger/bangerd.toml can't leak into the tests.
 	e.config = filepath.Join(dir, "bangerd.toml")
-	if err := os.WriteFile(e.config, nil, 0o644); err != nil {
+	if err := os.WriteFile(e.config, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	e.StartDaemon()

@@ -80,8 +80,11 @@ func (c *Confine) Limits(cpus, memMiB int, accel string) cgroup.Limits {
 		MemoryBytes: int64(mem) << 20,
 		// QEMU's threads: main loop, RCU, one per vCPU, up to 64 block I/O
 		// workers, and a margin.
-		PIDs:      int64(96 + 2*cpus),
-		CPUWeight: min(100*cpus, 10000),
+		PIDs: int64(96 + 2*cpus),
+		// One default share per vCPU thread plus one for the main loop:
+		// what QEMU's busy threads get unconfined, where each competes on
+		// its own.
+		CPUWeight: min(100*(cpus+1), 10000),
 	}
 }
 
