@@ -72,9 +72,10 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 
 	tl := newBootTimeline(v)
 	steps := undo.New(d.log.With("op", "start vm", "vm", v.Name))
-	lastErr := "" // what the VM's row records on failure (default: err's first line)
+	lastErr := ""  // what the VM's row records on failure (default: err's first line)
+	ready := false // the agent answered: the VM runs, whatever happens next
 	defer func() {
-		if err == nil {
+		if err == nil || ready {
 			return
 		}
 		if cause := bootErr(ctx); cause != nil && !errors.Is(err, cause) {
@@ -166,6 +167,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		return fmt.Errorf("%w%s; the VM was stopped; console output:\n%s", err, modulesHint(console), tailFile(console, 20))
 	}
 	steps.Release()
+	ready = true
 	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))
 	if waitBoot {
 		if err := d.phase(ctx, call, v, "wait for the guest's boot"); err != nil {

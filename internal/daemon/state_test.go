@@ -354,3 +354,41 @@ func TestExecEndlessStdinLeavesNoGoroutine(t *testing.T) {
 	waitFor(ctx, t, "the input pumps to end", func() bool { return pumps() == 0 })
 	waitFor(ctx, t, fmt.Sprintf("the goroutine count to return to %d", base), func() bool { return runtime.NumGoroutine() <= base })
 }
+
+// A start whose client goes away after the agent answered (during
+// --wait-boot) leaves the VM running and recorded as running: it is not
+// unwound, and its row keeps the VMM's handle.
+func TestStartCancelledAfterReadyKeepsVMRunning(t *testing.T) {
+	t.Parallel()
+	gate := newPhaseGate()
+	gate.holdAt("late", "wait for the guest's boot")
+	e := newEnv(t, nil)
+	e.onPhase = gate.onPhase
+	d := e.start()
+	ctx := testCtx(t)
+	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "default", Rootfs: e.rootfs, Kernel: e.kernel, Initrd: e.initrd}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "late"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	startCtx, cancel := context.WithCancel(ctx)
+	startErr := make(chan error, 1)
+	go func() {
+		_, err := d.c.VMStart(startCtx, api.VMStartParams{Name: "late", WaitBoot: true}, nil)
+		startErr <- err
+	}()
+	gate.wait(ctx, t, "late", "wait for the guest's boot")
+	cancel()
+	if err := <-startErr; err == nil {
+		t.Fatal("a cancelled start succeeded")
+	}
+	waitFor(ctx, t, "the start to end", func() bool { return inspect(t, d, "late").State != api.StateStarting })
+	got := inspect(t, d, "late")
+	if got.State != api.StateRunning || got.PID == 0 || !e.fake.Alive(e.fake.byName("late").handle) {
+		t.Fatalf("after a start cancelled during --wait-boot: state %s pid %d; want the VM running", got.State, got.PID)
+	}
+	if code, _, _, err := execResult(t, d, "late", "", "true"); err != nil || code != 0 {
+		t.Fatalf("exec in the VM = %d, %v", code, err)
+	}
+}
