@@ -115,6 +115,10 @@ func (d *Daemon) imagePromote(ctx context.Context, call *rpc.Call) (any, error) 
 	if err := imagefile.ValidateArtifacts(src); err != nil {
 		return nil, fmt.Errorf("image %q can't be promoted: %w", im.Name, artifactErr(err))
 	}
+	// before is what the source must still be once copied and hashed: the
+	// fingerprints recorded at register (the content the image's VM disks
+	// were made from), or, for a changed image no VM uses, the files now.
+	var before []imagefile.Stamp
 	if err := d.usableImage(ctx, im); err != nil {
 		users, uerr := d.store.ImageUsers(ctx, im.ID)
 		if uerr != nil {
@@ -124,10 +128,15 @@ func (d *Daemon) imagePromote(ctx context.Context, call *rpc.Call) (any, error) 
 			return nil, fmt.Errorf("image %q can't be promoted: %w", im.Name, err)
 		}
 		d.log.Info("promoting an image whose files changed since registration; no VM uses it", "image", im.Name, "change", err)
-	}
-	before, err := imagefile.Fingerprint(ctx, src, false)
-	if err != nil {
-		return nil, fmt.Errorf("promote image %q: %w", im.Name, artifactErr(err))
+		if before, err = imagefile.Fingerprint(ctx, src, false); err != nil {
+			return nil, fmt.Errorf("promote image %q: %w", im.Name, artifactErr(err))
+		}
+	} else {
+		recorded, err := d.store.ImageFiles(ctx, im.ID)
+		if err != nil {
+			return nil, err
+		}
+		before = fromStoreFiles(recorded)
 	}
 	dest := filepath.Join(d.cfg.StateDir, "images", im.ID)
 	out, err := imagefile.Promote(ctx, src, dest, func(pr imagefile.Progress) {
