@@ -138,7 +138,9 @@ func (a *app) vmStartCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "start NAME...",
 		Short: "Start VMs and wait until they are ready",
-		Args:  cobra.MinimumNArgs(1),
+		Long: "Start VMs and wait until they are ready. Starting a VM that another start is booting fails\n" +
+			"at once (it says the VM is booting); vm stop, kill or rm abort a boot in any phase.",
+		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return a.forEach(args, func(n string) error {
 				pr := a.progress()
@@ -162,7 +164,9 @@ func (a *app) vmStopCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "stop NAME...",
 		Short: "Stop VMs gracefully (guest agent, then ACPI), killing them after the timeout",
-		Args:  cobra.MinimumNArgs(1),
+		Long: "Stop VMs gracefully (guest agent, then ACPI), killing them after the timeout. A VM that is\n" +
+			"booting has its boot aborted (at any phase) and ends stopped.",
+		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p := api.VMStopParams{}
 			if timeout > 0 {
