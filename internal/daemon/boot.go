@@ -171,10 +171,13 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))
 	if waitBoot {
 		if err := d.phase(ctx, call, v, "wait for the guest's boot"); err != nil {
+			tl.fail(err.Error())
 			return err
 		}
 		if err := d.waitBoot(readyCtx, r); err != nil {
-			return fmt.Errorf("vm %q: wait for boot: %w", v.Name, tl.stuck(err))
+			err = fmt.Errorf("vm %q: wait for boot: %w", v.Name, tl.stuck(err))
+			tl.fail(err.Error())
+			return err
 		}
 		tl.finish()
 		d.log.Info("vm booted", "vm", v.Name, "booted_after", time.Since(start).Round(time.Millisecond))

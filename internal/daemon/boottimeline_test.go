@@ -130,3 +130,28 @@ func TestStartEarlyBootRedials(t *testing.T) {
 		t.Errorf("driver calls %v: want a dial again after the drop", calls)
 	}
 }
+
+// A --wait-boot that times out after the VM became ready names the phase
+// and leaves the VM running, recorded as running.
+func TestWaitBootTimeoutLeavesVMRunning(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, func(c *config.Daemon) { c.ReadyTimeout = config.Duration{Duration: 2 * time.Second} })
+	e.fake.setBehaviour("long", fakeBehaviour{InitMode: "systemd"})
+	if _, err := d.c.VMCreate(testCtx(t), api.VMCreateParams{Name: "long"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	_, err := d.c.VMStart(testCtx(t), api.VMStartParams{Name: "long", WaitBoot: true}, nil)
+	if err == nil || !strings.Contains(err.Error(), "stuck in phase 'full boot'") {
+		t.Fatalf("start --wait-boot: %v; want stuck in phase 'full boot'", err)
+	}
+	vm := inspect(t, d, "long")
+	if vm.State != api.StateRunning || !e.fake.Alive(e.fake.byName("long").handle) {
+		t.Errorf("after the --wait-boot timeout: state %s, vmm alive %v; want running", vm.State, e.fake.Alive(e.fake.byName("long").handle))
+	}
+	if tl := vm.BootTimeline; tl == nil || !tl.Ready || tl.Error == "" {
+		t.Errorf("timeline %+v: want ready, with the error", tl)
+	}
+	if code, out, _, err := execResult(t, d, "long", "", "echo", "ok"); err != nil || code != 0 || out != "ok\n" {
+		t.Errorf("exec after the --wait-boot timeout: %d %q %v", code, out, err)
+	}
+}

@@ -40,6 +40,10 @@ type fakeBehaviour struct {
 	// EarlyBootDropAt: the agent drops its connections at its
 	// EarlyBootDropAt-th info request (a keepalive lost in a busy guest).
 	EarlyBootDropAt int
+	// InitMode the agent reports (default "agent"); with "systemd", a
+	// --wait-boot runs systemctl on the test host, where systemd is not
+	// PID 1: the full boot never ends.
+	InitMode string
 }
 
 // fakeDriver is a vmm.Driver whose "VM" lives in the test process: a
@@ -257,8 +261,12 @@ func (f *fakeDriver) serveAgent(ctx context.Context, v *fakeVM, ln net.Listener,
 	var infos atomic.Int64
 	var openMu sync.Mutex
 	var open []net.Conn
+	mode := b.InitMode
+	if mode == "" {
+		mode = "agent"
+	}
 	hooks := guestagent.Hooks{
-		InitMode: "agent",
+		InitMode: mode,
 		EarlyBootDone: func(context.Context) (bool, string) {
 			n := infos.Add(1)
 			if n == int64(b.EarlyBootDropAt) {
