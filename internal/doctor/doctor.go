@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -16,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/cgroup"
 	"github.com/bangerdev/banger/internal/kvmcheck"
 )
 
@@ -92,6 +94,10 @@ type Options struct {
 	DevRoot string
 	// CommandTimeout bounds each command and the daemon ping. Default 5s.
 	CommandTimeout time.Duration
+	// VMMUser is the user confined QEMU runs as. Default banger-vmm.
+	VMMUser string
+	// CgroupRoot is where cgroupfs is mounted. Default /sys/fs/cgroup.
+	CgroupRoot string
 }
 
 func (o *Options) defaults() {
@@ -112,20 +118,28 @@ func (o *Options) defaults() {
 	if o.CommandTimeout <= 0 {
 		o.CommandTimeout = 5 * time.Second
 	}
+	if o.VMMUser == "" {
+		o.VMMUser = "banger-vmm"
+	}
+	if o.CgroupRoot == "" {
+		o.CgroupRoot = cgroup.DefaultRoot
+	}
 }
 
 // runner holds the options and the system calls the checks use (replaced
 // in tests).
 type runner struct {
-	opts   Options
-	clone  func(dst, src int) error
-	statfs func(path string, st *unix.Statfs_t) error
+	opts    Options
+	clone   func(dst, src int) error
+	statfs  func(path string, st *unix.Statfs_t) error
+	cgroups func(root string) (cgroup.Info, error)
+	lookup  func(name string) (*user.User, error)
 }
 
 // Run runs every check, in a fixed order.
 func Run(ctx context.Context, opts Options) []Check {
 	opts.defaults()
-	r := runner{opts: opts, clone: unix.IoctlFileClone, statfs: unix.Statfs}
+	r := runner{opts: opts, clone: unix.IoctlFileClone, statfs: unix.Statfs, cgroups: cgroup.Detect, lookup: user.Lookup}
 	return r.run(ctx)
 }
 
@@ -140,6 +154,7 @@ func (r runner) run(ctx context.Context) []Check {
 		r.checkDevice("/dev/loop-control", "loop devices", Warn, "loop devices unavailable: images cannot be mounted to be edited", "load the loop module: sudo modprobe loop"),
 		r.checkDevice("/dev/mapper/control", "device-mapper", Warn, "dm-snapshot copy-on-write unavailable; banger uses qcow2 overlays/reflink instead", "optional: sudo modprobe dm_snapshot"),
 	}
+	checks = append(checks, r.checkSandbox(ctx), r.checkCgroups(), r.checkVMMUser())
 	checks = append(checks, r.checkReflink(), r.checkFreeSpace())
 	if r.opts.Ping != nil {
 		checks = append(checks, r.checkDaemon(ctx))
@@ -456,4 +471,90 @@ func humanBytes(n uint64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
+}
+
+// QEMUSandbox is the seccomp policy of a confined QEMU (the qemu driver's
+// Sandbox; doctor must not link VMM code, a test keeps them equal).
+const QEMUSandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+const confineOff = "or set vmm_confine = false in bangerd.toml to run QEMU unconfined (debugging only)"
+
+// checkSandbox checks that QEMU accepts the seccomp policy of a confined
+// VM (QEMU validates -sandbox when it parses it; -version then exits).
+func (r runner) checkSandbox(ctx context.Context) Check {
+	c := Check{Name: "QEMU sandbox"}
+	path, err := r.opts.LookPath("qemu-system-x86_64")
+	if err != nil {
+		c.Status, c.Detail = Fail, "qemu-system-x86_64 not found"
+		c.Fix = "install QEMU (see the QEMU check)"
+		return c
+	}
+	if _, err := os.Stat("/proc/self/status"); err == nil {
+		if b, _ := os.ReadFile("/proc/self/status"); !strings.Contains(string(b), "\nSeccomp:") {
+			c.Status, c.Detail = Fail, "the kernel has no seccomp support"
+			c.Fix = "use a kernel built with CONFIG_SECCOMP_FILTER, " + confineOff
+			return c
+		}
+	}
+	out, err := r.output(ctx, path, "-sandbox", QEMUSandbox, "-version")
+	if err != nil {
+		c.Status = Fail
+		c.Detail = fmt.Sprintf("QEMU refuses -sandbox %s: %s", QEMUSandbox, strings.TrimSpace(string(out)))
+		c.Fix = "install a QEMU built with seccomp (Debian's qemu-system-x86 is), " + confineOff
+		return c
+	}
+	c.Status, c.Detail = OK, "seccomp: QEMU accepts -sandbox "+QEMUSandbox
+	return c
+}
+
+// checkCgroups reports the cgroup layout and whether the controllers a
+// VM's cgroup needs are there.
+func (r runner) checkCgroups() Check {
+	c := Check{Name: "cgroups"}
+	info, err := r.cgroups(r.opts.CgroupRoot)
+	if err != nil {
+		c.Status, c.Detail = Fail, err.Error()
+		c.Fix = "mount cgroupfs at " + r.opts.CgroupRoot + ", " + confineOff
+		return c
+	}
+	how := "cgroupfs"
+	if info.Systemd {
+		how = "cgroupfs (systemd is PID 1; banger does not use transient scopes yet)"
+	}
+	if info.Mode == cgroup.ModeNone || len(info.Missing()) > 0 {
+		c.Status = Fail
+		c.Detail = fmt.Sprintf("%s at %s: controllers %s missing (have %s)", info.Mode, info.Root,
+			strings.Join(info.Missing(), ", "), strings.Join(info.Controllers, ", "))
+		c.Fix = "enable the memory, pids and cpu controllers, " + confineOff
+		return c
+	}
+	c.Status = OK
+	c.Detail = fmt.Sprintf("%s at %s, controllers %s; per-VM limits through %s", info.Mode, info.Root, strings.Join(info.Controllers, ", "), how)
+	return c
+}
+
+// checkVMMUser reports the user confined QEMU runs as.
+func (r runner) checkVMMUser() Check {
+	c := Check{Name: "VMM user"}
+	u, err := r.lookup(r.opts.VMMUser)
+	var unknown user.UnknownUserError
+	switch {
+	case errors.As(err, &unknown):
+		if _, err := r.opts.LookPath("useradd"); err != nil {
+			c.Status, c.Detail = Fail, r.opts.VMMUser+" does not exist and useradd is missing, so bangerd can't create it"
+			c.Fix = "create it: sudo useradd --system --user-group --no-create-home --shell /usr/sbin/nologin " + r.opts.VMMUser
+			return c
+		}
+		c.Status, c.Detail = OK, r.opts.VMMUser+" does not exist yet: bangerd creates it (system user, no login) when it starts"
+		return c
+	case err != nil:
+		c.Status, c.Detail, c.Fix = Fail, fmt.Sprintf("look up %s: %v", r.opts.VMMUser, err), "check /etc/passwd and NSS"
+		return c
+	case u.Uid == "0" || u.Gid == "0":
+		c.Status, c.Detail = Fail, fmt.Sprintf("%s has uid %s gid %s: QEMU would run as root", u.Username, u.Uid, u.Gid)
+		c.Fix = "set vmm_user to an unprivileged user"
+		return c
+	}
+	c.Status, c.Detail = OK, fmt.Sprintf("QEMU runs as %s (uid %s, gid %s)", u.Username, u.Uid, u.Gid)
+	return c
 }

@@ -5,13 +5,16 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/cgroup"
 	"github.com/bangerdev/banger/internal/kvmcheck"
+	"github.com/bangerdev/banger/internal/vmm/qemu"
 )
 
 var (
@@ -34,6 +37,8 @@ type fakeEnv struct {
 	free    uint64 // bytes available in the state dir
 	fsType  int64
 	reflink bool
+	cgroups cgroup.Info
+	users   map[string]*user.User
 }
 
 func (e fakeEnv) run(t *testing.T) map[string]Check {
@@ -75,6 +80,13 @@ func (e fakeEnv) run(t *testing.T) map[string]Check {
 			}
 			return unix.EOPNOTSUPP
 		},
+		cgroups: func(root string) (cgroup.Info, error) { return e.cgroups, nil },
+		lookup: func(name string) (*user.User, error) {
+			if u, ok := e.users[name]; ok {
+				return u, nil
+			}
+			return nil, user.UnknownUserError(name)
+		},
 		statfs: func(path string, st *unix.Statfs_t) error {
 			st.Bsize = 4096
 			st.Bavail = e.free / 4096
@@ -104,7 +116,10 @@ func allGood() fakeEnv {
 			"qemu-system-x86_64": qemuVersion,
 			"qemu-img":           "qemu-img version 7.2.22",
 			"firecracker":        "Firecracker v1.7.0\n\nSupported snapshot data format versions: v1.0.0",
+			"useradd":            "",
 		},
+		cgroups: cgroup.Info{Mode: cgroup.ModeV2, Root: "/sys/fs/cgroup", Controllers: []string{"memory", "pids", "cpu"}},
+		users:   map[string]*user.User{"banger-vmm": {Username: "banger-vmm", Uid: "999", Gid: "998"}},
 		devs:    []string{"dev/net/tun", "dev/loop-control", "dev/mapper/control"},
 		kvm:     hwKVM,
 		ping:    func(context.Context) (string, error) { return "0.1.0", nil },
@@ -123,8 +138,14 @@ func TestAllGood(t *testing.T) {
 			t.Errorf("%s: %s %s", name, c.Status, c.Detail)
 		}
 	}
-	if len(checks) != 10 {
-		t.Errorf("got %d checks, want 10", len(checks))
+	if len(checks) != 13 {
+		t.Errorf("got %d checks, want 13", len(checks))
+	}
+	if d := checks["cgroups"].Detail; !strings.Contains(d, "v2") {
+		t.Errorf("cgroups detail %q lacks the mode", d)
+	}
+	if d := checks["VMM user"].Detail; !strings.Contains(d, "uid 999") {
+		t.Errorf("VMM user detail %q lacks the uid", d)
 	}
 	if s := Summary(list); s != OK {
 		t.Errorf("Summary = %s", s)
@@ -314,4 +335,51 @@ func TestThisHost(t *testing.T) {
 		}
 	}
 	t.Error("no KVM check")
+}
+
+// Confinement the host can't provide fails, with a fix that also names
+// the way out; a missing user is fine while bangerd can create it.
+func TestConfinementChecks(t *testing.T) {
+	e := allGood()
+	e.cgroups = cgroup.Info{Mode: cgroup.ModeV1, Root: "/sys/fs/cgroup", Controllers: []string{"memory"}}
+	e.users = nil
+	checks := e.run(t)
+	if c := checks["cgroups"]; c.Status != Fail || !strings.Contains(c.Detail, "pids, cpu missing") || !strings.Contains(c.Fix, "vmm_confine = false") {
+		t.Errorf("cgroups without pids and cpu: %+v", c)
+	}
+	if c := checks["VMM user"]; c.Status != OK || !strings.Contains(c.Detail, "bangerd creates it") {
+		t.Errorf("missing user with useradd: %+v", c)
+	}
+	delete(e.bins, "useradd")
+	if c := e.run(t)["VMM user"]; c.Status != Fail || !strings.Contains(c.Fix, "useradd --system") {
+		t.Errorf("missing user without useradd: %+v", c)
+	}
+	e.users = map[string]*user.User{"banger-vmm": {Username: "banger-vmm", Uid: "0", Gid: "0"}}
+	if c := e.run(t)["VMM user"]; c.Status != Fail {
+		t.Errorf("root as VMM user: %+v", c)
+	}
+	delete(e.bins, "qemu-system-x86_64")
+	if c := e.run(t)["QEMU sandbox"]; c.Status != Fail {
+		t.Errorf("no qemu: %+v", c)
+	}
+}
+
+// doctor probes the policy the driver uses.
+func TestSandboxPolicyMatchesDriver(t *testing.T) {
+	if QEMUSandbox != qemu.Sandbox {
+		t.Fatalf("doctor probes %q, the qemu driver uses %q", QEMUSandbox, qemu.Sandbox)
+	}
+}
+
+// The probe on this host's real QEMU.
+func TestSandboxProbeReal(t *testing.T) {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("no qemu")
+	}
+	opts := Options{}
+	opts.defaults()
+	r := runner{opts: opts}
+	if c := r.checkSandbox(context.Background()); c.Status != OK {
+		t.Errorf("real QEMU: %+v", c)
+	}
 }

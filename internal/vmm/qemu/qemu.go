@@ -1,9 +1,11 @@
 // Package qemu is the QEMU microvm backend of vmm.Driver.
 //
-// Each VM is one qemu-system-x86_64 process started with -daemonize, so it
-// is never bangerd's child: it outlives the daemon and a restarted daemon
-// adopts it from the recorded vmm.Handle (pid plus process start time, which
-// guards against pid reuse). The process is controlled over QMP
+// Each VM is one qemu-system-x86_64 process. Confined (Config.Confine, the
+// daemon's default; see Confine), the driver starts it as an unprivileged
+// user, in its own session and cgroup, and reaps it; unconfined, it is
+// started with -daemonize. Either way it outlives the daemon and a
+// restarted daemon adopts it from the recorded vmm.Handle (pid plus process
+// start time, which guards against pid reuse). The process is controlled over QMP
 // (<Dir>/qmp.sock); the guest agent's virtio-serial port is a unix socket
 // (<Dir>/agent.sock).
 //
