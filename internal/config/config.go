@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -66,6 +67,11 @@ type Daemon struct {
 	// VMMUser is the unprivileged user QEMU runs as; created (a system user
 	// with no home and no login shell) when missing. Default banger-vmm.
 	VMMUser string `toml:"vmm_user"`
+	// VMMUIDRange, "FIRST-LAST", gives each VM's QEMU its own uid (and gid)
+	// from this range instead of VMMUser, so that one compromised QEMU
+	// can't signal or trace another. The uids need no passwd entry; pick a
+	// range no one else uses. Default "" (every QEMU runs as VMMUser).
+	VMMUIDRange string `toml:"vmm_uid_range"`
 	// VMMCgroupParent holds one cgroup per VM (on v1, under each
 	// controller's hierarchy). Default banger.
 	VMMCgroupParent string `toml:"vmm_cgroup_parent"`
@@ -142,6 +148,9 @@ func (c Daemon) Validate() error {
 	if c.VMMUser == "" || c.VMMUser == "root" {
 		errs = append(errs, fmt.Errorf("vmm_user %q: want an unprivileged user such as banger-vmm", c.VMMUser))
 	}
+	if _, _, err := c.UIDRange(); err != nil {
+		errs = append(errs, err)
+	}
 	if p := filepath.Clean(c.VMMCgroupParent); c.VMMCgroupParent == "" || filepath.IsAbs(p) || p == "." || p == ".." || strings.HasPrefix(p, "../") {
 		errs = append(errs, fmt.Errorf("vmm_cgroup_parent %q: want a relative path such as banger", c.VMMCgroupParent))
 	}
@@ -171,6 +180,20 @@ func (c Daemon) Validate() error {
 		errs = append(errs, fmt.Errorf("log_format %q: want text or json", c.LogFormat))
 	}
 	return errors.Join(errs...)
+}
+
+// UIDRange parses VMMUIDRange; 0, 0 when it is empty.
+func (c Daemon) UIDRange() (first, last int, err error) {
+	if c.VMMUIDRange == "" {
+		return 0, 0, nil
+	}
+	a, b, ok := strings.Cut(c.VMMUIDRange, "-")
+	first, err1 := strconv.Atoi(strings.TrimSpace(a))
+	last, err2 := strconv.Atoi(strings.TrimSpace(b))
+	if !ok || err1 != nil || err2 != nil || first < 1000 || last < first || last > 1<<31-2 {
+		return 0, 0, fmt.Errorf("vmm_uid_range %q: want FIRST-LAST with 1000 <= FIRST <= LAST, such as 900000-900999", c.VMMUIDRange)
+	}
+	return first, last, nil
 }
 
 // CLI is the user's CLI configuration.

@@ -90,6 +90,13 @@ func TestDaemonConfinementKeys(t *testing.T) {
 	if c.VMMConfine || c.VMMUser != "qemu" || c.VMMCgroupParent != "a/b" || c.VMMMemoryOverheadMiB != 64 {
 		t.Fatalf("got %+v", c)
 	}
+	r, err := LoadDaemon(write(t, "vmm_uid_range = \"900000-900999\"\n"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first, last, err := r.UIDRange(); first != 900000 || last != 900999 || err != nil {
+		t.Errorf("UIDRange = %d, %d, %v", first, last, err)
+	}
 	if d := DefaultDaemon(); !d.VMMConfine || d.VMMUser != "banger-vmm" {
 		t.Fatalf("confinement is not on by default: %+v", d)
 	}

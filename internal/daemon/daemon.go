@@ -140,8 +140,10 @@ func Run(ctx context.Context, cfg config.Daemon, log *slog.Logger) error {
 	return run(ctx, cfg, log, deps{newDriver: func() vmm.Driver {
 		qcfg := qemu.Config{Binary: cfg.QEMUBinary, DefaultAccel: cfg.Accel}
 		if cfg.VMMConfine {
+			first, last, _ := cfg.UIDRange() // validated with the config
 			qcfg.Confine = qemu.NewConfine(ctx, qemu.ConfineOptions{
-				User: cfg.VMMUser, CgroupParent: cfg.VMMCgroupParent, MemoryOverheadMiB: cfg.VMMMemoryOverheadMiB,
+				User: cfg.VMMUser, UIDFirst: first, UIDLast: last,
+				CgroupParent: cfg.VMMCgroupParent, MemoryOverheadMiB: cfg.VMMMemoryOverheadMiB,
 			})
 			if err := qcfg.Confine.Err; err != nil {
 				log.Error("qemu confinement unavailable: vm start will fail", "err", err)

@@ -11,6 +11,9 @@
 //	    the bare boot.
 //	(b) vm create for a 1 GiB image vs a 20 GiB image; goal: ratio <= 1.2
 //	(c) bangerd's resident memory idle and with 20 VMs recorded; goal < 40 MiB
+//	(d) boot to ready with QEMU confined (the default) vs unconfined
+//	    (vmm_confine = false), two daemons in the same run, boots
+//	    alternating; goal: ratio <= 1.02
 package bench
 
 import (
@@ -287,4 +290,55 @@ func BenchmarkCreate(b *testing.B) {
 	b.ReportMetric(float64(with20)/(1<<20), "rss-20vms-MiB")
 	fmt.Printf("bangerd RSS: idle %.1f MiB, with 20 VMs recorded %.1f MiB (goal < 40 MiB)\n",
 		float64(idle)/(1<<20), float64(with20)/(1<<20))
+}
+
+// BenchmarkConfinement is goal (d): what confining QEMU (another user,
+// seccomp, a cgroup, descriptors) costs a boot to ready.
+func BenchmarkConfinement(b *testing.B) {
+	binDir, imageDir, err := harness.Locate()
+	if err != nil {
+		b.Fatal(err)
+	}
+	confined := harness.New(b, binDir, imageDir)
+	unconfined := harness.NewWithConfig(b, binDir, imageDir, "vmm_confine = false\n")
+	ctx := context.Background()
+	var clients []*client.Client
+	for _, e := range []*harness.Env{confined, unconfined} {
+		e.Must("image", "register", "debian", "--rootfs", filepath.Join(imageDir, "rootfs.ext4"),
+			"--kernel", filepath.Join(imageDir, "vmlinuz"), "--initrd", filepath.Join(imageDir, "initrd.img"))
+		c := client.New(e.Socket())
+		if _, err := c.VMCreate(ctx, api.VMCreateParams{Name: "bench", Image: "debian"}, nil); err != nil {
+			b.Fatal(err)
+		}
+		clients = append(clients, c)
+	}
+	times := make([][]time.Duration, 2)
+	for i := 0; i < samples; i++ {
+		// Alternate which goes first, so that neither always boots
+		// right after the other.
+		order := []int{0, 1}
+		if i%2 == 1 {
+			order = []int{1, 0}
+		}
+		for _, k := range order {
+			start := time.Now()
+			vm, err := clients[k].VMStart(ctx, api.VMStartParams{Name: "bench"}, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			times[k] = append(times[k], time.Since(start))
+			if (vm.Confinement != nil) != (k == 0) {
+				b.Fatalf("daemon %d: confinement %+v", k, vm.Confinement)
+			}
+			if _, err := clients[k].VMKill(ctx, "bench"); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	mc, mu := median(times[0]), median(times[1])
+	b.ReportMetric(float64(mc.Milliseconds()), "confined-ms")
+	b.ReportMetric(float64(mu.Milliseconds()), "unconfined-ms")
+	b.ReportMetric(float64(mc)/float64(mu), "ratio")
+	fmt.Printf("boot-to-ready confined %v (samples %v), unconfined %v (samples %v), ratio %.3f (goal <= 1.02)\n",
+		mc, times[0], mu, times[1], float64(mc)/float64(mu))
 }

@@ -54,6 +54,11 @@ type Confine struct {
 	// credentials. UID must not be 0.
 	User     string
 	UID, GID int
+	// UIDFirst and UIDLast, when set, replace User: each QEMU runs with
+	// its own uid (and a gid of the same number) from this range, the
+	// lowest no live process uses, so that QEMUs can't signal or trace
+	// each other.
+	UIDFirst, UIDLast int
 	// Cgroups creates the VM's cgroup. Required.
 	Cgroups *cgroup.Manager
 	// MemoryOverheadMiB is added to the guest's memory for the cgroup's
@@ -216,9 +221,8 @@ func sealedCopy(f *os.File, name string) (*os.File, error) {
 
 // prepareConfined opens everything a confined QEMU needs. The caller
 // closes cf after starting QEMU (QEMU keeps its own copies).
-func (d *Driver) prepareConfined(spec vmm.Spec, paths Paths) (_ *confinedFiles, err error) {
-	c := d.cfg.Confine
-	cf := &confinedFiles{uid: c.UID, gid: c.GID}
+func (d *Driver) prepareConfined(spec vmm.Spec, paths Paths, uid, gid int) (_ *confinedFiles, err error) {
+	cf := &confinedFiles{uid: uid, gid: gid}
 	defer func() {
 		if err != nil {
 			cf.close()
@@ -458,7 +462,17 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 	if err := ctx.Err(); err != nil {
 		return vmm.Handle{}, fmt.Errorf("qemu start-up: %w", err)
 	}
-	cf, err := d.prepareConfined(spec, paths)
+	uid, gid := c.UID, c.GID
+	if c.UIDFirst > 0 {
+		// Held until QEMU runs with the uid it picked.
+		d.uidMu.Lock()
+		defer d.uidMu.Unlock()
+		if uid, err = d.freeUID(c.UIDFirst, c.UIDLast); err != nil {
+			return vmm.Handle{}, err
+		}
+		gid = uid
+	}
+	cf, err := d.prepareConfined(spec, paths, uid, gid)
 	if err != nil {
 		return vmm.Handle{}, err
 	}
@@ -478,7 +492,7 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 	}()
 
 	args := buildConfinedArgs(spec, accel, cf)
-	d.log.Debug("run confined qemu", "vm", spec.Name, "binary", bin, "args", args, "uid", c.UID, "cgroups", group.Paths)
+	d.log.Debug("run confined qemu", "vm", spec.Name, "binary", bin, "args", args, "uid", uid, "cgroups", group.Paths)
 	cmd := exec.Command(bin, args...)
 	cmd.Dir = "/"
 	cmd.Stdout, cmd.Stderr = cf.log, cf.log
@@ -488,12 +502,12 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 		// Own session: a terminal's Ctrl-C aimed at a foreground bangerd
 		// must not reach QEMU.
 		Setsid:     true,
-		Credential: &syscall.Credential{Uid: uint32(c.UID), Gid: uint32(c.GID), Groups: []uint32{}},
+		Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}},
 		// QEMU dies with the daemon only if the daemon wants it to: no
 		// parent-death signal.
 	}
 	if err := group.Start(cmd); err != nil {
-		return vmm.Handle{}, fmt.Errorf("run %s as uid %d: %w", bin, c.UID, err)
+		return vmm.Handle{}, fmt.Errorf("run %s as uid %d: %w", bin, uid, err)
 	}
 	exited := make(chan struct{})
 	go func() {
@@ -525,7 +539,7 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 		PIDFile:       paths.PIDFile,
 		Accel:         accel,
 		Confinement: &vmm.Confinement{
-			User: c.User, UID: c.UID, GID: c.GID, Sandbox: Sandbox,
+			User: c.User, UID: uid, GID: gid, Sandbox: Sandbox,
 			CgroupMode: string(group.Mode), Cgroups: group.Paths,
 			MemoryLimitBytes: limits.MemoryBytes, PIDsLimit: limits.PIDs, CPUWeight: limits.CPUWeight,
 		},
@@ -610,4 +624,39 @@ func (d *Driver) recoverConfinement(pid int) *vmm.Confinement {
 		conf.CgroupMode, conf.Cgroups = string(g.Mode), g.Paths
 	}
 	return conf
+}
+
+// freeUID returns the lowest uid in [first, last] that no live process
+// has (real, effective, saved or filesystem uid).
+func (d *Driver) freeUID(first, last int) (int, error) {
+	used := map[int]bool{}
+	ents, err := os.ReadDir(d.procRoot)
+	if err != nil {
+		return 0, fmt.Errorf("pick a vmm uid: %w", err)
+	}
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(d.procRoot, e.Name(), "status"))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "Uid:"); ok {
+				for _, f := range strings.Fields(v) {
+					if u, err := strconv.Atoi(f); err == nil && u >= first && u <= last {
+						used[u] = true
+					}
+				}
+				break
+			}
+		}
+	}
+	for u := first; u <= last; u++ {
+		if !used[u] {
+			return u, nil
+		}
+	}
+	return 0, fmt.Errorf("pick a vmm uid: all %d uids of vmm_uid_range %d-%d are in use: widen the range", last-first+1, first, last)
 }

@@ -20,8 +20,11 @@ const DefaultUser = "banger-vmm"
 // ConfineOptions are what NewConfine needs from the daemon's configuration.
 type ConfineOptions struct {
 	// User runs QEMU; created (a system user and group, no home, no login
-	// shell) when missing. Default DefaultUser.
+	// shell) when missing. Default DefaultUser. Ignored with UIDFirst.
 	User string
+	// UIDFirst and UIDLast, when set, give each QEMU its own uid from this
+	// range instead of User (see Confine).
+	UIDFirst, UIDLast int
 	// CgroupRoot is where cgroupfs is mounted. Default cgroup.DefaultRoot.
 	CgroupRoot string
 	// CgroupParent holds the VMs' cgroups. Default "banger".
@@ -51,6 +54,11 @@ func NewConfine(ctx context.Context, o ConfineOptions) *Confine {
 	var errs []error
 	if os.Geteuid() != 0 {
 		errs = append(errs, fmt.Errorf("bangerd runs as uid %d, and only root can start QEMU as another user and create cgroups", os.Geteuid()))
+	} else if o.UIDFirst > 0 {
+		if o.UIDLast < o.UIDFirst {
+			errs = append(errs, fmt.Errorf("uid range %d-%d is empty", o.UIDFirst, o.UIDLast))
+		}
+		c.User, c.UIDFirst, c.UIDLast = "", o.UIDFirst, o.UIDLast
 	} else {
 		uid, gid, err := EnsureUser(ctx, o.User)
 		if err != nil {

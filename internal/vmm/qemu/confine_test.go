@@ -244,3 +244,66 @@ func canOpenAs(t *testing.T, path string, uid, gid int) bool {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}}
 	return cmd.Run() == nil
 }
+
+func TestFreeUID(t *testing.T) {
+	root := t.TempDir()
+	for pid, uids := range map[string]string{"1": "0\t0\t0\t0", "20": "5000\t5000\t5000\t5000", "21": "1000\t5001\t1000\t1000", "self": "5002\t5002\t5002\t5002"} {
+		os.MkdirAll(filepath.Join(root, pid), 0o755)
+		os.WriteFile(filepath.Join(root, pid, "status"), []byte("Name:\tx\nUid:\t"+uids+"\nGid:\t0\n"), 0o644)
+	}
+	d := New(Config{}, nil)
+	d.procRoot = root
+	// 5000 and 5001 (an effective uid) are taken; "self" is no pid.
+	if u, err := d.freeUID(5000, 5009); err != nil || u != 5002 {
+		t.Errorf("freeUID = %d, %v; want 5002", u, err)
+	}
+	if _, err := d.freeUID(5000, 5001); err == nil || !strings.Contains(err.Error(), "widen the range") {
+		t.Errorf("full range: %v", err)
+	}
+}
+
+// With a uid range, each VM's QEMU has a uid of its own, and one QEMU's
+// credentials can't signal another.
+func TestBootUIDRange(t *testing.T) {
+	requireQEMU(t)
+	img := findTestImage(t)
+	base := testConfine(t)
+	conf := NewConfine(context.Background(), ConfineOptions{UIDFirst: 3917000, UIDLast: 3917009, CgroupParent: "banger-test-" + strconv.Itoa(os.Getpid()), MemoryOverheadMiB: 256})
+	if conf.Err != nil {
+		t.Fatal(conf.Err)
+	}
+	_ = base // removes the test's cgroup parent at the end
+	d := New(Config{Confine: conf}, testLogger(t))
+	ctx, cancel := context.WithTimeout(context.Background(), vmmtest.Timeout)
+	defer cancel()
+	var hs []vmm.Handle
+	for _, name := range []string{"a", "b"} {
+		spec := img.spec(t, filepath.Join(t.TempDir(), name), vmmtest.RunForever)
+		h, err := d.Start(ctx, spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Kill(context.Background(), h)
+		hs = append(hs, h)
+	}
+	a, b := hs[0].Confinement, hs[1].Confinement
+	if a.UID == b.UID || a.UID < 3917000 || b.UID > 3917009 || a.GID != a.UID || a.User != "" {
+		t.Fatalf("uids %d and %d (gid %d, user %q): want two different uids of the range", a.UID, b.UID, a.GID, a.User)
+	}
+	for _, h := range hs {
+		status, _ := os.ReadFile("/proc/" + strconv.Itoa(h.PID) + "/status")
+		if !strings.Contains(string(status), "Uid:\t"+strconv.Itoa(h.Confinement.UID)+"\t") {
+			t.Errorf("pid %d does not run as uid %d", h.PID, h.Confinement.UID)
+		}
+	}
+	cmd := exec.Command("/bin/sh", "-c", "kill -0 "+strconv.Itoa(hs[1].PID))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(a.UID), Gid: uint32(a.GID), Groups: []uint32{}}}
+	if err := cmd.Run(); err == nil {
+		t.Errorf("uid %d can signal the other VM's qemu (pid %d)", a.UID, hs[1].PID)
+	}
+	cmd = exec.Command("/bin/sh", "-c", "kill -0 "+strconv.Itoa(hs[0].PID))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(a.UID), Gid: uint32(a.GID), Groups: []uint32{}}}
+	if err := cmd.Run(); err != nil {
+		t.Errorf("uid %d can't even signal its own qemu: the check above proves nothing (%v)", a.UID, err)
+	}
+}

@@ -94,6 +94,9 @@ type Driver struct {
 	cfg      Config
 	log      *slog.Logger
 	procRoot string // "/proc"; tests use a fake
+	// uidMu serialises picking a uid from Confine's range with starting
+	// the QEMU that holds it.
+	uidMu sync.Mutex
 }
 
 var _ vmm.Driver = (*Driver)(nil)
