@@ -277,3 +277,18 @@ func TestBuildTestImageModules(t *testing.T) {
 		}
 	}
 }
+
+// A cancelled build stops at its next write and leaves nothing behind.
+func TestBuildCancelled(t *testing.T) {
+	dir := t.TempDir()
+	dst := filepath.Join(dir, "initrd.img")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	err := Build(ctx, dst, Options{AgentBinary: writeFakeAgent(t)})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Build with a cancelled context = %v, want context.Canceled", err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("a cancelled build left %v", ents)
+	}
+}
