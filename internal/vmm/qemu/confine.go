@@ -19,6 +19,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/cgroup"
+	"github.com/bangerdev/banger/internal/hostfile"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -181,7 +182,7 @@ func readable(fi os.FileInfo, uid, gid int) bool {
 // agent's host key, is 0600) is copied into a sealed memfd, which only the
 // VM's QEMU can reach.
 func (cf *confinedFiles) readOnlyFile(path string) (string, error) {
-	f, err := os.Open(path)
+	f, err := hostfile.Open(path)
 	if err != nil {
 		return "", err
 	}
@@ -289,11 +290,16 @@ func (cf *confinedFiles) openDisk(disk vmm.Disk) ([]string, error) {
 		if depth > 16 {
 			return nil, fmt.Errorf("root disk %s: backing chain deeper than 16", disk.Path)
 		}
-		flag := os.O_RDWR
+		// The VM's own disk is opened read-write; the images below it (the
+		// image's rootfs) read-only, without following a symlink out of
+		// their directory (package hostfile).
+		var f *os.File
+		var err error
 		if readOnly {
-			flag = os.O_RDONLY
+			f, err = hostfile.Open(path)
+		} else {
+			f, err = os.OpenFile(path, os.O_RDWR, 0)
 		}
-		f, err := os.OpenFile(path, flag, 0)
 		if err != nil {
 			return nil, fmt.Errorf("open disk image: %w", err)
 		}
