@@ -76,6 +76,10 @@ func TestCallResultProgressAndErrors(t *testing.T) {
 	if !errors.Is(err, errdefs.ErrUnknownMethod) {
 		t.Fatalf("unknown method: %v", err)
 	}
+	err = Do(ctx, sock, "v9."+strings.Repeat("x", 500<<10), nil, nil, nil)
+	if !errors.Is(err, errdefs.ErrUnknownMethod) || len(err.Error()) > 300 {
+		t.Fatalf("unknown 500 KiB method: %.300v (%d bytes)", err, len(err.Error()))
+	}
 }
 
 func TestUnreachable(t *testing.T) {

@@ -186,7 +186,7 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	call := &Call{Method: req.Method, Params: req.Params, enc: json.NewEncoder(conn), frames: make(chan api.Frame, 64)}
 	m, ok := s.methods[req.Method]
 	if !ok {
-		call.finish(nil, fmt.Errorf("method %q (client and daemon versions differ?): %w", req.Method, errdefs.ErrUnknownMethod))
+		call.finish(nil, fmt.Errorf("method %s (client and daemon versions differ?): %w", errdefs.Quote(req.Method), errdefs.ErrUnknownMethod))
 		return
 	}
 	peer, groupsErr, err := peerOf(conn)
