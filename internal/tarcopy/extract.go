@@ -383,12 +383,24 @@ func (x *extractor) writeFile(parent int, leaf, name string, hdr *tar.Header, tr
 	var off int64
 	for off < hdr.Size {
 		n, rerr := io.ReadFull(tr, buf[:min(int64(len(buf)), hdr.Size-off)])
+		// Write each run of non-zero blocks at once; skip zero blocks.
+		run := -1
 		for i := 0; i < n; i += holeBlock {
-			blk := buf[i:min(i+holeBlock, n)]
-			if !bytes.Equal(blk, zeros[:len(blk)]) {
-				if _, err := f.WriteAt(blk, off+int64(i)); err != nil {
+			end := min(i+holeBlock, n)
+			zero := bytes.Equal(buf[i:end], zeros[:end-i])
+			if !zero && run < 0 {
+				run = i
+			}
+			if zero && run >= 0 {
+				if _, err := f.WriteAt(buf[run:i], off+int64(run)); err != nil {
 					return fmt.Errorf("write: %w", err)
 				}
+				run = -1
+			}
+		}
+		if run >= 0 {
+			if _, err := f.WriteAt(buf[run:n], off+int64(run)); err != nil {
+				return fmt.Errorf("write: %w", err)
 			}
 		}
 		off += int64(n)

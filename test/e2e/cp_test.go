@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"bytes"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -40,6 +41,15 @@ func TestCopySparseAndSetuid(t *testing.T) {
 	if err := os.Chmod(suid, fs.ModeSetuid|0o755); err != nil {
 		t.Fatal(err)
 	}
+	// Owned by someone else, to see -a keep the owner both ways.
+	owner := 0
+	if os.Geteuid() == 0 {
+		owner = 1234
+		if err := os.Lchown(suid, owner, owner); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(suid, fs.ModeSetuid|0o755) // chown cleared it
+	}
 	if a := allocatedBytes(t, filepath.Join(src, "sparse")); a > 1<<20 {
 		t.Skipf("the host's temporary filesystem doesn't keep holes (%d bytes allocated)", a)
 	}
@@ -49,14 +59,20 @@ func TestCopySparseAndSetuid(t *testing.T) {
 	// sparse file stays sparse in the guest.
 	e.Must("vm", "cp", "-a", src, "cpvm:/root")
 	e.Must("vm", "cp", src, "cpvm:/root/plain")
-	guestStat := func(fmt, p string) string {
-		return strings.TrimSpace(e.Must("vm", "exec", "cpvm", "--", "stat", "-c", fmt, p))
+	guestStat := func(format, p string) string {
+		return strings.TrimSpace(e.Must("vm", "exec", "cpvm", "--", "stat", "-c", format, p))
 	}
 	if m := guestStat("%a", "/root/files/suid"); m != "4755" {
 		t.Errorf("guest mode after cp -a: %s, want 4755", m)
 	}
 	if m := guestStat("%a", "/root/plain/files/suid"); m != "755" {
 		t.Errorf("guest mode after cp: %s, want 755", m)
+	}
+	if o := guestStat("%u:%g", "/root/files/suid"); o != fmt.Sprintf("%d:%d", owner, owner) {
+		t.Errorf("guest owner after cp -a: %s, want %d:%d", o, owner, owner)
+	}
+	if o := guestStat("%u:%g", "/root/plain/files/suid"); o != "0:0" {
+		t.Errorf("guest owner after cp: %s, want root's", o)
 	}
 	if s := guestStat("%s", "/root/files/sparse"); s != strconv.Itoa(sparseSize) {
 		t.Errorf("guest size %s, want %d", s, sparseSize)
@@ -85,7 +101,7 @@ func TestCopySparseAndSetuid(t *testing.T) {
 		dst := t.TempDir()
 		e.Must("vm", "cp", "-a", "cpvm:/root/files", dst)
 		checkSparse(t, filepath.Join(dst, "files", "sparse"), want)
-		checkFile(t, filepath.Join(dst, "files", "suid"), fs.ModeSetuid|0o755, 0, 0)
+		checkFile(t, filepath.Join(dst, "files", "suid"), fs.ModeSetuid|0o755, owner, owner)
 	})
 	t.Run("out-limit", func(t *testing.T) {
 		e.T = t
