@@ -84,7 +84,8 @@ type Daemon struct {
 	DefaultCPUs int `toml:"default_cpus"`
 	// DefaultMemoryMiB for new VMs. Default 1024.
 	DefaultMemoryMiB int `toml:"default_memory_mib"`
-	// ReadyTimeout bounds the wait for the guest agent after a start. Default 120s
+	// ReadyTimeout bounds the wait until a started VM is ready (agent answers,
+	// early boot over; with WaitBoot, the full boot too). Default 120s
 	// (TCG boots are slow).
 	ReadyTimeout Duration `toml:"ready_timeout"`
 	// StopTimeout bounds a graceful stop before the VM is killed. Default 30s.

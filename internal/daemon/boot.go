@@ -70,7 +70,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		return err
 	}
 
-	tl := newBootTimeline(v)
+	tl := d.newBootTimeline(v)
 	steps := undo.New(d.log.With("op", "start vm", "vm", v.Name))
 	lastErr := ""  // what the VM's row records on failure (default: err's first line)
 	ready := false // the agent answered: the VM runs, whatever happens next
@@ -182,7 +182,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		tl.finish()
 		d.log.Info("vm booted", "vm", v.Name, "booted_after", time.Since(start).Round(time.Millisecond))
 	} else {
-		d.recordFullBoot(v.Name, r, tl)
+		d.recordFullBoot(v, r, tl)
 	}
 	return nil
 }

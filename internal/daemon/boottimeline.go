@@ -33,6 +33,9 @@ const fullBootTimeout = 10 * time.Minute
 type bootTimeline struct {
 	path string
 	now  func() time.Time
+	// ended is called once the timeline is no longer written (finish,
+	// fail, abandon).
+	ended func()
 
 	mu sync.Mutex
 	tl api.BootTimeline
@@ -48,8 +51,10 @@ func recordClone(dir string, start time.Time, d time.Duration) error {
 
 // newBootTimeline begins the timeline of a start of v. The clone phase of
 // vm create is kept when v never ran.
-func newBootTimeline(v store.VM) *bootTimeline {
+func (d *Daemon) newBootTimeline(v store.VM) *bootTimeline {
 	tl := &bootTimeline{path: filepath.Join(v.Dir, fileTimeline), now: time.Now}
+	d.timelines.Store(v.ID, tl)
+	tl.ended = func() { d.timelines.CompareAndDelete(v.ID, tl) }
 	now := tl.now()
 	tl.tl = api.BootTimeline{StartedAt: now}
 	if prev, err := readTimeline(v.Dir); err == nil && v.StartedAt.IsZero() &&
@@ -82,6 +87,19 @@ func (t *bootTimeline) finish() {
 	t.endRunning(t.now())
 	t.tl.Done = true
 	t.saveLocked()
+	t.end()
+}
+
+// abandon stops recording, writing nothing (the VM's directory may be
+// going away): the phase that runs is reported as not recorded to its end.
+func (t *bootTimeline) abandon() {
+	t.end()
+}
+
+func (t *bootTimeline) end() {
+	if t.ended != nil {
+		t.ended()
+	}
 }
 
 // fail ends the running phase with the start's error.
@@ -91,6 +109,7 @@ func (t *bootTimeline) fail(msg string) {
 	t.endRunning(t.now())
 	t.tl.Error = msg
 	t.saveLocked()
+	t.end()
 }
 
 // current is the running phase ("" when none) and how long it has run,
@@ -150,16 +169,24 @@ func readTimeline(dir string) (api.BootTimeline, error) {
 }
 
 // timelineAPI is the timeline of a VM as reported: a phase still running
-// has the duration it has lasted so far. A phase left running by a daemon
-// that stopped or a VM that is not running any more is reported as it
-// was last saved.
-func timelineAPI(v store.VM, now time.Time) *api.BootTimeline {
+// has the duration it has lasted so far. A phase that nothing records any
+// more (the daemon restarted during it) is reported as not running, with
+// the reason.
+func (d *Daemon) timelineAPI(v store.VM, now time.Time) *api.BootTimeline {
 	tl, err := readTimeline(v.Dir)
 	if err != nil {
 		return nil
 	}
-	if n := len(tl.Phases); n > 0 && tl.Phases[n-1].Running && v.State == api.StateRunning {
-		tl.Phases[n-1].DurationMS = ms(now.Sub(tl.Phases[n-1].StartedAt))
+	if n := len(tl.Phases); n > 0 && tl.Phases[n-1].Running {
+		p := &tl.Phases[n-1]
+		if _, live := d.timelines.Load(v.ID); live {
+			p.DurationMS = ms(now.Sub(p.StartedAt))
+		} else {
+			p.Running = false
+			if tl.Error == "" {
+				tl.Error = "phase '" + p.Name + "' not recorded to its end (the VM stopped, or the daemon restarted, during it)"
+			}
+		}
 	}
 	return &tl
 }
@@ -255,7 +282,7 @@ func (d *Daemon) waitEarlyBoot(ctx context.Context, r *runningVM, keys agent.Key
 
 // recordFullBoot ends the timeline's full boot phase in the background,
 // for a start that did not wait for it. It ends with the VM.
-func (d *Daemon) recordFullBoot(name string, r *runningVM, tl *bootTimeline) {
+func (d *Daemon) recordFullBoot(v store.VM, r *runningVM, tl *bootTimeline) {
 	d.monitors.Add(1)
 	go func() {
 		defer d.monitors.Done()
@@ -269,12 +296,21 @@ func (d *Daemon) recordFullBoot(name string, r *runningVM, tl *bootTimeline) {
 			}
 		}()
 		if err := d.waitBoot(ctx, r); err != nil {
-			d.log.Debug("full boot not recorded", "vm", name, "err", err)
+			d.log.Debug("full boot not recorded", "vm", v.Name, "err", err)
+			tl.abandon()
+			return
+		}
+		// Under the VM's lock: vm rm removes the directory under it.
+		lock := d.vmLock(v.ID)
+		lock.Lock()
+		defer lock.Unlock()
+		if _, err := os.Stat(v.Dir); err != nil {
+			tl.abandon()
 			return
 		}
 		tl.finish()
 		if phase, _, total := tl.current(); phase == "" {
-			d.log.Info("vm booted", "vm", name, "booted_after", total.Round(time.Millisecond))
+			d.log.Info("vm booted", "vm", v.Name, "booted_after", total.Round(time.Millisecond))
 		}
 	}()
 }

@@ -155,3 +155,25 @@ func TestWaitBootTimeoutLeavesVMRunning(t *testing.T) {
 		t.Errorf("exec after the --wait-boot timeout: %d %q %v", code, out, err)
 	}
 }
+
+// A phase still running is reported with the time it has lasted so far;
+// once nothing records it (the daemon restarted), as not running, with why.
+func TestTimelineRunningPhase(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	e.fake.setBehaviour("booting", fakeBehaviour{InitMode: "systemd"}) // full boot never ends here
+	vm := createStarted(t, d, "booting")
+	last := func(vm api.VM) api.BootPhase { return vm.BootTimeline.Phases[len(vm.BootTimeline.Phases)-1] }
+	if p := last(vm); p.Name != api.PhaseFullBoot || !p.Running {
+		t.Fatalf("after the start: last phase %+v, want full boot running", p)
+	}
+	first := last(vm).DurationMS
+	waitFor(testCtx(t), t, "the running phase to grow", func() bool { return last(inspect(t, d, "booting")).DurationMS > first })
+
+	d.close()
+	d2 := e.start()
+	vm = inspect(t, d2, "booting")
+	if p := last(vm); p.Running || !strings.Contains(vm.BootTimeline.Error, "not recorded to its end") {
+		t.Errorf("after a daemon restart: last phase %+v, error %q", p, vm.BootTimeline.Error)
+	}
+}

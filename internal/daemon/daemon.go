@@ -118,6 +118,9 @@ type Daemon struct {
 	monitors sync.WaitGroup         // one per running VM
 	removals sync.WaitGroup         // auto-removals scheduled or running
 	create   sync.Mutex             // serialises name allocation
+	// timelines holds, by VM id, the boot timeline a start (or the
+	// background wait for a full boot) is still writing.
+	timelines sync.Map
 }
 
 // deps are the parts run takes from its caller: production passes the QEMU

@@ -56,7 +56,7 @@ func (d *Daemon) vmAPI(v store.VM) api.VM {
 		DiskBytes: v.DiskBytes, DiskPath: v.DiskPath, DiskFormat: v.DiskFormat, DiskStrategy: v.DiskStrategy,
 		VMM: v.VMM, AccelWanted: v.AccelWanted, Dir: v.Dir, ConsoleLog: filepath.Join(v.Dir, fileConsole),
 		CreatedAt: v.CreatedAt, LastError: v.LastError, Image: v.ImageName, AutoRemove: v.AutoRemove,
-		BootTimeline: timelineAPI(v, time.Now()),
+		BootTimeline: d.timelineAPI(v, time.Now()),
 	}
 	if !v.StartedAt.IsZero() && v.State == api.StateRunning {
 		t := v.StartedAt
