@@ -207,8 +207,9 @@ type VMCreateParams struct {
 	WaitBoot  bool   `json:"wait_boot,omitempty"`  // with Start: see VMStartParams
 	// AutoRemove makes the daemon remove the VM when an exec call on it
 	// ends (however it ends: the command exited, the client was killed),
-	// when no call comes back for it after its create or start, when its
-	// VMM exits, and at daemon start (vm run --rm; Docker's AutoRemove).
+	// when the client of its create or start goes away, when no call comes
+	// back for it within 30s after its create or start, when its VMM
+	// exits, and at daemon start (vm run --rm; Docker's AutoRemove).
 	AutoRemove bool `json:"auto_remove,omitempty"`
 }
 

@@ -17,6 +17,7 @@ import (
 // whose row has auto_remove set is removed:
 //   - when an exec call on it ends, however it ends (the command exited,
 //     the client was killed or went away), unless another call is on it;
+//   - when a create or start call on it ends because its client went away;
 //   - after autoRemoveGrace when a create or start call on it ended and no
 //     other call came (the client died between its create and its exec);
 //   - when its VMM exits and no call is on it;
@@ -28,12 +29,13 @@ type attachment struct {
 	timer *time.Timer // a pending removal; nil if none
 }
 
-// attach records a call on v and returns the function that ends it (exec
-// tells which kind of call it is). For a VM without AutoRemove both do
-// nothing.
-func (d *Daemon) attach(v store.VM, exec bool) func() {
+// attach records a call on v and returns the function that ends it; now
+// says the VM may go at once when no other call is on it (an exec ended,
+// or the client went away), otherwise it waits autoRemoveGrace for the
+// client's next call. For a VM without AutoRemove both do nothing.
+func (d *Daemon) attach(v store.VM) (detach func(now bool)) {
 	if !v.AutoRemove {
-		return func() {}
+		return func(bool) {}
 	}
 	d.mu.Lock()
 	a := d.attached[v.ID]
@@ -44,7 +46,7 @@ func (d *Daemon) attach(v store.VM, exec bool) func() {
 	a.calls++
 	d.cancelRemovalLocked(a)
 	d.mu.Unlock()
-	return func() {
+	return func(now bool) {
 		d.mu.Lock()
 		defer d.mu.Unlock()
 		a.calls--
@@ -52,7 +54,7 @@ func (d *Daemon) attach(v store.VM, exec bool) func() {
 			return
 		}
 		delay := d.autoRemoveGrace
-		if exec {
+		if now {
 			delay = 0
 		}
 		d.scheduleRemovalLocked(v.ID, a, delay)

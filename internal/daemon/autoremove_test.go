@@ -130,3 +130,28 @@ func TestAutoRemoveAtVMMExitAndDaemonStart(t *testing.T) {
 		t.Error("the VMM of an auto-remove VM survived the daemon's start")
 	}
 }
+
+// The client of `vm run --rm` is killed while the VM boots: the start is
+// aborted and the VM removed at once (not after the grace period).
+func TestAutoRemoveWhenClientGoesDuringBoot(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil) // grace: the default 30s
+	e.fake.setBehaviour("early", fakeBehaviour{AgentSilent: true})
+	ctx := testCtx(t)
+	vm, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "early", AutoRemove: true}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	startCtx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _ = d.c.VMStart(startCtx, api.VMStartParams{Name: "early"}, nil)
+	}()
+	waitFor(ctx, t, "the agent to be dialed", func() bool { return inOrder(e.fake.callsFor("early"), "start", "dial") })
+	cancel()
+	<-done
+	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer wcancel()
+	waitGone(wctx, t, d, vm)
+}

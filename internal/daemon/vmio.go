@@ -83,7 +83,7 @@ func (d *Daemon) vmExec(ctx context.Context, call *rpc.Call) (any, error) {
 		return nil, err
 	}
 	// An auto-remove VM goes when its command ends, however the call ends.
-	defer d.attach(v, true)()
+	defer d.attach(v)(true)
 	c, _, err := d.agentFor(ctx, v)
 	if err != nil {
 		return nil, err

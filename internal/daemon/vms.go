@@ -92,7 +92,8 @@ func (d *Daemon) vmCreate(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer d.attach(v, false)()
+	detach := d.attach(v)
+	defer func() { detach(ctx.Err() != nil) }() // client gone: no call will come back
 	if p.Start {
 		if err := d.startVM(ctx, call, v, p.WaitBoot); err != nil {
 			return nil, err
@@ -246,7 +247,8 @@ func (d *Daemon) vmStart(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer d.attach(v, false)()
+	detach := d.attach(v)
+	defer func() { detach(ctx.Err() != nil) }() // client gone: no call will come back
 	if err := d.startVM(ctx, call, v, p.WaitBoot); err != nil {
 		return nil, err
 	}
