@@ -97,6 +97,7 @@ func tarStream(t *testing.T) []byte {
 	t.Helper()
 	var b bytes.Buffer
 	tw := tar.NewWriter(&b)
+	tw.WriteHeader(&tar.Header{Name: "tree/", Typeflag: tar.TypeDir, Mode: 0o755})
 	for _, f := range []struct {
 		name string
 		size int
@@ -119,8 +120,8 @@ func copyCtx(t *testing.T) context.Context {
 func TestCopyOutStopsPastTheAnnouncedSize(t *testing.T) {
 	stream := tarStream(t)
 	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
-		// Announce the first file only, then send everything.
-		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: 2048, Entries: 1})
+		// Announce part of the stream, then send all of it.
+		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: 2560, Entries: 2})
 		ch.Write(stream)
 		ch.CloseWrite()
 		send(ch, agentproto.ReqCopyStatus, agentproto.CopyStatus{})
@@ -133,11 +134,11 @@ func TestCopyOutStopsPastTheAnnouncedSize(t *testing.T) {
 	if !errors.Is(err, agent.ErrCopyTooLarge) {
 		t.Fatalf("copy out: %v, want ErrCopyTooLarge", err)
 	}
-	if !strings.Contains(err.Error(), "2048 bytes") {
+	if !strings.Contains(err.Error(), "2560 bytes") {
 		t.Errorf("error %q doesn't say what was announced", err)
 	}
-	if got > 2048 {
-		t.Errorf("%d bytes passed on, more than the 2048 announced", got)
+	if got > 2560 {
+		t.Errorf("%d bytes passed on, more than the 2560 announced", got)
 	}
 	// tree/small was complete within the announced size; it is removed
 	// with the rest of the partial copy, destination included.
@@ -188,6 +189,7 @@ func TestCopyOutRefusesOldAgents(t *testing.T) {
 func TestCopyOutHonestHeaderHostileContent(t *testing.T) {
 	var b bytes.Buffer
 	tw := tar.NewWriter(&b)
+	tw.WriteHeader(&tar.Header{Name: "tree/", Typeflag: tar.TypeDir, Mode: 0o755})
 	tw.WriteHeader(&tar.Header{Name: "tree/ok", Mode: 0o644, Size: 2})
 	tw.Write([]byte("ok"))
 	tw.WriteHeader(&tar.Header{Name: "tree/../../escape", Mode: 0o644, Size: 2})
@@ -205,8 +207,8 @@ func TestCopyOutHonestHeaderHostileContent(t *testing.T) {
 	err := tarcopy.ExtractFrom(func(w io.Writer) error {
 		return c.CopyOut(copyCtx(t), "/tree", w)
 	}, dest, tarcopy.ExtractOptions{Base: "tree"})
-	if !errors.Is(err, tarcopy.ErrUnsafePath) {
-		t.Fatalf("copy out: %v, want ErrUnsafePath", err)
+	if !errors.Is(err, tarcopy.ErrUnsafePath) || !strings.Contains(err.Error(), "..") {
+		t.Fatalf("copy out: %v, want ErrUnsafePath for the .. entry", err)
 	}
 	ents, _ := os.ReadDir(base)
 	if len(ents) != 0 {

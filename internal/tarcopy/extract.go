@@ -24,8 +24,9 @@ var (
 	// ErrUnsafePath is returned for entries that would land outside the
 	// destination or outside the requested tree: absolute names, ".."
 	// components, names not under ExtractOptions.Base, entries whose parent
-	// is a symlink, hard links to files this copy did not create.
-	ErrUnsafePath = errors.New("path escapes the destination")
+	// is a symlink or missing, hard links to files this copy did not
+	// create, names longer than PATH_MAX.
+	ErrUnsafePath = errors.New("unsafe tar entry")
 	// ErrSpecialFile is returned for device nodes and FIFOs, which are only
 	// created with ExtractOptions.Archive by root.
 	ErrSpecialFile = errors.New("special file refused")
@@ -38,6 +39,10 @@ var (
 // ExtractOptions.MaxFileSize is 0: a sparse entry can claim any size for a
 // few bytes of stream.
 const DefaultMaxFileSize = 64 << 30
+
+// maxNameLen bounds entry names and link targets: an agent reads its files
+// by paths shorter than PATH_MAX.
+const maxNameLen = 4096
 
 // Owner is a numeric owner for extracted entries.
 type Owner struct{ UID, GID int }
@@ -130,7 +135,13 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 
 type dirMeta struct {
 	name string
-	hdr  *tar.Header
+	hdr  *tar.Header // only what meta uses (see dirHeader)
+}
+
+// dirHeader keeps what meta needs of a directory's header, not its PAX
+// records, which a hostile stream could make large.
+func dirHeader(h *tar.Header) *tar.Header {
+	return &tar.Header{Mode: h.Mode, Uid: h.Uid, Gid: h.Gid, ModTime: h.ModTime, AccessTime: h.AccessTime}
 }
 
 type extractor struct {
@@ -148,6 +159,9 @@ type extractor struct {
 }
 
 func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
+	if len(hdr.Name) > maxNameLen || len(hdr.Linkname) > maxNameLen {
+		return fmt.Errorf("tar entry %s: name or link target longer than %d bytes: %w", quote(hdr.Name), maxNameLen, ErrUnsafePath)
+	}
 	name, err := entryName(hdr.Name)
 	if err != nil {
 		return err
@@ -210,7 +224,7 @@ func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
 				quote(name), quote(target), ErrUnsafePath)
 		}
 		tdir, tleaf := path.Split(target)
-		tparent, err := x.openDir(strings.TrimSuffix(tdir, "/"), false)
+		tparent, err := x.openDir(strings.TrimSuffix(tdir, "/"))
 		if err != nil {
 			return fmt.Errorf("tar entry %s: hard link target: %w", quote(name), err)
 		}
@@ -258,7 +272,7 @@ func (x *extractor) parent(dir string) (int, error) {
 		return x.lastFD, nil
 	}
 	x.dropParent()
-	fd, err := x.openDir(dir, true)
+	fd, err := x.openDir(dir)
 	if err != nil {
 		return -1, err
 	}
@@ -274,9 +288,10 @@ func (x *extractor) dropParent() {
 }
 
 // openDir walks dir one component at a time from the destination, never
-// following a symlink; with create, missing directories are made (0700
-// until finishDirs) and recorded.
-func (x *extractor) openDir(dir string, create bool) (int, error) {
+// following a symlink. Missing directories are an error: a stream lists
+// directories before their contents, and creating parents on the fly would
+// let a short stream make the extractor create (and remember) a great many.
+func (x *extractor) openDir(dir string) (int, error) {
 	fd, err := unix.Dup(x.root)
 	if err != nil {
 		return -1, err
@@ -288,16 +303,12 @@ func (x *extractor) openDir(dir string, create bool) (int, error) {
 	for comp := range strings.SplitSeq(dir, "/") {
 		walked = path.Join(walked, comp)
 		next, err := unix.Openat(fd, comp, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-		if errors.Is(err, unix.ENOENT) && create {
-			if err = unix.Mkdirat(fd, comp, 0o700); err == nil {
-				x.created = append(x.created, walked)
-				next, err = unix.Openat(fd, comp, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-			}
-		}
 		unix.Close(fd)
 		switch {
 		case errors.Is(err, unix.ELOOP), errors.Is(err, unix.ENOTDIR):
 			return -1, fmt.Errorf("parent %s is a symlink or not a directory: %w", quote(walked), ErrUnsafePath)
+		case errors.Is(err, unix.ENOENT):
+			return -1, fmt.Errorf("parent directory %s is not in the stream before it: %w", quote(walked), ErrUnsafePath)
 		case err != nil:
 			return -1, fmt.Errorf("open %s: %w", quote(walked), err)
 		}
@@ -318,14 +329,14 @@ func (x *extractor) mkdir(parent int, name, leaf string, hdr *tar.Header) error 
 		}
 		// An existing directory is merged into and gets the entry's
 		// metadata, as tar does.
-		x.dirs = append(x.dirs, dirMeta{name, hdr})
+		x.dirs = append(x.dirs, dirMeta{name, dirHeader(hdr)})
 		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("tar entry %s: create directory: %w", quote(name), err)
 	}
 	x.created = append(x.created, name)
-	x.dirs = append(x.dirs, dirMeta{name, hdr})
+	x.dirs = append(x.dirs, dirMeta{name, dirHeader(hdr)})
 	return nil
 }
 
@@ -486,7 +497,7 @@ func (x *extractor) finishDirs() error {
 	slices.Reverse(x.dirs)
 	for _, d := range x.dirs {
 		dir, leaf := path.Split(d.name)
-		parent, err := x.openDir(strings.TrimSuffix(dir, "/"), false)
+		parent, err := x.openDir(strings.TrimSuffix(dir, "/"))
 		if err != nil {
 			return fmt.Errorf("tar entry %s: %w", quote(d.name), err)
 		}
@@ -510,7 +521,7 @@ func (x *extractor) rollback() {
 	x.dropParent()
 	for _, name := range slices.Backward(x.created) {
 		dir, leaf := path.Split(name)
-		parent, err := x.openDir(strings.TrimSuffix(dir, "/"), false)
+		parent, err := x.openDir(strings.TrimSuffix(dir, "/"))
 		if err != nil {
 			continue
 		}

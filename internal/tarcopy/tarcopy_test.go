@@ -174,6 +174,8 @@ func TestExtractRefusesHostileStreams(t *testing.T) {
 		{"fifo", []entry{{name: "tree/f", body: "x"}, {name: "tree/fifo", typ: tar.TypeFifo}}, nil, ErrSpecialFile, "tree/fifo", false},
 		{"device node", []entry{{name: "tree/sda", typ: tar.TypeBlock}}, nil, ErrSpecialFile, "tree/sda", false},
 		{"sparse claim past the limit", []entry{{name: "tree/f", body: "x"}}, sparseClaim("tree/huge", 1<<50), ErrTooLarge, "tree/huge", false},
+		{"parent not in the stream", []entry{{name: "tree/a/b/c/d/f", body: "x"}}, nil, ErrUnsafePath, "tree/a", false},
+		{"name past PATH_MAX", []entry{{name: "tree/" + strings.Repeat("a/", 3000) + "f", body: "x"}}, nil, ErrUnsafePath, "tree/" + strings.Repeat("a/", 3000) + "f", false},
 		{"dense file past the limit", []entry{{name: "tree/big", body: strings.Repeat("x", 2<<20)}}, nil, ErrTooLarge, "tree/big", false},
 	}
 	for _, tt := range tests {
@@ -223,7 +225,9 @@ func TestExtractRefusesHostileStreams(t *testing.T) {
 func TestExtractRemovesTheDestinationItCreated(t *testing.T) {
 	base := t.TempDir()
 	dest := filepath.Join(base, "new", "dest")
-	err := Extract(bytes.NewReader(tarOf(t, entry{name: "tree/a/b/f", body: "x"}, entry{name: "x/y", body: "x"})), dest, ExtractOptions{Base: "tree"})
+	err := Extract(bytes.NewReader(tarOf(t,
+		entry{name: "tree/", typ: tar.TypeDir}, entry{name: "tree/a/", typ: tar.TypeDir}, entry{name: "tree/a/b/", typ: tar.TypeDir},
+		entry{name: "tree/a/b/f", body: "x"}, entry{name: "x/y", body: "x"})), dest, ExtractOptions{Base: "tree"})
 	if !errors.Is(err, ErrUnsafePath) {
 		t.Fatalf("extract: %v, want ErrUnsafePath", err)
 	}
@@ -300,7 +304,7 @@ func TestExtractSpecialFilesWithArchive(t *testing.T) {
 		t.Skip("creating device nodes needs root")
 	}
 	dest := t.TempDir()
-	err := Extract(bytes.NewReader(tarOf(t, entry{name: "tree/fifo", typ: tar.TypeFifo})), dest, ExtractOptions{Base: "tree", Archive: true})
+	err := Extract(bytes.NewReader(tarOf(t, entry{name: "tree/", typ: tar.TypeDir}, entry{name: "tree/fifo", typ: tar.TypeFifo})), dest, ExtractOptions{Base: "tree", Archive: true})
 	if err != nil {
 		t.Fatal(err)
 	}
