@@ -6,6 +6,8 @@ import (
 	"io"
 	"os"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // consoleCheckInterval is how often a running VM's console log size is
@@ -38,8 +40,15 @@ func (d *Daemon) capConsole(name, path string, max int64, exited <-chan struct{}
 	}
 }
 
-// trimFile cuts the file at path down to its last keep bytes when it is
-// larger than max, and returns how many bytes were dropped.
+// trimFile cuts the file at path down to about its last keep bytes when it
+// is larger than max, and returns how many bytes were dropped.
+//
+// The VMM keeps appending while this runs. Where the filesystem can collapse
+// a range (ext4, xfs), the head is removed in place, atomically with respect
+// to those appends: nothing written during the cut is lost and a reader never
+// sees the file empty. The note then overwrites the start of the kept tail.
+// Elsewhere the tail is rewritten at the start and the rest cut off, and
+// output written in between is lost.
 func trimFile(path string, max, keep int64) (int64, error) {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if errors.Is(err, os.ErrNotExist) {
@@ -57,13 +66,30 @@ func trimFile(path string, max, keep int64) (int64, error) {
 	if size <= max {
 		return 0, nil
 	}
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &fs); err == nil && fs.Bsize > 0 {
+		// Collapse whole blocks only, keeping at least keep bytes.
+		cut := (size - keep) / fs.Bsize * fs.Bsize
+		if cut > 0 {
+			err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_COLLAPSE_RANGE, 0, cut)
+			if err == nil {
+				if _, err := f.WriteAt([]byte(truncatedNote), 0); err != nil {
+					return cut, fmt.Errorf("write the cut note in %s: %w", path, err)
+				}
+				return cut, nil
+			}
+			if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EINVAL) {
+				return 0, fmt.Errorf("collapse %s: %w", path, err)
+			}
+		}
+	}
 	tail := make([]byte, keep)
 	n, err := f.ReadAt(tail, size-keep)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return 0, fmt.Errorf("read %s: %w", path, err)
 	}
 	// Rewrite the head, then cut the rest: a reader never finds the file
-	// empty (vm logs, or a test waiting for the cap), only shorter.
+	// empty, only shorter.
 	kept := append([]byte(truncatedNote), tail[:n]...)
 	if _, err := f.WriteAt(kept, 0); err != nil {
 		return 0, fmt.Errorf("rewrite %s: %w", path, err)
