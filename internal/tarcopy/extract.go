@@ -327,9 +327,12 @@ func (x *extractor) mkdir(parent int, name, leaf string, hdr *tar.Header) error 
 		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
 			return fmt.Errorf("tar entry %s: exists and is not a directory: %w", quote(name), fs.ErrExist)
 		}
-		// An existing directory is merged into and gets the entry's
-		// metadata, as tar does.
-		x.dirs = append(x.dirs, dirMeta{name, dirHeader(hdr)})
+		// An existing directory is merged into. It gets the entry's
+		// metadata only with Archive (as cp -a does); otherwise its owner
+		// and mode stay (as cp -r leaves them).
+		if x.opts.Archive {
+			x.dirs = append(x.dirs, dirMeta{name, dirHeader(hdr)})
+		}
 		return nil
 	}
 	if err != nil {

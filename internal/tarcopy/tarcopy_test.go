@@ -316,7 +316,7 @@ func TestExtractSpecialFilesWithArchive(t *testing.T) {
 
 func TestExtractReplacesExistingFiles(t *testing.T) {
 	dest := t.TempDir()
-	os.MkdirAll(filepath.Join(dest, "tree"), 0o755)
+	os.MkdirAll(filepath.Join(dest, "tree"), 0o750)
 	os.WriteFile(filepath.Join(dest, "tree", "f"), []byte("old"), 0o644)
 	os.WriteFile(filepath.Join(dest, "tree", "keep"), []byte("keep"), 0o644)
 	err := Extract(bytes.NewReader(tarOf(t,
@@ -333,6 +333,11 @@ func TestExtractReplacesExistingFiles(t *testing.T) {
 		if b, err := os.ReadFile(filepath.Join(dest, "tree", name)); err != nil || string(b) != want {
 			t.Errorf("%s: %q %v, want %q", name, b, err, want)
 		}
+	}
+	// The existing directory was merged into and kept its mode (the
+	// stream says 0755).
+	if fi, err := os.Stat(filepath.Join(dest, "tree")); err != nil || fi.Mode() != fs.ModeDir|0o750 {
+		t.Errorf("existing directory: %v %v, want its mode kept", fi.Mode(), err)
 	}
 	ents, _ := os.ReadDir(filepath.Join(dest, "tree"))
 	for _, e := range ents {
