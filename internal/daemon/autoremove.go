@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/bangerdev/banger/internal/errdefs"
@@ -142,8 +141,10 @@ func (d *Daemon) autoRemove(id string, a *attachment) {
 }
 
 // reconcileAutoRemove removes, at daemon start, an auto-remove VM: the
-// calls that kept it died with the previous daemon. Its VMM is killed.
-func (d *Daemon) reconcileAutoRemove(ctx context.Context, v store.VM) error {
+// calls that kept it died with the previous daemon. Its VMM is killed; if
+// that fails, the VM is kept (reported false) and reconciled as any other:
+// its monitor removes it when the VMM exits.
+func (d *Daemon) reconcileAutoRemove(ctx context.Context, v store.VM) (bool, error) {
 	var h vmm.Handle
 	found := false
 	if v.Handle != "" {
@@ -154,15 +155,16 @@ func (d *Daemon) reconcileAutoRemove(ctx context.Context, v store.VM) error {
 	}
 	if found {
 		if err := d.driver.Kill(ctx, h); err != nil {
-			return fmt.Errorf("kill the vmm of auto-remove vm: %w", err)
+			d.log.Error("kill the vmm of an auto-remove vm: keeping the vm", "vm", v.Name, "pid", h.PID, "err", err)
+			return false, nil
 		}
 	}
 	if err := d.store.DeleteVM(ctx, v.ID); err != nil {
-		return err
+		return false, err
 	}
 	if err := d.removeDir(v.Dir); err != nil {
 		d.log.Warn("remove the files of an auto-remove vm (the next start retries)", "vm", v.Name, "err", err)
 	}
 	d.log.Info("removed an auto-remove vm whose client is gone (daemon restart)", "vm", v.Name)
-	return nil
+	return true, nil
 }

@@ -60,7 +60,9 @@ func (d *Daemon) reconcile(ctx context.Context) error {
 // with the processes would act on wrong state.
 func (d *Daemon) reconcileVM(ctx context.Context, v store.VM) error {
 	if v.AutoRemove {
-		return d.reconcileAutoRemove(ctx, v)
+		if removed, err := d.reconcileAutoRemove(ctx, v); removed || err != nil {
+			return err
+		}
 	}
 	var h vmm.Handle
 	if v.Handle == "" {
