@@ -393,6 +393,8 @@ func TestSparseRoundTrip(t *testing.T) {
 		t.Skipf("the test filesystem doesn't keep holes (%d bytes allocated)", a)
 	}
 
+	mtime := time.Date(2021, 2, 3, 4, 5, 6, 789_000_000, time.UTC)
+	os.Chtimes(filepath.Join(src, "sparse"), mtime, mtime)
 	var stream bytes.Buffer
 	var announced, entries int64
 	err := Write(&stream, src, WriteOptions{Announce: func(s, e int64) error { announced, entries = s, e; return nil }})
@@ -431,8 +433,8 @@ func TestSparseRoundTrip(t *testing.T) {
 			t.Errorf("%s: %d bytes allocated on the host, want about its data size", name, a)
 		}
 	}
-	if fi, _ := os.Stat(filepath.Join(dest, "tree", "sparse")); fi == nil || fi.Size() != size {
-		t.Errorf("sparse: size %v, want %d", fi, size)
+	if fi, _ := os.Stat(filepath.Join(dest, "tree", "sparse")); fi == nil || fi.Size() != size || !fi.ModTime().Equal(mtime) {
+		t.Errorf("sparse: %v, want size %d and mtime %v", fi, size, mtime)
 	}
 }
 
