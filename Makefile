@@ -41,7 +41,7 @@ e2e: build testimage
 # Benchmarks: boot-to-ready against bare QEMU, vm create for 1 GiB vs
 # 20 GiB images, bangerd's resident memory.
 bench: build testimage
-	$(GO) test -tags e2e -run '^$$' -bench . -benchtime 1x -timeout 40m ./test/bench/
+	$(GO) test -tags e2e -run '^$$' -bench . -benchtime 1x -timeout 60m ./test/bench/
 
 # The host packages the tests need (apt-get, as root; a no-op when all are there).
 deps:
