@@ -16,6 +16,7 @@ import (
 	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/kmod/kmodtest"
+	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -129,7 +130,7 @@ func qcow2Env(t *testing.T) (*testEnv, *testDaemon) {
 	t.Helper()
 	qemuImg, err := exec.LookPath("qemu-img")
 	if err != nil {
-		t.Skip("qemu-img not installed")
+		testenv.Missing(t, "qemu-img not installed")
 	}
 	e := newEnv(t, func(c *config.Daemon) { c.QEMUImgBinary = qemuImg })
 	e.fake.formats = []string{vmm.FormatQcow2, vmm.FormatRaw}

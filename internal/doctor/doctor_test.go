@@ -14,6 +14,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/cgroup"
 	"github.com/bangerdev/banger/internal/kvmcheck"
+	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/vmm/qemu"
 )
 
@@ -374,7 +375,7 @@ func TestSandboxPolicyMatchesDriver(t *testing.T) {
 // The probe on this host's real QEMU.
 func TestSandboxProbeReal(t *testing.T) {
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("no qemu")
+		testenv.Missing(t, "no qemu")
 	}
 	opts := Options{}
 	opts.defaults()

@@ -92,7 +92,7 @@ func buildAgent(t *testing.T) string {
 		cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", agentPath, "github.com/bangerdev/banger/cmd/banger-vsock-agent")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 		if out, err := cmd.CombinedOutput(); err != nil {
-			agentErr = fmt.Errorf("build agent: %v\n%s", err, out)
+			agentErr = fmt.Errorf("build agent: %w\n%s", err, out)
 		}
 	})
 	if agentErr != nil {

@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/bangerdev/banger/internal/cgroup"
+	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/vmm"
 	"github.com/bangerdev/banger/internal/vmm/vmmtest"
 )
@@ -22,7 +23,7 @@ import (
 func qemuImg(t *testing.T, path, backing, backingFmt string) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed")
+		testenv.Missing(t, "qemu-img not installed")
 	}
 	args := []string{"create", "-q", "-f", "qcow2", path, "16M"}
 	if backing != "" {
