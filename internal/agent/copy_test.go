@@ -147,6 +147,30 @@ func TestCopyOutStopsPastTheAnnouncedSize(t *testing.T) {
 	}
 }
 
+func TestCopyOutStopsPastACompleteTar(t *testing.T) {
+	// The announced size is the whole, valid tar; the guest sends more
+	// after it. The extraction has reached the end marker when the
+	// excess shows: it is removed all the same.
+	stream := tarStream(t)
+	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
+		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: int64(len(stream)), Entries: 3})
+		ch.Write(stream)
+		ch.Write(bytes.Repeat([]byte("z"), 4096))
+		ch.CloseWrite()
+		send(ch, agentproto.ReqCopyStatus, agentproto.CopyStatus{})
+	})
+	dest := filepath.Join(t.TempDir(), "dest")
+	err := tarcopy.ExtractFrom(func(w io.Writer) error {
+		return c.CopyOut(copyCtx(t), "/tree", w)
+	}, dest, tarcopy.ExtractOptions{Base: "tree"})
+	if !errors.Is(err, agent.ErrCopyTooLarge) || !strings.Contains(err.Error(), "partial copy was removed") {
+		t.Fatalf("copy out: %v, want ErrCopyTooLarge and the partial copy removed", err)
+	}
+	if _, err := os.Lstat(dest); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("copy left at %s after the error: %v", dest, err)
+	}
+}
+
 type countingWriter struct {
 	w io.Writer
 	n *int64

@@ -84,8 +84,9 @@ type ExtractOptions struct {
 //
 // Existing directories are merged into; an existing non-directory is
 // replaced atomically (the new entry is written under a temporary name and
-// renamed over it). On error, every entry this call created (and the parts
-// of dest it created) is removed and the error names the offending entry.
+// renamed over it). Extract reads r to its end, past the tar's end marker.
+// On error, every entry this call created (and the parts of dest it
+// created) is removed and the error names the offending entry.
 func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 	if !filepath.IsAbs(dest) {
 		return fmt.Errorf("destination %s: not an absolute path", quote(dest))
@@ -129,6 +130,12 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 		if err := x.entry(hdr, tr); err != nil {
 			return err
 		}
+	}
+	// Read r to its end: what follows the end marker is discarded, but
+	// an error there (a copy out of a VM that failed after a complete
+	// tar) fails the extraction and removes the partial copy.
+	if _, err := io.Copy(io.Discard, r); err != nil {
+		return fmt.Errorf("read tar: %w", err)
 	}
 	return x.finishDirs()
 }
@@ -587,8 +594,9 @@ func quote(s string) string {
 }
 
 // ExtractFrom extracts under dest, as Extract does, the stream that
-// stream writes (a copy out of a VM). When stream fails, the partial copy
-// is removed too and its error is returned.
+// stream writes (a copy out of a VM). Extraction waits for stream to
+// return: when stream fails, even after a complete tar, the partial copy is
+// removed too and stream's error is returned.
 func ExtractFrom(stream func(io.Writer) error, dest string, opts ExtractOptions) error {
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
@@ -598,6 +606,8 @@ func ExtractFrom(stream func(io.Writer) error, dest string, opts ExtractOptions)
 		done <- err
 	}()
 	err := stream(pw)
+	// Extract reads the pipe to its end, so it sees stream's error (and
+	// rolls back) however far it got.
 	pw.CloseWithError(err)
 	xerr := <-done
 	switch {
@@ -606,6 +616,10 @@ func ExtractFrom(stream func(io.Writer) error, dest string, opts ExtractOptions)
 		return fmt.Errorf("%w (the partial copy was removed)", err)
 	case xerr != nil:
 		return fmt.Errorf("%w (the partial copy was removed)", xerr)
+	case err != nil:
+		// Not reached: Extract returns nil only after reading the pipe's
+		// end without error, which stream's error would have replaced.
+		return fmt.Errorf("%w (the copy may be incomplete)", err)
 	}
-	return err
+	return nil
 }

@@ -474,3 +474,58 @@ func TestWriteAnnouncesItsExactSize(t *testing.T) {
 		t.Errorf("long-named file: %d bytes, %v", len(b), err)
 	}
 }
+
+// TestExtractFromRollsBackAfterTheEndMarker: a stream that fails after a
+// complete tar (what vm cp gets when the daemon reports, after relaying
+// the whole tar, that the guest sent more than it announced) removes the
+// copy, and only the copy: what the destination held before stays.
+func TestExtractFromRollsBackAfterTheEndMarker(t *testing.T) {
+	stream := tarOf(t, entry{name: "tree/", typ: tar.TypeDir}, entry{name: "tree/f", body: "new"},
+		entry{name: "tree/sub/", typ: tar.TypeDir}, entry{name: "tree/sub/g", body: "new"})
+	errGuest := errors.New("the guest misbehaved")
+	for name, tail := range map[string][]byte{
+		"error after the end marker":    nil,
+		"bytes and an error after it":   make([]byte, 10240),
+		"error after a trailing record": bytes.Repeat([]byte{0xff}, 700),
+	} {
+		t.Run(name, func(t *testing.T) {
+			dest := t.TempDir()
+			// A tree/ directory is there already, with a file of its own.
+			if err := os.MkdirAll(filepath.Join(dest, "tree"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dest, "tree", "mine"), []byte("mine"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			before := snapshot(t, dest)
+			err := ExtractFrom(func(w io.Writer) error {
+				if _, err := w.Write(append(stream, tail...)); err != nil {
+					return err
+				}
+				return errGuest
+			}, dest, ExtractOptions{Base: "tree"})
+			if !errors.Is(err, errGuest) || !strings.Contains(err.Error(), "partial copy was removed") {
+				t.Fatalf("extract: %v, want the stream's error", err)
+			}
+			if after := snapshot(t, dest); fmt.Sprint(after) != fmt.Sprint(before) {
+				t.Errorf("destination after the failed copy:\n%v\nwant what was there before:\n%v", after, before)
+			}
+		})
+	}
+	t.Run("success reads past the end marker", func(t *testing.T) {
+		dest := t.TempDir()
+		err := ExtractFrom(func(w io.Writer) error {
+			if _, err := w.Write(stream); err != nil {
+				return err
+			}
+			_, err := w.Write(make([]byte, 10240)) // tar padding to a record
+			return err
+		}, dest, ExtractOptions{Base: "tree"})
+		if err != nil {
+			t.Fatalf("extract: %v", err)
+		}
+		if b, err := os.ReadFile(filepath.Join(dest, "tree", "sub", "g")); err != nil || string(b) != "new" {
+			t.Errorf("tree/sub/g = %q, %v; want \"new\"", b, err)
+		}
+	})
+}
