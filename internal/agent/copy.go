@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"archive/tar"
 	"context"
 	"errors"
 	"fmt"
@@ -24,8 +25,8 @@ type CopyOptions struct {
 	Archive bool
 }
 
-// ErrCopyTooLarge is returned by CopyOut when the guest sends more than
-// the size it announced.
+// ErrCopyTooLarge is returned by CopyOut when the guest sends more bytes
+// or more tar entries than it announced.
 var ErrCopyTooLarge = errors.New("guest sent more than it announced")
 
 // CopyIn sends tarStream to the guest, which extracts it under destDir (an
@@ -81,9 +82,11 @@ func (c *Client) CopyIn(ctx context.Context, tarStream io.Reader, destDir string
 // CopyOut writes to w a tar stream of the file or directory at srcPath (an
 // absolute guest path). The top entry of the archive is the base name of
 // srcPath. The guest is not trusted: it must announce the stream's size
-// before sending it (agentproto.ReqCopyHeader), and no more than that is
-// passed to w; a longer stream fails with ErrCopyTooLarge. On error, w may
-// have received part of the stream.
+// and number of entries before sending it (agentproto.ReqCopyHeader). No
+// more bytes than announced are passed to w; a longer stream, or one with
+// more entries, fails with ErrCopyTooLarge. On error, w may have received
+// part of the stream (with tarcopy.ExtractFrom, the partial copy is
+// removed).
 func (c *Client) CopyOut(ctx context.Context, srcPath string, w io.Writer) error {
 	if !path.IsAbs(srcPath) {
 		return fmt.Errorf("copy out of %q: source must be an absolute path", srcPath)
@@ -124,13 +127,22 @@ func (c *Client) CopyOut(ctx context.Context, srcPath string, w io.Writer) error
 	case <-ctx.Done():
 		return fmt.Errorf("copy out of %s: %w", srcPath, ctx.Err())
 	}
-	if hdr.Size < 0 {
-		return fmt.Errorf("copy out of %s: the guest announced %d bytes: %w", srcPath, hdr.Size, ErrCopyFailed)
+	if hdr.Size < 0 || hdr.Entries < 0 {
+		return fmt.Errorf("copy out of %s: the guest announced %d bytes in %d entries: %w",
+			srcPath, hdr.Size, hdr.Entries, ErrCopyFailed)
 	}
 
 	copied := make(chan error, 1)
 	go func() {
-		if err := drainTo(w, io.LimitReader(ch, hdr.Size)); err != nil {
+		// The stream goes through an entry counter before w: past the
+		// announced number of entries, writes fail. The first error
+		// stops the copy (the channel is closed on return).
+		entries := newEntryCounter(hdr.Entries)
+		_, err := io.Copy(io.MultiWriter(entries, w), io.LimitReader(ch, hdr.Size))
+		if cerr := entries.close(); cerr != nil {
+			err = cerr
+		}
+		if err != nil {
 			copied <- err
 			return
 		}
@@ -260,6 +272,58 @@ func collectCopyStatus(reqs <-chan *ssh.Request, headerc chan<- agentproto.CopyH
 		}
 	}
 	return st
+}
+
+// entryCounter reads the tar stream written to it and fails (the write in
+// progress, or close) once the stream holds more than max entries, as
+// tar.Reader counts them (PAX and GNU long-name records belong to their
+// entry). It doesn't judge the stream otherwise: the extractor does.
+type entryCounter struct {
+	pw   *io.PipeWriter
+	done chan error
+}
+
+func newEntryCounter(max int64) *entryCounter {
+	pr, pw := io.Pipe()
+	c := &entryCounter{pw: pw, done: make(chan error, 1)}
+	go func() {
+		err := countEntries(pr, max)
+		pr.CloseWithError(err)
+		c.done <- err
+	}()
+	return c
+}
+
+func (c *entryCounter) Write(p []byte) (int, error) {
+	n, err := c.pw.Write(p)
+	if errors.Is(err, ErrCopyTooLarge) {
+		return n, err
+	}
+	// The counter stopped reading (a malformed stream): what is left is
+	// for the extractor to refuse.
+	return len(p), nil
+}
+
+// close ends the stream and returns the counter's verdict.
+func (c *entryCounter) close() error {
+	c.pw.Close()
+	return <-c.done
+}
+
+func countEntries(r io.Reader, max int64) error {
+	tr := tar.NewReader(r)
+	for n := int64(0); ; n++ {
+		_, err := tr.Next()
+		if err != nil {
+			// The end marker, or a malformed stream (the extractor
+			// refuses it). Read the rest.
+			_, _ = io.Copy(io.Discard, r)
+			return nil
+		}
+		if n == max {
+			return fmt.Errorf("the copy was stopped at entry %d, past the %d entries the guest announced: %w", n+1, max, ErrCopyTooLarge)
+		}
+	}
 }
 
 // stickyReader records the first read error of r other than io.EOF.

@@ -121,7 +121,7 @@ func TestCopyOutStopsPastTheAnnouncedSize(t *testing.T) {
 	stream := tarStream(t)
 	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
 		// Announce part of the stream, then send all of it.
-		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: 2560, Entries: 2})
+		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: 2560, Entries: 3})
 		ch.Write(stream)
 		ch.CloseWrite()
 		send(ch, agentproto.ReqCopyStatus, agentproto.CopyStatus{})
@@ -168,6 +168,82 @@ func TestCopyOutStopsPastACompleteTar(t *testing.T) {
 	}
 	if _, err := os.Lstat(dest); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("copy left at %s after the error: %v", dest, err)
+	}
+}
+
+func TestCopyOutStopsPastTheAnnouncedEntries(t *testing.T) {
+	// The size is honest, the number of entries (3) is not.
+	stream := tarStream(t)
+	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
+		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: int64(len(stream)), Entries: 2})
+		ch.Write(stream)
+		ch.CloseWrite()
+		send(ch, agentproto.ReqCopyStatus, agentproto.CopyStatus{})
+	})
+	dest := filepath.Join(t.TempDir(), "dest")
+	err := tarcopy.ExtractFrom(func(w io.Writer) error {
+		return c.CopyOut(copyCtx(t), "/tree", w)
+	}, dest, tarcopy.ExtractOptions{Base: "tree"})
+	if !errors.Is(err, agent.ErrCopyTooLarge) || !strings.Contains(err.Error(), "2 entries the guest announced") {
+		t.Fatalf("copy out: %v, want ErrCopyTooLarge for the third entry", err)
+	}
+	if _, err := os.Lstat(dest); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("copy left at %s after the error: %v", dest, err)
+	}
+}
+
+// TestCopyOutCountsEntriesAsTheWriterDoes: the entries the guest agent's
+// writer announces are the entries CopyOut counts, whatever the tree
+// holds (PAX records for long names, sparse files, links).
+func TestCopyOutCountsEntriesAsTheWriterDoes(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "tree")
+	long := strings.Repeat("n", 150)
+	for _, d := range []string{"", "empty", long} {
+		if err := os.MkdirAll(filepath.Join(src, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(src, long, "f"), []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Link(filepath.Join(src, long, "f"), filepath.Join(src, "hard")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(long+"/f", filepath.Join(src, "sym")); err != nil {
+		t.Fatal(err)
+	}
+	sparse, err := os.Create(filepath.Join(src, "sparse"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sparse.WriteAt([]byte("end"), 8<<20)
+	sparse.Close()
+	var announced atomic.Int64
+	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
+		err := tarcopy.Write(ch, src, tarcopy.WriteOptions{Announce: func(size, entries int64) error {
+			announced.Store(entries)
+			send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: size, Entries: entries})
+			return nil
+		}})
+		ch.CloseWrite()
+		var st agentproto.CopyStatus
+		if err != nil {
+			st.Error = err.Error()
+		}
+		send(ch, agentproto.ReqCopyStatus, st)
+	})
+	dest := t.TempDir()
+	err = tarcopy.ExtractFrom(func(w io.Writer) error {
+		return c.CopyOut(copyCtx(t), "/tree", w)
+	}, dest, tarcopy.ExtractOptions{Base: "tree"})
+	if err != nil {
+		t.Fatalf("copy out: %v", err)
+	}
+	if n := announced.Load(); n != 7 {
+		t.Errorf("the writer announced %d entries, want 7", n)
+	}
+	if b, err := os.ReadFile(filepath.Join(dest, "tree", "hard")); err != nil || string(b) != "data" {
+		t.Errorf("tree/hard = %q, %v; want \"data\"", b, err)
 	}
 }
 
@@ -221,7 +297,7 @@ func TestCopyOutHonestHeaderHostileContent(t *testing.T) {
 	tw.Close()
 	stream := b.Bytes()
 	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
-		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: int64(len(stream)), Entries: 2})
+		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: int64(len(stream)), Entries: 3})
 		ch.Write(stream)
 		ch.CloseWrite()
 		send(ch, agentproto.ReqCopyStatus, agentproto.CopyStatus{})

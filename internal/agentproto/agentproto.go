@@ -112,8 +112,8 @@ const (
 	GlobalShutdown = "banger-shutdown@banger.dev"
 	// ReqCopyHeader is a channel request (want-reply false) that the guest
 	// sends on ChanCopyOut channels before the first byte of the tar
-	// stream; its payload is a CopyHeader announcing the stream's size. The
-	// host stops a stream that goes past it. Since protocol 1.2; hosts
+	// stream; its payload is a CopyHeader announcing the stream's size and
+	// number of entries. The host stops a stream that goes past either. Since protocol 1.2; hosts
 	// refuse to copy out of older agents, whose streams are unbounded.
 	ReqCopyHeader = "copy-header@banger.dev"
 	// ReqCopyStatus is a channel request (want-reply false) that the guest

@@ -529,3 +529,29 @@ func TestExtractFromRollsBackAfterTheEndMarker(t *testing.T) {
 		}
 	})
 }
+
+func TestWriteStopsWhenSourceGainsEntries(t *testing.T) {
+	// Fewer bytes but more entries than announced: a file of 4 KiB
+	// becomes three empty files.
+	src := filepath.Join(t.TempDir(), "tree")
+	os.Mkdir(src, 0o755)
+	os.WriteFile(filepath.Join(src, "a"), make([]byte, 4096), 0o644)
+	var announced int64
+	var out bytes.Buffer
+	err := Write(&out, src, WriteOptions{Announce: func(size, entries int64) error {
+		announced = size
+		os.Remove(filepath.Join(src, "a"))
+		for _, n := range []string{"b", "c", "d"} {
+			if err := os.WriteFile(filepath.Join(src, n), nil, 0o644); err != nil {
+				return err
+			}
+		}
+		return nil
+	}})
+	if !errors.Is(err, ErrSourceChanged) {
+		t.Errorf("write: %v, want ErrSourceChanged", err)
+	}
+	if int64(out.Len()) > announced {
+		t.Errorf("wrote %d bytes, more than the %d announced", out.Len(), announced)
+	}
+}

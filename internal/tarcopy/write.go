@@ -19,8 +19,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ErrSourceChanged is returned by Write when the stream would be larger
-// than the size it announced (a file grew during the copy).
+// ErrSourceChanged is returned by Write when the stream would be larger,
+// or hold more entries, than it announced (a file grew or was created
+// during the copy).
 var ErrSourceChanged = errors.New("source changed during the copy")
 
 // WriteOptions tune Write.
@@ -28,7 +29,7 @@ type WriteOptions struct {
 	// Announce, when set, is called before the first byte of the stream
 	// with its exact size in bytes and its number of entries. Write then
 	// walks the tree twice, and fails with ErrSourceChanged rather than
-	// write more than it announced.
+	// write more bytes or entries than it announced.
 	Announce func(size, entries int64) error
 	// Log receives debug messages; nil discards them.
 	Log *slog.Logger
@@ -49,9 +50,10 @@ func Write(w io.Writer, src string, opts WriteOptions) error {
 	if _, err := os.Lstat(src); err != nil {
 		return fmt.Errorf("stat source: %w", err)
 	}
+	maxEntries := int64(-1)
 	if opts.Announce != nil {
 		var c counter
-		entries, err := walkTree(&c, src, true, opts.Log)
+		entries, err := walkTree(&c, src, true, -1, opts.Log)
 		if err != nil {
 			return fmt.Errorf("write tar of %s: %w", src, err)
 		}
@@ -59,8 +61,9 @@ func Write(w io.Writer, src string, opts WriteOptions) error {
 			return err
 		}
 		w = &capWriter{w: w, left: c.n}
+		maxEntries = entries
 	}
-	if _, err := walkTree(w, src, false, opts.Log); err != nil {
+	if _, err := walkTree(w, src, false, maxEntries, opts.Log); err != nil {
 		return fmt.Errorf("write tar of %s: %w", src, err)
 	}
 	return nil
@@ -87,9 +90,9 @@ func (c *capWriter) Write(p []byte) (int, error) {
 }
 
 // walkTree writes the tar stream of src to w and returns its number of
-// entries. With sizeOnly, w is a *counter and file contents are not read:
+// entries, failing with ErrSourceChanged past maxEntries (when >= 0). With sizeOnly, w is a *counter and file contents are not read:
 // the counter receives the headers and counts the contents.
-func walkTree(w io.Writer, src string, sizeOnly bool, log *slog.Logger) (int64, error) {
+func walkTree(w io.Writer, src string, sizeOnly bool, maxEntries int64, log *slog.Logger) (int64, error) {
 	top := filepath.Base(src)
 	if top == "/" {
 		top = "."
@@ -143,6 +146,9 @@ func walkTree(w io.Writer, src string, sizeOnly bool, log *slog.Logger) (int64, 
 			}
 		}
 		entries++
+		if maxEntries >= 0 && entries > maxEntries {
+			return ErrSourceChanged
+		}
 		if hdr.Typeflag != tar.TypeReg {
 			return tw.WriteHeader(hdr)
 		}
