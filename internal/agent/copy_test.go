@@ -20,6 +20,7 @@ import (
 	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/tarcopy"
+	"github.com/bangerdev/banger/test/harness"
 )
 
 // fakeAgent is a hostile guest agent: it speaks protocol proto and
@@ -244,6 +245,39 @@ func TestCopyOutCountsEntriesAsTheWriterDoes(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(dest, "tree", "hard")); err != nil || string(b) != "data" {
 		t.Errorf("tree/hard = %q, %v; want \"data\"", b, err)
+	}
+}
+
+// TestCopyOutCancelledRemovesThePartialCopy: cancelling a copy out
+// midway, as Ctrl-C does in the CLI, removes what it wrote.
+func TestCopyOutCancelledRemovesThePartialCopy(t *testing.T) {
+	stream := tarStream(t)
+	hold := make(chan struct{})
+	c := fakeAgent(t, agentproto.Version, func(ch ssh.Channel) {
+		send(ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: int64(len(stream)), Entries: 3})
+		// tree/, tree/small and the start of tree/big, then nothing
+		// until the test ends.
+		ch.Write(stream[:64<<10])
+		<-hold
+	})
+	t.Cleanup(func() { close(hold) }) // before fakeAgent's cleanup
+	dest := filepath.Join(t.TempDir(), "dest")
+	ctx, cancel := context.WithCancel(copyCtx(t))
+	err := tarcopy.ExtractFrom(func(w io.Writer) error {
+		res := make(chan error, 1)
+		go func() { res <- c.CopyOut(ctx, "/tree", w) }()
+		harness.WaitFor(t, 10*time.Second, "tree/big to be written", func() bool {
+			_, err := os.Lstat(filepath.Join(dest, "tree", "big"))
+			return err == nil
+		})
+		cancel()
+		return <-res
+	}, dest, tarcopy.ExtractOptions{Base: "tree"})
+	if !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "partial copy was removed") {
+		t.Fatalf("copy out: %v, want context.Canceled and the partial copy removed", err)
+	}
+	if _, err := os.Lstat(dest); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("partial copy left at %s after the cancel: %v", dest, err)
 	}
 }
 
