@@ -73,25 +73,29 @@ func (g *phaseGate) wait(ctx context.Context, t *testing.T, vm, phase string) {
 	}
 }
 
-// A stop, kill or rm of a booting VM aborts the boot in any phase and
-// returns promptly (not after ready_timeout, 60s here); the aborted start
-// reports a cancellation; nothing of the boot is left. A second start of
-// the booting VM returns at once, saying it is booting.
+// A stop, kill or rm of a booting VM aborts the boot in any phase; the
+// aborted start reports a cancellation; nothing of the boot is left. A
+// second start of the booting VM says it is booting. No phase here ends on
+// its own (the initramfs build is held, the VMM's start hangs, the agent
+// never answers and ready_timeout is an hour): a call that waited behind
+// the boot would end at its context's deadline instead, which is checked.
 func TestStopKillRemoveAbortBootInEveryPhase(t *testing.T) {
 	t.Parallel()
 	gate := newPhaseGate()
-	e := newEnv(t, func(c *config.Daemon) { c.ReadyTimeout = config.Duration{Duration: 60 * time.Second} })
+	e := newEnv(t, func(c *config.Daemon) { c.ReadyTimeout = config.Duration{Duration: time.Hour} })
 	e.onPhase = gate.onPhase
 	d := e.start()
 	ctx := testCtx(t)
 	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "default", Rootfs: e.rootfs, Kernel: e.kernel, Initrd: e.initrd}); err != nil {
 		t.Fatal(err)
 	}
-	const prompt = 5 * time.Second
 	for i, phase := range []string{"build initramfs", "boot", "wait for agent"} {
 		for _, op := range []string{"stop", "kill", "rm"} {
 			name := fmt.Sprintf("p%d-%s", i, op)
 			t.Run(name, func(t *testing.T) {
+				// Generous: only a call stuck behind the boot reaches it.
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+				defer cancel()
 				switch phase {
 				case "build initramfs":
 					gate.holdAt(name, phase)
@@ -117,14 +121,12 @@ func TestStopKillRemoveAbortBootInEveryPhase(t *testing.T) {
 					waitFor(ctx, t, "the agent to be dialed", func() bool { return inOrder(e.fake.callsFor(name), "start", "dial") })
 				}
 
-				began := time.Now()
 				_, err = d.c.VMStart(ctx, api.VMStartParams{Name: name}, nil)
-				if took := time.Since(began); took > prompt {
-					t.Errorf("second start took %v", took)
+				if errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
+					t.Fatalf("second start during %q waited behind the boot: %v", phase, err)
 				}
 				wireErr(t, "second start of a booting VM", err, errdefs.ErrFailedPrecondition)
 
-				began = time.Now()
 				switch op {
 				case "stop":
 					_, err = d.c.VMStop(ctx, api.VMStopParams{Name: name}, nil)
@@ -133,19 +135,21 @@ func TestStopKillRemoveAbortBootInEveryPhase(t *testing.T) {
 				case "rm":
 					err = d.c.VMRemove(ctx, api.VMRemoveParams{Name: name})
 				}
+				if ctx.Err() != nil {
+					t.Fatalf("%s during %q waited behind the boot: %v", op, phase, err)
+				}
 				if err != nil {
 					t.Fatalf("%s during %q: %v", op, phase, err)
 				}
-				if took := time.Since(began); took > prompt {
-					t.Errorf("%s during %q took %v", op, phase, took)
-				}
+				// The boot can't end by itself: the start returns because the
+				// op aborted it.
 				select {
 				case err := <-startErr:
 					if !errors.Is(err, context.Canceled) {
 						t.Errorf("aborted start returned %v, want a cancellation", err)
 					}
-				case <-time.After(prompt):
-					t.Fatalf("start still running %v after the %s returned", prompt, op)
+				case <-ctx.Done():
+					t.Fatalf("start still running after the %s returned", op)
 				}
 				if fv := e.fake.byName(name); fv != nil && e.fake.Alive(fv.handle) {
 					t.Errorf("the VMM of the aborted boot still runs")
