@@ -124,7 +124,7 @@ func (c *Client) VMInspect(ctx context.Context, name string) (api.VM, error) {
 // VMLogs copies a VM's serial console to w (following it with p.Follow
 // until ctx ends or the VM stops).
 func (c *Client) VMLogs(ctx context.Context, p api.VMLogsParams, w io.Writer) error {
-	return c.stream(ctx, api.MethodVMLogs, p, nil, w, nil, nil, nil)
+	return c.stream(ctx, api.MethodVMLogs, p, nil, w, nil, nil, false, nil)
 }
 
 // ExecIO wires an exec call to local streams.
@@ -139,21 +139,28 @@ type ExecIO struct {
 // VMExec runs a command and returns its exit code.
 func (c *Client) VMExec(ctx context.Context, p api.VMExecParams, io ExecIO) (int, error) {
 	var r api.ExecResult
-	err := c.stream(ctx, api.MethodVMExec, p, &r, io.Stdout, io.Stderr, io.Stdin, io.Resize)
+	err := c.stream(ctx, api.MethodVMExec, p, &r, io.Stdout, io.Stderr, io.Stdin, true, io.Resize)
 	return r.ExitCode, err
 }
 
 // VMCopyIn sends a tar stream to be extracted under p.Path in the guest.
 func (c *Client) VMCopyIn(ctx context.Context, p api.VMCopyParams, tarStream io.Reader) error {
-	return c.stream(ctx, api.MethodVMCopyIn, p, nil, nil, nil, tarStream, nil)
+	return c.stream(ctx, api.MethodVMCopyIn, p, nil, nil, nil, tarStream, true, nil)
 }
 
 // VMCopyOut writes a tar stream of p.Path in the guest to w.
 func (c *Client) VMCopyOut(ctx context.Context, p api.VMCopyParams, w io.Writer) error {
-	return c.stream(ctx, api.MethodVMCopyOut, p, nil, w, nil, nil, nil)
+	return c.stream(ctx, api.MethodVMCopyOut, p, nil, w, nil, nil, false, nil)
 }
 
-func (c *Client) stream(ctx context.Context, method string, params, result any, stdout, stderr io.Writer, stdin io.Reader, resize <-chan [2]int) error {
+// stdinChunk is the most input one frame carries (about 44 KiB of JSON).
+const stdinChunk = 32 << 10
+
+// stream runs a call whose output comes as frames. A method that takes
+// input (input: registered with rpc.TakesInput) gets stdin as frames of at
+// most 32 KiB (well under rpc.MaxFrameBytes), or an EOF at once when stdin
+// is nil; the daemon refuses frames sent to any other method.
+func (c *Client) stream(ctx context.Context, method string, params, result any, stdout, stderr io.Writer, stdin io.Reader, input bool, resize <-chan [2]int) error {
 	s, err := rpc.Open(ctx, c.Socket, method, params)
 	if err != nil {
 		return err
@@ -163,7 +170,7 @@ func (c *Client) stream(ctx context.Context, method string, params, result any, 
 	defer close(done)
 	if stdin != nil {
 		go func() {
-			buf := make([]byte, 32*1024)
+			buf := make([]byte, stdinChunk)
 			for {
 				n, err := stdin.Read(buf)
 				if n > 0 {
@@ -177,7 +184,7 @@ func (c *Client) stream(ctx context.Context, method string, params, result any, 
 				}
 			}
 		}()
-	} else {
+	} else if input {
 		_ = s.Send(api.Frame{Type: api.FrameEOF})
 	}
 	if resize != nil {

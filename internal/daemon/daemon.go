@@ -342,8 +342,8 @@ func (d *Daemon) register(s *rpc.Server) {
 	s.Handle(api.MethodVMList, rpc.PermRead, d.vmList)
 	s.Handle(api.MethodVMInspect, rpc.PermRead, d.vmInspect)
 	s.Handle(api.MethodVMLogs, rpc.PermRead, d.vmLogs)
-	s.Handle(api.MethodVMExec, rpc.PermWrite, d.vmExec)
-	s.Handle(api.MethodVMCopyIn, rpc.PermWrite, d.vmCopyIn)
+	s.Handle(api.MethodVMExec, rpc.PermWrite, d.vmExec, rpc.TakesInput())
+	s.Handle(api.MethodVMCopyIn, rpc.PermWrite, d.vmCopyIn, rpc.TakesInput())
 	s.Handle(api.MethodVMCopyOut, rpc.PermWrite, d.vmCopyOut)
 }
 

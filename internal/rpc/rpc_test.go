@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -128,7 +129,7 @@ func TestStreamingAndCancel(t *testing.T) {
 				}
 			}
 			return n, nil
-		})
+		}, TakesInput())
 		s.Handle("v1.block", PermWrite, func(ctx context.Context, c *Call) (any, error) {
 			<-ctx.Done()
 			close(cancelled)
@@ -227,7 +228,7 @@ func TestOversizedFrameEndsCall(t *testing.T) {
 			}
 			<-ctx.Done()
 			return nil, ctx.Err()
-		})
+		}, TakesInput())
 	})
 	s, err := Open(context.Background(), sock, "v1.in", nil)
 	if err != nil {
@@ -246,5 +247,262 @@ func TestOversizedFrameEndsCall(t *testing.T) {
 			t.Fatalf("call with a 2 MiB frame ended with %v, want ErrInvalid", err)
 		}
 		return
+	}
+}
+
+// A frame sent to a method that takes no input ends the call with
+// ErrInvalid: the server doesn't queue input nobody reads.
+func TestFrameToMethodWithoutInputRefused(t *testing.T) {
+	cancelled := make(chan struct{})
+	sock := serve(t, nil, func(s *Server) {
+		s.Handle("v1.wait", PermRead, func(ctx context.Context, c *Call) (any, error) {
+			<-ctx.Done()
+			close(cancelled)
+			return "never seen", nil
+		})
+	})
+	st, err := Open(context.Background(), sock, "v1.wait", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if err := st.Send(api.Frame{Type: api.FrameStdin, Data: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = st.Recv(nil)
+	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "takes no input") {
+		t.Fatalf("a frame to a method without input: %v, want ErrInvalid", err)
+	}
+	<-cancelled // the handler's context was cancelled, or this never returns
+}
+
+// frameLine is one client message of a stdin frame, as large as the server
+// accepts.
+func frameLine(t *testing.T) []byte {
+	t.Helper()
+	line, err := json.Marshal(Message{Frame: &api.Frame{Type: api.FrameStdin, Data: make([]byte, (MaxFrameBytes-128)/4*3)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	line = append(line, '\n')
+	if len(line) > MaxFrameBytes {
+		t.Fatalf("test frame of %d bytes is over the limit", len(line))
+	}
+	return line
+}
+
+// feeder writes max-size frames to a call's connection for as long as the
+// server reads them. A write that makes no progress for a while counts a
+// stall and is retried: a server applying backpressure stalls its writer.
+type feeder struct {
+	conn   net.Conn
+	stalls atomic.Int64
+	frames atomic.Int64
+	done   chan struct{} // closed when the feeder stops
+	err    error         // why it stopped; set before done is closed
+}
+
+func feed(t *testing.T, sock, method string, line []byte) *feeder {
+	t.Helper()
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Write([]byte(`{"method":"` + method + `"}` + "\n")); err != nil {
+		t.Fatal(err)
+	}
+	f := &feeder{conn: conn, done: make(chan struct{})}
+	go func() {
+		off := 0
+		for {
+			// Not a time limit on the server: how long a write may make no
+			// progress before it counts as stalled (and is retried).
+			_ = conn.SetWriteDeadline(time.Now().Add(500 * time.Millisecond))
+			n, err := conn.Write(line[off:])
+			off += n
+			if off == len(line) {
+				off = 0
+				f.frames.Add(1)
+			}
+			var ne net.Error
+			switch {
+			case err == nil:
+			case errors.As(err, &ne) && ne.Timeout():
+				f.stalls.Add(1)
+			default:
+				f.err = err // the connection was closed: the test is over
+				close(f.done)
+				return
+			}
+		}
+	}()
+	return f
+}
+
+// waitFor waits for cond, checking it every 10 ms, for at most 2 minutes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("timed out waiting for %s", what)
+		case <-tick.C:
+		}
+	}
+}
+
+// waitStalled waits until every feeder has stalled since marks were taken.
+func waitStalled(t *testing.T, fs []*feeder, marks []int64) {
+	t.Helper()
+	for i, f := range fs {
+		waitFor(t, fmt.Sprintf("feeder %d to stall (the server reads without bound?)", i), func() bool {
+			select {
+			case <-f.done:
+				t.Fatalf("feeder %d: %v", i, f.err)
+			default:
+			}
+			return f.stalls.Load() > marks[i]
+		})
+	}
+}
+
+func heapInUse() uint64 {
+	var m runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
+}
+
+// What clients streaming input make the daemon hold is bounded per call,
+// whether the handler never reads its input or reads it slowly: the server
+// stops reading a connection whose handler doesn't keep up.
+func TestCallInputMemoryBounded(t *testing.T) {
+	const conns = 3
+	const bound = 8 << 20
+	tokens := make(chan struct{})
+	var read atomic.Int64
+	sock := serve(t, nil, func(s *Server) {
+		s.Handle("v1.stuck", PermWrite, func(ctx context.Context, c *Call) (any, error) {
+			<-ctx.Done()
+			return nil, ctx.Err()
+		}, TakesInput())
+		s.Handle("v1.slow", PermWrite, func(ctx context.Context, c *Call) (any, error) {
+			for {
+				select {
+				case <-tokens:
+				case <-ctx.Done():
+					return nil, ctx.Err()
+				}
+				if _, ok := <-c.Frames(); !ok {
+					return nil, nil
+				}
+				read.Add(1)
+			}
+		}, TakesInput())
+	})
+	line := frameLine(t)
+	base := heapInUse()
+	var fs []*feeder
+	for range conns {
+		fs = append(fs, feed(t, sock, "v1.stuck", line), feed(t, sock, "v1.slow", line))
+	}
+	defer func() {
+		for _, f := range fs {
+			f.conn.Close()
+			<-f.done
+		}
+	}()
+	marks := make([]int64, len(fs))
+	check := func(when string) {
+		t.Helper()
+		waitStalled(t, fs, marks)
+		for i, f := range fs {
+			marks[i] = f.stalls.Load()
+		}
+		heap := heapInUse()
+		var written int64
+		for _, f := range fs {
+			written += f.frames.Load()
+		}
+		t.Logf("%s: %d frames of %d KiB written, heap grew by %d KiB", when, written, len(line)>>10, (int64(heap)-int64(base))>>10)
+		if heap > base+bound {
+			t.Fatalf("%s: %d connections streaming to handlers that don't keep up grew the heap by %d MiB (%d frames written), want < %d MiB",
+				when, len(fs), (heap-base)>>20, written, bound>>20)
+		}
+	}
+	check("handlers not reading")
+	// The slow handlers read a few frames at a time; the server reads
+	// only as much more.
+	given := int64(0)
+	for round := range 4 {
+		for range conns * 3 {
+			tokens <- struct{}{}
+			given++
+		}
+		waitFor(t, "the slow handlers to read", func() bool { return read.Load() == given })
+		check(fmt.Sprintf("after slow read %d", round+1))
+	}
+}
+
+// Past MaxCalls, a call waits until another ends: never more than MaxCalls
+// handlers run at once.
+func TestMaxCalls(t *testing.T) {
+	var running, most atomic.Int64
+	release := make(chan struct{})
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(slog.New(slog.DiscardHandler), nil)
+	s.MaxCalls = 2
+	s.Handle("v1.hold", PermRead, func(ctx context.Context, c *Call) (any, error) {
+		n := running.Add(1)
+		defer running.Add(-1)
+		for {
+			m := most.Load()
+			if n <= m || most.CompareAndSwap(m, n) {
+				break
+			}
+		}
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return "done", nil
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(ctx, l) }()
+	defer func() {
+		cancel()
+		if err := <-served; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	}()
+	var streams []*Stream
+	for range 3 {
+		st, err := Open(ctx, sock, "v1.hold", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer st.Close()
+		streams = append(streams, st)
+	}
+	waitFor(t, "two calls to run", func() bool { return running.Load() == 2 })
+	// All three calls are open; the third starts only when the others end.
+	close(release)
+	for _, st := range streams {
+		var r string
+		if _, err := st.Recv(&r); !errors.Is(err, io.EOF) || r != "done" {
+			t.Fatalf("call: %q %v", r, err)
+		}
+	}
+	if got := most.Load(); got != 2 {
+		t.Fatalf("%d calls ran at once, want MaxCalls = 2", got)
 	}
 }

@@ -1,6 +1,8 @@
 package rpc
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -56,13 +58,35 @@ type Handler func(ctx context.Context, call *Call) (any, error)
 type method struct {
 	perm    Perm
 	handler Handler
+	input   bool // the client may stream frames to the call
 }
+
+// Option changes how a method is served.
+type Option func(*method)
+
+// TakesInput lets the method's client stream frames to the call (stdin,
+// resize, EOF), which the handler reads from Call.Frames. Any frame sent to
+// a method registered without it ends the call with ErrInvalid.
+func TakesInput() Option { return func(m *method) { m.input = true } }
+
+// DefaultMaxCalls is how many calls a server serves at once by default.
+const DefaultMaxCalls = 256
+
+// frameQueue is how many client frames a call holds read but not yet
+// taken by its handler. Past it the server stops reading the connection:
+// the client's writes block (backpressure) instead of the daemon queueing.
+const frameQueue = 2
 
 // Authorizer decides whether peer may call a method needing perm.
 type Authorizer func(peer Peer, perm Perm) error
 
 // Server dispatches calls to a table of handlers.
 type Server struct {
+	// MaxCalls is how many connections (calls) are served at once; 0 means
+	// DefaultMaxCalls. Past it, new connections wait in the listen backlog,
+	// unread, until a call ends. Set it before Serve.
+	MaxCalls int
+
 	log       *slog.Logger
 	authorize Authorizer
 	methods   map[string]method
@@ -76,24 +100,49 @@ func NewServer(log *slog.Logger, authorize Authorizer) *Server {
 
 // Handle registers a method. It panics on a duplicate name: the table is
 // built once at start-up.
-func (s *Server) Handle(name string, perm Perm, h Handler) {
+func (s *Server) Handle(name string, perm Perm, h Handler, opts ...Option) {
 	if _, dup := s.methods[name]; dup {
 		panic("rpc: duplicate method " + name)
 	}
-	s.methods[name] = method{perm: perm, handler: h}
+	m := method{perm: perm, handler: h}
+	for _, o := range opts {
+		o(&m)
+	}
+	s.methods[name] = m
 }
 
 // Serve accepts connections until ctx ends or l fails. It waits for
 // in-flight calls to return before it returns.
+//
+// At most MaxCalls connections are served at once: the server accepts a
+// connection only when a slot is free, so the connections past the cap
+// cost the daemon nothing (the kernel holds them in the listen backlog)
+// and their calls start, in order, as earlier calls end.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	go func() {
 		<-ctx.Done()
 		l.Close()
 	}()
 	defer s.wg.Wait()
+	maxCalls := s.MaxCalls
+	if maxCalls <= 0 {
+		maxCalls = DefaultMaxCalls
+	}
+	slots := make(chan struct{}, maxCalls)
 	for {
+		select {
+		case slots <- struct{}{}:
+		default:
+			s.log.Warn("rpc: too many calls at once; new calls wait until one ends", "max_calls", maxCalls)
+			select {
+			case slots <- struct{}{}:
+			case <-ctx.Done():
+				return nil
+			}
+		}
 		conn, err := l.Accept()
 		if err != nil {
+			<-slots
 			if ctx.Err() != nil {
 				return nil
 			}
@@ -102,6 +151,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
+			defer func() { <-slots }()
 			s.serveConn(ctx, conn)
 		}()
 	}
@@ -166,9 +216,8 @@ func peerGroups(fd int) ([]uint32, error) {
 
 func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	defer conn.Close()
-	// Every message is read through a budget: a client can't make the
-	// daemon buffer more than about MaxRequestBytes (request) or
-	// MaxFrameBytes (each later frame), whatever it sends.
+	// The request is read through a budget: a client can't make the daemon
+	// buffer more than about MaxRequestBytes of it, whatever it sends.
 	in := &budgetReader{r: conn, left: MaxRequestBytes, limit: MaxRequestBytes}
 	dec := json.NewDecoder(in)
 	var req Request
@@ -182,8 +231,13 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 		}
 		return
 	}
-	in.limit = MaxFrameBytes
-	call := &Call{Method: req.Method, Params: req.Params, enc: json.NewEncoder(conn), frames: make(chan api.Frame, 64)}
+	// Frames are read one line at a time (json.Encoder ends each message
+	// with a newline) through a buffer of MaxFrameBytes: a longer line is
+	// refused, and the request decoder's buffer, grown to the request's
+	// size, isn't kept for the call.
+	ahead, _ := io.ReadAll(dec.Buffered())
+	lines := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(ahead), conn), MaxFrameBytes)
+	call := &Call{Method: req.Method, Params: req.Params, enc: json.NewEncoder(conn), frames: make(chan api.Frame, frameQueue)}
 	m, ok := s.methods[req.Method]
 	if !ok {
 		call.finish(nil, fmt.Errorf("method %s (client and daemon versions differ?): %w", errdefs.Quote(req.Method), errdefs.ErrUnknownMethod))
@@ -207,14 +261,15 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	}
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// Read client frames; a closed connection cancels the call.
+	// Read client frames; a closed connection cancels the call. The reader
+	// holds at most one frame while the queue is full: it then stops
+	// reading the connection until the handler takes one.
 	go func() {
 		defer cancel()
 		defer close(call.frames)
 		for {
-			var msg Message
-			in.reset()
-			if err := dec.Decode(&msg); err != nil {
+			msg, err := readMessage(lines)
+			if err != nil {
 				if errors.Is(err, errdefs.ErrInvalid) {
 					call.setInputErr(err)
 				}
@@ -222,6 +277,10 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 			}
 			if msg.Frame == nil {
 				continue
+			}
+			if !m.input {
+				call.setInputErr(fmt.Errorf("%s takes no input frames (got a %s frame): %w", req.Method, errdefs.Quote(msg.Frame.Type), errdefs.ErrInvalid))
+				return
 			}
 			select {
 			case call.frames <- *msg.Frame:
@@ -241,6 +300,31 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 		log.Debug("rpc call failed", "err", err)
 	}
 	call.finish(res, err)
+}
+
+// readMessage reads the next message: one line of JSON, at most
+// MaxFrameBytes long (r's buffer). A longer line, or one that isn't a
+// message, is an ErrInvalid error; the end of the stream is io.EOF.
+func readMessage(r *bufio.Reader) (Message, error) {
+	for {
+		line, err := r.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) {
+			return Message{}, fmt.Errorf("message larger than %d KiB: %w", MaxFrameBytes>>10, errdefs.ErrInvalid)
+		}
+		if err != nil {
+			// A last line without its newline is a client that went away
+			// mid-message.
+			return Message{}, err
+		}
+		if len(bytes.TrimSpace(line)) == 0 {
+			continue
+		}
+		var msg Message
+		if err := json.Unmarshal(line, &msg); err != nil {
+			return Message{}, fmt.Errorf("bad message: %w: %w", err, errdefs.ErrInvalid)
+		}
+		return msg, nil
+	}
 }
 
 // Call is one call being served.
@@ -293,8 +377,11 @@ func (c *Call) Progress(p api.Progress) {
 	_ = c.Send(api.Frame{Type: api.FrameProgress, Progress: &p})
 }
 
-// Frames returns the frames the client sends. The channel is closed when
-// the client closes its side.
+// Frames returns the frames the client sends (only to a method registered
+// with TakesInput). The channel is closed when the client closes its side
+// or the call ends. The server reads a frame from the connection only when
+// the handler has room for it: a handler that stops taking frames stops the
+// client's writes.
 func (c *Call) Frames() <-chan api.Frame { return c.frames }
 
 func (c *Call) finish(res any, err error) {
