@@ -1,11 +1,20 @@
 package cli
 
 import (
+	"archive/tar"
+	"bytes"
+	"context"
 	"errors"
+	"log/slog"
+	"net"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
+	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/rpc"
 )
 
 func TestGuestBase(t *testing.T) {
@@ -33,5 +42,61 @@ func TestInvokingUser(t *testing.T) {
 	os.Unsetenv("SUDO_UID")
 	if o, err := invokingUser(); o != nil || err != nil {
 		t.Errorf("invokingUser() without sudo = %+v, %v; want nil (root owns)", o, err)
+	}
+}
+
+// TestCopyOutErrorAfterACompleteTar runs `vm cp NAME:SRC DST` against a
+// daemon that relays a complete tar and then fails the call, as bangerd
+// does when the guest sent more than it announced after a valid tar: the
+// command fails and DST holds what it held before.
+func TestCopyOutErrorAfterACompleteTar(t *testing.T) {
+	var b bytes.Buffer
+	tw := tar.NewWriter(&b)
+	tw.WriteHeader(&tar.Header{Name: "tree/", Typeflag: tar.TypeDir, Mode: 0o755})
+	tw.WriteHeader(&tar.Header{Name: "tree/f", Mode: 0o644, Size: 4})
+	tw.Write([]byte("data"))
+	tw.Close()
+	dir, err := os.MkdirTemp("/tmp", "bgrcp") // unix socket paths are short
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "bangerd.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := rpc.NewServer(slog.New(slog.DiscardHandler), nil)
+	srv.Handle(api.MethodVMCopyOut, rpc.PermWrite, func(ctx context.Context, call *rpc.Call) (any, error) {
+		if err := call.Send(api.Frame{Type: api.FrameStdout, Data: b.Bytes()}); err != nil {
+			return nil, err
+		}
+		return nil, errors.New(`copy from vm "box": copy out of /tree: guest sent more than it announced`)
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, l) }()
+	t.Cleanup(func() { cancel(); <-served })
+
+	// An empty config: nothing from the host's.
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dest := filepath.Join(dir, "dest")
+	if err := os.MkdirAll(filepath.Join(dest, "tree"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	a := &app{stdout: &bytes.Buffer{}, stderr: &stderr}
+	root := a.rootCmd()
+	root.SetArgs([]string{"--config", cfgPath, "--socket", sock, "vm", "cp", "box:/tree", dest})
+	err = root.ExecuteContext(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "more than it announced") || !strings.Contains(err.Error(), "partial copy was removed") {
+		t.Fatalf("vm cp: %v, want the daemon's error and the partial copy removed", err)
+	}
+	ents, err := os.ReadDir(filepath.Join(dest, "tree"))
+	if err != nil || len(ents) != 0 {
+		t.Errorf("dest/tree after the failed copy: %v, %v; want it there and empty, as it was", ents, err)
 	}
 }
