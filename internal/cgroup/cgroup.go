@@ -233,7 +233,7 @@ func (m *Manager) create(g *Group, l Limits) error {
 				return err
 			}
 		}
-		return nil
+		return rebalance(filepath.Dir(p))
 	}
 	for i, c := range Controllers {
 		p := g.Paths[i]
@@ -259,7 +259,53 @@ func (m *Manager) create(g *Group, l Limits) error {
 					return err
 				}
 			}
+			if err := rebalance(filepath.Dir(p)); err != nil {
+				return err
+			}
 		}
+	}
+	return nil
+}
+
+// cpuFiles are the CPU weight files with their default and maximum.
+var cpuFiles = []struct {
+	name     string
+	def, max int
+}{{"cpu.weight", 100, 10000}, {"cpu.shares", 1024, 262144}}
+
+// rebalance gives the parent of VM groups the sum of its children's CPU
+// weights. Left at the default, the parent would weigh as much as one
+// ordinary process, and every VM together would get one process's share
+// of a busy host (v1 hosts and v2 hosts without systemd keep processes in
+// the root group, each weighing the default). With the sum, each VM
+// competes as if it were placed at the top with its own weight. A parent
+// without a CPU weight file (not the cpu hierarchy) is left alone.
+func rebalance(parent string) error {
+	for _, f := range cpuFiles {
+		if _, err := os.Stat(filepath.Join(parent, f.name)); err != nil {
+			continue
+		}
+		ents, err := os.ReadDir(parent)
+		if err != nil {
+			return err
+		}
+		sum := 0
+		for _, e := range ents {
+			if !e.IsDir() {
+				continue
+			}
+			b, err := os.ReadFile(filepath.Join(parent, e.Name(), f.name))
+			if err != nil {
+				continue
+			}
+			if v, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+				sum += v
+			}
+		}
+		if sum == 0 {
+			sum = f.def
+		}
+		return writeFile(filepath.Join(parent, f.name), strconv.Itoa(clamp(sum, 2, f.max)))
 	}
 	return nil
 }
@@ -371,6 +417,9 @@ func Remove(paths []string) error {
 				break
 			}
 			time.Sleep(20 * time.Millisecond)
+		}
+		if err := rebalance(filepath.Dir(p)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("rebalance cgroup %s: %w", filepath.Dir(p), err))
 		}
 	}
 	return errors.Join(errs...)

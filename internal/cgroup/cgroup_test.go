@@ -97,6 +97,20 @@ func TestV1Real(t *testing.T) {
 	if got := readTrim(t, filepath.Join(DefaultRoot, "cpu", parent, name, "cpu.shares")); got != "2048" {
 		t.Errorf("cpu.shares = %s", got)
 	}
+	// The parent weighs what its VMs weigh together, not one process.
+	g2, err := m.Create("vm2", Limits{MemoryBytes: 64 << 20, PIDs: 10, CPUWeight: 300})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readTrim(t, filepath.Join(DefaultRoot, "cpu", parent, "cpu.shares")); got != strconv.Itoa(2048+3072) {
+		t.Errorf("parent cpu.shares = %s with two VMs, want %d", got, 2048+3072)
+	}
+	if err := g2.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if got := readTrim(t, filepath.Join(DefaultRoot, "cpu", parent, "cpu.shares")); got != "2048" {
+		t.Errorf("parent cpu.shares = %s after one VM left, want 2048", got)
+	}
 
 	cmd := startSleep(t, g)
 	cgs, err := ProcessCgroups(cmd.Process.Pid)
@@ -213,6 +227,10 @@ func TestV2Layout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The kernel gives every non-root v2 group a cpu.weight (when the cpu
+	// controller is on); the fake parent has one.
+	os.MkdirAll(filepath.Join(root, "banger", "vms"), 0o755)
+	os.WriteFile(filepath.Join(root, "banger", "vms", "cpu.weight"), []byte("100\n"), 0o644)
 	g, err := m.Create("vm1", Limits{MemoryBytes: 1 << 30, PIDs: 130, CPUWeight: 200})
 	if err != nil {
 		t.Fatal(err)
@@ -224,6 +242,9 @@ func TestV2Layout(t *testing.T) {
 		if got := readTrim(t, filepath.Join(p, "cgroup.subtree_control")); got != "+memory +pids +cpu" {
 			t.Errorf("%s/cgroup.subtree_control = %q", p, got)
 		}
+	}
+	if got := readTrim(t, filepath.Join(root, "banger", "vms", "cpu.weight")); got != "200" {
+		t.Errorf("parent cpu.weight = %q, want its child's 200", got)
 	}
 	for file, want := range map[string]string{"memory.max": strconv.Itoa(1 << 30), "pids.max": "130", "cpu.weight": "200"} {
 		if got := readTrim(t, filepath.Join(g.Paths[0], file)); got != want {
