@@ -84,9 +84,11 @@ type ExtractOptions struct {
 //
 // Existing directories are merged into; an existing non-directory is
 // replaced atomically (the new entry is written under a temporary name and
-// renamed over it). Extract reads r to its end, past the tar's end marker.
-// On error, every entry this call created (and the parts of dest it
-// created) is removed and the error names the offending entry.
+// exchanged with it; the old one is removed once the copy succeeded).
+// Extract reads r to its end, past the tar's end marker. On error, every
+// entry this call created (and the parts of dest it created) is removed,
+// the entries it replaced are put back, and the error names the offending
+// entry.
 func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 	if !filepath.IsAbs(dest) {
 		return fmt.Errorf("destination %s: not an absolute path", quote(dest))
@@ -137,6 +139,9 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 	if _, err := io.Copy(io.Discard, r); err != nil {
 		return fmt.Errorf("read tar: %w", err)
 	}
+	// Past this point the copy stands: what it replaced goes (before
+	// finishDirs makes a directory read-only).
+	x.dropBackups()
 	return x.finishDirs()
 }
 
@@ -151,12 +156,16 @@ func dirHeader(h *tar.Header) *tar.Header {
 	return &tar.Header{Mode: h.Mode, Uid: h.Uid, Gid: h.Gid, ModTime: h.ModTime, AccessTime: h.AccessTime}
 }
 
+// change is one step of an extraction: name (relative to the
+// destination) was created, or, with backup, replaced, the entry it held
+// now being at backup (in the same directory) until the copy succeeds.
+type change struct{ name, backup string }
+
 type extractor struct {
 	opts ExtractOptions
 	root int
-	// created lists what this copy created, in order (names relative to
-	// the destination), for rollback.
-	created []string
+	// journal lists what this copy changed, in order, for rollback.
+	journal []change
 	// files holds the regular files this copy wrote (hard link targets).
 	files map[string]bool
 	dirs  []dirMeta
@@ -345,20 +354,21 @@ func (x *extractor) mkdir(parent int, name, leaf string, hdr *tar.Header) error 
 	if err != nil {
 		return fmt.Errorf("tar entry %s: create directory: %w", quote(name), err)
 	}
-	x.created = append(x.created, name)
+	x.journal = append(x.journal, change{name: name})
 	x.dirs = append(x.dirs, dirMeta{name, dirHeader(hdr)})
 	return nil
 }
 
 // create makes a non-directory entry through make, which creates it under
 // the name it is given in parent. A new name is created in place; an
-// existing non-directory is replaced by renaming a temporary entry over it.
+// existing non-directory is replaced by exchanging a temporary entry with
+// it (the old entry stays under the temporary name until the copy ends).
 func (x *extractor) create(parent int, name, leaf string, make func(string) error) error {
 	var st unix.Stat_t
 	err := unix.Fstatat(parent, leaf, &st, unix.AT_SYMLINK_NOFOLLOW)
 	switch {
 	case errors.Is(err, unix.ENOENT):
-		x.created = append(x.created, name)
+		x.journal = append(x.journal, change{name: name})
 		if err := make(leaf); err != nil {
 			return fmt.Errorf("tar entry %s: %w", quote(name), err)
 		}
@@ -373,6 +383,18 @@ func (x *extractor) create(parent int, name, leaf string, make func(string) erro
 		_ = unix.Unlinkat(parent, tmp, 0)
 		return fmt.Errorf("tar entry %s: %w", quote(name), err)
 	}
+	// Swap the new entry in; the old one stays under the temporary name
+	// until the copy succeeds, and comes back if it fails.
+	err = unix.Renameat2(parent, tmp, parent, leaf, unix.RENAME_EXCHANGE)
+	if err == nil {
+		x.journal = append(x.journal, change{name: name, backup: path.Join(path.Dir(name), tmp)})
+		return nil
+	}
+	if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EOPNOTSUPP) {
+		_ = unix.Unlinkat(parent, tmp, 0)
+		return fmt.Errorf("tar entry %s: replace: %w", quote(name), err)
+	}
+	// A file system without RENAME_EXCHANGE: replace for good.
 	if err := unix.Renameat(parent, tmp, parent, leaf); err != nil {
 		_ = unix.Unlinkat(parent, tmp, 0)
 		return fmt.Errorf("tar entry %s: replace: %w", quote(name), err)
@@ -499,6 +521,29 @@ func (x *extractor) mode(hdr *tar.Header) uint32 {
 	return uint32(hdr.Mode & 0o777)
 }
 
+// dropBackups removes the entries this copy replaced, once it succeeded,
+// and forgets the replacements: a later rollback leaves them.
+func (x *extractor) dropBackups() {
+	x.dropParent()
+	kept := x.journal[:0]
+	for _, c := range x.journal {
+		if c.backup == "" {
+			kept = append(kept, c)
+			continue
+		}
+		dir, leaf := path.Split(c.backup)
+		parent, err := x.openDir(strings.TrimSuffix(dir, "/"))
+		if err == nil {
+			err = unix.Unlinkat(parent, leaf, 0)
+			unix.Close(parent)
+		}
+		if err != nil {
+			x.opts.Log.Warn("copy: remove the replaced entry", "name", c.name, "path", c.backup, "err", err)
+		}
+	}
+	x.journal = kept
+}
+
 // finishDirs sets the metadata of the directories this copy created,
 // deepest first: creating entries changes a directory's mtime, and a
 // read-only mode must not be set before its children are written.
@@ -525,14 +570,23 @@ func (x *extractor) finishDirs() error {
 	return nil
 }
 
-// rollback removes what this copy created, newest first. Directories that
+// rollback undoes what this copy did, newest first: it puts back the
+// entries it replaced and removes the ones it created. Directories that
 // are not empty (something else wrote there) are left.
 func (x *extractor) rollback() {
 	x.dropParent()
-	for _, name := range slices.Backward(x.created) {
+	for _, c := range slices.Backward(x.journal) {
+		name := c.name
 		dir, leaf := path.Split(name)
 		parent, err := x.openDir(strings.TrimSuffix(dir, "/"))
 		if err != nil {
+			continue
+		}
+		if c.backup != "" {
+			if err := unix.Renameat(parent, path.Base(c.backup), parent, leaf); err != nil {
+				x.opts.Log.Warn("copy: put back the replaced entry", "name", name, "path", c.backup, "err", err)
+			}
+			unix.Close(parent)
 			continue
 		}
 		var st unix.Stat_t

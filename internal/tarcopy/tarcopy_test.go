@@ -478,7 +478,8 @@ func TestWriteAnnouncesItsExactSize(t *testing.T) {
 // TestExtractFromRollsBackAfterTheEndMarker: a stream that fails after a
 // complete tar (what vm cp gets when the daemon reports, after relaying
 // the whole tar, that the guest sent more than it announced) removes the
-// copy, and only the copy: what the destination held before stays.
+// copy, and only the copy: what the destination held before stays, a
+// file the copy replaced included.
 func TestExtractFromRollsBackAfterTheEndMarker(t *testing.T) {
 	stream := tarOf(t, entry{name: "tree/", typ: tar.TypeDir}, entry{name: "tree/f", body: "new"},
 		entry{name: "tree/sub/", typ: tar.TypeDir}, entry{name: "tree/sub/g", body: "new"})
@@ -495,6 +496,10 @@ func TestExtractFromRollsBackAfterTheEndMarker(t *testing.T) {
 				t.Fatal(err)
 			}
 			if err := os.WriteFile(filepath.Join(dest, "tree", "mine"), []byte("mine"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			// and tree/f, which the stream replaces: it comes back.
+			if err := os.WriteFile(filepath.Join(dest, "tree", "f"), []byte("old"), 0o600); err != nil {
 				t.Fatal(err)
 			}
 			before := snapshot(t, dest)
@@ -553,5 +558,23 @@ func TestWriteStopsWhenSourceGainsEntries(t *testing.T) {
 	}
 	if int64(out.Len()) > announced {
 		t.Errorf("wrote %d bytes, more than the %d announced", out.Len(), announced)
+	}
+}
+
+// TestExtractRollsBackAReplacedNewEntry: an entry this copy created and
+// then replaced is removed, with what it replaced, on error.
+func TestExtractRollsBackAReplacedNewEntry(t *testing.T) {
+	dest := t.TempDir()
+	err := Extract(bytes.NewReader(tarOf(t,
+		entry{name: "tree/", typ: tar.TypeDir},
+		entry{name: "tree/x", body: "first"},
+		entry{name: "tree/x", body: "second"},
+		entry{name: "tree/../escape", body: "no"},
+	)), dest, ExtractOptions{Base: "tree"})
+	if !errors.Is(err, ErrUnsafePath) {
+		t.Fatalf("extract: %v, want ErrUnsafePath", err)
+	}
+	if ents, _ := os.ReadDir(dest); len(ents) != 0 {
+		t.Errorf("%d entries left in the destination: %v", len(ents), ents)
 	}
 }
