@@ -6,11 +6,13 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -137,5 +139,121 @@ func TestOversizedRequestBoundedRSS(t *testing.T) {
 	t.Logf("bangerd RSS: %d KiB before, %d KiB after three 10 MB requests", before, after)
 	if after-before > 16<<10 {
 		t.Errorf("bangerd RSS grew by %d KiB (from %d KiB)", after-before, before)
+	}
+}
+
+// TestStreamedInputBoundedRSS floods bangerd with input frames of the
+// largest size it accepts: three exec calls whose command never reads its
+// stdin, and three calls of a method that takes no input (vm logs
+// --follow). The exec calls are slowed down (bangerd stops reading them),
+// the others are refused, and bangerd's RSS stays bounded. (Before: every
+// call queued 64 frames of up to 1 MiB.)
+func TestStreamedInputBoundedRSS(t *testing.T) {
+	e := newEnv(t)
+	e.RegisterImages()
+	e.Must("vm", "create", "--name", "flood", "--image", "tiny", "--memory", "256", "--start")
+	pid := e.DaemonPID()
+	before := rssKiB(t, pid)
+
+	line, err := json.Marshal(rpc.Message{Frame: &api.Frame{Type: api.FrameStdin, Data: make([]byte, (rpc.MaxFrameBytes-128)/4*3)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	line = append(line, '\n')
+	type flood struct {
+		conn    net.Conn
+		written atomic.Int64
+		stalled atomic.Bool
+		done    chan struct{}
+	}
+	start := func(method string, params any) *flood {
+		conn, err := net.Dial("unix", e.Socket())
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, _ := json.Marshal(params)
+		req, _ := json.Marshal(rpc.Request{Method: method, Params: raw})
+		if _, err := conn.Write(append(req, '\n')); err != nil {
+			t.Fatal(err)
+		}
+		f := &flood{conn: conn, done: make(chan struct{})}
+		go func() {
+			defer close(f.done)
+			off := 0
+			for f.written.Load() < 256<<20 {
+				// How long a write may make no progress before it counts as
+				// stalled (bangerd stopped reading); it is then retried.
+				_ = conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+				n, err := conn.Write(line[off:])
+				off = (off + n) % len(line)
+				f.written.Add(int64(n))
+				var ne net.Error
+				switch {
+				case err == nil:
+				case errors.As(err, &ne) && ne.Timeout():
+					f.stalled.Store(true)
+				default:
+					return // bangerd ended the call, or the test closed it
+				}
+			}
+		}()
+		return f
+	}
+	var execs, logs []*flood
+	for range 3 {
+		execs = append(execs, start(api.MethodVMExec, api.VMExecParams{Name: "flood", Argv: []string{"sleep", "600"}}))
+		logs = append(logs, start(api.MethodVMLogs, api.VMLogsParams{Name: "flood", Follow: true}))
+	}
+	defer func() {
+		for _, f := range append(execs, logs...) {
+			f.conn.Close()
+			<-f.done
+		}
+	}()
+	harness.WaitFor(t, 5*time.Minute, "bangerd to stop reading (exec) or end (logs) every call", func() bool {
+		for i, f := range execs {
+			select {
+			case <-f.done:
+				t.Fatalf("exec call %d: its input ended after %d bytes", i, f.written.Load())
+			default:
+			}
+			if !f.stalled.Load() {
+				return false
+			}
+		}
+		for _, f := range logs {
+			select {
+			case <-f.done:
+			default:
+				if !f.stalled.Load() {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	after := rssKiB(t, pid)
+	var written int64
+	for _, f := range append(execs, logs...) {
+		written += f.written.Load()
+	}
+	t.Logf("bangerd RSS: %d KiB before, %d KiB after 6 calls sent %d MiB of input frames", before, after, written>>20)
+	if after-before > 16<<10 {
+		t.Errorf("bangerd RSS grew by %d KiB (from %d KiB)", after-before, before)
+	}
+	for i, f := range logs {
+		// Generous: the answer is already sent or never comes.
+		_ = f.conn.SetReadDeadline(time.Now().Add(time.Minute))
+		var msg rpc.Message
+		dec := json.NewDecoder(f.conn)
+		for msg.Error == nil {
+			msg = rpc.Message{}
+			if err := dec.Decode(&msg); err != nil {
+				t.Fatalf("logs call %d: %v, want an invalid-argument error for its input", i, err)
+			}
+		}
+		if msg.Error.Code != api.CodeInvalid {
+			t.Fatalf("logs call %d sent input: %+v, want an invalid-argument error", i, msg.Error)
+		}
 	}
 }
