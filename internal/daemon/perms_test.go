@@ -89,13 +89,12 @@ func TestSocketGroupMemberCannotManageImages(t *testing.T) {
 	if err := os.Chmod(e.dir, 0o711); err != nil {
 		t.Fatal(err)
 	}
-	self, err := os.ReadFile(os.Args[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := writeFile(t, filepath.Join(e.dir, "client.test"), self)
-	if err := os.Chmod(bin, 0o755); err != nil {
-		t.Fatal(err)
+	// The copy is written by another process: a file this process had open
+	// for writing could be inherited by a concurrent test's fork, and then
+	// exec would fail with "text file busy".
+	bin := filepath.Join(e.dir, "client.test")
+	if out, err := exec.Command("install", "-m", "0755", os.Args[0], bin).CombinedOutput(); err != nil {
+		t.Fatalf("copy the test binary: %v: %s", err, out)
 	}
 	const uid = 61234
 	cmd := exec.Command(bin, "-test.run=^$", e.rootfs)
