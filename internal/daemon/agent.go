@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 
@@ -29,22 +28,12 @@ func (d *Daemon) connectAgent(ctx context.Context, r *runningVM, keys agent.Keys
 	}
 	r.mu.Unlock()
 	dial := func(ctx context.Context) (net.Conn, error) { return d.driver.DialAgent(ctx, r.handle) }
-	// Stop waiting as soon as the VMM exits.
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := r.untilExit(ctx)
 	defer cancel()
-	go func() {
-		select {
-		case <-r.exited:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	c, err := agent.WaitReady(ctx, dial, keys, d.log)
 	if err != nil {
-		select {
-		case <-r.exited:
-			return nil, errors.New("the VM exited during boot")
-		default:
+		if r.hasExited() {
+			return nil, errExitedDuringBoot
 		}
 		return nil, err
 	}

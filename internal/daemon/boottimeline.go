@@ -225,30 +225,14 @@ func (d *Daemon) waitReady(ctx context.Context, call *rpc.Call, v store.VM, r *r
 // A connection lost meanwhile (a keepalive unanswered in a guest that is
 // busy booting, the agent restarted by its supervisor) is redialed.
 func (d *Daemon) waitEarlyBoot(ctx context.Context, r *runningVM, keys agent.Keys) error {
-	// Stop waiting as soon as the VMM exits.
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := r.untilExit(ctx)
 	defer cancel()
-	go func() {
-		select {
-		case <-r.exited:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	exited := func() bool {
-		select {
-		case <-r.exited:
-			return true
-		default:
-			return false
-		}
-	}
 	signal := ""
 	for {
 		c, err := d.connectAgent(ctx, r, keys)
 		if err != nil {
-			if exited() {
-				return errors.New("the VM exited during boot")
+			if r.hasExited() {
+				return errExitedDuringBoot
 			}
 			return err
 		}
@@ -262,17 +246,17 @@ func (d *Daemon) waitEarlyBoot(ctx context.Context, r *runningVM, keys agent.Key
 				return nil
 			}
 			signal = info.EarlyBootSignal
-		case errors.Is(err, agent.ErrConnectionLost) && ctx.Err() == nil && !exited():
+		case errors.Is(err, agent.ErrConnectionLost) && ctx.Err() == nil && !r.hasExited():
 			d.log.Debug("agent connection lost during early boot; redialing", "err", err)
-		case exited():
-			return errors.New("the VM exited during boot")
+		case r.hasExited():
+			return errExitedDuringBoot
 		default:
 			return err
 		}
 		select {
 		case <-ctx.Done():
-			if exited() {
-				return errors.New("the VM exited during boot")
+			if r.hasExited() {
+				return errExitedDuringBoot
 			}
 			return fmt.Errorf("guest early boot not done (signal %q): %w", signal, ctx.Err())
 		case <-time.After(earlyBootPoll):
@@ -288,13 +272,8 @@ func (d *Daemon) recordFullBoot(v store.VM, r *runningVM, tl *bootTimeline) {
 		defer d.monitors.Done()
 		ctx, cancel := context.WithTimeout(d.ctx, fullBootTimeout)
 		defer cancel()
-		go func() {
-			select {
-			case <-r.exited:
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
+		ctx, cancelExit := r.untilExit(ctx)
+		defer cancelExit()
 		if err := d.waitBoot(ctx, r); err != nil {
 			d.log.Debug("full boot not recorded", "vm", v.Name, "err", err)
 			tl.abandon()

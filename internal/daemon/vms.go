@@ -50,6 +50,34 @@ type runningVM struct {
 	info       *agentproto.Info
 }
 
+// errExitedDuringBoot is what a wait for the guest reports when the VMM
+// exits under it.
+var errExitedDuringBoot = errors.New("the VM exited during boot")
+
+// hasExited reports whether the VMM has exited.
+func (r *runningVM) hasExited() bool {
+	select {
+	case <-r.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// untilExit returns a context that ends with ctx or as soon as the VMM
+// exits, so that no wait for the guest outlasts its VM.
+func (r *runningVM) untilExit(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		select {
+		case <-r.exited:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
+}
+
 func (d *Daemon) vmAPI(v store.VM) api.VM {
 	out := api.VM{
 		ID: v.ID, Name: v.Name, ImageID: v.ImageID, State: v.State, CPUs: v.CPUs, MemoryMiB: v.MemoryMiB,
