@@ -24,6 +24,7 @@ test_deps=(
   git:git
   make:make
   gcc:gcc
+  dbus-daemon:dbus-daemon
 )
 
 deps=("${run_deps[@]}")

@@ -176,15 +176,17 @@ type BootPhase struct {
 
 // Confinement describes a confined VMM process (docs/security.md).
 type Confinement struct {
-	User             string   `json:"user,omitempty"`
-	UID              int      `json:"uid"`
-	GID              int      `json:"gid"`
-	Sandbox          string   `json:"sandbox,omitempty"` // QEMU's -sandbox policy
-	CgroupMode       string   `json:"cgroup_mode,omitempty"`
-	Cgroups          []string `json:"cgroups,omitempty"`
-	MemoryLimitBytes int64    `json:"memory_limit_bytes,omitempty"`
-	PIDsLimit        int64    `json:"pids_limit,omitempty"`
-	CPUWeight        int      `json:"cpu_weight,omitempty"`
+	User       string   `json:"user,omitempty"`
+	UID        int      `json:"uid"`
+	GID        int      `json:"gid"`
+	Sandbox    string   `json:"sandbox,omitempty"` // QEMU's -sandbox policy
+	CgroupMode string   `json:"cgroup_mode,omitempty"`
+	Cgroups    []string `json:"cgroups,omitempty"`
+	// Unit is the systemd scope holding the cgroups ("" on cgroupfs).
+	Unit             string `json:"unit,omitempty"`
+	MemoryLimitBytes int64  `json:"memory_limit_bytes,omitempty"`
+	PIDsLimit        int64  `json:"pids_limit,omitempty"`
+	CPUWeight        int    `json:"cpu_weight,omitempty"`
 }
 
 // GuestInfo is what the guest agent reports.

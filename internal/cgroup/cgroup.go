@@ -59,8 +59,8 @@ type Info struct {
 	Root string
 	// Controllers are the usable controllers among Controllers.
 	Controllers []string
-	// Systemd is true when systemd is PID 1. banger still writes to
-	// cgroupfs (see docs/security.md).
+	// Systemd is true when systemd is the host's init: VMM groups are
+	// then systemd transient scopes (see Systemd).
 	Systemd bool
 }
 
@@ -78,9 +78,7 @@ func (i Info) Missing() []string {
 // Detect inspects the cgroupfs mounted at root.
 func Detect(root string) (Info, error) {
 	info := Info{Mode: ModeNone, Root: root}
-	if b, err := os.ReadFile("/proc/1/comm"); err == nil && strings.TrimSpace(string(b)) == "systemd" {
-		info.Systemd = true
-	}
+	info.Systemd = SystemdBooted()
 	var st unix.Statfs_t
 	if err := unix.Statfs(root, &st); err != nil {
 		return info, fmt.Errorf("detect cgroups: statfs %s: %w", root, err)
@@ -160,6 +158,10 @@ func (m *Manager) Mode() Mode { return m.info.Mode }
 type Group struct {
 	Mode  Mode
 	Paths []string
+	// Unit is the systemd scope holding the group ("" on cgroupfs).
+	Unit string
+	// placeholder keeps a scope alive until its process runs in it.
+	placeholder *exec.Cmd
 }
 
 // Create makes the group name (a single path element) with limits l. A

@@ -517,9 +517,9 @@ func (r runner) checkCgroups() Check {
 		c.Fix = "mount cgroupfs at " + r.opts.CgroupRoot + ", " + confineOff
 		return c
 	}
-	how := "cgroupfs"
+	how := "cgroupfs (no systemd as init)"
 	if info.Systemd {
-		how = "cgroupfs (systemd is PID 1; banger does not use transient scopes yet)"
+		how = "systemd transient scopes (banger-vm-<id>.scope, Delegate=yes) asked for on the system bus"
 	}
 	if info.Mode == cgroup.ModeNone || len(info.Missing()) > 0 {
 		c.Status = Fail

@@ -365,6 +365,18 @@ func TestConfinementChecks(t *testing.T) {
 	}
 }
 
+// The cgroups check says which backend the host gets.
+func TestCgroupBackend(t *testing.T) {
+	e := allGood()
+	if c := e.run(t)["cgroups"]; c.Status != OK || !strings.Contains(c.Detail, "through cgroupfs") {
+		t.Errorf("without systemd: %+v", c)
+	}
+	e.cgroups.Systemd = true
+	if c := e.run(t)["cgroups"]; c.Status != OK || !strings.Contains(c.Detail, "through systemd transient scopes") {
+		t.Errorf("with systemd: %+v", c)
+	}
+}
+
 // doctor probes the policy the driver uses.
 func TestSandboxPolicyMatchesDriver(t *testing.T) {
 	if QEMUSandbox != qemu.Sandbox {

@@ -97,6 +97,8 @@ type Confinement struct {
 	// (one on v2, one per controller on v1).
 	CgroupMode string   `json:"cgroup_mode,omitempty"`
 	Cgroups    []string `json:"cgroups,omitempty"`
+	// Unit is the systemd scope holding the cgroups ("" on cgroupfs).
+	Unit string `json:"unit,omitempty"`
 	// Limits written to the cgroup.
 	MemoryLimitBytes int64 `json:"memory_limit_bytes,omitempty"`
 	PIDsLimit        int64 `json:"pids_limit,omitempty"`

@@ -61,7 +61,7 @@ type Confine struct {
 	// each other.
 	UIDFirst, UIDLast int
 	// Cgroups creates the VM's cgroup. Required.
-	Cgroups *cgroup.Manager
+	Cgroups cgroup.Backend
 	// MemoryOverheadMiB is added to the guest's memory for the cgroup's
 	// memory limit (QEMU's own allocations, device buffers). Under TCG
 	// the translation cache (TCGCacheMiB) is added too.
@@ -485,13 +485,14 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 	defer cf.close()
 	defer cf.pidFile.Close()
 	limits := c.Limits(spec.CPUs, spec.MemoryMiB, accel)
-	group, err := c.Cgroups.Create(cgroupName(spec.ID), limits)
+	group, err := c.Cgroups.CreateGroup(ctx, cgroupName(spec.ID), limits)
 	if err != nil {
 		return vmm.Handle{}, fmt.Errorf("%w (turn confinement off with vmm_confine = false to debug)", err)
 	}
 	defer func() {
 		if err != nil {
-			if rerr := group.Remove(); rerr != nil {
+			group.Release()
+			if rerr := c.Cgroups.RemoveGroup(context.WithoutCancel(ctx), group.Unit, group.Paths); rerr != nil {
 				d.log.Error("remove cgroup after failed start", "vm", spec.Name, "err", rerr)
 			}
 		}
@@ -515,6 +516,7 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 	if err := group.Start(cmd); err != nil {
 		return vmm.Handle{}, fmt.Errorf("run %s as uid %d: %w", bin, uid, err)
 	}
+	aerr := c.Cgroups.Attach(ctx, group, cmd.Process.Pid)
 	exited := make(chan struct{})
 	go func() {
 		// Reap QEMU when it exits (bangerd is its parent until bangerd
@@ -529,6 +531,9 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 			<-exited
 		}
 	}()
+	if aerr != nil {
+		return vmm.Handle{}, aerr
+	}
 	if _, err := cf.pidFile.WriteString(strconv.Itoa(pid) + "\n"); err != nil {
 		return vmm.Handle{}, fmt.Errorf("write pid file: %w", err)
 	}
@@ -546,7 +551,7 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 		Accel:         accel,
 		Confinement: &vmm.Confinement{
 			User: c.User, UID: uid, GID: gid, Sandbox: Sandbox,
-			CgroupMode: string(group.Mode), Cgroups: group.Paths,
+			CgroupMode: string(group.Mode), Cgroups: group.Paths, Unit: group.Unit,
 			MemoryLimitBytes: limits.MemoryBytes, PIDsLimit: limits.PIDs, CPUWeight: limits.CPUWeight,
 		},
 	}
@@ -599,6 +604,9 @@ func (d *Driver) removeCgroups(h vmm.Handle) error {
 	if h.Confinement == nil || len(h.Confinement.Cgroups) == 0 {
 		return nil
 	}
+	if c := d.cfg.Confine; c != nil && c.Cgroups != nil {
+		return c.Cgroups.RemoveGroup(context.Background(), h.Confinement.Unit, h.Confinement.Cgroups)
+	}
 	return cgroup.Remove(h.Confinement.Cgroups)
 }
 
@@ -627,7 +635,7 @@ func (d *Driver) recoverConfinement(pid int) *vmm.Confinement {
 	}
 	conf := &vmm.Confinement{User: c.User, UID: uid, GID: gid, Sandbox: Sandbox}
 	if g, err := c.Cgroups.GroupOf(pid); err == nil {
-		conf.CgroupMode, conf.Cgroups = string(g.Mode), g.Paths
+		conf.CgroupMode, conf.Cgroups, conf.Unit = string(g.Mode), g.Paths, g.Unit
 	}
 	return conf
 }

@@ -31,6 +31,10 @@ type ConfineOptions struct {
 	CgroupParent string
 	// MemoryOverheadMiB, see Confine.
 	MemoryOverheadMiB int
+	// SystemdBus is the D-Bus address of systemd's manager. When systemd
+	// is the host's init, VM cgroups are transient scopes made through
+	// it. Default cgroup.SystemBusAddress.
+	SystemdBus string
 }
 
 // fixHint ends every confinement set-up error.
@@ -68,7 +72,7 @@ func NewConfine(ctx context.Context, o ConfineOptions) *Confine {
 	}
 	info, err := cgroup.Detect(o.CgroupRoot)
 	if err == nil {
-		c.Cgroups, err = cgroup.NewManager(info, o.CgroupParent)
+		c.Cgroups, err = newBackend(info, o)
 	}
 	if err != nil {
 		errs = append(errs, err)
@@ -105,4 +109,17 @@ func EnsureUser(ctx context.Context, name string) (uid, gid int, err error) {
 		return 0, 0, fmt.Errorf("vmm user %s has uid %d gid %d: it must not be root", name, uid, gid)
 	}
 	return uid, gid, nil
+}
+
+// newBackend returns systemd scopes when systemd is the host's init (or a
+// bus was given), cgroupfs otherwise.
+func newBackend(info cgroup.Info, o ConfineOptions) (cgroup.Backend, error) {
+	if info.Systemd || o.SystemdBus != "" {
+		bus := o.SystemdBus
+		if bus == "" {
+			bus = cgroup.SystemBusAddress
+		}
+		return cgroup.NewSystemd(info, o.CgroupParent, bus)
+	}
+	return cgroup.NewManager(info, o.CgroupParent)
 }
