@@ -162,6 +162,7 @@ type Group struct {
 	Unit string
 	// placeholder keeps a scope alive until its process runs in it.
 	placeholder *exec.Cmd
+	hold        *os.File
 }
 
 // Create makes the group name (a single path element) with limits l. A

@@ -78,8 +78,6 @@ type Systemd struct {
 	bus string
 	// Slice holds the scopes, e.g. banger.slice.
 	slice string
-	// placeholder is the command of the placeholder process.
-	placeholder []string
 }
 
 // NewSystemd returns a Backend that makes scopes in the slice named
@@ -93,7 +91,7 @@ func NewSystemd(info Info, parent, bus string) (*Systemd, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Systemd{info: info, bus: bus, slice: slice, placeholder: []string{"sleep", "infinity"}}, nil
+	return &Systemd{info: info, bus: bus, slice: slice}, nil
 }
 
 // SliceName maps a cgroup parent to a systemd slice name.
@@ -271,11 +269,11 @@ func (s *Systemd) CreateGroup(ctx context.Context, name string, l Limits) (g *Gr
 	}
 	defer c.conn.Close()
 
-	ph := exec.Command(s.placeholder[0], s.placeholder[1:]...)
-	if err := ph.Start(); err != nil {
+	ph, hold, err := startPlaceholder()
+	if err != nil {
 		return nil, fmt.Errorf("start scope %s: placeholder: %w", unit, err)
 	}
-	pg := &Group{Mode: s.info.Mode, Unit: unit, placeholder: ph}
+	pg := &Group{Mode: s.info.Mode, Unit: unit, placeholder: ph, hold: hold}
 	g = pg
 	defer func() {
 		if err != nil {
@@ -412,12 +410,33 @@ func (s *Systemd) GroupOf(pid int) (*Group, error) {
 	return g, nil
 }
 
+// startPlaceholder starts the process a scope is created around: cat
+// reading a pipe whose only writer is hold (close-on-exec, so no VMM
+// inherits it). If bangerd dies before Release, the pipe closes, cat
+// exits, and systemd collects the empty scope: no stale scope keeps the
+// VM's unit name.
+func startPlaceholder() (*exec.Cmd, *os.File, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	defer r.Close()
+	cmd := exec.Command("cat")
+	cmd.Stdin = r
+	if err := cmd.Start(); err != nil {
+		w.Close()
+		return nil, nil, err
+	}
+	return cmd, w, nil
+}
+
 // Release ends the placeholder process of a scope being set up, if any.
 func (g *Group) Release() {
 	if g.placeholder == nil {
 		return
 	}
+	g.hold.Close()
 	g.placeholder.Process.Kill()
 	g.placeholder.Wait()
-	g.placeholder = nil
+	g.placeholder, g.hold = nil, nil
 }

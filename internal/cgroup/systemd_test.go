@@ -414,3 +414,28 @@ func TestSystemdScope(t *testing.T) {
 		t.Error("Subscribe was never called")
 	}
 }
+
+// The placeholder ends by itself once its holder (bangerd) is gone.
+func TestPlaceholderEndsWithHolder(t *testing.T) {
+	cmd, hold, err := startPlaceholder()
+	if err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	select {
+	case err := <-exited:
+		t.Fatalf("placeholder exited while held: %v", err)
+	default:
+	}
+	hold.Close()
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Errorf("placeholder: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("placeholder still runs after its holder closed the pipe")
+	}
+}
