@@ -16,6 +16,7 @@ import (
 	"github.com/bangerdev/banger/internal/imagefile"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/undo"
 	"github.com/bangerdev/banger/internal/vmname"
 )
 
@@ -145,12 +146,9 @@ func (d *Daemon) imagePromote(ctx context.Context, call *rpc.Call) (any, error) 
 	if err != nil {
 		return nil, fmt.Errorf("promote image %q: %w", im.Name, err)
 	}
-	committed := false
-	defer func() {
-		if !committed {
-			os.RemoveAll(dest)
-		}
-	}()
+	steps := undo.New(d.log.With("op", "promote image", "image", im.Name))
+	defer steps.Run(ctx) // no-op once released
+	steps.Push("remove the copy", func(context.Context) error { return os.RemoveAll(dest) })
 	call.Progress(api.Progress{Phase: "verify copy (sha256)"})
 	srcSums, err := imagefile.Fingerprint(ctx, src, true)
 	if err != nil {
@@ -181,7 +179,7 @@ func (d *Daemon) imagePromote(ctx context.Context, call *rpc.Call) (any, error) 
 	if err != nil {
 		return nil, err
 	}
-	committed = true
+	steps.Release()
 	d.log.Info("image promoted", "image", im.Name, "dir", dest)
 
 	call.Progress(api.Progress{Phase: "move VM disks onto the copy"})

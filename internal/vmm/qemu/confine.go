@@ -20,6 +20,7 @@ import (
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/cgroup"
 	"github.com/bangerdev/banger/internal/hostfile"
+	"github.com/bangerdev/banger/internal/undo"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -456,9 +457,9 @@ func buildConfinedArgs(spec vmm.Spec, accel string, cf *confinedFiles) []string 
 
 // launchConfined starts a confined QEMU (see Confine) and waits until it
 // answers on QMP. The caller holds the directory lock and cleans up the
-// runtime files on error; launchConfined kills what it started and removes
-// the cgroup.
-func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, accel string, paths Paths) (h vmm.Handle, err error) {
+// runtime files on error; launchConfined undoes what it made (the
+// descriptors it opened, the cgroup, the QEMU process) on an undo stack.
+func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, accel string, paths Paths) (_ vmm.Handle, err error) {
 	c := d.cfg.Confine
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
@@ -482,21 +483,21 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 	if err != nil {
 		return vmm.Handle{}, err
 	}
+	// QEMU keeps its own copies of the descriptors: the driver's are
+	// closed whether the start succeeds or not, after the undo steps.
 	defer cf.close()
 	defer cf.pidFile.Close()
+	steps := undo.New(d.log.With("op", "start confined qemu", "vm", spec.Name))
+	defer steps.Run(ctx) // no-op once released
 	limits := c.Limits(spec.CPUs, spec.MemoryMiB, accel)
 	group, err := c.Cgroups.CreateGroup(ctx, cgroupName(spec.ID), limits)
 	if err != nil {
 		return vmm.Handle{}, fmt.Errorf("%w (turn confinement off with vmm_confine = false to debug)", err)
 	}
-	defer func() {
-		if err != nil {
-			group.Release()
-			if rerr := c.Cgroups.RemoveGroup(context.WithoutCancel(ctx), group.Unit, group.Paths); rerr != nil {
-				d.log.Error("remove cgroup after failed start", "vm", spec.Name, "err", rerr)
-			}
-		}
-	}()
+	steps.Push("remove cgroup", func(ctx context.Context) error {
+		group.Release()
+		return c.Cgroups.RemoveGroup(ctx, group.Unit, group.Paths)
+	})
 
 	args := buildConfinedArgs(spec, accel, cf)
 	d.log.Debug("run confined qemu", "vm", spec.Name, "binary", bin, "args", args, "uid", uid, "cgroups", group.Paths)
@@ -524,13 +525,12 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 		cmd.Wait()
 		close(exited)
 	}()
+	steps.Push("kill qemu", func(context.Context) error {
+		cmd.Process.Kill()
+		<-exited
+		return nil
+	})
 	pid := cmd.Process.Pid
-	defer func() {
-		if err != nil {
-			cmd.Process.Kill()
-			<-exited
-		}
-	}()
 	if aerr != nil {
 		return vmm.Handle{}, aerr
 	}
@@ -541,7 +541,7 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 	if err != nil {
 		return vmm.Handle{}, fmt.Errorf("qemu exited right after start-up: %w", err)
 	}
-	h = vmm.Handle{
+	h := vmm.Handle{
 		Driver:        DriverName,
 		PID:           pid,
 		StartTime:     st.StartTime,
@@ -586,6 +586,7 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 		}
 		return vmm.Handle{}, err
 	}
+	steps.Release()
 	return h, nil
 }
 

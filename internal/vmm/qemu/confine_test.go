@@ -12,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/bangerdev/banger/internal/cgroup"
 	"github.com/bangerdev/banger/internal/testenv"
@@ -307,4 +308,61 @@ func TestBootUIDRange(t *testing.T) {
 	if err := cmd.Run(); err != nil {
 		t.Errorf("uid %d can't even signal its own qemu: the check above proves nothing (%v)", a.UID, err)
 	}
+}
+
+// A confined start that fails after the cgroup was created and QEMU was
+// started (here: a fake QEMU that never answers on QMP, and a start-up
+// deadline) undoes both: no process and no cgroup are left.
+func TestStartConfinedFailureUndoes(t *testing.T) {
+	img := findTestImage(t)
+	conf := testConfine(t)
+	// Outside t.TempDir (0700): the fake runs as the vmm user.
+	dir, err := os.MkdirTemp("", "banger-fakeqemu-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	mark := filepath.Join(dir, "started")
+	fake := filepath.Join(dir, "qemu")
+	// argv[0] names the VM (-name banger-ID,...), so that the test can
+	// find the process; the mark says it ran.
+	script := "#!/bin/bash\n: > " + mark + "\nexec -a \"fakeqemu $2\" sleep 600\n"
+	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	spec := img.spec(t, filepath.Join(t.TempDir(), "vm"), vmmtest.RunForever)
+	d := New(Config{Binary: fake, Confine: conf}, testLogger(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	h, err := d.Start(ctx, spec)
+	if err == nil {
+		d.Kill(context.Background(), h)
+		t.Fatal("Start succeeded with a qemu that never answers")
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Start = %v, want the start-up deadline", err)
+	}
+	if _, err := os.Stat(mark); err != nil {
+		t.Fatalf("the fake qemu never ran (%v): the failure was not in the middle of the launch", err)
+	}
+	name := "fakeqemu banger-" + spec.ID
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && strings.HasPrefix(string(b), name) {
+			t.Errorf("process %s (%q) left after the failed start", e.Name(), b)
+		}
+	}
+	// testConfine's parent, in every hierarchy (v2 and v1's).
+	parent := "banger-test-" + strconv.Itoa(os.Getpid())
+	for _, ctl := range []string{"", "memory", "pids", "cpu"} {
+		p := filepath.Join("/sys/fs/cgroup", ctl, parent, cgroupName(spec.ID))
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("cgroup %s left after the failed start (%v)", p, err)
+		}
+	}
+	assertNoRuntimeFiles(t, d, spec.Dir)
 }
