@@ -500,7 +500,7 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 	})
 
 	args := buildConfinedArgs(spec, accel, cf)
-	d.log.Debug("run confined qemu", "vm", spec.Name, "binary", bin, "args", args, "uid", uid, "cgroups", group.Paths)
+	d.log.Debug("run confined qemu", "vm", spec.Name, "binary", bin, "args", args, "uid", uid, "cgroups", group.Paths, "unit", group.Unit)
 	cmd := exec.Command(bin, args...)
 	cmd.Dir = "/"
 	cmd.Stdout, cmd.Stderr = cf.log, cf.log
