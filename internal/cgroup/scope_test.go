@@ -87,6 +87,14 @@ func TestSystemdScope(t *testing.T) {
 	if err != nil || back.Unit != g.Unit || !reflect.DeepEqual(back.Paths, g.Paths) {
 		t.Errorf("GroupOf = %+v, %v; want %+v", back, err, g)
 	}
+	// A scope of that name exists: refused, and the running one is left
+	// alone.
+	if g2, err := s.CreateGroup(ctx, "vm-abc", l); err == nil || !strings.Contains(err.Error(), "exists already") {
+		t.Errorf("second CreateGroup of a running scope = %+v, %v; want an error", g2, err)
+	}
+	if pids, err := g.Procs(); err != nil || !reflect.DeepEqual(pids, []int{cmd.Process.Pid}) {
+		t.Errorf("after the refused CreateGroup the scope holds %v, %v; want %d", pids, err, cmd.Process.Pid)
+	}
 	if err := s.RemoveGroup(ctx, g.Unit, g.Paths); err != nil {
 		t.Fatalf("RemoveGroup: %v", err)
 	}

@@ -283,6 +283,10 @@ func (s *Systemd) CreateGroup(ctx context.Context, name string, l Limits) (g *Gr
 	props := ScopeProperties(s.info.Mode, s.slice, "banger VMM of "+name, ph.Process.Pid, l)
 	var job dbus.ObjectPath
 	if err := c.obj.CallWithContext(ctx, sdIface+".StartTransientUnit", 0, unit, "fail", props, []auxUnit{}).Store(&job); err != nil {
+		var derr dbus.Error
+		if errors.As(err, &derr) && derr.Name == "org.freedesktop.systemd1.UnitExists" {
+			return nil, fmt.Errorf("start scope %s: it exists already, so a VMM of this VM may still run: check with systemctl status %s, stop it with systemctl stop %s: %w", unit, unit, unit, errBusy)
+		}
 		return nil, fmt.Errorf("start scope %s: %w", unit, err)
 	}
 	defer func() {

@@ -191,6 +191,12 @@ func (f *FakeSystemd) StartTransientUnit(msg dbus.Message, name, mode string, pr
 	if fail {
 		return f.job(name, "failed"), nil
 	}
+	f.Mu.Lock()
+	_, exists := f.units[name]
+	f.Mu.Unlock()
+	if exists {
+		return "", &dbus.Error{Name: "org.freedesktop.systemd1.UnitExists", Body: []any{"Unit " + name + " was already loaded or has a fragment file."}}
+	}
 	var dirs []string
 	for _, c := range cgroup.Controllers {
 		d := filepath.Join(f.root, c, vals["Slice"].(string), name)
