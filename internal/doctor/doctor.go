@@ -90,7 +90,8 @@ type Options struct {
 	// Output runs a command and returns its combined output. Default runs
 	// it with exec.CommandContext.
 	Output func(ctx context.Context, name string, args ...string) ([]byte, error)
-	// DevRoot is where /dev is looked up. Default "/".
+	// DevRoot is where /dev (and the system bus socket in /run) is
+	// looked up. Default "/".
 	DevRoot string
 	// CommandTimeout bounds each command and the daemon ping. Default 5s.
 	CommandTimeout time.Duration
@@ -527,6 +528,16 @@ func (r runner) checkCgroups() Check {
 			strings.Join(info.Missing(), ", "), strings.Join(info.Controllers, ", "))
 		c.Fix = "enable the memory, pids and cpu controllers, " + confineOff
 		return c
+	}
+	if info.Systemd {
+		// cgroup.SystemBusAddress
+		sock := filepath.Join(r.opts.DevRoot, "run/dbus/system_bus_socket")
+		if _, err := os.Stat(sock); err != nil {
+			c.Status = Fail
+			c.Detail = "systemd is init, so each VM's cgroup is a transient scope asked for on the system bus, but its socket is missing: " + err.Error()
+			c.Fix = "start D-Bus (sudo apt-get install dbus; sudo systemctl start dbus), " + confineOff
+			return c
+		}
 	}
 	c.Status = OK
 	c.Detail = fmt.Sprintf("%s at %s, controllers %s; per-VM limits through %s", info.Mode, info.Root, strings.Join(info.Controllers, ", "), how)

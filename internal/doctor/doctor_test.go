@@ -372,6 +372,10 @@ func TestCgroupBackend(t *testing.T) {
 		t.Errorf("without systemd: %+v", c)
 	}
 	e.cgroups.Systemd = true
+	if c := e.run(t)["cgroups"]; c.Status != Fail || !strings.Contains(c.Detail, "system bus") || !strings.Contains(c.Fix, "dbus") {
+		t.Errorf("with systemd, without the system bus: %+v", c)
+	}
+	e.devs = append(e.devs, "run/dbus/system_bus_socket")
 	if c := e.run(t)["cgroups"]; c.Status != OK || !strings.Contains(c.Detail, "through systemd transient scopes") {
 		t.Errorf("with systemd: %+v", c)
 	}
