@@ -153,6 +153,62 @@ func NewManager(info Info, parent string) (*Manager, error) {
 // Mode returns the manager's cgroup mode.
 func (m *Manager) Mode() Mode { return m.info.Mode }
 
+// Group returns the group name under m's parent, whether or not it exists.
+func (m *Manager) Group(name string) *Group {
+	g := &Group{Mode: m.info.Mode}
+	if m.info.Mode == ModeV2 {
+		g.Paths = []string{filepath.Join(m.info.Root, m.parent, name)}
+	} else {
+		for _, c := range Controllers {
+			g.Paths = append(g.Paths, filepath.Join(m.info.Root, c, m.parent, name))
+		}
+	}
+	return g
+}
+
+// List returns the names of the groups under m's parent, in any of its
+// hierarchies. A parent not created yet has none.
+func (m *Manager) List() ([]string, error) {
+	var dirs []string
+	if m.info.Mode == ModeV2 {
+		dirs = []string{filepath.Join(m.info.Root, m.parent)}
+	} else {
+		for _, c := range Controllers {
+			dirs = append(dirs, filepath.Join(m.info.Root, c, m.parent))
+		}
+	}
+	var names []string
+	for _, dir := range dirs {
+		ents, err := os.ReadDir(dir)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list cgroups: %w", err)
+		}
+		for _, e := range ents {
+			if e.IsDir() && !slices.Contains(names, e.Name()) {
+				names = append(names, e.Name())
+			}
+		}
+	}
+	return names, nil
+}
+
+// RemoveIfEmpty removes g when none of its directories holds a process,
+// and reports whether it did; a group in use is left alone.
+func (g *Group) RemoveIfEmpty() (bool, error) {
+	for _, p := range g.Paths {
+		if err := empty(p); err != nil {
+			if errors.Is(err, errBusy) {
+				return false, nil
+			}
+			return false, err
+		}
+	}
+	return true, g.Remove()
+}
+
 // Group is one created group. Paths are its directories: one on v2, one
 // per controller on v1.
 type Group struct {
@@ -174,14 +230,7 @@ func (m *Manager) Create(name string, l Limits) (*Group, error) {
 	if l.MemoryBytes <= 0 || l.PIDs <= 0 {
 		return nil, fmt.Errorf("cgroup %s: memory and pids limits are required", name)
 	}
-	g := &Group{Mode: m.info.Mode}
-	if m.info.Mode == ModeV2 {
-		g.Paths = []string{filepath.Join(m.info.Root, m.parent, name)}
-	} else {
-		for _, c := range Controllers {
-			g.Paths = append(g.Paths, filepath.Join(m.info.Root, c, m.parent, name))
-		}
-	}
+	g := m.Group(name)
 	if err := m.create(g, l); err != nil {
 		if errors.Is(err, errBusy) {
 			return nil, fmt.Errorf("create cgroup %s: %w", name, err)

@@ -33,6 +33,10 @@ type fakeBehaviour struct {
 	CrashAtBoot         bool   // the VMM exits right after Start returned, before its agent answers
 	Console             string // more console output, after the fake kernel's line
 	HangStart           bool   // Start blocks until its context ends, then fails and leaves nothing
+	// LeakOnStartErr: with StartErr, the failed Start leaves a resource
+	// outside the VM's directory (like a confined QEMU's cgroup), which
+	// only Release or ReleaseStale removes.
+	LeakOnStartErr bool
 	// EarlyBootInfos: the agent reports early boot done only from its
 	// EarlyBootInfos-th info request on; EarlyBootNever: never.
 	EarlyBootInfos int
@@ -64,6 +68,9 @@ type fakeDriver struct {
 	vms    map[int]*fakeVM          // by pid, kept after exit
 	calls  []fakeCall
 	wg     sync.WaitGroup // agent servers and reapers
+	// held are the ids of VMs with a resource outside their directory
+	// (vmm.Releaser).
+	held map[string]bool
 }
 
 type fakeCall struct {
@@ -87,12 +94,44 @@ const (
 )
 
 func newFakeDriver(t *testing.T, log *slog.Logger) *fakeDriver {
-	f := &fakeDriver{log: log, behave: map[string]fakeBehaviour{}, vms: map[int]*fakeVM{}}
+	f := &fakeDriver{log: log, behave: map[string]fakeBehaviour{}, vms: map[int]*fakeVM{}, held: map[string]bool{}}
 	t.Cleanup(f.close)
 	return f
 }
 
-var _ vmm.Driver = (*fakeDriver)(nil)
+var (
+	_ vmm.Driver   = (*fakeDriver)(nil)
+	_ vmm.Releaser = (*fakeDriver)(nil)
+)
+
+// Release implements vmm.Releaser.
+func (f *fakeDriver) Release(id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.held, id)
+	return nil
+}
+
+// ReleaseStale implements vmm.Releaser.
+func (f *fakeDriver) ReleaseStale(keep func(id string) bool) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var released []string
+	for id := range f.held {
+		if !keep(id) {
+			delete(f.held, id)
+			released = append(released, id)
+		}
+	}
+	return released, nil
+}
+
+// holds reports whether the fake keeps a resource for VM id.
+func (f *fakeDriver) holds(id string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.held[id]
+}
 
 func (f *fakeDriver) setBehaviour(name string, b fakeBehaviour) {
 	f.mu.Lock()
@@ -170,6 +209,11 @@ func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, erro
 	b := f.behave[spec.Name]
 	f.mu.Unlock()
 	if b.StartErr != nil {
+		if b.LeakOnStartErr {
+			f.mu.Lock()
+			f.held[spec.ID] = true
+			f.mu.Unlock()
+		}
 		return vmm.Handle{}, b.StartErr
 	}
 	if b.HangStart {

@@ -24,9 +24,9 @@ func (d *Daemon) reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	known := map[string]bool{}
+	known, ids := map[string]bool{}, map[string]bool{}
 	for _, v := range vms {
-		known[filepath.Base(v.Dir)] = true
+		known[filepath.Base(v.Dir)], ids[v.ID] = true, true
 		if err := d.reconcileVM(ctx, v); err != nil {
 			return fmt.Errorf("vm %q: %w", v.Name, err)
 		}
@@ -52,7 +52,26 @@ func (d *Daemon) reconcile(ctx context.Context) error {
 		}
 		d.log.Info("removed an unrecorded VM directory (interrupted create)", "dir", dir)
 	}
+	d.releaseStale(ids)
 	return nil
+}
+
+// releaseStale removes what the driver keeps outside VM directories (a
+// confined QEMU's cgroups) for VMs that no longer exist: a start that
+// failed or crashed before its handle was recorded, then an rm that
+// could not release it. Failures are logged: they hold no VM back.
+func (d *Daemon) releaseStale(ids map[string]bool) {
+	r, ok := d.driver.(vmm.Releaser)
+	if !ok {
+		return
+	}
+	released, err := r.ReleaseStale(func(id string) bool { return ids[id] })
+	if err != nil {
+		d.log.Warn("release the vmm resources of removed VMs", "err", err)
+	}
+	for _, id := range released {
+		d.log.Info("released the vmm resources of a removed VM", "id", id)
+	}
 }
 
 // reconcileVM adopts v's VMM if it still runs, or records v as stopped.

@@ -396,3 +396,46 @@ func TestStartCancelledAfterReadyKeepsVMRunning(t *testing.T) {
 		t.Fatalf("exec in the VM = %d, %v", code, err)
 	}
 }
+
+// What a failed start leaves outside the VM's directory (a confined
+// QEMU's cgroup) is released by vm rm, and, for VMs that no longer exist,
+// by reconcile at the next daemon start; a VM that exists keeps its own.
+func TestFailedStartResourcesReleased(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	ctx := testCtx(t)
+	ids := map[string]string{}
+	for _, name := range []string{"rmd", "kept"} {
+		vm, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: name}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[name] = vm.ID
+		e.fake.setBehaviour(name, fakeBehaviour{StartErr: errors.New("injected start failure"), LeakOnStartErr: true})
+		if _, err := d.c.VMStart(ctx, api.VMStartParams{Name: name}, nil); err == nil {
+			t.Fatalf("start %s succeeded, want the injected failure", name)
+		}
+		if !e.fake.holds(vm.ID) {
+			t.Fatalf("the fake holds nothing for %s after its failed start", name)
+		}
+	}
+	if err := d.c.VMRemove(ctx, api.VMRemoveParams{Name: "rmd"}); err != nil {
+		t.Fatal(err)
+	}
+	if e.fake.holds(ids["rmd"]) {
+		t.Error("vm rm left the resource of a failed start")
+	}
+	// A VM removed by a daemon that didn't release it (an older daemon,
+	// or a crash between the row's deletion and the release).
+	e.fake.mu.Lock()
+	e.fake.held["0123456789abcdef"] = true
+	e.fake.mu.Unlock()
+	d.close()
+	e.start()
+	if e.fake.holds("0123456789abcdef") {
+		t.Error("reconcile left the resource of a VM that no longer exists")
+	}
+	if !e.fake.holds(ids["kept"]) {
+		t.Error("reconcile released the resource of a VM that exists")
+	}
+}

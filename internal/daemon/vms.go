@@ -446,6 +446,14 @@ func (d *Daemon) removeVM(ctx context.Context, v store.VM, force bool) error {
 		// The row is gone: reconcile removes the directory at the next start.
 		d.log.Warn("remove vm files (the next daemon start retries)", "vm", v.Name, "dir", v.Dir, "err", err)
 	}
+	// What the driver keeps outside the directory (a confined QEMU's
+	// cgroups, left by a start that failed before its handle was
+	// recorded); reconcile sweeps what this misses.
+	if r, ok := d.driver.(vmm.Releaser); ok {
+		if err := r.Release(v.ID); err != nil {
+			d.log.Warn("release the vm's vmm resources (the next daemon start retries)", "vm", v.Name, "err", err)
+		}
+	}
 	d.log.Info("vm removed", "vm", v.Name)
 	return nil
 }

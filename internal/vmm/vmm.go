@@ -130,3 +130,17 @@ type Recoverer interface {
 	// Recover returns the Handle of the VMM running in dir, if any.
 	Recover(dir string) (Handle, bool)
 }
+
+// Releaser is an optional Driver ability, found by type assertion: the
+// driver keeps host resources per VM outside the VM's directory (a
+// confined QEMU's cgroups), which a start that failed or crashed before
+// its Handle was recorded can leave behind.
+type Releaser interface {
+	// Release removes what the driver keeps for the VM of Spec.ID id,
+	// whose VMM no longer runs. Releasing what is gone is not an error.
+	Release(id string) error
+	// ReleaseStale removes what the driver keeps for VMs that keep(id)
+	// says no longer exist and whose VMM doesn't run (a resource still in
+	// use is left alone), and returns the ids it released.
+	ReleaseStale(keep func(id string) bool) ([]string, error)
+}
