@@ -3,17 +3,79 @@ package cgroup
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// allocEnv, set in the environment of this test binary, makes it a
+// helper process (see TestMain) that allocates and touches that many MiB,
+// then prints "survived".
+const allocEnv = "BANGER_CGROUP_TEST_ALLOC_MIB"
+
+func TestMain(m *testing.M) {
+	if v := os.Getenv(allocEnv); v != "" {
+		mib, err := strconv.Atoi(v)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		b := make([]byte, mib<<20)
+		for i := 0; i < len(b); i += 4096 {
+			b[i] = 1 // touch every page: the memory is charged
+		}
+		fmt.Println("survived")
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// testManager returns a manager for a parent group of its own, removed
+// with everything under it when the test ends (its cleanups run first:
+// they end the processes), even after a failure.
+func testManager(t *testing.T, info Info) (*Manager, string) {
+	t.Helper()
+	parent := "banger-" + randName(t)
+	m, err := NewManager(info, parent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		var dirs []string
+		if info.Mode == ModeV2 {
+			dirs = []string{filepath.Join(info.Root, parent)}
+		} else {
+			for _, c := range Controllers {
+				dirs = append(dirs, filepath.Join(info.Root, c, parent))
+			}
+		}
+		for _, dir := range dirs {
+			ents, _ := os.ReadDir(dir)
+			for _, e := range ents {
+				if e.IsDir() {
+					if err := Remove([]string{filepath.Join(dir, e.Name())}); err != nil {
+						t.Errorf("cleanup: %v", err)
+					}
+				}
+			}
+			// Not Remove: it would rebalance the root group's weight.
+			if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+	})
+	return m, parent
+}
 
 func randName(t *testing.T) string {
 	b := make([]byte, 4)
@@ -68,16 +130,7 @@ func TestV1Real(t *testing.T) {
 	if info.Mode != ModeV1 {
 		t.Skipf("host cgroups are %s, not v1", info.Mode)
 	}
-	parent := "banger-" + randName(t)
-	m, err := NewManager(info, parent)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		for _, c := range Controllers {
-			os.Remove(filepath.Join(DefaultRoot, c, parent))
-		}
-	})
+	m, parent := testManager(t, info)
 	name := "vm1"
 	g, err := m.Create(name, Limits{MemoryBytes: 512 << 20, PIDs: 40, CPUWeight: 200})
 	if err != nil {
@@ -156,19 +209,26 @@ func TestV1Real(t *testing.T) {
 	if _, err := m.Create(name, Limits{MemoryBytes: 1 << 30, PIDs: 10}); err == nil || !strings.Contains(err.Error(), "already holds processes") {
 		t.Errorf("Create over a group in use: %v", err)
 	}
-	// Remove refuses a busy group (after waiting), then succeeds once the
-	// process exits; removing again is fine.
-	go func() {
-		<-time.After(200 * time.Millisecond)
-		cmd.Process.Kill()
-		cmd.Wait()
-	}()
-	t0 := time.Now()
-	if err := g.Remove(); err != nil {
-		t.Fatalf("Remove while the process exits: %v", err)
+	// Remove refuses a group whose process lives (after waiting for it
+	// to leave, which it doesn't) and leaves it whole. One directory is
+	// enough: each is waited for in turn.
+	if err := Remove(g.Paths[:1]); !errors.Is(err, unix.EBUSY) {
+		t.Fatalf("Remove of a group with a live process = %v, want EBUSY", err)
 	}
-	if el := time.Since(t0); el > 3*time.Second {
-		t.Errorf("Remove took %v", el)
+	for _, p := range g.Paths {
+		if _, err := os.Stat(p); err != nil {
+			t.Errorf("refused Remove: %v", err)
+		}
+	}
+	if procs, err := g.Procs(); err != nil || !slices.Equal(procs, []int{cmd.Process.Pid}) {
+		t.Errorf("Procs after a refused Remove = %v, %v; want the live child", procs, err)
+	}
+	// Once the process is dead (it leaves the group asynchronously, which
+	// Remove waits for), Remove succeeds; removing again is fine.
+	cmd.Process.Kill()
+	cmd.Wait()
+	if err := g.Remove(); err != nil {
+		t.Fatalf("Remove after the process died: %v", err)
 	}
 	waitGone(t, g.Paths)
 	if err := g.Remove(); err != nil {
@@ -186,33 +246,35 @@ func TestV1MemoryLimitEnforced(t *testing.T) {
 	if err != nil || info.Mode != ModeV1 {
 		t.Skipf("host cgroups are not v1 (%v)", err)
 	}
-	if _, err := exec.LookPath("python3"); err != nil {
-		t.Skip("needs python3 to allocate memory")
-	}
-	parent := "banger-" + randName(t)
-	m, err := NewManager(info, parent)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		for _, c := range Controllers {
-			os.Remove(filepath.Join(DefaultRoot, c, parent))
-		}
-	})
-	g, err := m.Create("vm", Limits{MemoryBytes: 64 << 20, PIDs: 10})
+	m, _ := testManager(t, info)
+	g, err := m.Create("vm", Limits{MemoryBytes: 64 << 20, PIDs: 64})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { g.Remove() })
-	cmd := exec.Command("python3", "-c", "b = bytearray(256 << 20); print('survived')")
-	out := &strings.Builder{}
-	cmd.Stdout = out
-	if err := g.Start(cmd); err != nil {
-		t.Fatal(err)
+	// alloc runs this test binary in g as the helper process of TestMain.
+	alloc := func(mib int) (string, error) {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), allocEnv+"="+strconv.Itoa(mib))
+		out := &strings.Builder{}
+		cmd.Stdout, cmd.Stderr = out, out
+		if err := g.Start(cmd); err != nil {
+			t.Fatal(err)
+		}
+		err := cmd.Wait()
+		return out.String(), err
 	}
-	err = cmd.Wait()
-	if err == nil || strings.Contains(out.String(), "survived") {
+	// Under the limit the helper lives: what kills it below is the limit.
+	if out, err := alloc(8); err != nil || !strings.Contains(out, "survived") {
+		t.Fatalf("an 8 MiB allocation under a 64 MiB limit: %v, %q", err, out)
+	}
+	out, err := alloc(256)
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || strings.Contains(out, "survived") {
 		t.Fatalf("a 256 MiB allocation under a 64 MiB limit succeeded (err %v, out %q)", err, out)
+	}
+	if ws, ok := ee.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
+		t.Errorf("the 256 MiB helper ended with %v, want killed (SIGKILL) by the OOM killer; output %q", ee, out)
 	}
 	if err := g.Remove(); err != nil {
 		t.Fatal(err)
