@@ -156,6 +156,16 @@ func TestBootConfined(t *testing.T) {
 	os.Chmod(overlay, 0o600)
 	spec.RootDisk = vmm.Disk{Path: overlay, Format: vmm.FormatQcow2}
 
+	// A QEMU log a crashed QEMU left (Cleanup never ran) doesn't grow
+	// from start to start: each start begins it anew.
+	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	stale := strings.Repeat("stale qemu log line\n", 1<<16)
+	if err := os.WriteFile(filepath.Join(spec.Dir, LogFileName), []byte(stale), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
 	d := New(Config{Confine: conf}, testLogger(t))
 	ctx, cancel := context.WithTimeout(context.Background(), vmmtest.Timeout)
 	defer cancel()
@@ -164,6 +174,9 @@ func TestBootConfined(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Kill(context.Background(), h)
+	if b, err := os.ReadFile(filepath.Join(spec.Dir, LogFileName)); err != nil || strings.Contains(string(b), "stale qemu log line") {
+		t.Errorf("qemu log after start: %d bytes, %v; want the old log dropped", len(b), err)
+	}
 	c := h.Confinement
 	if c == nil {
 		t.Fatal("handle has no confinement")
