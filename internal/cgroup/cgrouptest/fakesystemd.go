@@ -15,6 +15,7 @@ import (
 	"github.com/godbus/dbus/v5"
 
 	"github.com/bangerdev/banger/internal/cgroup"
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 const (
@@ -53,10 +54,7 @@ func readPIDs(path string) ([]int, error) {
 func StartBus(t testing.TB) string {
 	t.Helper()
 	if _, err := exec.LookPath("dbus-daemon"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("dbus-daemon missing: scripts/install-deps.sh --test installs it")
-		}
-		t.Skip("dbus-daemon missing (scripts/install-deps.sh --test)")
+		testenv.Missing(t, "dbus-daemon missing (scripts/install-deps.sh --test)")
 	}
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "bus.conf")

@@ -202,8 +202,16 @@ func testConfine(t *testing.T) *Confine {
 		t.Fatalf("confinement unavailable on this host: %v", c.Err)
 	}
 	t.Cleanup(func() {
+		// The VMs' groups first (an aborted test leaves them), then the parent.
 		for _, ctl := range []string{"", "memory", "pids", "cpu"} {
-			os.Remove(filepath.Join("/sys/fs/cgroup", ctl, parent))
+			dir := filepath.Join("/sys/fs/cgroup", ctl, parent)
+			children, _ := os.ReadDir(dir)
+			for _, c := range children {
+				if c.IsDir() {
+					os.Remove(filepath.Join(dir, c.Name()))
+				}
+			}
+			os.Remove(dir)
 		}
 	})
 	return c
