@@ -193,6 +193,21 @@ type sdConn struct {
 	sigs chan *dbus.Signal
 }
 
+// session bounds ctx by jobTimeout when it has no deadline and connects to
+// systemd; end closes the connection and releases the bound.
+func (s *Systemd) session(ctx context.Context) (_ context.Context, c *sdConn, end func(), err error) {
+	cancel := context.CancelFunc(func() {})
+	if _, ok := ctx.Deadline(); !ok {
+		ctx, cancel = context.WithTimeout(ctx, jobTimeout)
+	}
+	c, err = s.dial(ctx)
+	if err != nil {
+		cancel()
+		return ctx, nil, nil, err
+	}
+	return ctx, c, func() { c.conn.Close(); cancel() }, nil
+}
+
 func (s *Systemd) dial(ctx context.Context) (*sdConn, error) {
 	conn, err := dbus.Dial(s.bus, dbus.WithContext(ctx))
 	if err != nil {
@@ -257,17 +272,12 @@ func (s *Systemd) CreateGroup(ctx context.Context, name string, l Limits) (g *Gr
 	if l.MemoryBytes <= 0 || l.PIDs <= 0 {
 		return nil, fmt.Errorf("cgroup %s: memory and pids limits are required", name)
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, jobTimeout)
-		defer cancel()
-	}
 	unit := ScopeName(name)
-	c, err := s.dial(ctx)
+	ctx, c, end, err := s.session(ctx)
 	if err != nil {
 		return nil, err
 	}
-	defer c.conn.Close()
+	defer end()
 
 	ph, hold, err := startPlaceholder()
 	if err != nil {
@@ -331,16 +341,11 @@ func (s *Systemd) Attach(ctx context.Context, g *Group, pid int) error {
 	if g.Unit == "" {
 		return nil
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, jobTimeout)
-		defer cancel()
-	}
-	c, err := s.dial(ctx)
+	ctx, c, end, err := s.session(ctx)
 	if err != nil {
 		return err
 	}
-	defer c.conn.Close()
+	defer end()
 	if err := c.obj.CallWithContext(ctx, sdIface+".AttachProcessesToUnit", 0, g.Unit, "", []uint32{uint32(pid)}).Err; err != nil {
 		return fmt.Errorf("attach pid %d to %s: %w", pid, g.Unit, err)
 	}
@@ -352,16 +357,11 @@ func (s *Systemd) Attach(ctx context.Context, g *Group, pid int) error {
 // not an error. Directories systemd left are removed.
 func (s *Systemd) RemoveGroup(ctx context.Context, unit string, paths []string) error {
 	if unit != "" {
-		if _, ok := ctx.Deadline(); !ok {
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, jobTimeout)
-			defer cancel()
-		}
-		c, err := s.dial(ctx)
+		ctx, c, end, err := s.session(ctx)
 		if err != nil {
 			return err
 		}
-		defer c.conn.Close()
+		defer end()
 		if err := s.stop(ctx, c, unit); err != nil {
 			return err
 		}
