@@ -541,19 +541,11 @@ func (d *Driver) launchConfined(ctx context.Context, bin string, spec vmm.Spec, 
 	if err != nil {
 		return vmm.Handle{}, fmt.Errorf("qemu exited right after start-up: %w", err)
 	}
-	h := vmm.Handle{
-		Driver:        DriverName,
-		PID:           pid,
-		StartTime:     st.StartTime,
-		ControlSocket: paths.QMPSocket,
-		AgentSocket:   paths.AgentSocket,
-		PIDFile:       paths.PIDFile,
-		Accel:         accel,
-		Confinement: &vmm.Confinement{
-			User: c.User, UID: uid, GID: gid, Sandbox: Sandbox,
-			CgroupMode: string(group.Mode), Cgroups: group.Paths, Unit: group.Unit,
-			MemoryLimitBytes: limits.MemoryBytes, PIDsLimit: limits.PIDs, CPUWeight: limits.CPUWeight,
-		},
+	h := newHandle(pid, st.StartTime, paths, accel)
+	h.Confinement = &vmm.Confinement{
+		User: c.User, UID: uid, GID: gid, Sandbox: Sandbox,
+		CgroupMode: string(group.Mode), Cgroups: group.Paths, Unit: group.Unit,
+		MemoryLimitBytes: limits.MemoryBytes, PIDsLimit: limits.PIDs, CPUWeight: limits.CPUWeight,
 	}
 
 	// QEMU answers on QMP once it is set up; until then the connection

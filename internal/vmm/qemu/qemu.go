@@ -300,15 +300,7 @@ func (d *Driver) launch(ctx context.Context, bin string, spec vmm.Spec, accel st
 	if st.exited() {
 		return vmm.Handle{}, fmt.Errorf("qemu pid %d exited right after start-up", pid)
 	}
-	h := vmm.Handle{
-		Driver:        DriverName,
-		PID:           pid,
-		StartTime:     st.StartTime,
-		ControlSocket: paths.QMPSocket,
-		AgentSocket:   paths.AgentSocket,
-		PIDFile:       paths.PIDFile,
-		Accel:         accel,
-	}
+	h := newHandle(pid, st.StartTime, paths, accel)
 
 	// QEMU answering on QMP proves the pid file and the sockets are its own.
 	qctx, cancel := context.WithTimeout(ctx, qmpTimeout)
@@ -402,11 +394,18 @@ func (d *Driver) Recover(dir string) (vmm.Handle, bool) {
 		bytes.Contains(cl, []byte("\x00-accel\x00kvm\x00")) {
 		accel = vmm.AccelKVM
 	}
+	h := newHandle(pids[0], st.StartTime, paths, accel)
+	h.Confinement = d.recoverConfinement(pids[0])
+	return h, true
+}
+
+// newHandle is the handle of the QEMU process pid, started at startTime
+// (clock ticks), whose runtime files are paths.
+func newHandle(pid int, startTime uint64, paths Paths, accel string) vmm.Handle {
 	return vmm.Handle{
-		Driver: DriverName, PID: pids[0], StartTime: st.StartTime,
+		Driver: DriverName, PID: pid, StartTime: startTime,
 		ControlSocket: paths.QMPSocket, AgentSocket: paths.AgentSocket, PIDFile: paths.PIDFile, Accel: accel,
-		Confinement: d.recoverConfinement(pids[0]),
-	}, true
+	}
 }
 
 // Alive implements vmm.Driver: the process exists, is not a zombie and
