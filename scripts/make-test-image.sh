@@ -30,7 +30,10 @@ SUITE="bookworm"
 KERNEL_META="linux-image-cloud-amd64"
 # kmod: minbase+udev has libkmod but no modprobe/kmod binary, without which
 # systemd's kmod-static-nodes.service fails on every boot.
-ROOTFS_INCLUDE="systemd-sysv,udev,kmod,e2fsprogs,iproute2,procps,ca-certificates"
+# openssh-server and curl: the networking and SSH tests (sshd, a fetch through
+# NAT); a default user "dev" (uid 1000) is what `banger vm ssh` logs in as.
+ROOTFS_INCLUDE="systemd-sysv,udev,kmod,e2fsprogs,iproute2,procps,ca-certificates,openssh-server,curl"
+GUEST_USER="dev"
 ROOTFS_HEADROOM_MIB=300
 BUSYBOX_ROOTFS_MIB=16
 GUEST_HOSTNAME="banger-test"
@@ -280,7 +283,12 @@ EOF
 cat >"$ROOTDIR/etc/fstab" <<'EOF'
 # banger test image: the root filesystem is mounted by banger (kernel/agent).
 EOF
-# The root account stays locked (no password is set).
+# The root account stays locked (no password is set). The default user has no
+# password either: banger authorises the user's SSH key at boot.
+chroot "$ROOTDIR" useradd --create-home --uid 1000 --shell /bin/bash "$GUEST_USER"
+# No SSH host keys in the image: every VM gets its own, made by banger's agent
+# before sshd starts (as cloud-init does on cloud images).
+rm -f "$ROOTDIR"/etc/ssh/ssh_host_*
 rm -f "$ROOTDIR/etc/resolv.conf"
 rm -rf "$ROOTDIR/var/lib/apt/lists/"* "$ROOTDIR/var/cache/apt/"*.bin "$ROOTDIR/var/cache/apt/archives/"*.deb
 used_mib="$(du -sx --block-size=1M "$ROOTDIR" | cut -f1)"

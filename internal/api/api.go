@@ -27,6 +27,18 @@ const (
 	MethodVMExec        = "v1.vm.exec"
 	MethodVMCopyIn      = "v1.vm.copy_in"
 	MethodVMCopyOut     = "v1.vm.copy_out"
+	// MethodVMSSHInfo answers what a client needs to reach a VM with the
+	// system ssh client (SSHInfo).
+	MethodVMSSHInfo = "v1.vm.ssh_info"
+	// MethodVMTunnel opens a byte stream to a TCP port of the guest (or to
+	// its SSH service) through the agent: after the response header the
+	// call carries FrameStdin frames to the guest and FrameStdout frames
+	// back, until either side sends EOF. Works in every network mode.
+	MethodVMTunnel = "v1.vm.tunnel"
+	// MethodVMHold holds an auto-remove VM for as long as the call lasts
+	// (vm run --rm while the user's ssh session runs): the VM is removed
+	// when the call ends, however it ends.
+	MethodVMHold = "v1.vm.hold"
 )
 
 // Error codes carried on the wire. The daemon maps its errors to these at
@@ -90,6 +102,9 @@ type ImageRegisterParams struct {
 	Kernel     string `json:"kernel"`
 	Initrd     string `json:"initrd,omitempty"`
 	ModulesDir string `json:"modules_dir,omitempty"`
+	// User is the image's default user, whom `vm ssh` logs in as and for
+	// whom the invoking user's key is authorised; empty = root.
+	User string `json:"user,omitempty"`
 }
 
 // NameParams names one object (a VM or an image, by name or id).
@@ -136,6 +151,8 @@ type VM struct {
 	// Confinement is how the running VM's VMM is confined; absent when the
 	// VM is stopped or runs unconfined (vmm_confine = false).
 	Confinement *Confinement `json:"confinement,omitempty"`
+	// Network is the VM's network (nil: none).
+	Network *NetworkInfo `json:"network,omitempty"`
 }
 
 // Boot phases, in order (BootPhase.Name). Clone is recorded only for the
@@ -207,12 +224,75 @@ type VMCreateParams struct {
 	Accel     string `json:"accel,omitempty"`      // auto, kvm, tcg
 	Start     bool   `json:"start,omitempty"`      // start and wait until ready
 	WaitBoot  bool   `json:"wait_boot,omitempty"`  // with Start: see VMStartParams
+	// Network is the VM's network mode: NetworkBridge, NetworkUser or
+	// NetworkNone; empty = the daemon's default (config "network").
+	Network string `json:"network,omitempty"`
+	// Ports are port forwards, each "[HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp]"
+	// (vm create -p); the host side is 127.0.0.1 unless HOSTIP is given.
+	Ports []string `json:"ports,omitempty"`
+	// Allow opens what the VM may reach, beyond the daemon's defaults:
+	// "host" (the host's own services), "vm" (other VMs), "lan" (the
+	// host's LAN ranges), "link-local" (169.254.0.0/16, cloud metadata).
+	Allow []string `json:"allow,omitempty"`
+	// SSHKeys are public keys (authorized_keys lines) authorised for the
+	// image's default user at every boot: the invoking user's banger key.
+	SSHKeys []string `json:"ssh_keys,omitempty"`
 	// AutoRemove makes the daemon remove the VM when an exec call on it
 	// ends (however it ends: the command exited, the client was killed),
 	// when the client of its create or start goes away, when no call comes
 	// back for it within 30s after its create or start, when its VMM
 	// exits, and at daemon start (vm run --rm; Docker's AutoRemove).
 	AutoRemove bool `json:"auto_remove,omitempty"`
+}
+
+// Network modes.
+const (
+	NetworkBridge = "bridge" // a TAP on banger's bridge, NAT to the outside
+	NetworkUser   = "user"   // the VMM's user-mode network (QEMU slirp)
+	NetworkNone   = "none"   // no network card
+)
+
+// PortForward is one forwarded port as the daemon reports it.
+type PortForward struct {
+	Proto     string `json:"proto"` // tcp or udp
+	HostIP    string `json:"host_ip"`
+	HostPort  int    `json:"host_port"`
+	GuestPort int    `json:"guest_port"`
+}
+
+// NetworkInfo is a VM's network as the daemon reports it.
+type NetworkInfo struct {
+	Mode    string        `json:"mode"`
+	IP      string        `json:"ip,omitempty"`      // bridge: the VM's address
+	Gateway string        `json:"gateway,omitempty"` // bridge: banger's bridge address
+	MAC     string        `json:"mac,omitempty"`
+	TAP     string        `json:"tap,omitempty"`
+	Ports   []PortForward `json:"ports,omitempty"`
+	Allow   []string      `json:"allow,omitempty"`
+}
+
+// SSHInfo answers MethodVMSSHInfo.
+type SSHInfo struct {
+	Name string `json:"name"`
+	// User is the image's default user.
+	User string `json:"user"`
+	// HostKeys are the guest's SSH host keys (authorized_keys format),
+	// learned through the agent at the last boot: the guest's sshd's, or
+	// the agent's own SSH server's when the guest has none.
+	HostKeys []string `json:"host_keys"`
+	// Direct is "IP:PORT" when the client may reach the guest's sshd
+	// straight over the network (bridge mode, sshd listening); empty when
+	// it must tunnel through the daemon (MethodVMTunnel, SSH true).
+	Direct string `json:"direct,omitempty"`
+}
+
+// VMTunnelParams opens a tunnel (MethodVMTunnel).
+type VMTunnelParams struct {
+	Name string `json:"name"`
+	// SSH asks for the guest's SSH service: its sshd on port 22 if one
+	// listens, else the agent's own SSH server. Port is ignored then.
+	SSH  bool `json:"ssh,omitempty"`
+	Port int  `json:"port,omitempty"`
 }
 
 // VMStartParams starts a VM.

@@ -29,6 +29,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
 )
 
 // Accelerators a driver may use.
@@ -67,6 +68,36 @@ type Spec struct {
 	Accel     string // AccelAuto, AccelKVM or AccelTCG
 	// ConsoleLog is the file the guest's serial console is written to.
 	ConsoleLog string
+	// Net is the VM's network card; nil: none.
+	Net *Net
+}
+
+// Network card modes (Net.Mode).
+const (
+	NetTAP  = "tap"  // a TAP device the daemon opened and attached to its bridge
+	NetUser = "user" // the VMM's user-mode network stack (QEMU slirp)
+)
+
+// Net is a VM's network card.
+type Net struct {
+	Mode string // NetTAP or NetUser
+	// MAC is the card's address (stable per VM).
+	MAC string
+	// TAP is the open TAP device (NetTAP); the driver hands it to the VMM
+	// and does not close it. TAPName is its name, for messages.
+	TAP     *os.File
+	TAPName string
+	// Forwards are host ports the VMM itself forwards to the guest
+	// (NetUser: hostfwd).
+	Forwards []Forward
+}
+
+// Forward is a port the VMM forwards from the host to the guest.
+type Forward struct {
+	Proto     string // "tcp" or "udp"
+	HostIP    string
+	HostPort  int
+	GuestPort int
 }
 
 // Handle identifies a running VMM process. It is serialised to the state
