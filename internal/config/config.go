@@ -7,6 +7,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -97,6 +98,48 @@ type Daemon struct {
 	LogLevel string `toml:"log_level"`
 	// LogFormat is text or json. Default text.
 	LogFormat string `toml:"log_format"`
+
+	// Network is the default network mode of new VMs: "bridge" (a TAP on
+	// banger's bridge, NAT to the outside; needs root), "user" (QEMU's
+	// user-mode network) or "none". Default "bridge" when bangerd runs as
+	// root, else "user".
+	Network string `toml:"network"`
+	// BridgeName is banger's bridge. Default banger0.
+	BridgeName string `toml:"bridge_name"`
+	// Subnet is the bridge's IPv4 subnet; its first host address is the
+	// gateway (the bridge's address), VMs get the others. Prefix 16 to 29.
+	// Default 10.77.0.0/24.
+	Subnet string `toml:"subnet"`
+	// MTU of the bridge, the TAPs and the guests' cards. Default 1500.
+	MTU int `toml:"mtu"`
+	// AllowHost lets VMs reach the host's own services. Default false.
+	AllowHost bool `toml:"allow_host"`
+	// AllowVMToVM lets VMs reach each other. Default false.
+	AllowVMToVM bool `toml:"allow_vm_to_vm"`
+	// AllowLAN lets VMs reach the host's LAN ranges. Default false.
+	AllowLAN bool `toml:"allow_lan"`
+	// AllowLinkLocal lets VMs reach 169.254.0.0/16 (cloud metadata
+	// endpoints). Default false.
+	AllowLinkLocal bool `toml:"allow_link_local"`
+	// DNSServers are the upstreams of banger's DNS forwarder on the
+	// gateway. Default none: the host's, from /etc/resolv.conf.
+	DNSServers []string `toml:"dns_servers"`
+}
+
+// Network defaults.
+const (
+	DefaultBridgeName = "banger0"
+	DefaultSubnet     = "10.77.0.0/24"
+	DefaultMTU        = 1500
+)
+
+// DefaultNetwork is the default network mode: bridge when the process runs
+// as root (it can make a bridge and TAPs), else user.
+func DefaultNetwork() string {
+	if os.Geteuid() == 0 {
+		return "bridge"
+	}
+	return "user"
 }
 
 // DefaultDaemon returns the daemon defaults.
@@ -119,6 +162,11 @@ func DefaultDaemon() Daemon {
 		ConsoleLogMaxMiB:     16,
 		LogLevel:             "info",
 		LogFormat:            "text",
+		Network:              DefaultNetwork(),
+		BridgeName:           DefaultBridgeName,
+		Subnet:               DefaultSubnet,
+		MTU:                  DefaultMTU,
+		DNSServers:           []string{},
 	}
 }
 
@@ -180,7 +228,73 @@ func (c Daemon) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("log_format %q: want text or json", c.LogFormat))
 	}
+	errs = append(errs, c.validateNetwork()...)
 	return errors.Join(errs...)
+}
+
+func (c Daemon) validateNetwork() []error {
+	var errs []error
+	switch c.Network {
+	case "bridge", "user", "none":
+	default:
+		errs = append(errs, fmt.Errorf("network %q: want bridge, user or none", c.Network))
+	}
+	if err := validLinkName(c.BridgeName); err != nil {
+		errs = append(errs, fmt.Errorf("bridge_name %q: %w", c.BridgeName, err))
+	}
+	if _, err := c.SubnetPrefix(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.MTU < 576 || c.MTU > 65535 {
+		errs = append(errs, fmt.Errorf("mtu %d: want 576 to 65535 (usually 1500)", c.MTU))
+	}
+	for _, s := range c.DNSServers {
+		if _, err := netip.ParseAddr(s); err != nil {
+			errs = append(errs, fmt.Errorf("dns_servers: %q is not an IP address", s))
+		}
+	}
+	return errs
+}
+
+// validLinkName checks a Linux interface name: 1 to 15 bytes, no '/',
+// ':' or white space.
+func validLinkName(n string) error {
+	if n == "" || len(n) > 15 || n == "." || n == ".." {
+		return errors.New("want a Linux interface name of 1 to 15 characters")
+	}
+	if strings.ContainsAny(n, "/: \t\n") {
+		return errors.New("an interface name may not contain '/', ':' or spaces")
+	}
+	return nil
+}
+
+// SubnetPrefix parses Subnet: an IPv4 network address with a prefix
+// length of 16 to 29 ("10.77.0.0/24").
+func (c Daemon) SubnetPrefix() (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(c.Subnet)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("subnet %q: want an IPv4 network such as 10.77.0.0/24", c.Subnet)
+	}
+	if !p.Addr().Is4() {
+		return netip.Prefix{}, fmt.Errorf("subnet %q: only IPv4 subnets are supported (such as 10.77.0.0/24)", c.Subnet)
+	}
+	if p.Bits() < 16 || p.Bits() > 29 {
+		return netip.Prefix{}, fmt.Errorf("subnet %q: want a prefix length of 16 to 29", c.Subnet)
+	}
+	if p.Masked() != p {
+		return netip.Prefix{}, fmt.Errorf("subnet %q: host bits are set: did you mean %s?", c.Subnet, p.Masked())
+	}
+	return p, nil
+}
+
+// Gateway is the bridge's address, the subnet's first host address, with
+// the subnet's prefix length ("10.77.0.1/24"). Subnet must be valid.
+func (c Daemon) Gateway() netip.Prefix {
+	p, err := c.SubnetPrefix()
+	if err != nil {
+		return netip.Prefix{}
+	}
+	return netip.PrefixFrom(p.Addr().Next(), p.Bits())
 }
 
 // UIDRange parses VMMUIDRange; 0, 0 when it is empty.
@@ -209,6 +323,10 @@ type CLI struct {
 	DefaultCPUs int `toml:"default_cpus"`
 	// DefaultMemoryMiB for vm create/run. Default 0 (the daemon's default).
 	DefaultMemoryMiB int `toml:"default_memory_mib"`
+	// SSHKeyPath is the private key banger authorises in VMs (its ".pub"
+	// beside it) and gives to ssh. Default "": ~/.config/banger/ssh/id_ed25519,
+	// made when missing.
+	SSHKeyPath string `toml:"ssh_key_path"`
 }
 
 // DefaultCLIPath returns ~/.config/banger/config.toml (honouring

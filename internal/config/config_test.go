@@ -3,6 +3,7 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -22,7 +23,7 @@ func TestDaemonDefaultsWhenMissing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c != DefaultDaemon() {
+	if !reflect.DeepEqual(c, DefaultDaemon()) {
 		t.Fatalf("got %+v", c)
 	}
 	if _, err := LoadDaemon(filepath.Join(t.TempDir(), "none.toml"), true); err == nil {
@@ -77,7 +78,7 @@ func TestShippedDaemonConfigIsTheDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c != DefaultDaemon() {
+	if !reflect.DeepEqual(c, DefaultDaemon()) {
 		t.Fatalf("packaging/bangerd.toml = %+v\nwant the defaults %+v", c, DefaultDaemon())
 	}
 }
@@ -110,5 +111,54 @@ func TestDaemonConfinementKeys(t *testing.T) {
 		if _, err := LoadDaemon(write(t, body), true); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%q: err = %v, want mention of %q", body, err, want)
 		}
+	}
+}
+
+func TestDaemonNetworkKeys(t *testing.T) {
+	d := DefaultDaemon()
+	wantMode := "user"
+	if os.Geteuid() == 0 {
+		wantMode = "bridge"
+	}
+	if d.Network != wantMode || d.BridgeName != "banger0" || d.Subnet != "10.77.0.0/24" || d.MTU != 1500 ||
+		d.AllowHost || d.AllowVMToVM || d.AllowLAN || d.AllowLinkLocal || len(d.DNSServers) != 0 {
+		t.Fatalf("network defaults: %+v", d)
+	}
+	if g := d.Gateway().String(); g != "10.77.0.1/24" {
+		t.Errorf("gateway = %s, want 10.77.0.1/24", g)
+	}
+	c, err := LoadDaemon(write(t, "network = \"none\"\nsubnet = \"172.30.8.0/22\"\nbridge_name = \"br-test\"\nmtu = 9000\nallow_lan = true\ndns_servers = [\"192.0.2.53\"]\n"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Network != "none" || c.BridgeName != "br-test" || c.MTU != 9000 || !c.AllowLAN || c.Gateway().String() != "172.30.8.1/22" || len(c.DNSServers) != 1 {
+		t.Fatalf("got %+v", c)
+	}
+	for body, want := range map[string]string{
+		"network = \"nat\"\n":                    "network \"nat\": want bridge, user or none",
+		"subnet = \"10.77.0.0\"\n":               "want an IPv4 network",
+		"subnet = \"fd00::/64\"\n":               "only IPv4",
+		"subnet = \"10.0.0.0/8\"\n":              "prefix length of 16 to 29",
+		"subnet = \"10.77.0.0/30\"\n":            "prefix length of 16 to 29",
+		"subnet = \"10.77.0.5/24\"\n":            "did you mean 10.77.0.0/24",
+		"bridge_name = \"a-very-long-bridge\"\n": "bridge_name",
+		"bridge_name = \"\"\n":                   "bridge_name",
+		"bridge_name = \"a/b\"\n":                "bridge_name",
+		"mtu = 100\n":                            "mtu 100",
+		"dns_servers = [\"dns.example\"]\n":      "dns_servers",
+	} {
+		if _, err := LoadDaemon(write(t, body), true); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: err = %v, want mention of %q", body, err, want)
+		}
+	}
+}
+
+func TestCLISSHKeyPath(t *testing.T) {
+	c, err := LoadCLI(write(t, "ssh_key_path = \"/home/u/.ssh/id_ed25519\"\n"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.SSHKeyPath != "/home/u/.ssh/id_ed25519" {
+		t.Fatalf("got %+v", c)
 	}
 }
