@@ -323,9 +323,10 @@ type CLI struct {
 	DefaultCPUs int `toml:"default_cpus"`
 	// DefaultMemoryMiB for vm create/run. Default 0 (the daemon's default).
 	DefaultMemoryMiB int `toml:"default_memory_mib"`
-	// SSHKeyPath is the private key banger authorises in VMs (its ".pub"
-	// beside it) and gives to ssh. Default "": ~/.config/banger/ssh/id_ed25519,
-	// made when missing.
+	// SSHKeyPath is the private key banger authorises in new VMs and
+	// that `vm ssh` and `ssh NAME.banger` log in with (its public key is
+	// SSHKeyPath + ".pub"); absolute, or "~/" for the invoking user's home.
+	// Default "" (banger makes ~/.config/banger/ssh/id_ed25519).
 	SSHKeyPath string `toml:"ssh_key_path"`
 }
 
@@ -353,6 +354,9 @@ func LoadCLI(path string, mustExist bool) (CLI, error) {
 	}
 	if c.DefaultCPUs < 0 || c.DefaultMemoryMiB < 0 {
 		return CLI{}, fmt.Errorf("config %s: default_cpus and default_memory_mib must not be negative", path)
+	}
+	if k := c.SSHKeyPath; k != "" && !filepath.IsAbs(k) && !strings.HasPrefix(k, "~/") {
+		return CLI{}, fmt.Errorf("config %s: ssh_key_path %q: want an absolute path or one starting with ~/", path, k)
 	}
 	return c, nil
 }

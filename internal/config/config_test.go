@@ -72,6 +72,18 @@ func TestCLIEnvOverride(t *testing.T) {
 	}
 }
 
+func TestCLISSHKeyPathForms(t *testing.T) {
+	for _, k := range []string{"/keys/id", "~/.ssh/id_ed25519"} {
+		c, err := LoadCLI(write(t, "ssh_key_path = \""+k+"\"\n"), true)
+		if err != nil || c.SSHKeyPath != k {
+			t.Errorf("ssh_key_path %q: %+v, %v", k, c, err)
+		}
+	}
+	if _, err := LoadCLI(write(t, "ssh_key_path = \"keys/id\"\n"), true); err == nil || !strings.Contains(err.Error(), "ssh_key_path") {
+		t.Errorf("a relative ssh_key_path: %v, want an error naming the key", err)
+	}
+}
+
 // The shipped example config states exactly the defaults.
 func TestShippedDaemonConfigIsTheDefaults(t *testing.T) {
 	c, err := LoadDaemon(filepath.Join("..", "..", "packaging", "bangerd.toml"), true)
