@@ -25,6 +25,11 @@ test_deps=(
   make:make
   gcc:gcc
   dbus-daemon:dbus-daemon
+  ip:iproute2
+  nsenter:util-linux
+  nft:nftables
+  iptables:iptables
+  ssh:openssh-client
 )
 
 deps=("${run_deps[@]}")

@@ -29,6 +29,21 @@ type Env struct {
 	config           string // the daemon's --config
 	binDir, imageDir string
 	logBuf           *bytes.Buffer
+	// Lab is the network bangerd, the CLI and NetCommand run in (nil: the
+	// machine's own namespace; see Options.Net).
+	Lab *Lab
+}
+
+// Options configure an Env.
+type Options struct {
+	// Config is the daemon's configuration file (TOML; "" for every
+	// default).
+	Config string
+	// Net runs bangerd, the CLI and NetCommand inside a Lab (NewLab):
+	// namespace bgd with an uplink to namespace out, which plays the
+	// internet, a LAN host and a metadata server. Tests that create links
+	// or firewall rules, or talk to guest addresses, must use it.
+	Net bool
 }
 
 func New(t testing.TB, binDir, imageDir string) *Env {
@@ -40,6 +55,17 @@ func New(t testing.TB, binDir, imageDir string) *Env {
 // config (TOML; "" for every default).
 func NewWithConfig(t testing.TB, binDir, imageDir, config string) *Env {
 	t.Helper()
+	return NewWithOptions(t, binDir, imageDir, Options{Config: config})
+}
+
+// NewWithOptions is New with options.
+func NewWithOptions(t testing.TB, binDir, imageDir string, o Options) *Env {
+	t.Helper()
+	var lab *Lab
+	if o.Net {
+		// Made first so that its namespaces go last, after the daemon.
+		lab = NewLab(t)
+	}
 	// Unix socket paths are limited to 108 bytes: keep the directory short.
 	dir, err := os.MkdirTemp("/tmp", "bgr")
 	if err != nil {
@@ -50,11 +76,11 @@ func NewWithConfig(t testing.TB, binDir, imageDir, config string) *Env {
 	if err := os.Chmod(dir, 0o711); err != nil {
 		t.Fatal(err)
 	}
-	e := &Env{T: t, binDir: binDir, imageDir: imageDir, dir: dir, socket: filepath.Join(dir, "bangerd.sock"), state: filepath.Join(dir, "state")}
+	e := &Env{T: t, binDir: binDir, imageDir: imageDir, dir: dir, socket: filepath.Join(dir, "bangerd.sock"), state: filepath.Join(dir, "state"), Lab: lab}
 	// An explicit, empty config: every setting at its default, so that a
 	// host's /etc/banger/bangerd.toml can't leak into the tests.
 	e.config = filepath.Join(dir, "bangerd.toml")
-	if err := os.WriteFile(e.config, []byte(config), 0o644); err != nil {
+	if err := os.WriteFile(e.config, []byte(o.Config), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	e.StartDaemon()
@@ -78,7 +104,7 @@ func (e *Env) StartDaemon() {
 	if e.logBuf == nil {
 		e.logBuf = &bytes.Buffer{}
 	}
-	cmd := exec.Command(filepath.Join(e.binDir, "bangerd"), "--config", e.config, "--socket", e.socket, "--state-dir", e.state, "--log-level", "debug")
+	cmd := e.inNet(context.Background(), filepath.Join(e.binDir, "bangerd"), "--config", e.config, "--socket", e.socket, "--state-dir", e.state, "--log-level", "debug")
 	cmd.Stdout, cmd.Stderr = e.logBuf, e.logBuf
 	if err := cmd.Start(); err != nil {
 		e.T.Fatal(err)
@@ -117,9 +143,45 @@ func (e *Env) Banger(args ...string) (string, string, int) {
 // Command returns the CLI's command, not started, for tests that feed it
 // or signal it themselves.
 func (e *Env) Command(ctx context.Context, args ...string) *exec.Cmd {
-	cmd := exec.CommandContext(ctx, filepath.Join(e.binDir, "banger"), append([]string{"--socket", e.socket}, args...)...)
-	cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+e.dir)
+	return e.NetCommand(ctx, filepath.Join(e.binDir, "banger"), append([]string{"--socket", e.socket}, args...)...)
+}
+
+// NetCommand returns a command, not started, that runs where the CLI runs
+// (inside the Lab's bgd when there is one) with the CLI's environment:
+// its config directory, $BANGER_SOCKET naming the Env's daemon and the
+// built binaries first in $PATH, so that `ssh NAME.banger` through
+// banger's ProxyCommand reaches this Env.
+func (e *Env) NetCommand(ctx context.Context, name string, args ...string) *exec.Cmd {
+	cmd := e.inNet(ctx, name, args...)
+	cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+e.dir, "BANGER_SOCKET="+e.socket, "PATH="+e.binDir+":"+os.Getenv("PATH"))
 	return cmd
+}
+
+// inNet returns a command that runs inside the Lab's bgd namespace when
+// there is one. It enters only the network namespace (nsenter), not `ip
+// netns exec`'s private mount of /sys, which hides the cgroup hierarchies
+// bangerd confines QEMU with; nsenter execs the program in place, so the
+// command's pid is the program's.
+func (e *Env) inNet(ctx context.Context, name string, args ...string) *exec.Cmd {
+	if e.Lab == nil {
+		return exec.CommandContext(ctx, name, args...)
+	}
+	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + e.Lab.BGD.Path, "--", name}, args...)...)
+}
+
+// Dir is the Env's directory (XDG_CONFIG_HOME of the CLI).
+func (e *Env) Dir() string { return e.dir }
+
+// Exec runs argv in the guest (vm exec) and returns stdout, stderr and
+// the exit code.
+func (e *Env) Exec(name string, argv ...string) (string, string, int) {
+	return e.Banger(append([]string{"vm", "exec", name, "--"}, argv...)...)
+}
+
+// MustExec is Exec that fails the test unless argv exits 0.
+func (e *Env) MustExec(name string, argv ...string) string {
+	e.T.Helper()
+	return e.Must(append([]string{"vm", "exec", name, "--"}, argv...)...)
 }
 
 // BangerIn is Banger with stdin.
@@ -283,4 +345,27 @@ func (e *Env) DaemonPID() int {
 		return 0
 	}
 	return e.daemon.Process.Pid
+}
+
+// GuestToolPath is where InstallGuestTool puts test/guesttool in a guest.
+const GuestToolPath = "/opt/guesttool"
+
+// InstallGuestTool builds test/guesttool (static) once per Env and copies
+// it into the running VM name at GuestToolPath.
+func (e *Env) InstallGuestTool(name string) {
+	e.T.Helper()
+	bin := filepath.Join(e.dir, "guesttool")
+	if _, err := os.Stat(bin); err != nil {
+		root := filepath.Dir(e.binDir) // build/bin -> build
+		root = filepath.Dir(root)
+		cmd := exec.Command("go", "build", "-trimpath", "-o", bin, "./test/guesttool")
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			e.T.Fatalf("build guesttool: %v\n%s", err, out)
+		}
+	}
+	e.MustExec(name, "mkdir", "-p", filepath.Dir(GuestToolPath))
+	e.Must("vm", "cp", bin, name+":"+GuestToolPath)
+	e.MustExec(name, "chmod", "755", GuestToolPath)
 }
