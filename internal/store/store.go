@@ -5,8 +5,10 @@ package store
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -72,6 +74,30 @@ var migrations = []string{
 	// An image file's inode change time: any write changes it, even one
 	// whose size and mtime were then restored (0: not recorded).
 	`ALTER TABLE image_files ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0;`,
+	// Networking: each VM's network mode, its address on banger's bridge
+	// (never two VMs on one: the index is the last guard of the
+	// allocation), MAC and TAP name, what it may reach, the SSH keys
+	// authorised in it and its host keys; its forwarded ports (one host
+	// port per protocol and address); an image's default user. VMs made
+	// before had no network card: "none".
+	`ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'none';
+	ALTER TABLE vms ADD COLUMN ip TEXT;
+	ALTER TABLE vms ADD COLUMN mac TEXT NOT NULL DEFAULT '';
+	ALTER TABLE vms ADD COLUMN tap TEXT NOT NULL DEFAULT '';
+	ALTER TABLE vms ADD COLUMN allow TEXT NOT NULL DEFAULT '[]';
+	ALTER TABLE vms ADD COLUMN ssh_keys TEXT NOT NULL DEFAULT '[]';
+	ALTER TABLE vms ADD COLUMN ssh_host_keys TEXT NOT NULL DEFAULT '[]';
+	CREATE UNIQUE INDEX vms_ip ON vms(ip) WHERE ip IS NOT NULL;
+	CREATE TABLE vm_ports (
+		vm_id      TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+		proto      TEXT NOT NULL,
+		host_ip    TEXT NOT NULL,
+		host_port  INTEGER NOT NULL,
+		guest_port INTEGER NOT NULL,
+		UNIQUE (proto, host_ip, host_port)
+	);
+	CREATE INDEX vm_ports_vm_id ON vm_ports(vm_id);
+	ALTER TABLE images ADD COLUMN default_user TEXT NOT NULL DEFAULT '';`,
 }
 
 // Store is the state database.
@@ -148,6 +174,8 @@ type Image struct {
 	// PromotedFrom is the rootfs a managed image was copied from (empty for
 	// images registered unmanaged and never promoted).
 	PromotedFrom string
+	// DefaultUser is the user `vm ssh` logs in as ("" = root).
+	DefaultUser string
 	// Files, when not nil, are written by InsertImage and UpdateImage (in
 	// the same transaction as the image). GetImage and ListImages leave it
 	// nil: read them with ImageFiles.
@@ -189,6 +217,30 @@ type VM struct {
 	StartedAt    time.Time
 	LastError    string
 	AutoRemove   bool // removed by the daemon when its command ends or its client goes (vm run --rm)
+
+	// Network is the VM's network mode (bridge, user or none).
+	Network string
+	// IP is the VM's address on banger's bridge (bridge mode; "" otherwise).
+	IP  string
+	MAC string
+	TAP string // bridge mode: the TAP device's name
+	// Allow lists what the VM may reach beyond the daemon's defaults
+	// (host, vm, lan, link-local).
+	Allow []string
+	// SSHKeys are authorised for the image's default user at each boot.
+	SSHKeys []string
+	// SSHHostKeys are the guest's SSH host keys learned at the last boot.
+	SSHHostKeys []string
+	// Ports are the VM's forwarded ports, by protocol, address and port.
+	Ports []Port
+}
+
+// Port is a forwarded port of a VM.
+type Port struct {
+	Proto     string // tcp or udp
+	HostIP    string
+	HostPort  int
+	GuestPort int
 }
 
 func fmtTime(t time.Time) string {
@@ -215,9 +267,9 @@ func (s *Store) InsertImage(ctx context.Context, im Image) error {
 		return fmt.Errorf("insert image %q: %w", im.Name, err)
 	}
 	defer tx.Rollback()
-	_, err = tx.ExecContext(ctx, `INSERT INTO images (id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at, promoted_from)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		im.ID, im.Name, im.Managed, im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir, im.SizeBytes, fmtTime(im.CreatedAt), im.PromotedFrom)
+	_, err = tx.ExecContext(ctx, `INSERT INTO images (id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at, promoted_from, default_user)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		im.ID, im.Name, im.Managed, im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir, im.SizeBytes, fmtTime(im.CreatedAt), im.PromotedFrom, im.DefaultUser)
 	if isUnique(err) {
 		return fmt.Errorf("image %q: %w", im.Name, errdefs.ErrAlreadyExists)
 	}
@@ -241,8 +293,8 @@ func (s *Store) UpdateImage(ctx context.Context, im Image) error {
 		return fmt.Errorf("update image %q: %w", im.Name, err)
 	}
 	defer tx.Rollback()
-	res, err := tx.ExecContext(ctx, `UPDATE images SET name=?, managed=?, rootfs=?, kernel=?, initrd=?, modules_dir=?, size_bytes=?, promoted_from=? WHERE id=?`,
-		im.Name, im.Managed, im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir, im.SizeBytes, im.PromotedFrom, im.ID)
+	res, err := tx.ExecContext(ctx, `UPDATE images SET name=?, managed=?, rootfs=?, kernel=?, initrd=?, modules_dir=?, size_bytes=?, promoted_from=?, default_user=? WHERE id=?`,
+		im.Name, im.Managed, im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir, im.SizeBytes, im.PromotedFrom, im.DefaultUser, im.ID)
 	if err != nil {
 		return fmt.Errorf("update image %q: %w", im.Name, err)
 	}
@@ -327,12 +379,12 @@ func (s *Store) ImageFiles(ctx context.Context, id string) ([]ImageFile, error) 
 	return out, rows.Err()
 }
 
-const imageCols = `id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at, promoted_from`
+const imageCols = `id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at, promoted_from, default_user`
 
 func scanImage(row interface{ Scan(...any) error }) (Image, error) {
 	var im Image
 	var created string
-	err := row.Scan(&im.ID, &im.Name, &im.Managed, &im.Rootfs, &im.Kernel, &im.Initrd, &im.ModulesDir, &im.SizeBytes, &created, &im.PromotedFrom)
+	err := row.Scan(&im.ID, &im.Name, &im.Managed, &im.Rootfs, &im.Kernel, &im.Initrd, &im.ModulesDir, &im.SizeBytes, &created, &im.PromotedFrom, &im.DefaultUser)
 	im.CreatedAt = parseTime(created)
 	return im, err
 }
@@ -416,35 +468,219 @@ func (s *Store) ImageUsers(ctx context.Context, id string) ([]string, error) {
 	return out, rows.Err()
 }
 
-const vmCols = `id, name, image_id, state, cpus, memory_mib, disk_bytes, disk_path, disk_format, disk_strategy, vmm, accel_wanted, dir, handle, created_at, started_at, last_error, auto_remove`
+const vmCols = `id, name, image_id, state, cpus, memory_mib, disk_bytes, disk_path, disk_format, disk_strategy, vmm, accel_wanted, dir, handle, created_at, started_at, last_error, auto_remove, network, ip, mac, tap, allow, ssh_keys, ssh_host_keys`
 
 // vmSelect reads a VM with its image's name.
 const vmSelect = `SELECT ` + vmCols + `, (SELECT name FROM images WHERE images.id = vms.image_id) FROM vms`
 
 func scanVM(row interface{ Scan(...any) error }) (VM, error) {
 	var v VM
-	var created, started string
-	var imageName sql.NullString
+	var created, started, allow, sshKeys, hostKeys string
+	var imageName, ip sql.NullString
 	err := row.Scan(&v.ID, &v.Name, &v.ImageID, &v.State, &v.CPUs, &v.MemoryMiB, &v.DiskBytes, &v.DiskPath, &v.DiskFormat, &v.DiskStrategy,
-		&v.VMM, &v.AccelWanted, &v.Dir, &v.Handle, &created, &started, &v.LastError, &v.AutoRemove, &imageName)
+		&v.VMM, &v.AccelWanted, &v.Dir, &v.Handle, &created, &started, &v.LastError, &v.AutoRemove,
+		&v.Network, &ip, &v.MAC, &v.TAP, &allow, &sshKeys, &hostKeys, &imageName)
+	if err != nil {
+		return v, err
+	}
 	v.ImageName = imageName.String
+	v.IP = ip.String
 	v.CreatedAt = parseTime(created)
 	v.StartedAt = parseTime(started)
-	return v, err
+	for _, f := range []struct {
+		col string
+		dst *[]string
+	}{{allow, &v.Allow}, {sshKeys, &v.SSHKeys}, {hostKeys, &v.SSHHostKeys}} {
+		if err := json.Unmarshal([]byte(f.col), f.dst); err != nil {
+			return v, fmt.Errorf("vm %s: decode %q: %w", v.ID, f.col, err)
+		}
+	}
+	return v, nil
 }
 
-// InsertVM adds a VM. A duplicate name is errdefs.ErrAlreadyExists.
+func jsonList(l []string) string {
+	if l == nil {
+		l = []string{}
+	}
+	b, _ := json.Marshal(l)
+	return string(b)
+}
+
+func nullIfEmpty(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
+
+// InsertVM adds a VM with its ports. A duplicate name is
+// errdefs.ErrAlreadyExists; so is a host port another VM forwards
+// (same protocol and port, same address or either one the wildcard).
 func (s *Store) InsertVM(ctx context.Context, v VM) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO vms (`+vmCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+	_, err := s.insertVM(ctx, v, netip.Prefix{})
+	return err
+}
+
+// InsertVMWithAddress adds a VM as InsertVM does, with the lowest free
+// host address of subnet as its IP (not the network address, the gateway
+// (the first host address) or the broadcast address), chosen in the same
+// transaction as the insert. It returns the VM with its IP.
+// The daemon serialises its creates; the unique index on vms.ip guards
+// against anything else.
+func (s *Store) InsertVMWithAddress(ctx context.Context, v VM, subnet netip.Prefix) (VM, error) {
+	if !subnet.IsValid() || !subnet.Addr().Is4() {
+		return v, fmt.Errorf("allocate an address for vm %q: bad subnet %s: %w", v.Name, subnet, errdefs.ErrInvalid)
+	}
+	return s.insertVM(ctx, v, subnet.Masked())
+}
+
+func (s *Store) insertVM(ctx context.Context, v VM, subnet netip.Prefix) (VM, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return v, fmt.Errorf("insert vm %q: %w", v.Name, err)
+	}
+	defer tx.Rollback()
+	if subnet.IsValid() {
+		ip, err := freeAddress(ctx, tx, subnet)
+		if err != nil {
+			return v, fmt.Errorf("allocate an address for vm %q: %w", v.Name, err)
+		}
+		v.IP = ip.String()
+	}
+	_, err = tx.ExecContext(ctx, `INSERT INTO vms (`+vmCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		v.ID, v.Name, v.ImageID, v.State, v.CPUs, v.MemoryMiB, v.DiskBytes, v.DiskPath, v.DiskFormat, v.DiskStrategy,
-		v.VMM, v.AccelWanted, v.Dir, v.Handle, fmtTime(v.CreatedAt), fmtTime(v.StartedAt), v.LastError, v.AutoRemove)
+		v.VMM, v.AccelWanted, v.Dir, v.Handle, fmtTime(v.CreatedAt), fmtTime(v.StartedAt), v.LastError, v.AutoRemove,
+		v.Network, nullIfEmpty(v.IP), v.MAC, v.TAP, jsonList(v.Allow), jsonList(v.SSHKeys), jsonList(v.SSHHostKeys))
 	if isUnique(err) {
-		return fmt.Errorf("vm %q: %w", v.Name, errdefs.ErrAlreadyExists)
+		if strings.Contains(err.Error(), "vms.ip") {
+			return v, fmt.Errorf("vm %q: address %s is taken: %w", v.Name, v.IP, errdefs.ErrAlreadyExists)
+		}
+		return v, fmt.Errorf("vm %q: %w", v.Name, errdefs.ErrAlreadyExists)
 	}
 	if err != nil {
-		return fmt.Errorf("insert vm %q: %w", v.Name, err)
+		return v, fmt.Errorf("insert vm %q: %w", v.Name, err)
+	}
+	for _, p := range v.Ports {
+		if err := insertPort(ctx, tx, v.ID, p); err != nil {
+			return v, fmt.Errorf("vm %q: %w", v.Name, err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return v, fmt.Errorf("insert vm %q: %w", v.Name, err)
+	}
+	return v, nil
+}
+
+// freeAddress returns the lowest host address of subnet that no VM has,
+// skipping the gateway (the first host address) and the broadcast address.
+func freeAddress(ctx context.Context, tx *sql.Tx, subnet netip.Prefix) (netip.Addr, error) {
+	rows, err := tx.QueryContext(ctx, `SELECT ip FROM vms WHERE ip IS NOT NULL`)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	taken := map[netip.Addr]bool{}
+	for rows.Next() {
+		var s string
+		if err := rows.Scan(&s); err != nil {
+			rows.Close()
+			return netip.Addr{}, err
+		}
+		if a, err := netip.ParseAddr(s); err == nil {
+			taken[a] = true
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return netip.Addr{}, err
+	}
+	// network, gateway, then VMs up to the broadcast address (excluded).
+	for a := subnet.Addr().Next().Next(); subnet.Contains(a); a = a.Next() {
+		if !subnet.Contains(a.Next()) {
+			break // a is the broadcast address
+		}
+		if !taken[a] {
+			return a, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("subnet %s is full (%d VMs have its addresses): remove VMs or configure a larger subnet: %w",
+		subnet, len(taken), errdefs.ErrFailedPrecondition)
+}
+
+// insertPort records a forwarded port; one taken by another VM is
+// ErrAlreadyExists, naming the VM.
+func insertPort(ctx context.Context, tx *sql.Tx, id string, p Port) error {
+	var other string
+	err := tx.QueryRowContext(ctx, `SELECT vms.name FROM vm_ports JOIN vms ON vms.id = vm_ports.vm_id
+		WHERE proto = ? AND host_port = ? AND (host_ip = ? OR host_ip IN ('0.0.0.0', '::') OR ? IN ('0.0.0.0', '::')) LIMIT 1`,
+		p.Proto, p.HostPort, p.HostIP, p.HostIP).Scan(&other)
+	switch {
+	case err == nil:
+		return fmt.Errorf("host port %s:%d/%s is already forwarded to vm %q: %w", p.HostIP, p.HostPort, p.Proto, other, errdefs.ErrAlreadyExists)
+	case !errors.Is(err, sql.ErrNoRows):
+		return fmt.Errorf("record port %d/%s: %w", p.HostPort, p.Proto, err)
+	}
+	_, err = tx.ExecContext(ctx, `INSERT INTO vm_ports (vm_id, proto, host_ip, host_port, guest_port) VALUES (?, ?, ?, ?, ?)`,
+		id, p.Proto, p.HostIP, p.HostPort, p.GuestPort)
+	if isUnique(err) {
+		return fmt.Errorf("host port %s:%d/%s is given twice: %w", p.HostIP, p.HostPort, p.Proto, errdefs.ErrAlreadyExists)
+	}
+	if err != nil {
+		return fmt.Errorf("record port %d/%s: %w", p.HostPort, p.Proto, err)
 	}
 	return nil
+}
+
+// loadPorts fills the Ports of vms.
+func (s *Store) loadPorts(ctx context.Context, vms []VM) error {
+	if len(vms) == 0 {
+		return nil
+	}
+	idx := map[string]int{}
+	for i := range vms {
+		idx[vms[i].ID] = i
+	}
+	q := `SELECT vm_id, proto, host_ip, host_port, guest_port FROM vm_ports`
+	var args []any
+	if len(vms) == 1 {
+		q += ` WHERE vm_id = ?`
+		args = append(args, vms[0].ID)
+	}
+	rows, err := s.db.QueryContext(ctx, q+` ORDER BY proto, host_ip, host_port`, args...)
+	if err != nil {
+		return fmt.Errorf("read vm ports: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id string
+		var p Port
+		if err := rows.Scan(&id, &p.Proto, &p.HostIP, &p.HostPort, &p.GuestPort); err != nil {
+			return fmt.Errorf("read vm ports: %w", err)
+		}
+		if i, ok := idx[id]; ok {
+			vms[i].Ports = append(vms[i].Ports, p)
+		}
+	}
+	return rows.Err()
+}
+
+// SetSSHHostKeys records the guest's SSH host keys (learned at a boot).
+func (s *Store) SetSSHHostKeys(ctx context.Context, id string, keys []string) error {
+	if _, err := s.db.ExecContext(ctx, `UPDATE vms SET ssh_host_keys = ? WHERE id = ?`, jsonList(keys), id); err != nil {
+		return fmt.Errorf("record ssh host keys of vm %s: %w", id, err)
+	}
+	return nil
+}
+
+// VMByMAC finds the VM with that MAC address (DHCP leases).
+func (s *Store) VMByMAC(ctx context.Context, mac string) (VM, error) {
+	v, err := scanVM(s.db.QueryRowContext(ctx, vmSelect+` WHERE mac = ? AND mac != '' LIMIT 1`, strings.ToLower(mac)))
+	if errors.Is(err, sql.ErrNoRows) {
+		return VM{}, fmt.Errorf("vm with mac %s: %w", mac, errdefs.ErrNotFound)
+	}
+	if err != nil {
+		return VM{}, fmt.Errorf("get vm by mac %s: %w", mac, err)
+	}
+	return v, nil
 }
 
 // UpdateVM writes a VM's mutable fields (by id).
@@ -467,7 +703,11 @@ func (s *Store) GetVM(ctx context.Context, ref string) (VM, error) {
 	if err != nil {
 		return VM{}, fmt.Errorf("get vm %s: %w", errdefs.Quote(ref), err)
 	}
-	return v, nil
+	one := []VM{v}
+	if err := s.loadPorts(ctx, one); err != nil {
+		return VM{}, err
+	}
+	return one[0], nil
 }
 
 // ListVMs returns all VMs by name.
@@ -485,7 +725,14 @@ func (s *Store) ListVMs(ctx context.Context) ([]VM, error) {
 		}
 		out = append(out, v)
 	}
-	return out, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list vms: %w", err)
+	}
+	rows.Close()
+	if err := s.loadPorts(ctx, out); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // VMNameTaken reports whether a VM has that name, or that id: a name
