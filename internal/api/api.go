@@ -76,6 +76,9 @@ type Image struct {
 	UsedBy     []string  `json:"used_by,omitempty"`
 	// PromotedFrom is the rootfs a managed image was copied from.
 	PromotedFrom string `json:"promoted_from,omitempty"`
+	// User is the image's default user (`vm ssh` logs in as it); "root"
+	// when none was given at register.
+	User string `json:"user"`
 	// Files are the fingerprints of the image's rootfs, kernel and initrd
 	// (image inspect only; VMs are refused once one no longer matches).
 	Files []ImageFile `json:"files,omitempty"`

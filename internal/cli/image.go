@@ -25,13 +25,13 @@ func absPath(p string) (string, error) {
 }
 
 func (a *app) imageRegisterCmd() *cobra.Command {
-	var rootfs, kernel, initrd, modules string
+	var rootfs, kernel, initrd, modules, user string
 	cmd := &cobra.Command{
-		Use:   "register NAME --rootfs FILE --kernel FILE [--initrd FILE] [--modules DIR]",
+		Use:   "register NAME --rootfs FILE --kernel FILE [--initrd FILE] [--modules DIR] [--user NAME]",
 		Short: "Register host files as an unmanaged image (the files stay where they are)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			p := api.ImageRegisterParams{Name: args[0]}
+			p := api.ImageRegisterParams{Name: args[0], User: user}
 			for _, x := range []struct {
 				dst *string
 				src string
@@ -54,6 +54,7 @@ func (a *app) imageRegisterCmd() *cobra.Command {
 	cmd.Flags().StringVar(&kernel, "kernel", "", "kernel (bzImage) (required)")
 	cmd.Flags().StringVar(&initrd, "initrd", "", "initrd to boot with (banger appends its own archive)")
 	cmd.Flags().StringVar(&modules, "modules", "", "kernel modules: a copy of /lib/modules/<release> (any name), or a directory holding <release>/ or lib/modules/<release>; checked against the kernel's release")
+	cmd.Flags().StringVar(&user, "user", "", "the image's default user: vm ssh logs in as it and banger authorises your SSH key for it (default root)")
 	_ = cmd.MarkFlagRequired("rootfs")
 	_ = cmd.MarkFlagRequired("kernel")
 	return cmd

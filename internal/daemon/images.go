@@ -38,8 +38,29 @@ func (d *Daemon) imageAPI(ctx context.Context, im store.Image) api.Image {
 	return api.Image{
 		ID: im.ID, Name: im.Name, Managed: im.Managed, Rootfs: im.Rootfs, Kernel: im.Kernel,
 		Initrd: im.Initrd, ModulesDir: im.ModulesDir, SizeBytes: im.SizeBytes, CreatedAt: im.CreatedAt, UsedBy: users,
-		PromotedFrom: im.PromotedFrom,
+		PromotedFrom: im.PromotedFrom, User: imageUser(im),
 	}
+}
+
+// imageUser is an image's default user: root unless one was registered.
+func imageUser(im store.Image) string {
+	if im.DefaultUser == "" {
+		return "root"
+	}
+	return im.DefaultUser
+}
+
+// validUserName checks a login name as useradd accepts it (portable
+// set, at most 32 characters): it is written into the guest's files.
+func validUserName(n string) error {
+	ok := n != "" && len(n) <= 32 && n[0] != '-' && !(n[0] >= '0' && n[0] <= '9')
+	for _, c := range n {
+		ok = ok && (c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-' || c == '.')
+	}
+	if !ok || n == "." || n == ".." {
+		return fmt.Errorf("user %s: want a login name (letters, digits, '_', '-', '.', at most 32, not starting with a digit or '-'): %w", errdefs.Quote(n), errdefs.ErrInvalid)
+	}
+	return nil
 }
 
 // artifactErr marks image file problems as invalid arguments for the RPC edge.
@@ -58,6 +79,11 @@ func (d *Daemon) imageRegister(ctx context.Context, call *rpc.Call) (any, error)
 	if err := vmname.ValidateKind("image", p.Name); err != nil {
 		return nil, fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
 	}
+	if p.User != "" {
+		if err := validUserName(p.User); err != nil {
+			return nil, err
+		}
+	}
 	a := imagefile.Artifacts{Rootfs: p.Rootfs, Kernel: p.Kernel, Initrd: p.Initrd, ModulesDir: p.ModulesDir}
 	if err := imagefile.ValidateArtifacts(a); err != nil {
 		return nil, artifactErr(err)
@@ -72,7 +98,7 @@ func (d *Daemon) imageRegister(ctx context.Context, call *rpc.Call) (any, error)
 	}
 	im := store.Image{
 		ID: newID(), Name: p.Name, Rootfs: p.Rootfs, Kernel: p.Kernel, Initrd: p.Initrd, ModulesDir: p.ModulesDir,
-		SizeBytes: st.Size(), CreatedAt: time.Now(), Files: toStoreFiles(stamps),
+		SizeBytes: st.Size(), CreatedAt: time.Now(), Files: toStoreFiles(stamps), DefaultUser: p.User,
 	}
 	if err := d.store.InsertImage(ctx, im); err != nil {
 		return nil, err

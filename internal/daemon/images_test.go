@@ -61,6 +61,25 @@ func TestImageRemoveInUse(t *testing.T) {
 	wireErr(t, "inspect after rm", err, errdefs.ErrNotFound)
 }
 
+// The image's default user is recorded and shown; root when not given.
+func TestImageDefaultUser(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	im, err := d.c.ImageRegister(testCtx(t), api.ImageRegisterParams{Name: "withuser", Rootfs: e.rootfs, Kernel: e.kernel, User: "dev"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if im.User != "dev" {
+		t.Errorf("register answered user %q, want dev", im.User)
+	}
+	for name, want := range map[string]string{"withuser": "dev", "default": "root"} {
+		got, err := d.c.ImageInspect(testCtx(t), name)
+		if err != nil || got.User != want {
+			t.Errorf("inspect %s: user %q, %v; want %q", name, got.User, err, want)
+		}
+	}
+}
+
 func TestImageRegisterRejectsBadArtifacts(t *testing.T) {
 	t.Parallel()
 	e, d := setup(t, nil)
@@ -81,6 +100,7 @@ func TestImageRegisterRejectsBadArtifacts(t *testing.T) {
 		{"modules not a dir", api.ImageRegisterParams{Name: "x", Rootfs: e.rootfs, Kernel: e.kernel, ModulesDir: e.kernel}, errdefs.ErrInvalid, "not a directory"},
 		{"bad name", api.ImageRegisterParams{Name: "Not OK", Rootfs: e.rootfs, Kernel: e.kernel}, errdefs.ErrInvalid, "invalid image name"},
 		{"duplicate name", api.ImageRegisterParams{Name: "default", Rootfs: e.rootfs, Kernel: e.kernel}, errdefs.ErrAlreadyExists, "default"},
+		{"bad user", api.ImageRegisterParams{Name: "x", Rootfs: e.rootfs, Kernel: e.kernel, User: "dev/../root"}, errdefs.ErrInvalid, "want a login name"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
