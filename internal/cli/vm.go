@@ -25,6 +25,8 @@ import (
 type createFlags struct {
 	name, image, memory, diskSize, accel string
 	cpus                                 int
+	network                              string
+	publish, allow                       []string
 }
 
 func (f *createFlags) add(cmd *cobra.Command) {
@@ -34,10 +36,13 @@ func (f *createFlags) add(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.memory, "memory", "", "memory, e.g. 1024 (MiB) or 2G (default from config, 1024 MiB)")
 	cmd.Flags().StringVar(&f.diskSize, "disk-size", "", "root disk size, e.g. 10G (default: the image's size); the guest filesystem grows to it")
 	cmd.Flags().StringVar(&f.accel, "accel", "", "accelerator: auto, kvm or tcg (default from the daemon's config)")
+	cmd.Flags().StringVar(&f.network, "network", "", "network: bridge (an address on banger's bridge, NAT), user (QEMU's user-mode network) or none (default from the daemon's config)")
+	cmd.Flags().StringArrayVarP(&f.publish, "publish", "p", nil, "forward a host port to the VM: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp] (repeatable; host side 127.0.0.1 unless HOSTIP is given)")
+	cmd.Flags().StringSliceVar(&f.allow, "allow", nil, "let the VM reach more than the default (bridge network): host, vm, lan, link-local (comma list)")
 }
 
 func (a *app) createParams(f *createFlags) (api.VMCreateParams, error) {
-	p := api.VMCreateParams{Name: f.name, Image: f.image, CPUs: f.cpus, Accel: f.accel}
+	p := api.VMCreateParams{Name: f.name, Image: f.image, CPUs: f.cpus, Accel: f.accel, Network: f.network, Ports: f.publish, Allow: f.allow}
 	if p.Image == "" {
 		p.Image = a.cfg.DefaultImage
 	}
@@ -238,14 +243,15 @@ func (a *app) vmLsCmd() *cobra.Command {
 				return nil
 			}
 			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tSTATE\tIMAGE\tCPUS\tMEMORY\tDISK\tACCEL\tCREATED")
+			fmt.Fprintln(tw, "NAME\tSTATE\tIMAGE\tCPUS\tMEMORY\tDISK\tACCEL\tIP\tPORTS\tCREATED")
 			for _, v := range vms {
 				accel := v.Accel
 				if accel == "" {
 					accel = "-"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d MiB\t%s\t%s\t%s\n", v.Name, v.State, v.Image, v.CPUs, v.MemoryMiB,
-					humanBytes(v.DiskBytes), accel, ago(v.CreatedAt))
+				ip, ports := netColumns(v.Network)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d MiB\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.State, v.Image, v.CPUs, v.MemoryMiB,
+					humanBytes(v.DiskBytes), accel, ip, ports, ago(v.CreatedAt))
 			}
 			return tw.Flush()
 		},
@@ -253,6 +259,27 @@ func (a *app) vmLsCmd() *cobra.Command {
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print names only")
 	return cmd
+}
+
+// netColumns are a VM's IP and PORTS columns in vm ls: the bridge
+// address ("user" for the user-mode network, "-" without a network), and
+// the forwarded ports as HOSTIP:PORT->GUESTPORT/PROTO.
+func netColumns(n *api.NetworkInfo) (ip, ports string) {
+	if n == nil {
+		return "-", "-"
+	}
+	ip = n.IP
+	if ip == "" {
+		ip = n.Mode
+	}
+	var ps []string
+	for _, p := range n.Ports {
+		ps = append(ps, fmt.Sprintf("%s:%d->%d/%s", p.HostIP, p.HostPort, p.GuestPort, p.Proto))
+	}
+	if len(ps) == 0 {
+		return ip, "-"
+	}
+	return ip, strings.Join(ps, ",")
 }
 
 func ago(t time.Time) string {

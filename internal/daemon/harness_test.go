@@ -77,6 +77,9 @@ func newEnv(t *testing.T, mod func(*config.Daemon)) *testEnv {
 	cfg.ReadyTimeout = config.Duration{Duration: 10 * time.Second}
 	cfg.StopTimeout = config.Duration{Duration: 10 * time.Second}
 	cfg.LogLevel = "debug"
+	// No network unless a test asks: a bridged VM's host side is faked by
+	// the test (see fakeHostNet); the host's own namespace is never touched.
+	cfg.Network = api.NetworkNone
 	if mod != nil {
 		mod(&cfg)
 	}

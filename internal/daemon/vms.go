@@ -84,7 +84,7 @@ func (d *Daemon) vmAPI(v store.VM) api.VM {
 		DiskBytes: v.DiskBytes, DiskPath: v.DiskPath, DiskFormat: v.DiskFormat, DiskStrategy: v.DiskStrategy,
 		VMM: v.VMM, AccelWanted: v.AccelWanted, Dir: v.Dir, ConsoleLog: filepath.Join(v.Dir, fileConsole),
 		CreatedAt: v.CreatedAt, LastError: v.LastError, Image: v.ImageName, AutoRemove: v.AutoRemove,
-		BootTimeline: d.timelineAPI(v, time.Now()),
+		BootTimeline: d.timelineAPI(v, time.Now()), Network: d.networkAPI(v),
 	}
 	if !v.StartedAt.IsZero() && v.State == api.StateRunning {
 		t := v.StartedAt
@@ -152,6 +152,10 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 		if err := vmname.Validate(p.Name); err != nil {
 			return v, fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
 		}
+	}
+	netw, err := d.checkNetwork(p)
+	if err != nil {
+		return v, err
 	}
 	imageRef := p.Image
 	if imageRef == "" {
@@ -230,12 +234,27 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 		ID: id, Name: name, ImageID: im.ID, ImageName: im.Name, State: api.StateStopped, CPUs: cpus, MemoryMiB: mem,
 		DiskBytes: cl.Size, DiskPath: cl.Path, DiskFormat: cl.Format, DiskStrategy: cl.Strategy,
 		VMM: d.driver.Name(), AccelWanted: accel, Dir: dir, CreatedAt: time.Now(), AutoRemove: p.AutoRemove,
+		Network: netw.mode, Allow: netw.allow, SSHKeys: netw.sshKeys, Ports: netw.ports,
 	}
-	if err := d.store.InsertVM(ctx, v); err != nil {
+	if netw.mode != api.NetworkNone {
+		v.MAC = macFor(id)
+	}
+	if netw.mode == api.NetworkBridge {
+		// The address is chosen in the insert's transaction, under the
+		// create lock: never two VMs on one address.
+		v.TAP = tapName(id)
+		subnet, err := d.cfg.SubnetPrefix()
+		if err != nil {
+			return v, err
+		}
+		if v, err = d.store.InsertVMWithAddress(ctx, v, subnet); err != nil {
+			return v, err
+		}
+	} else if err := d.store.InsertVM(ctx, v); err != nil {
 		return v, err
 	}
 	steps.Release()
-	d.log.Info("vm created", "vm", name, "id", id, "image", im.Name, "disk", cl.Strategy, "disk_bytes", cl.Size)
+	d.log.Info("vm created", "vm", name, "id", id, "image", im.Name, "disk", cl.Strategy, "disk_bytes", cl.Size, "network", v.Network, "ip", v.IP)
 	return v, nil
 }
 
