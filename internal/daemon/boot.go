@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -169,6 +170,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 	steps.Release()
 	ready = true
 	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))
+	d.recordHostKeys(ctx, v, r)
 	if waitBoot {
 		if err := d.phase(ctx, call, v, "wait for the guest's boot"); err != nil {
 			tl.fail(err.Error())
@@ -185,6 +187,24 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		d.recordFullBoot(v, r, tl)
 	}
 	return nil
+}
+
+// recordHostKeys keeps the guest's SSH host keys the agent reported (over
+// the agent's channel, which the guest network can't forge) in the VM's
+// row: vm.ssh_info hands them to clients, which pin them.
+func (d *Daemon) recordHostKeys(ctx context.Context, v store.VM, r *runningVM) {
+	r.mu.Lock()
+	var keys []string
+	if r.info != nil {
+		keys = r.info.SSHHostKeys
+	}
+	r.mu.Unlock()
+	if len(keys) == 0 || slices.Equal(keys, v.SSHHostKeys) {
+		return
+	}
+	if err := d.store.SetSSHHostKeys(context.WithoutCancel(ctx), v.ID, keys); err != nil {
+		d.log.Error("record the guest's ssh host keys", "vm", v.Name, "err", err)
+	}
 }
 
 // boot is a start in progress (see startVM).

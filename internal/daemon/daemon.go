@@ -345,6 +345,9 @@ func (d *Daemon) register(s *rpc.Server) {
 	s.Handle(api.MethodVMExec, rpc.PermWrite, d.vmExec, rpc.TakesInput())
 	s.Handle(api.MethodVMCopyIn, rpc.PermWrite, d.vmCopyIn, rpc.TakesInput())
 	s.Handle(api.MethodVMCopyOut, rpc.PermWrite, d.vmCopyOut)
+	s.Handle(api.MethodVMSSHInfo, rpc.PermRead, d.vmSSHInfo)
+	s.Handle(api.MethodVMTunnel, rpc.PermWrite, d.vmTunnel, rpc.TakesInput())
+	s.Handle(api.MethodVMHold, rpc.PermWrite, d.vmHold)
 }
 
 func (d *Daemon) ping(ctx context.Context, call *rpc.Call) (any, error) {

@@ -1,0 +1,114 @@
+package daemon
+
+import (
+	"context"
+	"testing"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/rpc"
+)
+
+// hold starts a vm.hold call and returns once the daemon holds the VM;
+// the call's result arrives on the channel.
+func hold(ctx context.Context, t *testing.T, e *testEnv, name string) <-chan error {
+	t.Helper()
+	held := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- rpc.Do(ctx, e.cfg.SocketPath, api.MethodVMHold, api.NameParams{Name: name}, nil, func(f api.Frame) {
+			if f.Type == api.FrameProgress && f.Progress != nil && f.Progress.Phase == "held" {
+				close(held)
+			}
+		})
+	}()
+	select {
+	case <-held:
+	case err := <-done:
+		t.Fatalf("hold %s ended before holding: %v", name, err)
+	case <-ctx.Done():
+		t.Fatalf("hold %s: %v", name, ctx.Err())
+	}
+	return done
+}
+
+// A held auto-remove VM goes when the holding client goes.
+func TestHoldRemovesAutoRemoveVMWhenClientGoes(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	vm := createAutoRemove(t, d, "held")
+	ctx := testCtx(t)
+	hctx, cancel := context.WithCancel(ctx)
+	done := hold(hctx, t, e, "held")
+	if got := inspect(t, d, "held"); got.State != api.StateRunning {
+		t.Fatalf("held vm is %s", got.State)
+	}
+	cancel()
+	<-done
+	waitGone(ctx, t, d, vm)
+}
+
+// A hold ends when the VM stops; an auto-remove VM is then removed.
+func TestHoldEndsWhenVMStops(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	ctx := testCtx(t)
+	createStarted(t, d, "plain")
+	done := hold(ctx, t, e, "plain")
+	e.fake.byName("plain").powerOff()
+	if err := <-done; err != nil {
+		t.Fatalf("hold of a VM that stopped: %v, want nil", err)
+	}
+	if got := inspect(t, d, "plain"); got.State != api.StateStopped {
+		t.Errorf("vm is %s after power off", got.State)
+	}
+	err := d.c.VMHold(ctx, "plain")
+	wireErr(t, "hold a stopped vm", err, errdefs.ErrFailedPrecondition)
+
+	vm := createAutoRemove(t, d, "eph")
+	done = hold(ctx, t, e, "eph")
+	e.fake.byName("eph").powerOff()
+	if err := <-done; err != nil {
+		t.Fatalf("hold: %v", err)
+	}
+	waitGone(ctx, t, d, vm)
+}
+
+func TestSSHInfo(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	ctx := testCtx(t)
+	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "dev", Rootfs: e.rootfs, Kernel: e.kernel, Initrd: e.initrd, User: "dev"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "a", Image: "dev"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	info, err := d.c.VMSSHInfo(ctx, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Name != "a" || info.User != "dev" || info.Direct != "" || info.HostKeys == nil {
+		t.Errorf("ssh info = %+v", info)
+	}
+	createStarted(t, d, "b")
+	if info, err := d.c.VMSSHInfo(ctx, "b"); err != nil || info.User != "root" || info.Direct != "" {
+		t.Errorf("ssh info = %+v, %v", info, err)
+	}
+	_, err = d.c.VMSSHInfo(ctx, "nope")
+	wireErr(t, "ssh info of an unknown vm", err, errdefs.ErrNotFound)
+}
+
+func TestTunnelValidation(t *testing.T) {
+	t.Parallel()
+	_, d := setup(t, nil)
+	ctx := testCtx(t)
+	createStarted(t, d, "t")
+	err := d.c.VMTunnel(ctx, api.VMTunnelParams{Name: "t", Port: 0}, nil, nil)
+	wireErr(t, "tunnel to port 0", err, errdefs.ErrInvalid)
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "stopped"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	err = d.c.VMTunnel(ctx, api.VMTunnelParams{Name: "stopped", SSH: true}, nil, nil)
+	wireErr(t, "tunnel to a stopped vm", err, errdefs.ErrFailedPrecondition)
+}
