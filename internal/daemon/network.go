@@ -12,6 +12,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/portfwd"
 	"github.com/bangerdev/banger/internal/store"
 )
 
@@ -34,7 +35,7 @@ const (
 const (
 	maxSSHKeys   = 32
 	maxSSHKeyLen = 16 << 10
-	maxPorts     = 256
+	maxPorts     = 4096
 )
 
 // vmNetwork is a new VM's network as createVM validated it, before
@@ -48,7 +49,7 @@ type vmNetwork struct {
 
 // checkNetwork validates the network part of a create: the mode, the
 // allowances, the SSH keys and the ports. It creates nothing.
-func (d *Daemon) checkNetwork(p api.VMCreateParams) (vmNetwork, error) {
+func (d *Daemon) checkNetwork(p api.VMCreateParams, callerUID uint32) (vmNetwork, error) {
 	n := vmNetwork{mode: p.Network}
 	if n.mode == "" {
 		n.mode = d.cfg.Network
@@ -96,14 +97,39 @@ func (d *Daemon) checkNetwork(p api.VMCreateParams) (vmNetwork, error) {
 			n.sshKeys = append(n.sshKeys, k)
 		}
 	}
-	if len(p.Ports) > 0 {
-		if n.mode == api.NetworkNone {
-			return n, fmt.Errorf("ports can't be forwarded to a VM without a network (network none): %w", errdefs.ErrInvalid)
+	if len(p.Ports) == 0 {
+		return n, nil
+	}
+	if n.mode == api.NetworkNone {
+		return n, fmt.Errorf("ports can't be forwarded to a VM without a network (network none): %w", errdefs.ErrInvalid)
+	}
+	var rules []portfwd.Rule
+	for _, spec := range p.Ports {
+		r, err := portfwd.Parse(spec)
+		if err != nil {
+			return n, err
 		}
-		return n, fmt.Errorf("port forwarding (-p) is not available in this build yet: %w", errdefs.ErrInvalid)
+		rules = append(rules, r...)
+		if len(rules) > maxPorts {
+			return n, fmt.Errorf("more than %d forwarded ports: %w", maxPorts, errdefs.ErrInvalid)
+		}
+	}
+	if n.mode == api.NetworkUser && d.cfg.VMMConfine {
+		// QEMU forwards the ports itself (hostfwd), as its unprivileged user.
+		if err := portfwd.Check(rules, unprivilegedUID); err != nil {
+			return n, fmt.Errorf("network user: QEMU binds the forwarded ports itself, as an unprivileged user: %w", err)
+		}
+	} else if err := portfwd.Check(rules, int(callerUID)); err != nil {
+		return n, err
+	}
+	for _, r := range rules {
+		n.ports = append(n.ports, store.Port{Proto: r.Proto, HostIP: r.HostIP.String(), HostPort: r.HostPort, GuestPort: r.GuestPort})
 	}
 	return n, nil
 }
+
+// unprivilegedUID stands for a caller who isn't root in portfwd.Check.
+const unprivilegedUID = 65534
 
 // tapName is a VM's TAP device: "bg-" and the first 12 characters of its
 // id (15, the kernel's limit).

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -151,5 +152,74 @@ func TestMACAndTAPNames(t *testing.T) {
 	m := macFor(id)
 	if m != macFor(id) || m == macFor("7f3a9c0d1e2b4a57") || !strings.HasPrefix(m, "02:") || len(m) != 17 {
 		t.Errorf("mac %q", m)
+	}
+}
+
+// freePort returns a TCP port free on 127.0.0.1 now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func TestCreatePorts(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, bridged)
+	ctx := testCtx(t)
+	p1, p2 := freePort(t), freePort(t)
+	spec := fmt.Sprintf("%d:80", p1)
+	a, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "a", Network: api.NetworkUser, Ports: []string{spec, fmt.Sprintf("%d:53/udp", p2)}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []api.PortForward{{Proto: "tcp", HostIP: "127.0.0.1", HostPort: p1, GuestPort: 80}, {Proto: "udp", HostIP: "127.0.0.1", HostPort: p2, GuestPort: 53}}
+	if got := inspect(t, d, "a").Network; got == nil || !slices.Equal(got.Ports, want) || !slices.Equal(a.Network.Ports, want) {
+		t.Fatalf("ports = %+v, want %+v", got, want)
+	}
+	held, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	heldPort := held.Addr().(*net.TCPAddr).Port
+	tests := []struct {
+		name string
+		p    api.VMCreateParams
+		kind error
+		hint string
+	}{
+		{"port of another vm", api.VMCreateParams{Ports: []string{spec}}, errdefs.ErrAlreadyExists, `forwarded to vm "a"`},
+		{"port of another vm, wildcard", api.VMCreateParams{Ports: []string{"0.0.0.0:" + spec}}, errdefs.ErrAlreadyExists, `forwarded to vm "a"`},
+		{"port in use", api.VMCreateParams{Ports: []string{fmt.Sprintf("%d:80", heldPort)}}, errdefs.ErrAlreadyExists, "already in use"},
+		{"malformed", api.VMCreateParams{Ports: []string{"80"}}, errdefs.ErrInvalid, "port forward"},
+		{"twice", api.VMCreateParams{Ports: []string{fmt.Sprintf("%d:80", p2), fmt.Sprintf("%d:81", p2)}}, errdefs.ErrInvalid, "twice"},
+		{"privileged in user mode", api.VMCreateParams{Network: api.NetworkUser, Ports: []string{"80:80"}}, errdefs.ErrPermissionDenied, "unprivileged user"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.p.Name = "x"
+			_, err := d.c.VMCreate(ctx, tc.p, nil)
+			wireErr(t, "create", err, tc.kind)
+			if !strings.Contains(err.Error(), tc.hint) {
+				t.Errorf("error %q does not contain %q", err, tc.hint)
+			}
+			if got := vmNames(t, d); !slices.Equal(got, []string{"a"}) {
+				t.Errorf("vms after failed create = %v", got)
+			}
+			if got := vmDirs(t, e); len(got) != 1 {
+				t.Errorf("vm dirs after failed create = %v", got)
+			}
+		})
+	}
+	// Removing the VM frees its ports.
+	if err := d.c.VMRemove(ctx, api.VMRemoveParams{Name: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "b", Ports: []string{spec}}, nil); err != nil {
+		t.Fatalf("port of a removed vm: %v", err)
 	}
 }

@@ -153,7 +153,7 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 			return v, fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
 		}
 	}
-	netw, err := d.checkNetwork(p)
+	netw, err := d.checkNetwork(p, call.Peer.UID)
 	if err != nil {
 		return v, err
 	}
