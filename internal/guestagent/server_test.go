@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"reflect"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -38,7 +39,7 @@ func TestInfo(t *testing.T) {
 		EarlyBootDone:   true,
 		EarlyBootSignal: "none",
 	}
-	if info != want {
+	if !reflect.DeepEqual(info, want) {
 		t.Errorf("info = %+v, want %+v", info, want)
 	}
 	if info.UptimeMS <= 0 {
