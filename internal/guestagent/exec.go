@@ -30,6 +30,7 @@ const outputGrace = 2 * time.Second
 
 // command is what a session runs.
 type command struct {
+	path string // the program; "" = argv[0] looked up in PATH
 	argv []string
 	env  []string // added after the defaults and the session's env requests
 	dir  string
@@ -53,6 +54,10 @@ type session struct {
 	// stderr, which the user sees (a refused request carries no reason).
 	ptyErr  error
 	openPTY func() (ptmx, tty *os.File, err error)
+	// acct is the user of a built-in SSH server's session (sshd.go); nil
+	// for the agent's own sessions, which run as root.
+	acct       *account
+	sftpServer []string // the "sftp" subsystem's command (acct set)
 
 	mu      sync.Mutex
 	started bool
@@ -67,11 +72,7 @@ func (s *server) handleSession(nc ssh.NewChannel, log *slog.Logger) {
 		log.Warn("accept session", "err", err)
 		return
 	}
-	ss := &session{log: log, ch: ch, done: make(chan struct{}), openPTY: s.hooks.OpenPTY}
-	if ss.openPTY == nil {
-		ss.openPTY = pty.Open
-	}
-	ss.serve(reqs)
+	s.newSession(ch, log).serve(reqs)
 }
 
 func (ss *session) serve(reqs <-chan *ssh.Request) {
@@ -144,14 +145,29 @@ func (ss *session) handleRequest(req *ssh.Request) (ok bool, launch func()) {
 		if err := ssh.Unmarshal(req.Payload, &m); err != nil {
 			return false, nil
 		}
+		if ss.acct != nil {
+			return ss.start(ss.acct.loginCommand(&m.Command))
+		}
 		return ss.start(command{argv: []string{"/bin/sh", "-c", m.Command}})
 	case "shell":
+		if ss.acct != nil {
+			return ss.start(ss.acct.loginCommand(nil))
+		}
 		shell := "/bin/sh"
 		if fi, err := os.Stat("/bin/bash"); err == nil && fi.Mode().IsRegular() {
 			shell = "/bin/bash"
 		}
 		return ss.start(command{argv: []string{shell, "-l"}})
+	case "subsystem":
+		var m subsystemMsg
+		if ss.acct == nil || ssh.Unmarshal(req.Payload, &m) != nil || m.Name != "sftp" {
+			return false, nil
+		}
+		return ss.start(command{path: ss.sftpServer[0], argv: ss.sftpServer})
 	case agentproto.ReqExecArgv:
+		if ss.acct != nil {
+			return false, nil // the built-in SSH server's users get standard SSH only
+		}
 		var m agentproto.ExecRequest
 		if err := agentproto.UnmarshalPayload(req.Payload, &m); err != nil {
 			ss.log.Warn("bad exec request", "err", err)
@@ -191,6 +207,12 @@ func (ss *session) allocPTY(m agentproto.PtyReqMsg) error {
 		return nil
 	}
 	ss.ptmx, ss.tty, ss.ptySet = ptmx, tty, true
+	if ss.acct != nil {
+		// The user's terminal is theirs, as login and sshd make it.
+		if err := errors.Join(tty.Chown(int(ss.acct.uid), int(ss.acct.ttyGID)), tty.Chmod(0o620)); err != nil {
+			ss.log.Warn("give the terminal to the user", "err", err)
+		}
+	}
 	ss.term = m.Term
 	ss.rows, ss.cols = clampSize(m.Rows), clampSize(m.Columns)
 	if ss.rows == 0 || ss.cols == 0 {
@@ -253,12 +275,19 @@ func (ss *session) closePTY() {
 // environ builds the command's environment: defaults, TERM from pty-req,
 // env requests, then the command's own entries (later entries win).
 func (ss *session) environ(c command) []string {
+	home, user := "/root", "root"
+	if ss.acct != nil {
+		home, user = ss.acct.home, ss.acct.name
+	}
 	env := []string{
 		"PATH=" + defaultPath,
-		"HOME=/root",
-		"USER=root",
-		"LOGNAME=root",
+		"HOME=" + home,
+		"USER=" + user,
+		"LOGNAME=" + user,
 		"LANG=C.UTF-8",
+	}
+	if ss.acct != nil {
+		env = append(env, "SHELL="+ss.acct.shell)
 	}
 	if ss.term != "" {
 		env = append(env, "TERM="+ss.term)
@@ -295,6 +324,9 @@ func (ss *session) run(c command) {
 	dir := c.dir
 	if dir == "" {
 		dir = "/root"
+		if ss.acct != nil {
+			dir = ss.acct.home
+		}
 		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
 			dir = "/"
 		}
@@ -318,10 +350,13 @@ func (ss *session) run(c command) {
 		ss.failStart(errOut, c.argv[0], &fs.PathError{Op: "chdir", Path: dir, Err: err})
 		return
 	}
-	path, err := lookPath(c.argv[0], envValue(env, "PATH"))
-	if err != nil {
-		ss.failStart(errOut, c.argv[0], err)
-		return
+	path := c.path
+	var err error
+	if path == "" {
+		if path, err = lookPath(c.argv[0], envValue(env, "PATH")); err != nil {
+			ss.failStart(errOut, c.argv[0], err)
+			return
+		}
 	}
 	cmd := &exec.Cmd{Path: path, Args: c.argv, Env: env, Dir: dir}
 
@@ -358,6 +393,9 @@ func (ss *session) run(c command) {
 		childEnd = append(childEnd, inR, outW, errW)
 		outputs = append(outputs, outR, errR)
 		stdinW = inW
+	}
+	if ss.acct != nil {
+		cmd.SysProcAttr.Credential = ss.acct.credential()
 	}
 
 	ss.mu.Lock()

@@ -89,6 +89,8 @@ func Main(args []string) int {
 			return 1
 		}
 		return serve(cfg)
+	case sftpServerCommand: // hidden: the built-in SSH server's sftp subsystem
+		return serveSFTP()
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return 0

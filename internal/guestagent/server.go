@@ -2,11 +2,13 @@
 // agentproto for the wire contract) reached by the host over a virtio-serial
 // port or a vsock connection. It runs commands (exec, shell and
 // agentproto.ReqExecArgv sessions, with or without a PTY), copies files in
-// and out as tar streams, and answers info and shutdown requests.
+// and out as tar streams, answers info and shutdown requests, connects
+// direct-tcpip channels inside the guest and serves the user's SSH logins
+// (agentproto.ChanSSH: the guest's sshd, or its own SSH server).
 //
 // This package must only import the standard library, golang.org/x/...,
-// creack/pty, mdlayher/vsock and agentproto: it is linked into the static
-// (CGO_ENABLED=0) guest binary.
+// creack/pty, mdlayher/vsock, pkg/sftp and agentproto: it is linked into the
+// static (CGO_ENABLED=0) guest binary.
 package guestagent
 
 import (
@@ -53,13 +55,17 @@ type Hooks struct {
 	// OpenPTY allocates a pseudo-terminal (master, slave). When nil,
 	// github.com/creack/pty.Open.
 	OpenPTY func() (ptmx, tty *os.File, err error)
+	// SSH tunes the user-facing SSH service (agentproto.ChanSSH).
+	SSH SSHOptions
 }
 
 // server holds what every connection of one agent shares.
 type server struct {
-	config *ssh.ServerConfig
-	hooks  Hooks
-	log    *slog.Logger
+	config  *ssh.ServerConfig
+	cfg     agentproto.Config
+	hostKey ssh.Signer
+	hooks   Hooks
+	log     *slog.Logger
 }
 
 func newServer(cfg agentproto.Config, hooks Hooks, log *slog.Logger) (*server, error) {
@@ -91,7 +97,7 @@ func newServer(cfg agentproto.Config, hooks Hooks, log *slog.Logger) (*server, e
 		ServerVersion: "SSH-2.0-banger-agent",
 	}
 	sc.AddHostKey(signer)
-	return &server{config: sc, hooks: hooks, log: log}, nil
+	return &server{config: sc, cfg: cfg, hostKey: signer, hooks: hooks, log: log}, nil
 }
 
 // Serve opens the transport named by cfg.Transport and serves SSH
@@ -168,6 +174,10 @@ func (s *server) serveConn(ctx context.Context, conn net.Conn) error {
 				wg.Go(func() { s.handleCopyIn(nc, log) })
 			case agentproto.ChanCopyOut:
 				wg.Go(func() { s.handleCopyOut(nc, log) })
+			case agentproto.ChanSSH:
+				wg.Go(func() { s.handleSSH(ctx, nc, log) })
+			case agentproto.ChanDirectTCPIP:
+				wg.Go(func() { handleDirectTCPIP(ctx, nc, log) })
 			default:
 				nc.Reject(ssh.UnknownChannelType, "unknown channel type "+nc.ChannelType())
 			}
