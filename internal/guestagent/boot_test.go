@@ -102,6 +102,9 @@ func buildAgent(t *testing.T) string {
 }
 
 func TestMain(m *testing.M) {
+	if helperMain() {
+		return
+	}
 	code := m.Run()
 	if agentDir != "" {
 		os.RemoveAll(agentDir)

@@ -79,9 +79,16 @@ type harness struct {
 // startServer serves one connection of an agent configured with km.
 func startServer(t *testing.T, km agent.KeyMaterial, hooks guestagent.Hooks) *harness {
 	t.Helper()
+	return startServerConfig(t, km, agentConfig(km), hooks)
+}
+
+// startServerConfig serves one connection of an agent configured with cfg
+// (holding km's keys).
+func startServerConfig(t *testing.T, km agent.KeyMaterial, cfg agentproto.Config, hooks guestagent.Hooks) *harness {
+	t.Helper()
 	guest, host := socketPair(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	h := &harness{km: km, cfg: agentConfig(km), serveErr: make(chan error, 1), cancel: cancel, guest: guest, host: host}
+	h := &harness{km: km, cfg: cfg, serveErr: make(chan error, 1), cancel: cancel, guest: guest, host: host}
 	log := testLogger(t)
 	go func() { h.serveErr <- guestagent.ServeConn(ctx, guest, h.cfg, hooks, log.With("side", "guest")) }()
 	t.Cleanup(func() {
@@ -111,7 +118,18 @@ func (h *harness) dialer() agent.DialFunc {
 // connect starts an agent and returns a client connected to it.
 func connect(t *testing.T, hooks guestagent.Hooks) (*agent.Client, *harness) {
 	t.Helper()
-	h := startServer(t, generateKeys(t), hooks)
+	return connectConfig(t, hooks, nil)
+}
+
+// connectConfig is connect with the agent's config changed by edit.
+func connectConfig(t *testing.T, hooks guestagent.Hooks, edit func(*agentproto.Config)) (*agent.Client, *harness) {
+	t.Helper()
+	km := generateKeys(t)
+	cfg := agentConfig(km)
+	if edit != nil {
+		edit(&cfg)
+	}
+	h := startServerConfig(t, km, cfg, hooks)
 	keys, err := h.km.Keys()
 	if err != nil {
 		t.Fatalf("keys: %v", err)
