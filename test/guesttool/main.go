@@ -32,7 +32,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail(fmt.Errorf("usage: guesttool serve|sink|dial|get|lookup|addrs ..."))
+		fail(fmt.Errorf("usage: guesttool serve|sink|dial|get|lookup|addrs ARGS"))
 	}
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
 	detach := fs.Bool("d", false, "detach once listening")

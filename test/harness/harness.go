@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,7 +27,8 @@ type Env struct {
 	socket           string
 	state            string
 	daemon           *exec.Cmd
-	config           string // the daemon's --config
+	exited           chan struct{} // closed when daemon exited
+	config           string        // the daemon's --config
 	binDir, imageDir string
 	logBuf           *bytes.Buffer
 	// Lab is the network bangerd, the CLI and NetCommand run in (nil: the
@@ -101,20 +103,85 @@ func NewWithOptions(t testing.TB, binDir, imageDir string, o Options) *Env {
 
 func (e *Env) StartDaemon() {
 	e.T.Helper()
+	if err := e.TryStartDaemon(); err != nil {
+		e.T.Fatal(err)
+	}
+}
+
+// TryStartDaemon starts bangerd and waits until it answers; when it exits
+// first (a config it refuses) or doesn't answer within 20 s, the error
+// holds its output.
+func (e *Env) TryStartDaemon() error {
 	if e.logBuf == nil {
 		e.logBuf = &bytes.Buffer{}
 	}
+	var out syncBuffer
 	cmd := e.inNet(context.Background(), filepath.Join(e.binDir, "bangerd"), "--config", e.config, "--socket", e.socket, "--state-dir", e.state, "--log-level", "debug")
-	cmd.Stdout, cmd.Stderr = e.logBuf, e.logBuf
+	out.w = e.logBuf
+	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
+		return err
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for {
+		_, _, code := e.Banger("version")
+		ls, _, _ := e.Banger("vm", "ls")
+		if code == 0 && strings.Contains(ls, "NAME") {
+			e.daemon, e.exited = cmd, exited
+			return nil
+		}
+		select {
+		case <-exited:
+			return fmt.Errorf("bangerd exited (%v):\n%s", cmd.ProcessState, out.String())
+		case <-ctx.Done():
+			cmd.Process.Kill()
+			<-exited
+			return fmt.Errorf("bangerd did not answer within 20s:\n%s", out.String())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// syncBuffer copies a daemon's output to w and keeps this run's own.
+type syncBuffer struct {
+	mu  sync.Mutex
+	w   *bytes.Buffer
+	own bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.w.Write(p)
+	return b.own.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.own.String()
+}
+
+// SetConfig replaces the daemon's configuration file (read at its next
+// start).
+func (e *Env) SetConfig(config string) {
+	e.T.Helper()
+	if err := os.WriteFile(e.config, []byte(config), 0o644); err != nil {
 		e.T.Fatal(err)
 	}
-	e.daemon = cmd
-	WaitFor(e.T, 20*time.Second, "bangerd answering", func() bool {
-		_, _, code := e.Banger("version")
-		out, _, _ := e.Banger("vm", "ls")
-		return code == 0 && strings.Contains(out, "NAME")
-	})
+}
+
+// KillDaemon kills bangerd with SIGKILL (a crash) and waits for it.
+func (e *Env) KillDaemon() {
+	if e.daemon == nil {
+		return
+	}
+	e.daemon.Process.Kill()
+	<-e.exited
+	e.daemon = nil
 }
 
 func (e *Env) StopDaemon() {
@@ -122,13 +189,11 @@ func (e *Env) StopDaemon() {
 		return
 	}
 	e.daemon.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { e.daemon.Wait(); close(done) }()
 	select {
-	case <-done:
+	case <-e.exited:
 	case <-time.After(20 * time.Second):
 		e.daemon.Process.Kill()
-		<-done
+		<-e.exited
 	}
 	e.daemon = nil
 }
