@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 
@@ -19,6 +20,7 @@ import (
 	"github.com/bangerdev/banger/internal/client"
 	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/sshcfg"
 )
 
 // Version is banger's version, set with -ldflags.
@@ -37,6 +39,10 @@ type app struct {
 	stdin      io.Reader
 	stdout     io.Writer
 	stderr     io.Writer
+	// sshUser and sshBanger replace the invoking user and the banger
+	// executable for the ssh files (tests); nil and "": the real ones.
+	sshUser   *sshcfg.User
+	sshBanger string
 }
 
 func (a *app) client() *client.Client { return client.New(a.cfg.SocketPath) }
@@ -46,6 +52,10 @@ func Main(args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	a := &app{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr}
+	return a.main(ctx, args)
+}
+
+func (a *app) main(ctx context.Context, args []string) int {
 	root := a.rootCmd()
 	root.SetArgs(args[1:])
 	err := root.ExecuteContext(ctx)
@@ -81,19 +91,7 @@ func (a *app) rootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
-			path, must := a.configPath, true
-			if path == "" {
-				path, must = config.DefaultCLIPath(), false
-			}
-			cfg, err := config.LoadCLI(path, must)
-			if err != nil {
-				return err
-			}
-			if a.socket != "" {
-				cfg.SocketPath = a.socket
-			}
-			a.cfg = cfg
-			return nil
+			return a.loadConfig()
 		},
 	}
 	root.SetIn(a.stdin)
@@ -101,7 +99,7 @@ func (a *app) rootCmd() *cobra.Command {
 	root.SetErr(a.stderr)
 	root.PersistentFlags().StringVar(&a.configPath, "config", "", "CLI config file (default ~/.config/banger/config.toml)")
 	root.PersistentFlags().StringVar(&a.socket, "socket", "", "bangerd socket (default /run/banger/bangerd.sock, or $BANGER_SOCKET)")
-	root.AddCommand(a.vmCmd(), a.imageCmd(), a.doctorCmd(), &cobra.Command{
+	root.AddCommand(a.vmCmd(), a.imageCmd(), a.doctorCmd(), a.sshConfigCmd(), &cobra.Command{
 		Use:   "version",
 		Short: "Print banger's version and the daemon's",
 		Args:  cobra.NoArgs,
@@ -114,6 +112,28 @@ func (a *app) rootCmd() *cobra.Command {
 		},
 	})
 	return root
+}
+
+// loadConfig reads the CLI config (--config, else the invoking user's
+// ~/.config/banger/config.toml: under sudo, SUDO_USER's) and applies
+// --socket.
+func (a *app) loadConfig() error {
+	path, must := a.configPath, true
+	if path == "" {
+		path, must = config.DefaultCLIPath(), false
+		if u, err := sshcfg.InvokingUser(); err == nil && u.Chown && a.sshUser == nil {
+			path = filepath.Join(u.Home, ".config", "banger", "config.toml")
+		}
+	}
+	cfg, err := config.LoadCLI(path, must)
+	if err != nil {
+		return err
+	}
+	if a.socket != "" {
+		cfg.SocketPath = a.socket
+	}
+	a.cfg = cfg
+	return nil
 }
 
 // progress prints long operations' phases and byte counts to stderr.

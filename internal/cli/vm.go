@@ -70,13 +70,16 @@ func (a *app) createParams(f *createFlags) (api.VMCreateParams, error) {
 		}
 		p.DiskBytes = n
 	}
+	// The invoking user's key, always: `vm ssh` and ssh NAME.banger log in
+	// with it.
+	p.SSHKeys = a.sshPublicKey()
 	return p, nil
 }
 
 func (a *app) vmCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "vm", Short: "Create, run and manage VMs"}
 	cmd.AddCommand(a.vmCreateCmd(), a.vmStartCmd(), a.vmStopCmd(), a.vmKillCmd(), a.vmRmCmd(), a.vmLsCmd(),
-		a.vmInspectCmd(), a.vmLogsCmd(), a.vmExecCmd(), a.vmRunCmd(), a.vmCpCmd())
+		a.vmInspectCmd(), a.vmLogsCmd(), a.vmExecCmd(), a.vmRunCmd(), a.vmCpCmd(), a.vmSSHCmd(), a.vmSSHProxyCmd())
 	return cmd
 }
 
@@ -108,6 +111,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			a.sshRefreshQuietly(cmd.Context(), vm.Name)
 			fmt.Fprintln(a.stdout, vm.Name)
 			return nil
 		},
@@ -213,7 +217,11 @@ func (a *app) vmRmCmd() *cobra.Command {
 		Args:    cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return a.forEach(args, func(n string) error {
-				return a.client().VMRemove(cmd.Context(), api.VMRemoveParams{Name: n, Force: force})
+				if err := a.client().VMRemove(cmd.Context(), api.VMRemoveParams{Name: n, Force: force}); err != nil {
+					return err
+				}
+				a.sshForget(n)
+				return nil
 			})
 		},
 	}
@@ -430,9 +438,11 @@ func (a *app) vmRunCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "run [flags] [-- CMD [ARG...]]",
 		Short: "Create and start a VM, wait until it is ready, then run a command or a shell in it",
-		Long: "Create and start a VM, wait until it is ready, then run CMD in it (or a login shell when no\n" +
-			"command is given) and exit with its exit code. With --rm the VM is removed afterwards: the daemon\n" +
-			"removes it when the command ends, even if this client is killed.",
+		Long: "Create and start a VM, wait until it is ready, then run CMD in it and exit with its exit code.\n" +
+			"Without a command, log into it with the system ssh client and a real terminal (as banger vm ssh\n" +
+			"does; the guest agent's terminal when there is no ssh client, or with --env/--workdir) and exit\n" +
+			"with the shell's exit code. With --rm the VM is removed afterwards: the daemon removes it when\n" +
+			"the command or the ssh session ends, even if this client is killed.",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := a.createParams(&f)
 			if err != nil {
@@ -455,6 +465,7 @@ func (a *app) vmRunCmd() *cobra.Command {
 					if err := a.client().VMRemove(ctx, api.VMRemoveParams{Name: vm.Name, Force: true}); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 						fmt.Fprintf(a.stderr, "banger: remove %s: %v\n", vm.Name, err)
 					}
+					a.sshForget(vm.Name)
 				}()
 			}
 			started, err := a.client().VMStart(cmd.Context(), api.VMStartParams{Name: vm.Name, WaitBoot: waitBoot}, pr.update)
@@ -466,7 +477,17 @@ func (a *app) vmRunCmd() *cobra.Command {
 				return err
 			}
 			if !rm {
-				fmt.Fprintf(a.stderr, "VM %s is running (banger vm exec %s -- CMD; banger vm rm -f %s)\n", vm.Name, vm.Name, vm.Name)
+				fmt.Fprintf(a.stderr, "VM %s is running (banger vm ssh %s, or ssh %s.banger; banger vm rm -f %s)\n", vm.Name, vm.Name, vm.Name, vm.Name)
+			}
+			if len(args) == 0 && len(ef.env) == 0 && ef.dir == "" {
+				err := a.runShell(cmd.Context(), vm.Name, rm, &ef)
+				if !errors.Is(err, errNoSSH) {
+					return err
+				}
+				fmt.Fprintf(a.stderr, "banger: %v; using the guest agent's terminal instead\n", err)
+			}
+			if !rm {
+				a.sshRefreshQuietly(cmd.Context(), vm.Name)
 			}
 			return a.exec(cmd.Context(), vm.Name, args, &ef)
 		},
