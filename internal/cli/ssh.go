@@ -136,7 +136,7 @@ func (a *app) sshConfigCmd() *cobra.Command {
 				return err
 			}
 			if changed {
-				fmt.Fprintf(a.stdout, "added %q at the top of ~/.ssh/config\n", sshcfg.IncludeLine)
+				fmt.Fprintf(a.stdout, "added %q at the top of ~/.ssh/config\n", f.IncludeLine())
 			}
 			fmt.Fprintf(a.stdout, "wrote %s: ssh NAME.banger reaches a VM\n", f.Config)
 			return nil
@@ -356,14 +356,14 @@ func (a *app) sshPrepare(ctx context.Context, name string) (bin string, f sshcfg
 	if f, err = a.sshFiles(); err != nil {
 		return "", f, info, err
 	}
-	if err = f.EnsureKey(); err != nil {
-		return "", f, info, err
-	}
 	info, err = a.sshRefresh(ctx, f, name)
 	if errors.Is(err, errdefs.ErrUnknownMethod) {
 		err = fmt.Errorf("%w: %w", errNoSSH, err)
 	}
-	return bin, f, info, err
+	if err != nil {
+		return "", f, info, err
+	}
+	return bin, f, info, f.EnsureKey()
 }
 
 // vmSSH runs the system ssh into VM c.name and returns its exit code as

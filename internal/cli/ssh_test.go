@@ -380,7 +380,7 @@ func TestSSHConfigCommand(t *testing.T) {
 		t.Errorf("%s:\n%s", s.files.Config, b)
 	}
 	b, _ = os.ReadFile(filepath.Join(s.files.User.Home, ".ssh", "config"))
-	if !strings.Contains(string(b), sshcfg.IncludeLine+"\n") {
+	if !strings.Contains(string(b), s.files.IncludeLine()+"\n") {
 		t.Errorf("~/.ssh/config:\n%s", b)
 	}
 	if kh, _ := os.ReadFile(s.files.KnownHosts); !strings.HasPrefix(string(kh), "web.banger "+k1) {

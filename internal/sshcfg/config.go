@@ -6,8 +6,10 @@ import (
 	"io/fs"
 	"net/netip"
 	"os"
+	"os/user"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -243,7 +245,7 @@ func (f Files) Install() (bool, error) {
 		return false, nil
 	}
 	var b strings.Builder
-	b.WriteString("# banger's VMs as NAME.banger (banger ssh-config; docs/ssh.md)\n" + IncludeLine + "\n")
+	b.WriteString("# banger's VMs as NAME.banger (banger ssh-config; docs/ssh.md)\n" + f.IncludeLine() + "\n")
 	if len(old) > 0 {
 		b.WriteString("\n")
 	}
@@ -259,12 +261,22 @@ func (f Files) Install() (bool, error) {
 	return true, nil
 }
 
+// IncludeLine is the line Install puts in ~/.ssh/config: IncludeLine
+// when the user's home is their passwd entry's (ssh expands "~" to that),
+// else one naming banger's config file by its path.
+func (f Files) IncludeLine() string {
+	if pw, err := user.LookupId(strconv.Itoa(f.User.UID)); err == nil && pw.HomeDir == f.User.Home {
+		return IncludeLine
+	}
+	return "Include " + configQuote(f.Config)
+}
+
 func (f Files) isOurInclude(directive string) bool {
 	fields := strings.Fields(strings.ReplaceAll(directive, "=", " "))
 	if len(fields) != 2 || !strings.EqualFold(fields[0], "include") {
 		return false
 	}
-	arg := strings.Trim(fields[1], `"`)
+	arg := strings.ReplaceAll(strings.Trim(fields[1], `"`), "%%", "%")
 	return arg == "~/.config/banger/ssh/config" || arg == f.Config
 }
 

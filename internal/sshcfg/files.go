@@ -28,7 +28,7 @@ type Files struct {
 	Banger string
 }
 
-// IncludeLine is what Install adds to ~/.ssh/config.
+// IncludeLine is what Install adds to ~/.ssh/config (see Files.IncludeLine).
 const IncludeLine = "Include ~/.config/banger/ssh/config"
 
 // New returns u's files. keyPath is the CLI config's ssh_key_path ("":

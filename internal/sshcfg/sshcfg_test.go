@@ -255,9 +255,18 @@ func TestInstall(t *testing.T) {
 	if err != nil || !changed {
 		t.Fatalf("Install() = %v, %v", changed, err)
 	}
+	// The temporary home is not the passwd entry's: the Include names
+	// the file by its path.
+	line := f.IncludeLine()
+	if line != "Include "+f.Config {
+		t.Errorf("include line %q for a home that isn't the passwd entry's", line)
+	}
+	if l := New(User{UID: 0, Home: "/root"}, "", "").IncludeLine(); l != IncludeLine {
+		t.Errorf("root's include line %q, want %q", l, IncludeLine)
+	}
 	path := filepath.Join(f.User.Home, ".ssh", "config")
 	b, _ := os.ReadFile(path)
-	if !strings.Contains(string(b), "\n"+IncludeLine+"\n") {
+	if !strings.Contains(string(b), "\n"+line+"\n") {
 		t.Fatalf("~/.ssh/config:\n%s", b)
 	}
 	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
@@ -275,7 +284,7 @@ func TestInstall(t *testing.T) {
 		t.Fatalf("Install() = %v, %v", changed, err)
 	}
 	b, _ = os.ReadFile(path)
-	if strings.Count(string(b), IncludeLine) != 1 || !strings.HasSuffix(string(b), "\nHost *\n    ServerAliveInterval 30\n\nHost gh\n    HostName github.com\n") {
+	if strings.Count(string(b), "Include") != 1 || !strings.HasSuffix(string(b), "\nHost *\n    ServerAliveInterval 30\n\nHost gh\n    HostName github.com\n") {
 		t.Errorf("~/.ssh/config:\n%s", b)
 	}
 	first := ""
@@ -285,7 +294,7 @@ func TestInstall(t *testing.T) {
 			break
 		}
 	}
-	if first != IncludeLine {
+	if first != line {
 		t.Errorf("first directive %q, want the Include", first)
 	}
 	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o640 {
@@ -305,7 +314,7 @@ func TestInstall(t *testing.T) {
 	if fi, err := os.Lstat(path); err != nil || fi.Mode()&os.ModeSymlink == 0 {
 		t.Errorf("the symlink was replaced: %v", err)
 	}
-	if b, _ := os.ReadFile(target); !strings.HasPrefix(strings.SplitN(string(b), "\n", 2)[1], IncludeLine+"\n") {
+	if b, _ := os.ReadFile(target); !strings.HasPrefix(strings.SplitN(string(b), "\n", 2)[1], line+"\n") {
 		t.Errorf("target:\n%s", b)
 	}
 	// ssh reads the result.
@@ -313,12 +322,7 @@ func TestInstall(t *testing.T) {
 		if err := f.WriteConfig([]Host{{Name: "web", User: "dev"}}); err != nil {
 			t.Fatal(err)
 		}
-		// ssh expands the Include's ~ with the passwd home, not the test's:
-		// point -F at a copy naming the config absolutely.
-		b, _ := os.ReadFile(target)
-		cp := filepath.Join(f.User.Home, "cp")
-		os.WriteFile(cp, []byte(strings.Replace(string(b), "~/.config/banger/ssh/config", f.Config, 1)), 0o600)
-		out, err := exec.Command("ssh", "-F", cp, "-G", "web.banger").CombinedOutput()
+		out, err := exec.Command("ssh", "-F", target, "-G", "web.banger").CombinedOutput()
 		if err != nil || !strings.Contains(string(out), "\nuser dev\n") {
 			t.Errorf("ssh -G through the Include: %v\n%s", err, out)
 		}
@@ -387,8 +391,10 @@ func TestInvokingUser(t *testing.T) {
 		t.Errorf("a non-numeric SUDO_GID: %v, want ErrInvalid", err)
 	}
 	os.Unsetenv("SUDO_UID")
+	home := t.TempDir()
+	t.Setenv("HOME", home)
 	u, err = InvokingUser()
-	if err != nil || u.UID != 0 || u.Chown {
-		t.Errorf("InvokingUser() without sudo = %+v, %v; want root, nothing given away", u, err)
+	if err != nil || u.UID != 0 || u.Chown || u.Home != home {
+		t.Errorf("InvokingUser() without sudo = %+v, %v; want root in $HOME, nothing given away", u, err)
 	}
 }

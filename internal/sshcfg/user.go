@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"os/user"
+	"path/filepath"
 	"strconv"
 
 	"github.com/bangerdev/banger/internal/errdefs"
@@ -22,8 +23,9 @@ import (
 type User struct {
 	Name     string
 	UID, GID int
-	// Home is the home directory of the user's passwd entry: the one ssh
-	// expands "~" to.
+	// Home is where banger keeps their files: $HOME for the process's
+	// own user, the passwd entry's home for a sudo user (sudo may keep
+	// the caller's HOME or set root's).
 	Home string
 	// Chown: banger runs as root for this user (sudo) and gives them
 	// every file and directory it creates.
@@ -32,7 +34,7 @@ type User struct {
 
 // InvokingUser returns the user banger runs for: SUDO_USER when banger
 // runs as root under sudo (SUDO_UID, SUDO_GID; home from the passwd
-// entry), else the process's user.
+// entry), else the process's user (home $HOME, else their passwd entry's).
 func InvokingUser() (User, error) {
 	if su := os.Getenv("SUDO_UID"); su != "" && os.Geteuid() == 0 {
 		sg := os.Getenv("SUDO_GID")
@@ -58,9 +60,9 @@ func InvokingUser() (User, error) {
 	}
 	uid, _ := strconv.Atoi(pw.Uid)
 	gid, _ := strconv.Atoi(pw.Gid)
-	u := User{Name: pw.Username, UID: uid, GID: gid, Home: pw.HomeDir}
-	if u.Home == "" {
-		u.Home = os.Getenv("HOME")
+	u := User{Name: pw.Username, UID: uid, GID: gid, Home: os.Getenv("HOME")}
+	if !filepath.IsAbs(u.Home) {
+		u.Home = pw.HomeDir
 	}
 	if u.Home == "" {
 		return User{}, fmt.Errorf("user %s has no home directory for banger's ssh files", u.Name)
