@@ -144,6 +144,9 @@ func BuildArgs(spec vmm.Spec, accel string, paths Paths) []string {
 		"-device", "virtio-serial-device",
 		"-chardev", "socket,id=agent,path="+escape(paths.AgentSocket)+",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name="+agentproto.VirtioPortName,
+	)
+	args = append(args, netArgs(spec.Net, unconfinedTAPFD)...)
+	args = append(args,
 		// Same as -qmp unix:PATH,server=on,wait=off, but the path can hold
 		// commas (escaped as ",,").
 		"-chardev", "socket,id=qmp,path="+escape(paths.QMPSocket)+",server=on,wait=off",
@@ -153,6 +156,10 @@ func BuildArgs(spec vmm.Spec, accel string, paths Paths) []string {
 	)
 	return args
 }
+
+// unconfinedTAPFD is the descriptor of the TAP device in an unconfined
+// QEMU: the first of its ExtraFiles.
+const unconfinedTAPFD = 3
 
 // escape quotes a value for QEMU's key=value,key=value option syntax.
 func escape(v string) string { return strings.ReplaceAll(v, ",", ",,") }

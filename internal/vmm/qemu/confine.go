@@ -103,6 +103,7 @@ type confinedFiles struct {
 	sets  int
 	// Where each file is in QEMU.
 	qmpFD, agentFD  int
+	tapFD           int    // the TAP device (Spec.Net NetTAP)
 	kernel, initrd  string // /proc/self/fd/N
 	console         string // /dev/fdset/N
 	blockdevs       []string
@@ -269,6 +270,13 @@ func (d *Driver) prepareConfined(spec vmm.Spec, paths Paths, uid, gid int) (_ *c
 		return nil, fmt.Errorf("open console log: %w", err)
 	}
 	cf.console = cf.addSet(con, consoleLog)
+	if n := spec.Net; n != nil && n.Mode == vmm.NetTAP {
+		tap, err := dupFile(n.TAP)
+		if err != nil {
+			return nil, fmt.Errorf("pass tap %s: %w", n.TAPName, err)
+		}
+		cf.tapFD = cf.add(tap)
+	}
 	if cf.blockdevs, err = cf.openDisk(spec.RootDisk); err != nil {
 		return nil, err
 	}
@@ -449,6 +457,9 @@ func buildConfinedArgs(spec vmm.Spec, accel string, cf *confinedFiles) []string 
 		"-device", "virtio-serial-device",
 		"-chardev", "socket,id=agent,fd="+strconv.Itoa(cf.agentFD)+",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name="+agentproto.VirtioPortName,
+	)
+	args = append(args, netArgs(spec.Net, cf.tapFD)...)
+	args = append(args,
 		"-chardev", "socket,id=qmp,fd="+strconv.Itoa(cf.qmpFD)+",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
 	)

@@ -49,6 +49,13 @@ type testImage struct {
 // findTestImage finds the test image, or skips the test.
 func findTestImage(t *testing.T) testImage {
 	t.Helper()
+	return findTestImageWith(t, guestModules)
+}
+
+// findTestImageWith finds the test image with the kernel modules mods
+// (and their dependencies) for the guest, or skips the test.
+func findTestImageWith(t *testing.T, mods []string) testImage {
+	t.Helper()
 	dir := os.Getenv("BANGER_TESTIMAGE_DIR")
 	if dir == "" {
 		dir = defaultTestImageDir
@@ -62,12 +69,12 @@ func findTestImage(t *testing.T) testImage {
 	if err != nil {
 		testenv.Missing(t, "incomplete test image in %s (%s): %v", dir, hint, err)
 	}
-	mods, err := initramfs.ResolveModules(filepath.Join(dir, "modules"), strings.TrimSpace(string(rel)), guestModules)
+	resolved, err := initramfs.ResolveModules(filepath.Join(dir, "modules"), strings.TrimSpace(string(rel)), mods)
 	if err != nil {
 		testenv.Missing(t, "no usable kernel modules in test image %s (%s): %v", dir, hint, err)
 	}
-	for _, f := range mods.Files {
-		img.modules = append(img.modules, filepath.Join(mods.ReleaseDir, f))
+	for _, f := range resolved.Files {
+		img.modules = append(img.modules, filepath.Join(resolved.ReleaseDir, f))
 	}
 	bb, err := elf.Open(img.busybox)
 	if err != nil {

@@ -148,6 +148,9 @@ func (d *Driver) validate(spec vmm.Spec) error {
 		return fmt.Errorf("invalid spec: root disk format %q not supported (want one of %s)",
 			spec.RootDisk.Format, strings.Join(d.DiskFormats(), ", "))
 	}
+	if err := validateNet(spec.Net); err != nil {
+		return err
+	}
 	if p := PathsFor(spec.Dir).AgentSocket; len(p) > maxSocketPath {
 		return fmt.Errorf("invalid spec: runtime directory %s too long for unix sockets (%d bytes, max %d)", spec.Dir, len(p), maxSocketPath)
 	}
@@ -262,6 +265,9 @@ func (d *Driver) launch(ctx context.Context, bin string, spec vmm.Spec, accel st
 	cmd.Dir = spec.Dir
 	cmd.Stdout = &out
 	cmd.Stderr = &out
+	if spec.Net != nil && spec.Net.Mode == vmm.NetTAP {
+		cmd.ExtraFiles = []*os.File{spec.Net.TAP} // fd 3 (unconfinedTAPFD)
+	}
 	// The daemonized QEMU points its stdio at /dev/null once it is set up;
 	// don't hang on a pipe some descendant kept open regardless.
 	cmd.WaitDelay = 2 * time.Second
