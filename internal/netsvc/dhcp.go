@@ -76,6 +76,10 @@ func StartDHCP(ctx context.Context, cfg DHCPConfig) (*Service, error) {
 		return serr
 	}}
 	pc, err := lc.ListenPacket(ctx, "udp4", fmt.Sprintf("0.0.0.0:%d", dhcpServerPort))
+	if errors.Is(err, syscall.EADDRINUSE) {
+		return nil, fmt.Errorf("dhcp server on %s: udp port %d is taken by another DHCP server listening on every interface (dnsmasq?): make it bind to its own interfaces: %w",
+			cfg.Interface, dhcpServerPort, errdefs.ErrFailedPrecondition)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("dhcp server on %s: listen on udp port %d: %w", cfg.Interface, dhcpServerPort, err)
 	}

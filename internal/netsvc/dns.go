@@ -13,6 +13,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/bangerdev/banger/internal/errdefs"
@@ -84,10 +85,19 @@ func StartDNS(ctx context.Context, cfg DNSConfig) (*Service, error) {
 	}
 	cfg.Upstreams = ups
 	uc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(listen))
+	if errors.Is(err, syscall.EADDRINUSE) {
+		return nil, fmt.Errorf("dns forwarder: %s/udp is taken by another DNS server listening on every address (dnsmasq? bind9?): make it bind to its own addresses: %w",
+			listen, errdefs.ErrFailedPrecondition)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("dns forwarder: listen on %s/udp: %w", listen, err)
 	}
 	tl, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(listen))
+	if errors.Is(err, syscall.EADDRINUSE) {
+		_ = uc.Close()
+		return nil, fmt.Errorf("dns forwarder: %s/tcp is taken by another DNS server listening on every address: make it bind to its own addresses: %w",
+			listen, errdefs.ErrFailedPrecondition)
+	}
 	if err != nil {
 		_ = uc.Close()
 		return nil, fmt.Errorf("dns forwarder: listen on %s/tcp: %w", listen, err)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -20,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/bridgenet"
+	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/testenv/netns"
 )
 
@@ -318,6 +320,12 @@ func TestDNSForward(t *testing.T) {
 		if !bytes.Equal(got, fakeAnswer(q)) {
 			t.Fatalf("query %d: got % x\nwant % x", i, got, fakeAnswer(q))
 		}
+	}
+
+	// The address is taken now: a second forwarder says so.
+	_, err = StartDNS(ctx, DNSConfig{Listen: netip.MustParseAddr("10.77.0.1"), Upstreams: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.53:53")}, Log: testLog(t)})
+	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "10.77.0.1:53/udp is taken") {
+		t.Fatalf("a second forwarder on the same address: %v", err)
 	}
 
 	// No live upstream: SERVFAIL, quickly enough for the client's timeout.
