@@ -39,12 +39,13 @@ func OpenTAP(name, bridge string, isolated bool) (f *os.File, err error) {
 		return nil, fmt.Errorf("tap %s: open /dev/net/tun (is the tun module loaded?): %w", name, err)
 	}
 	f = os.NewFile(uintptr(fd), "/dev/net/tun:"+name)
+	created := false
 	defer func() {
 		if err != nil {
 			_ = f.Close()
 			// Closing the only descriptor removes a non-persistent TAP; this
-			// covers a TAP someone else made persistent meanwhile.
-			if l, lerr := netlink.LinkByName(name); lerr == nil && l.Type() == "tuntap" {
+			// covers one made persistent meanwhile. Never another's TAP.
+			if l, lerr := netlink.LinkByName(name); created && lerr == nil && l.Type() == "tuntap" {
 				_ = netlink.LinkDel(l)
 			}
 			f = nil
@@ -61,6 +62,7 @@ func OpenTAP(name, bridge string, isolated bool) (f *os.File, err error) {
 		}
 		return nil, fmt.Errorf("tap %s: create (TUNSETIFF): %w", name, err)
 	}
+	created = true
 	link, err := netlink.LinkByName(name)
 	if err != nil {
 		return nil, fmt.Errorf("tap %s: find it: %w", name, err)
