@@ -213,12 +213,13 @@ func (e *Env) Command(ctx context.Context, args ...string) *exec.Cmd {
 
 // NetCommand returns a command, not started, that runs where the CLI runs
 // (inside the Lab's bgd when there is one) with the CLI's environment:
-// its config directory, $BANGER_SOCKET naming the Env's daemon and the
+// its config directory, $HOME (banger's ssh key, known_hosts and ssh
+// config go under it), $BANGER_SOCKET naming the Env's daemon and the
 // built binaries first in $PATH, so that `ssh NAME.banger` through
 // banger's ProxyCommand reaches this Env.
 func (e *Env) NetCommand(ctx context.Context, name string, args ...string) *exec.Cmd {
 	cmd := e.inNet(ctx, name, args...)
-	cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+e.dir, "BANGER_SOCKET="+e.socket, "PATH="+e.binDir+":"+os.Getenv("PATH"))
+	cmd.Env = append(os.Environ(), "HOME="+e.dir, "XDG_CONFIG_HOME="+e.dir, "BANGER_SOCKET="+e.socket, "PATH="+e.binDir+":"+os.Getenv("PATH"))
 	return cmd
 }
 
@@ -431,6 +432,7 @@ func (e *Env) InstallGuestTool(name string) {
 		}
 	}
 	e.MustExec(name, "mkdir", "-p", filepath.Dir(GuestToolPath))
-	e.Must("vm", "cp", bin, name+":"+GuestToolPath)
+	// Into the directory: the file keeps its name.
+	e.Must("vm", "cp", bin, name+":"+filepath.Dir(GuestToolPath)+"/")
 	e.MustExec(name, "chmod", "755", GuestToolPath)
 }
