@@ -1,6 +1,7 @@
 package bridgenet
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -64,8 +65,14 @@ func MAC(vmID string) net.HardwareAddr {
 	return net.HardwareAddr{0x02, sum[0], sum[1], sum[2], sum[3], sum[4]}
 }
 
+// BridgeMAC is the fixed MAC address EnsureBridge gives the bridge name:
+// 02 and 5 bytes of the sha256 of "bridge:" and its name.
+func BridgeMAC(name string) net.HardwareAddr {
+	return MAC("bridge:" + name)
+}
+
 // EnsureBridge makes the bridge b, or adopts the one that exists with its
-// name: it sets its MTU, replaces any other IPv4 address on it with
+// name: it sets its MTU, its MAC (BridgeMAC), replaces any other IPv4 address on it with
 // b.Gateway, disables IPv6 on it and brings it up. It is idempotent. A link
 // with the name that is not a bridge is an error (errdefs.ErrFailedPrecondition).
 func EnsureBridge(b Bridge) error {
@@ -103,6 +110,14 @@ func EnsureBridge(b Bridge) error {
 	if b.MTU != 0 && link.Attrs().MTU != b.MTU {
 		if err := netlink.LinkSetMTU(link, b.MTU); err != nil {
 			return fmt.Errorf("set mtu %d of bridge %s: %w", b.MTU, b.Name, err)
+		}
+	}
+	// A bridge without a MAC of its own takes its ports' lowest, which
+	// changes as VMs come and go and leaves stale gateway entries in the
+	// guests' ARP caches: give it a fixed one.
+	if mac := BridgeMAC(b.Name); !bytes.Equal(link.Attrs().HardwareAddr, mac) {
+		if err := netlink.LinkSetHardwareAddr(link, mac); err != nil {
+			return fmt.Errorf("set mac %s of bridge %s: %w", mac, b.Name, err)
 		}
 	}
 	if err := disableIPv6(b.Name); err != nil {

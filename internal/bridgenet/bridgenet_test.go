@@ -49,6 +49,9 @@ func TestEnsureBridge(t *testing.T) {
 		if !strings.Contains(out, "mtu 1400") || !strings.Contains(out, "bridge ") || !strings.Contains(out, ",UP") {
 			t.Fatalf("bridge link: %s", out)
 		}
+		if !strings.Contains(out, "link/ether "+BridgeMAC("bgtest0").String()) {
+			t.Fatalf("bridge mac, want %s: %s", BridgeMAC("bgtest0"), out)
+		}
 		if v := strings.TrimSpace(ns.Run(t, "cat", "/proc/sys/net/ipv6/conf/bgtest0/disable_ipv6")); v != "1" {
 			t.Fatalf("disable_ipv6 = %s", v)
 		}
@@ -61,7 +64,7 @@ func TestEnsureBridge(t *testing.T) {
 	ns.Run(t, "ip", "addr", "flush", "dev", "bgtest0")
 	ns.Run(t, "ip", "addr", "add", "10.88.0.1/16", "dev", "bgtest0")
 	ns.Run(t, "ip", "addr", "add", "10.77.0.1/25", "dev", "bgtest0")
-	ns.Run(t, "ip", "link", "set", "bgtest0", "mtu", "1300", "down")
+	ns.Run(t, "ip", "link", "set", "bgtest0", "mtu", "1300", "address", "02:00:00:00:00:01", "down")
 	do(t, ns, func() error { return EnsureBridge(br) })
 	checkBridge()
 
@@ -102,6 +105,10 @@ func TestOpenTAP(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("bg-iso lacks %q: %s", want, out)
 		}
+	}
+	// The bridge keeps its own MAC with ports.
+	if out := ns.Run(t, "ip", "link", "show", "dev", "bgtest0"); !strings.Contains(out, "link/ether "+BridgeMAC("bgtest0").String()) {
+		t.Errorf("bridge mac with ports: %s", out)
 	}
 	if out := ns.Run(t, "ip", "-d", "link", "show", "dev", "bg-open"); !strings.Contains(out, "isolated off") || !strings.Contains(out, "master bgtest0") {
 		t.Errorf("bg-open: %s", out)
