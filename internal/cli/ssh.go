@@ -401,15 +401,25 @@ func (a *app) runShell(ctx context.Context, name string, hold bool, ef *execFlag
 		return fmt.Errorf("%w: vm %s reported no SSH host keys", errNoSSH, name)
 	}
 	if hold {
+		// The session starts once the daemon holds the VM (or the hold
+		// failed: the VM then goes when its create's grace period ends).
 		hctx, stop := context.WithCancel(ctx)
-		held := make(chan struct{})
+		held, ended := make(chan struct{}), make(chan struct{})
+		var once sync.Once
 		go func() {
-			defer close(held)
-			if err := a.client().VMHold(hctx, name); err != nil {
-				fmt.Fprintf(a.stderr, "banger: vm %s is no longer held for this session: %v\r\n", name, err)
+			defer close(ended)
+			err := a.client().VMHold(hctx, name, func() { once.Do(func() { close(held) }) })
+			if err != nil {
+				fmt.Fprintf(a.stderr, "banger: vm %s is not held for this session: %v\r\n", name, err)
 			}
 		}()
-		defer func() { stop(); <-held }()
+		defer func() { stop(); <-ended }()
+		select {
+		case <-held:
+		case <-ended:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 	return a.runSSH(ctx, bin, a.sshArgv(f, info, c))
 }

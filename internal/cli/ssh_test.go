@@ -99,17 +99,12 @@ func (s *sshTestApp) run(args ...string) error {
 }
 
 // fakeSSH puts an ssh on PATH that writes its arguments, one a line, to
-// the returned file, and exits with $FAKE_SSH_EXIT. With $FAKE_SSH_WAIT
-// it first waits (at most 10s) for that file to exist.
+// the returned file, and exits with $FAKE_SSH_EXIT.
 func fakeSSH(t *testing.T) (argsFile string) {
 	t.Helper()
 	dir := t.TempDir()
 	argsFile = filepath.Join(dir, "args")
 	script := `#!/bin/sh
-if [ -n "$FAKE_SSH_WAIT" ]; then
-	i=0
-	while [ ! -e "$FAKE_SSH_WAIT" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-fi
 for a in "$@"; do printf '%s\n' "$a"; done > "` + argsFile + `"
 exit ${FAKE_SSH_EXIT:-0}
 `
@@ -406,6 +401,7 @@ func TestVMRunShellUsesSSH(t *testing.T) {
 		},
 		api.MethodVMSSHInfo: sshInfoHandler(api.SSHInfo{User: "dev", HostKeys: []string{key}}),
 		api.MethodVMHold: func(ctx context.Context, call *rpc.Call) (any, error) {
+			call.Progress(api.Progress{Phase: "held"})
 			os.WriteFile(held, nil, 0o644)
 			<-ctx.Done() // until the client ends the call
 			return nil, ctx.Err()
@@ -414,7 +410,6 @@ func TestVMRunShellUsesSSH(t *testing.T) {
 	})
 	s := newSSHTestApp(t, d.sock, strings.NewReader(""))
 	t.Setenv("FAKE_SSH_EXIT", "7")
-	t.Setenv("FAKE_SSH_WAIT", held)
 	err := s.run("vm", "run", "--rm", "-t")
 	var ee exitError
 	if !errors.As(err, &ee) || ee.code != 7 {
@@ -423,6 +418,13 @@ func TestVMRunShellUsesSSH(t *testing.T) {
 	pub, _ := s.files.PublicKey()
 	if !created.AutoRemove || !slices.Equal(created.SSHKeys, []string{pub}) {
 		t.Errorf("create params %+v, want auto-remove and the user's key %q", created, pub)
+	}
+	// The fake ssh wrote its args after the hold began: the session
+	// starts once the daemon holds the VM.
+	if st, err := os.Stat(argsFile); err != nil {
+		t.Fatal(err)
+	} else if hs, err := os.Stat(held); err != nil || hs.ModTime().After(st.ModTime()) {
+		t.Errorf("the hold began after ssh ran (or never): %v", err)
 	}
 	got := readArgs(t, argsFile)
 	if !slices.Equal(got[:2], []string{"-t", "-t"}) || !slices.Equal(got[len(got)-4:], []string{"-l", "dev", "--", "box.banger"}) {

@@ -28,10 +28,15 @@ func (c *Client) VMTunnel(ctx context.Context, p api.VMTunnelParams, in io.Reade
 
 // VMHold holds an auto-remove VM until ctx ends (vm run --rm during an ssh
 // session): the daemon removes the VM when the call ends, however it ends,
-// including when this process dies. It returns nil when ctx ended it, the
-// daemon's error otherwise (an early end means the VM is no longer held).
-func (c *Client) VMHold(ctx context.Context, name string) error {
-	err := c.call(ctx, api.MethodVMHold, api.NameParams{Name: name}, nil, nil)
+// including when this process dies. held (may be nil) is called once the
+// daemon holds the VM. It returns nil when ctx ended it, the daemon's
+// error otherwise (an early end means the VM is no longer held).
+func (c *Client) VMHold(ctx context.Context, name string, held func()) error {
+	err := c.call(ctx, api.MethodVMHold, api.NameParams{Name: name}, nil, func(p api.Progress) {
+		if p.Phase == "held" && held != nil {
+			held()
+		}
+	})
 	if ctx.Err() != nil && (err == nil || errors.Is(err, ctx.Err())) {
 		return nil
 	}

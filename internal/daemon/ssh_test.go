@@ -62,7 +62,7 @@ func TestHoldEndsWhenVMStops(t *testing.T) {
 	if got := inspect(t, d, "plain"); got.State != api.StateStopped {
 		t.Errorf("vm is %s after power off", got.State)
 	}
-	err := d.c.VMHold(ctx, "plain")
+	err := d.c.VMHold(ctx, "plain", nil)
 	wireErr(t, "hold a stopped vm", err, errdefs.ErrFailedPrecondition)
 
 	vm := createAutoRemove(t, d, "eph")
