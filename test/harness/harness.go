@@ -82,7 +82,14 @@ func NewWithOptions(t testing.TB, binDir, imageDir string, o Options) *Env {
 	// An explicit, empty config: every setting at its default, so that a
 	// host's /etc/banger/bangerd.toml can't leak into the tests.
 	e.config = filepath.Join(dir, "bangerd.toml")
-	if err := os.WriteFile(e.config, []byte(o.Config), 0o644); err != nil {
+	config := o.Config
+	if lab == nil && !strings.Contains(config, "network") {
+		// Outside a Lab, bangerd runs in the machine's own namespace,
+		// where tests must not make links or firewall rules: its VMs get
+		// no network card unless the test asks for one.
+		config = "network = \"none\"\n" + config
+	}
+	if err := os.WriteFile(e.config, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	e.StartDaemon()
