@@ -119,6 +119,8 @@ type bootSpec struct {
 	useModulesDir bool
 	growBytes     int64
 	wantMode      string
+	// config, when set, changes the agent's config.
+	config func(*agentproto.Config)
 }
 
 type vm struct {
@@ -165,6 +167,9 @@ func bootVM(t *testing.T, img testImage, spec bootSpec) (*vm, agentproto.Config,
 		Hostname:  "banger-boot-test",
 	}
 	km.ApplyTo(&cfg)
+	if spec.config != nil {
+		spec.config(&cfg)
+	}
 	opts := initramfs.Options{AgentBinary: agentBin, Config: cfg}
 	if spec.useModulesDir {
 		opts.ModulesDir = img.modules
