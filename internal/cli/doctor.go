@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"os/exec"
 
 	"github.com/spf13/cobra"
 
@@ -35,6 +36,7 @@ func (a *app) doctorCmd() *cobra.Command {
 					return fmt.Sprintf("bangerd %s (api v%d, pid %d)", p.Version, p.APIVersion, p.PID), nil
 				},
 			})
+			checks = append(checks, a.sshChecks()...)
 			for _, c := range checks {
 				fmt.Fprintf(a.stdout, "%-4s  %-18s %s\n", c.Status, c.Name, c.Detail)
 				if c.Fix != "" && c.Status != doctor.OK {
@@ -49,4 +51,33 @@ func (a *app) doctorCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&stateDir, "state-dir", "", "state directory to check (default: the daemon's, else /var/lib/banger)")
 	return cmd
+}
+
+// sshChecks are the user's side of SSH: the ssh client, banger's key,
+// ssh NAME.banger (the Include in ~/.ssh/config).
+func (a *app) sshChecks() []doctor.Check {
+	var cs []doctor.Check
+	if p, err := exec.LookPath("ssh"); err != nil {
+		cs = append(cs, doctor.Check{Name: "ssh client", Status: doctor.Warn,
+			Detail: "no ssh on PATH: vm ssh and ssh NAME.banger can't work; vm run opens the agent's terminal instead",
+			Fix:    "install OpenSSH's client (apt-get install openssh-client)"})
+	} else {
+		cs = append(cs, doctor.Check{Name: "ssh client", Status: doctor.OK, Detail: p})
+	}
+	f, err := a.sshFiles()
+	if err != nil {
+		return append(cs, doctor.Check{Name: "ssh key", Status: doctor.Warn, Detail: err.Error(),
+			Fix: "banger needs the invoking user's home for its ssh key (docs/ssh.md)"})
+	}
+	if detail, err := f.KeyInfo(); err != nil {
+		cs = append(cs, doctor.Check{Name: "ssh key", Status: doctor.Warn, Detail: err.Error() + ": new VMs get no key",
+			Fix: fmt.Sprintf("chmod 600 %s, or make the key: ssh-keygen -t ed25519 -f %s (or remove ssh_key_path from the config)", f.Key, f.Key)})
+	} else {
+		cs = append(cs, doctor.Check{Name: "ssh key", Status: doctor.OK, Detail: detail})
+	}
+	detail := "ssh NAME.banger works (~/.ssh/config includes banger's ssh config)"
+	if !f.Installed() {
+		detail = "ssh NAME.banger needs: banger ssh-config --install (banger vm ssh NAME works without)"
+	}
+	return append(cs, doctor.Check{Name: "ssh config", Status: doctor.OK, Detail: detail})
 }

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/doctor"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/sshcfg"
 )
@@ -472,5 +473,25 @@ func TestVMRunShellWithoutSSH(t *testing.T) {
 	}
 	if !strings.Contains(s.stderr.String(), "no ssh client") || !strings.Contains(s.stderr.String(), "guest agent's terminal") {
 		t.Errorf("stderr %q, want the fallback explained", s.stderr)
+	}
+}
+
+func TestDoctorSSHChecks(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	s := newSSHTestApp(t, "/nonexistent.sock", nil)
+	cs := s.a.sshChecks()
+	if len(cs) != 3 || cs[0].Name != "ssh client" || cs[0].Status != doctor.Warn || !strings.Contains(cs[0].Fix, "openssh-client") {
+		t.Fatalf("checks %+v, want a warning for the missing ssh client first", cs)
+	}
+	if cs[1].Status != doctor.OK || !strings.Contains(cs[1].Detail, "made at the first vm create") {
+		t.Errorf("key check %+v", cs[1])
+	}
+	if !strings.Contains(cs[2].Detail, "ssh-config --install") {
+		t.Errorf("config check %+v, want how to install", cs[2])
+	}
+	s.files.PublicKey()
+	os.Chmod(s.files.Key, 0o640)
+	if c := s.a.sshChecks()[1]; c.Status != doctor.Warn || !strings.Contains(c.Fix, "chmod 600") {
+		t.Errorf("key check of a group-readable key %+v", c)
 	}
 }

@@ -271,6 +271,21 @@ func (f Files) IncludeLine() string {
 	return "Include " + configQuote(f.Config)
 }
 
+// Installed reports whether ~/.ssh/config includes banger's ssh config
+// (anywhere: Install moves it to the top).
+func (f Files) Installed() bool {
+	b, err := os.ReadFile(filepath.Join(f.User.Home, ".ssh", "config"))
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f.isOurInclude(strings.TrimSpace(l)) {
+			return true
+		}
+	}
+	return false
+}
+
 func (f Files) isOurInclude(directive string) bool {
 	fields := strings.Fields(strings.ReplaceAll(directive, "=", " "))
 	if len(fields) != 2 || !strings.EqualFold(fields[0], "include") {

@@ -76,6 +76,32 @@ func (f Files) EnsureKey() error {
 	return f.write(f.Key, pemBytes)
 }
 
+// KeyInfo describes the user's key for doctor: its fingerprint, or that
+// it will be made, or an error saying what is wrong (a missing configured
+// key, a private key others can read, which ssh refuses).
+func (f Files) KeyInfo() (string, error) {
+	fi, err := os.Stat(f.Key)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) && !f.KeyConfigured:
+		return fmt.Sprintf("%s: made at the first vm create", f.Key), nil
+	case errors.Is(err, fs.ErrNotExist):
+		return "", fmt.Errorf("ssh_key_path %s does not exist: %w", f.Key, errdefs.ErrFailedPrecondition)
+	case err != nil:
+		return "", err
+	case fi.Mode().Perm()&0o077 != 0:
+		return "", fmt.Errorf("%s has mode %04o: ssh refuses a private key others can read: %w", f.Key, fi.Mode().Perm(), errdefs.ErrFailedPrecondition)
+	}
+	b, err := os.ReadFile(f.Key + ".pub")
+	if err != nil {
+		return fmt.Sprintf("%s (its .pub is made at the first vm create)", f.Key), nil
+	}
+	pk, _, _, _, err := ssh.ParseAuthorizedKey(b)
+	if err != nil {
+		return "", fmt.Errorf("%s.pub: %w: %w", f.Key, err, errdefs.ErrInvalid)
+	}
+	return fmt.Sprintf("%s (%s %s)", f.Key, pk.Type(), ssh.FingerprintSHA256(pk)), nil
+}
+
 func (f Files) comment() string {
 	host, _ := os.Hostname()
 	return fmt.Sprintf("banger %s@%s", f.User.Name, host)

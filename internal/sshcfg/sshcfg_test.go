@@ -83,6 +83,29 @@ func TestKeyMadeOnceAndReused(t *testing.T) {
 	}
 }
 
+func TestKeyInfo(t *testing.T) {
+	f := testFiles(t)
+	if d, err := f.KeyInfo(); err != nil || !strings.Contains(d, "made at the first vm create") {
+		t.Errorf("KeyInfo() before the key = %q, %v", d, err)
+	}
+	pub, err := f.PublicKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pk, _, _, _, _ := ssh.ParseAuthorizedKey([]byte(pub))
+	if d, err := f.KeyInfo(); err != nil || !strings.Contains(d, ssh.FingerprintSHA256(pk)) {
+		t.Errorf("KeyInfo() = %q, %v; want the fingerprint", d, err)
+	}
+	os.Chmod(f.Key, 0o644)
+	if _, err := f.KeyInfo(); err == nil || !strings.Contains(err.Error(), "others can read") {
+		t.Errorf("KeyInfo() of a 0644 key: %v", err)
+	}
+	g := New(f.User, "/nonexistent/key", "")
+	if _, err := g.KeyInfo(); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Errorf("KeyInfo() of a missing configured key: %v", err)
+	}
+}
+
 func TestConfiguredKey(t *testing.T) {
 	home := t.TempDir()
 	u := User{Name: "dev", UID: os.Getuid(), GID: os.Getgid(), Home: home}
@@ -251,6 +274,9 @@ func TestSetAndRemoveHost(t *testing.T) {
 func TestInstall(t *testing.T) {
 	f := testFiles(t)
 	// Missing ~/.ssh/config: made, 0600.
+	if f.Installed() {
+		t.Error("Installed() before Install")
+	}
 	changed, err := f.Install()
 	if err != nil || !changed {
 		t.Fatalf("Install() = %v, %v", changed, err)
@@ -274,6 +300,9 @@ func TestInstall(t *testing.T) {
 	}
 	if changed, err := f.Install(); err != nil || changed {
 		t.Errorf("second Install() = %v, %v; want no change", changed, err)
+	}
+	if !f.Installed() {
+		t.Error("Installed() after Install")
 	}
 	// An existing config keeps its lines and mode; the Include goes on
 	// top even when one was below a Host line.
