@@ -495,3 +495,51 @@ func TestDoctorSSHChecks(t *testing.T) {
 		t.Errorf("key check of a group-readable key %+v", c)
 	}
 }
+
+// vm create authorises the user's key and adds the VM to banger's ssh
+// files; vm rm takes it out again.
+func TestVMCreateAndRmKeepSSHFiles(t *testing.T) {
+	_, key := newHostKey(t)
+	var created api.VMCreateParams
+	d := startFakeDaemon(t, map[string]rpc.Handler{
+		api.MethodVMCreate: func(ctx context.Context, call *rpc.Call) (any, error) {
+			call.Decode(&created)
+			return api.VM{Name: "box", State: api.StateRunning}, nil
+		},
+		api.MethodVMSSHInfo: sshInfoHandler(api.SSHInfo{User: "dev", HostKeys: []string{key}}),
+		api.MethodVMRemove:  func(ctx context.Context, call *rpc.Call) (any, error) { return nil, nil },
+	})
+	s := newSSHTestApp(t, d.sock, nil)
+	if err := s.run("vm", "create", "--start"); err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := s.files.PublicKey()
+	if !slices.Equal(created.SSHKeys, []string{pub}) || s.stdout.String() != "box\n" {
+		t.Errorf("create params %+v, stdout %q; want the user's key and only the name printed", created, s.stdout)
+	}
+	if hosts, _ := s.files.Hosts(); len(hosts) != 1 || hosts[0] != (sshcfg.Host{Name: "box", User: "dev"}) {
+		t.Errorf("ssh config hosts %+v", hosts)
+	}
+	if kh, _ := os.ReadFile(s.files.KnownHosts); !strings.HasPrefix(string(kh), "box.banger "+key) {
+		t.Errorf("known_hosts:\n%s", kh)
+	}
+	if err := s.run("vm", "rm", "box"); err != nil {
+		t.Fatal(err)
+	}
+	if hosts, _ := s.files.Hosts(); len(hosts) != 0 {
+		t.Errorf("ssh config hosts after rm %+v", hosts)
+	}
+	if kh, _ := os.ReadFile(s.files.KnownHosts); strings.Contains(string(kh), "box.banger") {
+		t.Errorf("known_hosts after rm:\n%s", kh)
+	}
+	// Without a daemon, ssh-config prints the VMs it knew, with a warning.
+	s.files.SetHost(sshcfg.Host{Name: "old", User: "root"})
+	s.sock = filepath.Join(t.TempDir(), "none.sock")
+	s.stdout.Reset()
+	if err := s.run("ssh-config"); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(s.stdout.String(), "Host old.banger\n    User root\n") || !strings.Contains(s.stderr.String(), "not refreshed") {
+		t.Errorf("ssh-config without a daemon: stdout\n%s\nstderr\n%s", s.stdout, s.stderr)
+	}
+}
