@@ -640,3 +640,34 @@ func TestBuiltinSSHOpenSSHClient(t *testing.T) {
 		t.Errorf("ssh with another pinned host key: %v\n%s", err, out)
 	}
 }
+
+// TestBuiltinSSHUserAuthorizedKeys: keys of the user's own
+// ~/.ssh/authorized_keys log in too, unless the file could have been
+// written by someone else or the entry has options this server would not
+// honour.
+func TestBuiltinSSHUserAuthorizedKeys(t *testing.T) {
+	home := t.TempDir()
+	etc := t.TempDir()
+	os.WriteFile(filepath.Join(etc, "passwd"), []byte("root:x:0:0:root:"+home+":/bin/sh\n"), 0o644)
+	b := startBuiltinSSH(t, "", etc)
+	own, restricted := newSSHUser(t), newSSHUser(t)
+	sshDir := filepath.Join(home, ".ssh")
+	if err := os.Mkdir(sshDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ak := filepath.Join(sshDir, "authorized_keys")
+	content := "# comment\n" + own.authorized + `command="/bin/false" ` + restricted.authorized
+	if err := os.WriteFile(ak, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.dial(t, "root", own.signer); err != nil {
+		t.Errorf("key of ~/.ssh/authorized_keys refused: %v", err)
+	}
+	if _, err := b.dial(t, "root", restricted.signer); err == nil {
+		t.Errorf("key with command= option accepted")
+	}
+	os.Chmod(ak, 0o666)
+	if _, err := b.dial(t, "root", own.signer); err == nil {
+		t.Errorf("key of a world-writable authorized_keys accepted")
+	}
+}
