@@ -58,6 +58,9 @@ type session struct {
 	// for the agent's own sessions, which run as root.
 	acct       *account
 	sftpServer []string // the "sftp" subsystem's command (acct set)
+	// openAgent opens an agent channel to the client (acct set).
+	openAgent func() (ssh.Channel, <-chan *ssh.Request, error)
+	cleanups  []func() // run when the session ends
 
 	mu      sync.Mutex
 	started bool
@@ -77,6 +80,11 @@ func (s *server) handleSession(nc ssh.NewChannel, log *slog.Logger) {
 
 func (ss *session) serve(reqs <-chan *ssh.Request) {
 	defer ss.ch.Close()
+	defer func() {
+		for _, f := range ss.cleanups {
+			f()
+		}
+	}()
 	for req := range reqs {
 		ok, launch := ss.handleRequest(req)
 		if req.WantReply {
@@ -164,6 +172,8 @@ func (ss *session) handleRequest(req *ssh.Request) (ok bool, launch func()) {
 			return false, nil
 		}
 		return ss.start(command{path: ss.sftpServer[0], argv: ss.sftpServer})
+	case "auth-agent-req@openssh.com":
+		return ss.forwardAgent() == nil, nil
 	case agentproto.ReqExecArgv:
 		if ss.acct != nil {
 			return false, nil // the built-in SSH server's users get standard SSH only

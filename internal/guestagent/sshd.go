@@ -219,7 +219,7 @@ func (s *server) serveBuiltinSSH(ctx context.Context, conn net.Conn, log *slog.L
 					nc.Reject(ssh.ConnectionFailed, err.Error())
 					continue
 				}
-				wg.Go(func() { s.handleLoginSession(nc, acct, log) })
+				wg.Go(func() { s.handleLoginSession(nc, acct, sconn, log) })
 			case agentproto.ChanDirectTCPIP:
 				wg.Go(func() { handleDirectTCPIP(ctx, nc, log) })
 			default:
@@ -236,7 +236,7 @@ func (s *server) serveBuiltinSSH(ctx context.Context, conn net.Conn, log *slog.L
 
 // handleLoginSession serves a session channel of the built-in server as
 // acct.
-func (s *server) handleLoginSession(nc ssh.NewChannel, acct account, log *slog.Logger) {
+func (s *server) handleLoginSession(nc ssh.NewChannel, acct account, conn ssh.Conn, log *slog.Logger) {
 	ch, reqs, err := nc.Accept()
 	if err != nil {
 		log.Warn("accept session", "err", err)
@@ -245,6 +245,9 @@ func (s *server) handleLoginSession(nc ssh.NewChannel, acct account, log *slog.L
 	ss := s.newSession(ch, log)
 	ss.acct = &acct
 	ss.sftpServer = s.hooks.SSH.sftpServer()
+	ss.openAgent = func() (ssh.Channel, <-chan *ssh.Request, error) {
+		return conn.OpenChannel("auth-agent@openssh.com", nil)
+	}
 	ss.serve(reqs)
 }
 
@@ -290,3 +293,65 @@ func (*channelConn) RemoteAddr() net.Addr             { return channelAddr{} }
 func (*channelConn) SetDeadline(time.Time) error      { return errors.ErrUnsupported }
 func (*channelConn) SetReadDeadline(time.Time) error  { return errors.ErrUnsupported }
 func (*channelConn) SetWriteDeadline(time.Time) error { return errors.ErrUnsupported }
+
+// forwardAgent serves "auth-agent-req@openssh.com" (ssh -A) in a session of
+// the built-in server: a unix socket only the user can reach, named by
+// SSH_AUTH_SOCK in the command's environment; each connection to it is
+// relayed over an "auth-agent@openssh.com" channel to the client's agent.
+// The socket goes with the session.
+func (ss *session) forwardAgent() error {
+	if ss.acct == nil || ss.openAgent == nil {
+		return errors.New("agent forwarding is only for logins")
+	}
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.started {
+		return errors.New("agent forwarding asked after the command started")
+	}
+	dir, err := os.MkdirTemp("", "banger-ssh-agent-")
+	if err != nil {
+		ss.log.Warn("agent forwarding", "err", err)
+		return err
+	}
+	sock := filepath.Join(dir, "agent.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err == nil {
+		err = errors.Join(os.Chown(sock, int(ss.acct.uid), int(ss.acct.gid)), os.Chown(dir, int(ss.acct.uid), int(ss.acct.gid)))
+	}
+	if err != nil {
+		if l != nil {
+			l.Close()
+		}
+		os.RemoveAll(dir)
+		ss.log.Warn("agent forwarding", "err", err)
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	ss.cleanups = append(ss.cleanups, func() {
+		cancel()
+		l.Close()
+		wg.Wait()
+		os.RemoveAll(dir)
+	})
+	wg.Go(func() {
+		for {
+			conn, err := l.AcceptUnix()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				ch, reqs, err := ss.openAgent()
+				if err != nil {
+					ss.log.Debug("open agent channel", "err", err)
+					conn.Close()
+					return
+				}
+				go ssh.DiscardRequests(reqs)
+				relay(ctx, ch, conn)
+			})
+		}
+	})
+	ss.env = append(ss.env, "SSH_AUTH_SOCK="+sock)
+	return nil
+}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/pkg/sftp"
 	"golang.org/x/crypto/ssh"
+	sshagent "golang.org/x/crypto/ssh/agent"
 
 	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/agentproto"
@@ -501,6 +502,28 @@ func TestBuiltinSSHUser(t *testing.T) {
 		t.Errorf("tty owner, group, mode %q, want %d 5 620", got, uid)
 	}
 
+	// ssh -A: the user's commands reach the client's agent.
+	if _, err := exec.LookPath("ssh-add"); err == nil {
+		keyring := sshagent.NewKeyring()
+		if err := keyring.Add(sshagent.AddedKey{PrivateKey: mustRawKey(t, b.user.pemKey)}); err != nil {
+			t.Fatal(err)
+		}
+		if err := sshagent.ForwardToAgent(client, keyring); err != nil {
+			t.Fatal(err)
+		}
+		sess, err := client.NewSession()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := sshagent.RequestAgentForwarding(sess); err != nil {
+			t.Fatalf("agent forwarding: %v", err)
+		}
+		out, err := sess.CombinedOutput(`stat -c %u "$SSH_AUTH_SOCK"; ssh-add -l`)
+		if want := ssh.FingerprintSHA256(b.user.signer.PublicKey()); err != nil || !strings.Contains(string(out), want) || !strings.HasPrefix(string(out), fmt.Sprint(uid)+"\n") {
+			t.Errorf("ssh-add -l through the forwarded agent: %v\n%s\nwant the socket owned by %d and %s", err, out, uid, want)
+		}
+	}
+
 	sc, err := sftp.NewClient(client)
 	if err != nil {
 		t.Fatalf("sftp: %v", err)
@@ -670,4 +693,13 @@ func TestBuiltinSSHUserAuthorizedKeys(t *testing.T) {
 	if _, err := b.dial(t, "root", own.signer); err == nil {
 		t.Errorf("key of a world-writable authorized_keys accepted")
 	}
+}
+
+func mustRawKey(t *testing.T, pemKey []byte) any {
+	t.Helper()
+	k, err := ssh.ParseRawPrivateKey(pemKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }
