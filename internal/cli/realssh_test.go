@@ -164,6 +164,9 @@ func TestVMSSHWithOpenSSH(t *testing.T) {
 			return api.SSHInfo{Name: "box", User: "dev", HostKeys: []string{reported.Load().(string)}, Direct: direct.Load().(string)}, nil
 		},
 		api.MethodVMTunnel: tunnelTo(addr),
+		api.MethodVMInspect: func(ctx context.Context, call *rpc.Call) (any, error) {
+			return api.VM{Name: "box", State: api.StateRunning}, nil
+		},
 	})
 	s = newSSHTestApp(t, d.sock, strings.NewReader(""))
 	s.a.sshBanger = exe

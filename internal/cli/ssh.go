@@ -373,6 +373,10 @@ func (a *app) vmSSH(ctx context.Context, c sshCommandLine) error {
 	if err != nil {
 		return err
 	}
+	// A stopped VM: say so, rather than ssh's "connection closed".
+	if vm, err := a.client().VMInspect(ctx, c.name); err == nil && vm.State == api.StateStopped {
+		return fmt.Errorf("vm %s is stopped: start it with banger vm start %s: %w", c.name, c.name, errdefs.ErrFailedPrecondition)
+	}
 	if len(info.HostKeys) == 0 {
 		fmt.Fprintf(a.stderr, "banger: vm %s has no SSH host keys recorded yet (is it running? banger vm start %s)\n", c.name, c.name)
 	}

@@ -152,8 +152,12 @@ func sshInfoHandler(info api.SSHInfo) rpc.Handler {
 func TestVMSSHRunsSystemSSH(t *testing.T) {
 	argsFile := fakeSSH(t)
 	_, key := newHostKey(t)
+	state := api.StateRunning
 	d := startFakeDaemon(t, map[string]rpc.Handler{
 		api.MethodVMSSHInfo: sshInfoHandler(api.SSHInfo{User: "dev", HostKeys: []string{key}, Direct: "10.77.0.5:22"}),
+		api.MethodVMInspect: func(ctx context.Context, call *rpc.Call) (any, error) {
+			return api.VM{Name: "box", State: state}, nil
+		},
 	})
 	s := newSSHTestApp(t, d.sock, nil)
 	t.Setenv("FAKE_SSH_EXIT", "3")
@@ -197,6 +201,16 @@ func TestVMSSHRunsSystemSSH(t *testing.T) {
 	got = readArgs(t, argsFile)
 	if slices.Contains(got, "dev") || !slices.Equal(got[:2], []string{"-l", "admin"}) || !slices.Equal(got[len(got)-3:], []string{"--", "box.banger", "uptime"}) {
 		t.Errorf("ssh argv %q, want only the user's -l admin", got)
+	}
+
+	// A stopped VM is an error that says what to do; ssh doesn't run.
+	state = api.StateStopped
+	os.Remove(argsFile)
+	if err := s.run("vm", "ssh", "box"); err == nil || !strings.Contains(err.Error(), "banger vm start box") {
+		t.Errorf("vm ssh of a stopped VM: %v", err)
+	}
+	if _, err := os.Stat(argsFile); err == nil {
+		t.Error("ssh ran for a stopped VM")
 	}
 }
 
