@@ -90,6 +90,11 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		d.recordStartFailure(ctx, v.ID, lastErr)
 	}()
 
+	netCfg, err := d.agentNetwork(v)
+	if err != nil {
+		return err
+	}
+
 	tl.begin(api.PhaseInitramfs)
 	if err := d.phase(ctx, call, v, "build initramfs"); err != nil {
 		return err
@@ -106,6 +111,8 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 			HostKey:       string(hostKey),
 			AuthorizedKey: string(clientPub),
 			Hostname:      v.Name,
+			Network:       netCfg,
+			SSH:           agentSSH(v, im),
 		},
 	}); err != nil {
 		return fmt.Errorf("build initramfs: %w", initramfsErr(err))
@@ -117,6 +124,16 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 	}
 
 	tl.begin(api.PhaseVMMStart)
+	if v.Network == api.NetworkBridge {
+		if err := d.phase(ctx, call, v, "network"); err != nil {
+			return err
+		}
+	}
+	netCard, closeTAP, err := d.setupNetwork(ctx, v, steps)
+	defer closeTAP()
+	if err != nil {
+		return err
+	}
 	if err := d.phase(ctx, call, v, "boot"); err != nil {
 		return err
 	}
@@ -127,9 +144,10 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		ID: v.ID, Name: v.Name, Dir: v.Dir, CPUs: v.CPUs, MemoryMiB: v.MemoryMiB,
 		Kernel: im.Kernel, Initrd: initrd, Cmdline: kernelCmdline,
 		RootDisk: vmm.Disk{Path: v.DiskPath, Format: v.DiskFormat},
-		Accel:    v.AccelWanted, ConsoleLog: console,
+		Accel:    v.AccelWanted, ConsoleLog: console, Net: netCard,
 	})
 	cancel()
+	closeTAP() // the VMM holds its own descriptor: the TAP lives as long as it
 	if err != nil {
 		lastErr = err.Error()
 		return fmt.Errorf("start vm %q: %w", v.Name, err)

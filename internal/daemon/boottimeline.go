@@ -7,10 +7,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/bangerdev/banger/internal/agent"
+	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
@@ -214,17 +217,20 @@ func (d *Daemon) waitReady(ctx context.Context, call *rpc.Call, v store.VM, r *r
 	if err := d.phase(ctx, call, v, "wait for early boot"); err != nil {
 		return err
 	}
-	if err := d.waitEarlyBoot(ctx, r, keys); err != nil {
+	if err := d.waitEarlyBoot(ctx, r, keys, v.Network == api.NetworkBridge || v.Network == api.NetworkUser); err != nil {
 		return err
 	}
 	tl.begin(api.PhaseFullBoot)
 	return nil
 }
 
-// waitEarlyBoot polls the agent's info until it reports early boot done.
+// waitEarlyBoot polls the agent's info until it reports early boot done
+// and, when the VM has a network card (withNet), its network configured:
+// "ready" includes the network being up. An agent older than protocol
+// 1.3 knows nothing of networks: only its early boot is waited for.
 // A connection lost meanwhile (a keepalive unanswered in a guest that is
 // busy booting, the agent restarted by its supervisor) is redialed.
-func (d *Daemon) waitEarlyBoot(ctx context.Context, r *runningVM, keys agent.Keys) error {
+func (d *Daemon) waitEarlyBoot(ctx context.Context, r *runningVM, keys agent.Keys, withNet bool) error {
 	ctx, cancel := r.untilExit(ctx)
 	defer cancel()
 	signal := ""
@@ -242,10 +248,17 @@ func (d *Daemon) waitEarlyBoot(ctx context.Context, r *runningVM, keys agent.Key
 			r.mu.Lock()
 			r.info = &info
 			r.mu.Unlock()
-			if info.EarlyBootDone {
+			netUp, err := networkReady(info, withNet)
+			if err != nil {
+				return err
+			}
+			if info.EarlyBootDone && netUp {
 				return nil
 			}
 			signal = info.EarlyBootSignal
+			if info.EarlyBootDone {
+				signal = "network"
+			}
 		case errors.Is(err, agent.ErrConnectionLost) && ctx.Err() == nil && !r.hasExited():
 			d.log.Debug("agent connection lost during early boot; redialing", "err", err)
 		case r.hasExited():
@@ -292,4 +305,30 @@ func (d *Daemon) recordFullBoot(v store.VM, r *runningVM, tl *bootTimeline) {
 			d.log.Info("vm booted", "vm", v.Name, "booted_after", total.Round(time.Millisecond))
 		}
 	}()
+}
+
+// networkReady reports whether the guest's network is configured, as far
+// as the agent tells: an agent before protocol 1.3 doesn't configure
+// networks (nothing to wait for). A setup the agent reports failed is an
+// error.
+func networkReady(info agentproto.Info, withNet bool) (bool, error) {
+	if !withNet || !protoAtLeast(info.ProtoVersion, 1, 3) {
+		return true, nil
+	}
+	if info.Network == nil {
+		return false, nil
+	}
+	if info.Network.Error != "" {
+		return false, fmt.Errorf("the guest's network setup failed: %s", info.Network.Error)
+	}
+	return info.Network.Configured, nil
+}
+
+// protoAtLeast reports whether the agent protocol version v ("1.3") is
+// maj.min or a later minor version of maj.
+func protoAtLeast(v string, maj, min int) bool {
+	a, b, _ := strings.Cut(v, ".")
+	gotMaj, err1 := strconv.Atoi(a)
+	gotMin, err2 := strconv.Atoi(b)
+	return err1 == nil && err2 == nil && gotMaj == maj && gotMin >= min
 }

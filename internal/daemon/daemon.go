@@ -99,6 +99,7 @@ type Daemon struct {
 	store       *store.Store
 	driver      vmm.Driver
 	cloner      *disk.Cloner
+	net         hostNet // bridged VMs' host side
 	agentBinary string
 	socketGID   int // -1 when no group is configured
 
@@ -127,6 +128,9 @@ type Daemon struct {
 // driver and nothing else; tests pass a fake driver and hooks.
 type deps struct {
 	newDriver func() vmm.Driver // called at the driver's place in the build order
+	// newHostNet builds the host side of bridged networks (default: the
+	// host's bridge, TAPs, firewall, DHCP, DNS and port forwarders).
+	newHostNet func(ctx context.Context, cfg config.Daemon, st *store.Store, log *slog.Logger) hostNet
 	// onPhase, when set, is called as a boot enters each phase, with the
 	// boot's context (tests block there to abort a boot in that phase).
 	onPhase func(ctx context.Context, vm, phase string)
@@ -165,6 +169,11 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 	}
 	if dp.autoRemoveGrace == 0 {
 		dp.autoRemoveGrace = 30 * time.Second
+	}
+	if dp.newHostNet == nil {
+		dp.newHostNet = func(ctx context.Context, cfg config.Daemon, st *store.Store, log *slog.Logger) hostNet {
+			return newBridgeHost(ctx, cfg, st, log)
+		}
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
@@ -206,6 +215,7 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 		log:             log,
 		store:           st,
 		driver:          dp.newDriver(),
+		net:             dp.newHostNet(ctx, cfg, st, log.With("component", "net")),
 		onPhase:         dp.onPhase,
 		removeDir:       dp.removeDir,
 		autoRemoveGrace: dp.autoRemoveGrace,
@@ -222,6 +232,8 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 		stopMonitors()
 		d.stopRemovals()
 		d.monitors.Wait()
+		// The services stop; the bridge, rules and TAPs of running VMs stay.
+		d.net.Close()
 	}()
 	if removed, err := imagefile.RemovePartial(filepath.Join(cfg.StateDir, "images")); err != nil {
 		log.Warn("remove interrupted image promotions", "err", err)

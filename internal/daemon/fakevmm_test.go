@@ -82,6 +82,8 @@ type fakeVM struct {
 	name      string
 	spec      vmm.Spec
 	initramfs map[string][]byte // the regular files of the initramfs it booted
+	agentCfg  agentproto.Config // the agent config of that initramfs
+	tapOpen   bool              // spec.Net's TAP was an open file when Start was called
 	handle    vmm.Handle
 	cmd       *exec.Cmd
 	stdin     *os.File // write end of the helper's stdin: the helper exits when it closes
@@ -274,8 +276,9 @@ func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, erro
 
 	vctx, cancel := context.WithCancel(context.Background())
 	v := &fakeVM{
-		name: spec.Name, spec: spec, initramfs: files, cmd: cmd, stdin: pw, exited: make(chan struct{}),
-		handle: vmm.Handle{Driver: "fake", PID: pid, StartTime: st, AgentSocket: sock, PIDFile: pidFile, Accel: vmm.AccelKVM},
+		name: spec.Name, spec: spec, initramfs: files, agentCfg: cfg, cmd: cmd, stdin: pw, exited: make(chan struct{}),
+		tapOpen: spec.Net != nil && spec.Net.TAP != nil && fileOpen(spec.Net.TAP),
+		handle:  vmm.Handle{Driver: "fake", PID: pid, StartTime: st, AgentSocket: sock, PIDFile: pidFile, Accel: vmm.AccelKVM},
 	}
 	f.mu.Lock()
 	f.vms[pid] = v
@@ -544,4 +547,10 @@ func readCpio(p string) (map[string][]byte, error) {
 		off = pad4(data + size)
 	}
 	return files, nil
+}
+
+// fileOpen reports whether f is open.
+func fileOpen(f *os.File) bool {
+	_, err := f.Stat()
+	return err == nil
 }

@@ -32,6 +32,7 @@ type testEnv struct {
 	dir    string
 	cfg    config.Daemon
 	fake   *fakeDriver
+	net    *fakeHostNet
 	log    *slog.Logger
 	rootfs string
 	kernel string
@@ -89,6 +90,7 @@ func newEnv(t *testing.T, mod func(*config.Daemon)) *testEnv {
 	e.cfg = cfg
 	// Registered after the logger's cleanup: it runs before it.
 	e.fake = newFakeDriver(t, log)
+	e.net = newFakeHostNet()
 	return e
 }
 
@@ -127,7 +129,7 @@ func (e *testEnv) start() *testDaemon {
 		defer retry.Stop()
 		giveUp := time.Now().Add(10 * time.Second)
 		for {
-			err := run(ctx, e.cfg, e.log, deps{newDriver: func() vmm.Driver { return e.fake }, onPhase: e.onPhase, removeDir: e.removeDir, autoRemoveGrace: e.autoRemoveGrace})
+			err := run(ctx, e.cfg, e.log, deps{newDriver: func() vmm.Driver { return e.fake }, newHostNet: e.net.new, onPhase: e.onPhase, removeDir: e.removeDir, autoRemoveGrace: e.autoRemoveGrace})
 			if errors.Is(err, unix.EWOULDBLOCK) && time.Now().Before(giveUp) {
 				<-retry.C
 				continue

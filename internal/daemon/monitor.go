@@ -50,6 +50,7 @@ func (d *Daemon) track(v store.VM, r *runningVM) {
 		if err := d.driver.Cleanup(r.handle); err != nil {
 			d.log.Warn("vmm cleanup", "vm", v.Name, "err", err)
 		}
+		d.releaseNetwork(v)
 		// Only if the row still records the handle watched here: a new
 		// boot may have recorded its own since.
 		if _, err := d.store.MarkStopped(context.WithoutCancel(d.ctx), v.ID, r.recorded); err != nil {

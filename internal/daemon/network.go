@@ -1,19 +1,22 @@
 package daemon
 
 import (
-	"crypto/sha256"
+	"context"
 	"fmt"
-	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
 
 	"golang.org/x/crypto/ssh"
 
+	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/portfwd"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/undo"
+	"github.com/bangerdev/banger/internal/vmm"
 )
 
 // What a VM may reach beyond the defaults (VMCreateParams.Allow).
@@ -131,22 +134,6 @@ func (d *Daemon) checkNetwork(p api.VMCreateParams, callerUID uint32) (vmNetwork
 // unprivilegedUID stands for a caller who isn't root in portfwd.Check.
 const unprivilegedUID = 65534
 
-// tapName is a VM's TAP device: "bg-" and the first 12 characters of its
-// id (15, the kernel's limit).
-func tapName(id string) string {
-	if len(id) > 12 {
-		id = id[:12]
-	}
-	return "bg-" + id
-}
-
-// macFor is a VM's stable MAC: locally administered, unicast (02:), then
-// five bytes of the sha256 of its id.
-func macFor(id string) string {
-	h := sha256.Sum256([]byte(id))
-	return net.HardwareAddr(append([]byte{0x02}, h[:5]...)).String()
-}
-
 // networkAPI is a VM's network as the API reports it.
 func (d *Daemon) networkAPI(v store.VM) *api.NetworkInfo {
 	if v.Network == "" || v.Network == api.NetworkNone {
@@ -161,4 +148,131 @@ func (d *Daemon) networkAPI(v store.VM) *api.NetworkInfo {
 		n.Ports = append(n.Ports, api.PortForward{Proto: p.Proto, HostIP: p.HostIP, HostPort: p.HostPort, GuestPort: p.GuestPort})
 	}
 	return n
+}
+
+// agentNetwork is the guest side of v's network, for the agent's boot
+// config: the card (found by its MAC), its address, the default route and
+// the nameserver (banger's forwarder on the gateway; QEMU's in user mode).
+func (d *Daemon) agentNetwork(v store.VM) (*agentproto.NetworkConfig, error) {
+	switch v.Network {
+	case api.NetworkBridge:
+		gw := d.cfg.Gateway()
+		ip, err := d.bridgeAddr(v)
+		if err != nil {
+			return nil, err
+		}
+		return &agentproto.NetworkConfig{
+			Interfaces: []agentproto.Interface{{MAC: v.MAC, Address: netip.PrefixFrom(ip, gw.Bits()).String(), Gateway: gw.Addr().String(), MTU: d.cfg.MTU}},
+			DNS:        []string{gw.Addr().String()},
+		}, nil
+	case api.NetworkUser:
+		return &agentproto.NetworkConfig{
+			Interfaces: []agentproto.Interface{{MAC: v.MAC, Address: userNetAddress, Gateway: userNetGateway}},
+			DNS:        []string{userNetDNS},
+		}, nil
+	}
+	return nil, nil
+}
+
+// bridgeAddr is a bridged VM's address, which must be in the configured
+// subnet (not the gateway).
+func (d *Daemon) bridgeAddr(v store.VM) (netip.Addr, error) {
+	subnet, err := d.cfg.SubnetPrefix()
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	ip, err := netip.ParseAddr(v.IP)
+	if err != nil || !subnet.Contains(ip) || ip == d.cfg.Gateway().Addr() {
+		return netip.Addr{}, fmt.Errorf("vm %q has address %q, outside the subnet %s (was subnet changed in bangerd.toml?): remove the VM and create it again: %w",
+			v.Name, v.IP, subnet, errdefs.ErrFailedPrecondition)
+	}
+	return ip, nil
+}
+
+// agentSSH prepares the guest for the user's SSH logins: the image's
+// default user and the keys the VM was created with.
+func agentSSH(v store.VM, im store.Image) *agentproto.SSHConfig {
+	return &agentproto.SSHConfig{User: im.DefaultUser, AuthorizedKeys: v.SSHKeys}
+}
+
+// setupNetwork makes the host side of v's network card and returns the
+// card for the VMM: nothing for network none; QEMU's user network with
+// the VM's ports as its forwards; for a bridge, the bridge and its
+// services (once), the VM's TAP, firewall rules and port forwarders, each
+// undone by steps. The caller closes the TAP (closeTAP) once the VMM has
+// its own copy.
+func (d *Daemon) setupNetwork(ctx context.Context, v store.VM, steps *undo.Stack) (n *vmm.Net, closeTAP func(), err error) {
+	closeTAP = func() {}
+	switch v.Network {
+	case api.NetworkUser:
+		n = &vmm.Net{Mode: vmm.NetUser, MAC: v.MAC}
+		for _, p := range v.Ports {
+			n.Forwards = append(n.Forwards, vmm.Forward{Proto: p.Proto, HostIP: p.HostIP, HostPort: p.HostPort, GuestPort: p.GuestPort})
+		}
+		return n, closeTAP, nil
+	case api.NetworkBridge:
+	default:
+		return nil, closeTAP, nil
+	}
+	if os.Geteuid() != 0 {
+		return nil, closeTAP, fmt.Errorf("vm %q uses the bridge network, which needs bangerd to run as root: %w", v.Name, errdefs.ErrFailedPrecondition)
+	}
+	if _, err := d.bridgeAddr(v); err != nil {
+		return nil, closeTAP, err
+	}
+	if err := d.net.Ensure(ctx); err != nil {
+		return nil, closeTAP, fmt.Errorf("set up the bridge network: %w", err)
+	}
+	tap, err := d.net.OpenTAP(v)
+	if err != nil {
+		return nil, closeTAP, fmt.Errorf("create tap %s: %w", v.TAP, err)
+	}
+	var once bool
+	closeTAP = func() {
+		if !once {
+			once = true
+			tap.Close()
+		}
+	}
+	steps.Push("close tap", func(context.Context) error { closeTAP(); return nil })
+	if err := d.net.AddVM(v); err != nil {
+		return nil, closeTAP, fmt.Errorf("firewall rules of vm %q: %w", v.Name, err)
+	}
+	steps.Push("remove firewall rules", func(context.Context) error { return d.net.RemoveVM(v.ID) })
+	if err := d.net.StartPorts(v); err != nil {
+		return nil, closeTAP, err
+	}
+	steps.Push("stop port forwarders", func(context.Context) error { d.net.StopPorts(v.ID); return nil })
+	return &vmm.Net{Mode: vmm.NetTAP, MAC: v.MAC, TAP: tap, TAPName: v.TAP}, closeTAP, nil
+}
+
+// releaseNetwork removes what a bridged VM's network holds on the host
+// once its VMM is gone (the TAP went with the VMM).
+func (d *Daemon) releaseNetwork(v store.VM) {
+	if v.Network != api.NetworkBridge {
+		return
+	}
+	d.net.StopPorts(v.ID)
+	if err := d.net.RemoveVM(v.ID); err != nil {
+		d.log.Error("remove the firewall rules of a stopped vm (the next daemon start retries)", "vm", v.Name, "err", err)
+	}
+}
+
+// restoreNetwork gives a bridged VM that kept running through a daemon
+// restart its firewall rules and port forwarders again (its DHCP lease
+// is in the database). Failures are logged: the VM runs on.
+func (d *Daemon) restoreNetwork(ctx context.Context, v store.VM) {
+	if v.Network != api.NetworkBridge {
+		return
+	}
+	if err := d.net.Ensure(ctx); err != nil {
+		d.log.Error("restore the bridge network of a running vm", "vm", v.Name, "err", err)
+		return
+	}
+	if err := d.net.AddVM(v); err != nil {
+		d.log.Error("restore the firewall rules of a running vm", "vm", v.Name, "err", err)
+	}
+	if err := d.net.StartPorts(v); err != nil {
+		d.log.Error("restore the port forwarders of a running vm", "vm", v.Name, "err", err)
+	}
 }

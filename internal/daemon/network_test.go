@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -144,17 +145,6 @@ func TestCreateRejectsBadNetworkAndLeavesNothing(t *testing.T) {
 	}
 }
 
-func TestMACAndTAPNames(t *testing.T) {
-	id := "7f3a9c0d1e2b4a56"
-	if got := tapName(id); got != "bg-7f3a9c0d1e2b" {
-		t.Errorf("tap %q", got)
-	}
-	m := macFor(id)
-	if m != macFor(id) || m == macFor("7f3a9c0d1e2b4a57") || !strings.HasPrefix(m, "02:") || len(m) != 17 {
-		t.Errorf("mac %q", m)
-	}
-}
-
 // freePort returns a TCP port free on 127.0.0.1 now.
 func freePort(t *testing.T) int {
 	t.Helper()
@@ -223,3 +213,5 @@ func TestCreatePorts(t *testing.T) {
 		t.Fatalf("port of a removed vm: %v", err)
 	}
 }
+
+func itoa(n int) string { return strconv.Itoa(n) }

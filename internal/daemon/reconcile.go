@@ -31,6 +31,18 @@ func (d *Daemon) reconcile(ctx context.Context) error {
 			return fmt.Errorf("vm %q: %w", v.Name, err)
 		}
 	}
+	// Firewall rules and TAP links of VMs that don't run (a crash between
+	// making them and starting the VMM, a VM that exited while no daemon
+	// watched) go; running bridged VMs got theirs back in reconcileVM.
+	running := map[string]bool{}
+	d.mu.Lock()
+	for id := range d.running {
+		running[id] = true
+	}
+	d.mu.Unlock()
+	if err := d.net.Sweep(running); err != nil {
+		d.log.Warn("remove the network leftovers of VMs that no longer run", "err", err)
+	}
 	dirs, err := os.ReadDir(filepath.Join(d.cfg.StateDir, "vms"))
 	if err != nil {
 		return err
@@ -110,6 +122,7 @@ func (d *Daemon) reconcileVM(ctx context.Context, v store.VM) error {
 		if err := d.store.UpdateVM(ctx, v); err != nil {
 			return err
 		}
+		d.restoreNetwork(ctx, v)
 		d.track(v, &runningVM{handle: h, recorded: v.Handle, exited: make(chan struct{})})
 		d.log.Info("vm adopted", "vm", v.Name, "pid", h.PID)
 		return nil

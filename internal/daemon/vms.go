@@ -12,6 +12,7 @@ import (
 	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/bridgenet"
 	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/rpc"
@@ -237,12 +238,12 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 		Network: netw.mode, Allow: netw.allow, SSHKeys: netw.sshKeys, Ports: netw.ports,
 	}
 	if netw.mode != api.NetworkNone {
-		v.MAC = macFor(id)
+		v.MAC = bridgenet.MAC(id).String()
 	}
 	if netw.mode == api.NetworkBridge {
 		// The address is chosen in the insert's transaction, under the
 		// create lock: never two VMs on one address.
-		v.TAP = tapName(id)
+		v.TAP = bridgenet.TAPName(id)
 		subnet, err := d.cfg.SubnetPrefix()
 		if err != nil {
 			return v, err

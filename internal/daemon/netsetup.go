@@ -1,0 +1,219 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/bridgenet"
+	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/netsvc"
+	"github.com/bangerdev/banger/internal/portfwd"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// hostNet is the host side of bridged VMs' networks, as the daemon uses
+// it: startVM (Ensure, OpenTAP, AddVM, StartPorts, each undone on
+// failure), the end of a VMM (RemoveVM, StopPorts), reconcile (AddVM and
+// StartPorts again for the VMs that kept running, Sweep for the rest) and
+// the daemon's end (Close). Production composes bridgenet, netsvc and
+// portfwd (bridgeHost); the daemon's tests pass a fake, so they never
+// touch the host's links.
+type hostNet interface {
+	// Ensure makes the bridge, enables IPv4 forwarding and starts DHCP and
+	// DNS on the bridge, once per daemon (then it does nothing).
+	Ensure(ctx context.Context) error
+	// OpenTAP makes v's TAP device on the bridge; it lives as long as a
+	// descriptor of it is open.
+	OpenTAP(v store.VM) (*os.File, error)
+	// AddVM installs v's firewall rules (idempotent); RemoveVM removes
+	// them (a VM without rules is no error).
+	AddVM(v store.VM) error
+	RemoveVM(id string) error
+	// StartPorts forwards v's ports to its address; StopPorts ends them.
+	StartPorts(v store.VM) error
+	StopPorts(id string)
+	// Sweep removes the firewall rules and TAP links of the VMs not in
+	// keep (by id): what a crash left.
+	Sweep(keep map[string]bool) error
+	// Close stops the services and the port forwarders; the bridge, the
+	// rules and the TAPs stay (running VMs keep their network).
+	Close()
+}
+
+// bridgeHost is hostNet on the host's own network stack.
+type bridgeHost struct {
+	cfg   config.Daemon
+	log   *slog.Logger
+	store *store.Store
+	ctx   context.Context // the daemon's: services run until it ends
+	proxy *portfwd.Proxy
+
+	mu       sync.Mutex
+	ensured  bool
+	cancel   context.CancelFunc
+	services []*netsvc.Service
+}
+
+func newBridgeHost(ctx context.Context, cfg config.Daemon, st *store.Store, log *slog.Logger) *bridgeHost {
+	return &bridgeHost{cfg: cfg, log: log, store: st, ctx: ctx, proxy: portfwd.NewProxy(log.With("component", "portfwd"))}
+}
+
+func (b *bridgeHost) Ensure(ctx context.Context) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ensured {
+		return nil
+	}
+	subnet, err := b.cfg.SubnetPrefix()
+	if err != nil {
+		return err
+	}
+	gw := b.cfg.Gateway()
+	conflicts, err := bridgenet.RouteConflicts(subnet, b.cfg.BridgeName)
+	if err != nil {
+		return fmt.Errorf("check subnet %s against the host's routes: %w", subnet, err)
+	}
+	if len(conflicts) > 0 {
+		return fmt.Errorf("subnet %s overlaps the host's route(s) to %s: set another subnet in bangerd.toml (for example 10.78.0.0/24): %w",
+			subnet, joinPrefixes(conflicts), errdefs.ErrFailedPrecondition)
+	}
+	if err := bridgenet.EnsureBridge(bridgenet.Bridge{Name: b.cfg.BridgeName, Gateway: gw, MTU: b.cfg.MTU}); err != nil {
+		return err
+	}
+	if changed, err := bridgenet.EnableIPv4Forwarding(); err != nil {
+		return err
+	} else if changed {
+		b.log.Info("enabled IPv4 forwarding for bridged VMs")
+	}
+	var upstreams []netip.AddrPort
+	for _, s := range b.cfg.DNSServers {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return fmt.Errorf("dns_servers: %q: %w", s, errdefs.ErrInvalid)
+		}
+		upstreams = append(upstreams, netip.AddrPortFrom(a, 53))
+	}
+	sctx, cancel := context.WithCancel(b.ctx)
+	dhcp, err := netsvc.StartDHCP(sctx, netsvc.DHCPConfig{
+		Interface: b.cfg.BridgeName, ServerIP: gw.Addr(), Lookup: b.lease, Log: b.log.With("component", "dhcp"),
+	})
+	if err != nil {
+		cancel()
+		return fmt.Errorf("start dhcp on %s: %w", b.cfg.BridgeName, err)
+	}
+	dns, err := netsvc.StartDNS(sctx, netsvc.DNSConfig{Listen: gw.Addr(), Upstreams: upstreams, Log: b.log.With("component", "dns")})
+	if err != nil {
+		cancel()
+		dhcp.Wait()
+		return fmt.Errorf("start dns forwarder on %s: %w", gw.Addr(), err)
+	}
+	b.cancel, b.services, b.ensured = cancel, []*netsvc.Service{dhcp, dns}, true
+	b.log.Info("bridge network ready", "bridge", b.cfg.BridgeName, "gateway", gw, "dns_upstreams", upstreams)
+	return nil
+}
+
+// lease answers DHCP for a bridged VM's MAC with its recorded address.
+func (b *bridgeHost) lease(mac net.HardwareAddr) (netsvc.Lease, bool) {
+	ctx, cancel := context.WithTimeout(b.ctx, 2*time.Second)
+	defer cancel()
+	v, err := b.store.VMByMAC(ctx, mac.String())
+	if err != nil {
+		if !errors.Is(err, errdefs.ErrNotFound) {
+			b.log.Warn("dhcp: look up a lease", "mac", mac, "err", err)
+		}
+		return netsvc.Lease{}, false
+	}
+	ip, err := netip.ParseAddr(v.IP)
+	if v.Network != api.NetworkBridge || err != nil {
+		return netsvc.Lease{}, false
+	}
+	gw := b.cfg.Gateway()
+	return netsvc.Lease{IP: ip, Prefix: gw.Bits(), Gateway: gw.Addr(), DNS: []netip.Addr{gw.Addr()}, Hostname: v.Name, MTU: b.cfg.MTU}, true
+}
+
+func (b *bridgeHost) OpenTAP(v store.VM) (*os.File, error) {
+	isolated := !b.cfg.AllowVMToVM && !slices.Contains(v.Allow, allowVM)
+	return bridgenet.OpenTAP(v.TAP, b.cfg.BridgeName, isolated)
+}
+
+func (b *bridgeHost) AddVM(v store.VM) error   { return nil }
+func (b *bridgeHost) RemoveVM(id string) error { return nil }
+
+func (b *bridgeHost) StartPorts(v store.VM) error {
+	if len(v.Ports) == 0 {
+		return nil
+	}
+	ip, err := netip.ParseAddr(v.IP)
+	if err != nil {
+		return fmt.Errorf("forward ports of vm %q: address %q: %w", v.Name, v.IP, err)
+	}
+	rules := make([]portfwd.Rule, 0, len(v.Ports))
+	for _, p := range v.Ports {
+		hip, err := netip.ParseAddr(p.HostIP)
+		if err != nil {
+			return fmt.Errorf("forward ports of vm %q: host address %q: %w", v.Name, p.HostIP, err)
+		}
+		rules = append(rules, portfwd.Rule{Proto: p.Proto, HostIP: hip, HostPort: p.HostPort, GuestPort: p.GuestPort})
+	}
+	return b.proxy.Start(v.ID, ip, rules)
+}
+
+func (b *bridgeHost) StopPorts(id string) { b.proxy.Stop(id) }
+
+func (b *bridgeHost) Sweep(keep map[string]bool) error {
+	links, err := bridgenet.Links(bridgenet.TAPPrefix)
+	if err != nil {
+		return err
+	}
+	kept := map[string]bool{}
+	for id := range keep {
+		kept[bridgenet.TAPName(id)] = true
+	}
+	var errs []error
+	for _, l := range links {
+		if kept[l] {
+			continue
+		}
+		if err := bridgenet.DeleteLink(l); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		b.log.Info("removed the TAP device of a VM that no longer runs", "tap", l)
+	}
+	return errors.Join(errs...)
+}
+
+func (b *bridgeHost) Close() {
+	for _, id := range b.proxy.Running() {
+		b.proxy.Stop(id)
+	}
+	b.mu.Lock()
+	cancel, services := b.cancel, b.services
+	b.cancel, b.services, b.ensured = nil, nil, false
+	b.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	for _, s := range services {
+		s.Wait()
+	}
+}
+
+func joinPrefixes(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ", ")
+}
