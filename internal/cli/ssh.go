@@ -113,7 +113,7 @@ func (a *app) sshConfigCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			hosts, err := a.sshHosts(cmd.Context(), f)
+			hosts, err := a.sshHosts(cmd.Context(), f, install)
 			if err != nil {
 				// The daemon can't be asked: the VMs banger knew stay.
 				fmt.Fprintf(a.stderr, "banger: warning: the VMs' blocks are not refreshed: %s\n", explain(err, a.cfg.SocketPath))
@@ -146,9 +146,9 @@ func (a *app) sshConfigCmd() *cobra.Command {
 	return cmd
 }
 
-// sshHosts asks the daemon for every VM's ssh user and address (and
-// records their host keys).
-func (a *app) sshHosts(ctx context.Context, f sshcfg.Files) ([]sshcfg.Host, error) {
+// sshHosts asks the daemon for every VM's ssh user and address (and with
+// record, writes their host keys to banger's known_hosts).
+func (a *app) sshHosts(ctx context.Context, f sshcfg.Files, record bool) ([]sshcfg.Host, error) {
 	vms, err := a.client().VMList(ctx)
 	if err != nil {
 		return nil, err
@@ -170,7 +170,9 @@ func (a *app) sshHosts(ctx context.Context, f sshcfg.Files) ([]sshcfg.Host, erro
 				return
 			}
 			hosts[i].User, hosts[i].Direct = info.User, info.Direct
-			errs[i] = f.SetHostKeys(vm.Name, info.HostKeys)
+			if record {
+				errs[i] = f.SetHostKeys(vm.Name, info.HostKeys)
+			}
 		}()
 	}
 	wg.Wait()

@@ -378,8 +378,11 @@ func TestSSHConfigCommand(t *testing.T) {
 	if s.stdout.String() != want {
 		t.Errorf("ssh-config printed:\n%s\nwant:\n%s", s.stdout, want)
 	}
-	if _, err := os.Stat(filepath.Join(s.files.User.Home, ".ssh", "config")); err == nil {
-		t.Error("ssh-config without --install touched ~/.ssh/config")
+	if _, err := os.Stat(filepath.Join(s.files.User.Home, ".ssh")); err == nil {
+		t.Error("ssh-config without --install touched ~/.ssh")
+	}
+	if _, err := os.Stat(s.files.Dir); err == nil {
+		t.Error("ssh-config without --install wrote banger's ssh files")
 	}
 	s.stdout.Reset()
 	if err := s.run("ssh-config", "--install"); err != nil {
