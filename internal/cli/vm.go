@@ -477,7 +477,7 @@ func (a *app) vmRunCmd() *cobra.Command {
 				return err
 			}
 			if !rm {
-				fmt.Fprintf(a.stderr, "VM %s is running (banger vm ssh %s, or ssh %s.banger; banger vm rm -f %s)\n", vm.Name, vm.Name, vm.Name, vm.Name)
+				fmt.Fprintf(a.stderr, "VM %s is running (banger vm ssh %s; banger vm exec %s -- CMD; banger vm rm -f %s)\n", vm.Name, vm.Name, vm.Name, vm.Name)
 			}
 			if len(args) == 0 && len(ef.env) == 0 && ef.dir == "" {
 				err := a.runShell(cmd.Context(), vm.Name, rm, &ef)
