@@ -309,14 +309,11 @@ func (d *Daemon) recordFullBoot(v store.VM, r *runningVM, tl *bootTimeline) {
 
 // networkReady reports whether the guest's network is configured, as far
 // as the agent tells: an agent before protocol 1.3 doesn't configure
-// networks (nothing to wait for). A setup the agent reports failed is an
-// error.
+// networks, and one that reports no network state was given none (nothing
+// to wait for either). A setup the agent reports failed is an error.
 func networkReady(info agentproto.Info, withNet bool) (bool, error) {
-	if !withNet || !protoAtLeast(info.ProtoVersion, 1, 3) {
+	if !withNet || !protoAtLeast(info.ProtoVersion, 1, 3) || info.Network == nil {
 		return true, nil
-	}
-	if info.Network == nil {
-		return false, nil
 	}
 	if info.Network.Error != "" {
 		return false, fmt.Errorf("the guest's network setup failed: %s", info.Network.Error)

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/config"
 )
@@ -175,5 +176,28 @@ func TestTimelineRunningPhase(t *testing.T) {
 	vm = inspect(t, d2, "booting")
 	if p := last(vm); p.Running || !strings.Contains(vm.BootTimeline.Error, "not recorded to its end") {
 		t.Errorf("after a daemon restart: last phase %+v, error %q", p, vm.BootTimeline.Error)
+	}
+}
+
+func TestNetworkReady(t *testing.T) {
+	up := &agentproto.NetworkState{Configured: true}
+	for _, tc := range []struct {
+		info    agentproto.Info
+		withNet bool
+		ready   bool
+		err     bool
+	}{
+		{agentproto.Info{ProtoVersion: "1.3", Network: &agentproto.NetworkState{}}, false, true, false},
+		{agentproto.Info{ProtoVersion: "1.2"}, true, true, false},
+		{agentproto.Info{ProtoVersion: "1.3"}, true, true, false},
+		{agentproto.Info{ProtoVersion: "1.3", Network: &agentproto.NetworkState{}}, true, false, false},
+		{agentproto.Info{ProtoVersion: "1.4", Network: up}, true, true, false},
+		{agentproto.Info{ProtoVersion: "1.3", Network: &agentproto.NetworkState{Error: "no card"}}, true, false, true},
+		{agentproto.Info{ProtoVersion: "2.0", Network: &agentproto.NetworkState{}}, true, true, false},
+	} {
+		ready, err := networkReady(tc.info, tc.withNet)
+		if ready != tc.ready || (err != nil) != tc.err {
+			t.Errorf("networkReady(%+v, %v) = %v, %v", tc.info, tc.withNet, ready, err)
+		}
 	}
 }
