@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/user"
@@ -17,7 +18,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/bridgenet"
 	"github.com/bangerdev/banger/internal/cgroup"
+	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/firewall"
 	"github.com/bangerdev/banger/internal/kvmcheck"
 )
 
@@ -90,8 +94,8 @@ type Options struct {
 	// Output runs a command and returns its combined output. Default runs
 	// it with exec.CommandContext.
 	Output func(ctx context.Context, name string, args ...string) ([]byte, error)
-	// DevRoot is where /dev (and the system bus socket in /run) is
-	// looked up. Default "/".
+	// DevRoot is where /dev, the system bus socket in /run, /sys,
+	// /proc/sys and /lib/modules are looked up. Default "/".
 	DevRoot string
 	// CommandTimeout bounds each command and the daemon ping. Default 5s.
 	CommandTimeout time.Duration
@@ -99,6 +103,10 @@ type Options struct {
 	VMMUser string
 	// CgroupRoot is where cgroupfs is mounted. Default /sys/fs/cgroup.
 	CgroupRoot string
+	// Bridge and Subnet are bangerd's network (bridge_name, subnet).
+	// Default banger0 and 10.77.0.0/24.
+	Bridge string
+	Subnet netip.Prefix
 }
 
 func (o *Options) defaults() {
@@ -125,6 +133,12 @@ func (o *Options) defaults() {
 	if o.CgroupRoot == "" {
 		o.CgroupRoot = cgroup.DefaultRoot
 	}
+	if o.Bridge == "" {
+		o.Bridge = config.DefaultBridgeName
+	}
+	if !o.Subnet.IsValid() {
+		o.Subnet = netip.MustParsePrefix(config.DefaultSubnet)
+	}
 }
 
 // runner holds the options and the system calls the checks use (replaced
@@ -135,12 +149,21 @@ type runner struct {
 	statfs  func(path string, st *unix.Statfs_t) error
 	cgroups func(root string) (cgroup.Info, error)
 	lookup  func(name string) (*user.User, error)
+	uname   func(*unix.Utsname) error
+	// Network: firewall.Probe, firewall.Conflicts, firewall.Neighbours,
+	// bridgenet.RouteConflicts.
+	nftProbe       func() error
+	conflicts      func() []string
+	neighbours     func() []string
+	routeConflicts func(subnet netip.Prefix, ownBridge string) ([]netip.Prefix, error)
 }
 
 // Run runs every check, in a fixed order.
 func Run(ctx context.Context, opts Options) []Check {
 	opts.defaults()
-	r := runner{opts: opts, clone: unix.IoctlFileClone, statfs: unix.Statfs, cgroups: cgroup.Detect, lookup: user.Lookup}
+	r := runner{opts: opts, clone: unix.IoctlFileClone, statfs: unix.Statfs, cgroups: cgroup.Detect, lookup: user.Lookup,
+		uname: unix.Uname, nftProbe: firewall.Probe, conflicts: firewall.Conflicts, neighbours: firewall.Neighbours,
+		routeConflicts: bridgenet.RouteConflicts}
 	return r.run(ctx)
 }
 
@@ -151,11 +174,13 @@ func (r runner) run(ctx context.Context) []Check {
 		r.checkQEMU(ctx),
 		r.checkTool("qemu-img", Fail, "needed for qcow2 disk overlays", "install it: sudo apt-get install qemu-utils"),
 		r.checkFirecracker(ctx, kvm),
-		r.checkDevice("/dev/net/tun", "TUN/TAP", Warn, "TAP networking for VMs unavailable", "load the tun module: sudo modprobe tun"),
+		r.checkTUN(),
 		r.checkDevice("/dev/loop-control", "loop devices", Warn, "loop devices unavailable: images cannot be mounted to be edited", "load the loop module: sudo modprobe loop"),
 		r.checkDevice("/dev/mapper/control", "device-mapper", Warn, "dm-snapshot copy-on-write unavailable; banger uses qcow2 overlays/reflink instead", "optional: sudo modprobe dm_snapshot"),
 	}
 	checks = append(checks, r.checkSandbox(ctx), r.checkCgroups(), r.checkVMMUser())
+	probe := r.nftProbe()
+	checks = append(checks, r.checkBridge(), r.checkNftables(probe), r.checkFirewall(probe), r.checkForwarding(), r.checkSubnet())
 	checks = append(checks, r.checkReflink(), r.checkFreeSpace())
 	if r.opts.Ping != nil {
 		checks = append(checks, r.checkDaemon(ctx))

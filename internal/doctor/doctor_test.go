@@ -3,10 +3,13 @@ package doctor
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -40,6 +43,12 @@ type fakeEnv struct {
 	reflink bool
 	cgroups cgroup.Info
 	users   map[string]*user.User
+	// Network.
+	nftErr     error
+	conflicts  []string
+	neighbours []string
+	overlaps   []netip.Prefix
+	files      map[string]string // contents of some of devs
 }
 
 func (e fakeEnv) run(t *testing.T) map[string]Check {
@@ -48,7 +57,7 @@ func (e fakeEnv) run(t *testing.T) map[string]Check {
 	for _, d := range e.devs {
 		p := filepath.Join(devRoot, d)
 		os.MkdirAll(filepath.Dir(p), 0o755)
-		if err := os.WriteFile(p, nil, 0o600); err != nil {
+		if err := os.WriteFile(p, []byte(e.files[d]), 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -94,6 +103,19 @@ func (e fakeEnv) run(t *testing.T) map[string]Check {
 			st.Type = e.fsType
 			return nil
 		},
+		uname: func(u *unix.Utsname) error {
+			copy(u.Release[:], "6.1.0-test")
+			return nil
+		},
+		nftProbe:   func() error { return e.nftErr },
+		conflicts:  func() []string { return e.conflicts },
+		neighbours: func() []string { return e.neighbours },
+		routeConflicts: func(subnet netip.Prefix, ownBridge string) ([]netip.Prefix, error) {
+			if subnet != netip.MustParsePrefix("10.77.0.0/24") || ownBridge != "banger0" {
+				return nil, fmt.Errorf("unexpected subnet %s or bridge %s", subnet, ownBridge)
+			}
+			return e.overlaps, nil
+		},
 	}
 	checks := r.run(context.Background())
 	m := map[string]Check{}
@@ -121,7 +143,8 @@ func allGood() fakeEnv {
 		},
 		cgroups: cgroup.Info{Mode: cgroup.ModeV2, Root: "/sys/fs/cgroup", Controllers: []string{"memory", "pids", "cpu"}},
 		users:   map[string]*user.User{"banger-vmm": {Username: "banger-vmm", Uid: "999", Gid: "998"}},
-		devs:    []string{"dev/net/tun", "dev/loop-control", "dev/mapper/control"},
+		devs: []string{"dev/net/tun", "dev/loop-control", "dev/mapper/control",
+			"sys/module/bridge/version", "proc/sys/net/ipv4/ip_forward"},
 		kvm:     hwKVM,
 		ping:    func(context.Context) (string, error) { return "0.1.0", nil },
 		free:    50 << 30,
@@ -139,8 +162,8 @@ func TestAllGood(t *testing.T) {
 			t.Errorf("%s: %s %s", name, c.Status, c.Detail)
 		}
 	}
-	if len(checks) != 13 {
-		t.Errorf("got %d checks, want 13", len(checks))
+	if len(checks) != 18 {
+		t.Errorf("got %d checks, want 18", len(checks))
 	}
 	if d := checks["cgroups"].Detail; !strings.Contains(d, "v2") {
 		t.Errorf("cgroups detail %q lacks the mode", d)
@@ -324,6 +347,9 @@ func TestThisHost(t *testing.T) {
 	if _, err := os.Stat("/sys/module/kvm_intel"); err == nil {
 		t.Skip("kvm_intel loaded next to kvm_pvm")
 	}
+	if _, err := os.Stat("/dev/kvm"); err != nil {
+		t.Skip("kvm_pvm without /dev/kvm (a container without the device)")
+	}
 	if _, err := os.Stat("/sys/module/kvm_amd"); err == nil {
 		t.Skip("kvm_amd loaded next to kvm_pvm")
 	}
@@ -398,5 +424,49 @@ func TestSandboxProbeReal(t *testing.T) {
 	r := runner{opts: opts}
 	if c := r.checkSandbox(context.Background()); c.Status != OK {
 		t.Errorf("real QEMU: %+v", c)
+	}
+}
+
+func TestNetworkChecks(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		mod    func(*fakeEnv)
+		check  string
+		status Status
+		detail string
+	}{
+		{"no tun", func(e *fakeEnv) {
+			e.devs = slices.DeleteFunc(e.devs, func(d string) bool { return d == "dev/net/tun" })
+		}, "TUN/TAP", Warn, "absent"},
+		{"no bridge support", func(e *fakeEnv) { e.devs = []string{"dev/net/tun"} }, "bridge", Warn, "no bridge support"},
+		{"bridge module installed", func(e *fakeEnv) {
+			e.devs = []string{"dev/net/tun", "lib/modules/6.1.0-test/modules.dep"}
+			e.files = map[string]string{"lib/modules/6.1.0-test/modules.dep": "kernel/net/bridge/bridge.ko: kernel/net/802/stp.ko\n"}
+		}, "bridge", OK, "installed"},
+		{"bridge exists", func(e *fakeEnv) { e.devs = append(e.devs, "sys/class/net/banger0/bridge/hello_time") }, "bridge", OK, "banger0 exists"},
+		{"bridge name taken", func(e *fakeEnv) { e.devs = append(e.devs, "sys/class/net/banger0/address") }, "bridge", Fail, "not a bridge"},
+		{"nftables denied", func(e *fakeEnv) { e.nftErr = fmt.Errorf("list tables: %w", unix.EPERM) }, "nftables", Warn, "as this user"},
+		{"nftables missing", func(e *fakeEnv) { e.nftErr = fmt.Errorf("list tables: %w", unix.EOPNOTSUPP) }, "nftables", Fail, "nf_tables unavailable"},
+		{"firewall unchecked", func(e *fakeEnv) { e.nftErr = unix.EPERM }, "firewall", Warn, "not checked"},
+		{"firewall conflicts", func(e *fakeEnv) { e.conflicts = []string{"ufw is active: allow it"} }, "firewall", Warn, "ufw is active"},
+		{"firewall neighbours", func(e *fakeEnv) { e.neighbours = []string{"Docker's rules are present"} }, "firewall", OK, "Docker's rules"},
+		{"forwarding on", func(e *fakeEnv) { e.files = map[string]string{"proc/sys/net/ipv4/ip_forward": "1\n"} }, "IPv4 forwarding", OK, "enabled"},
+		{"subnet overlap", func(e *fakeEnv) { e.overlaps = []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16")} }, "subnet", Fail, "overlaps the host's routes to 10.77.0.0/16"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := allGood()
+			tc.mod(&e)
+			c := e.run(t)[tc.check]
+			if c.Status != tc.status || !strings.Contains(c.Detail, tc.detail) {
+				t.Errorf("%s = %+v, want %s with %q", tc.check, c, tc.status, tc.detail)
+			}
+		})
+	}
+}
+
+func TestFreeHint(t *testing.T) {
+	p := netip.MustParsePrefix
+	if got := freeHint(p("10.77.0.0/24"), []netip.Prefix{p("10.78.0.0/16")}); got != `subnet = "10.79.0.0/24"` {
+		t.Errorf("freeHint = %s", got)
 	}
 }
