@@ -25,7 +25,7 @@ func (a *app) doctorCmd() *cobra.Command {
 					dir = p.StateDir
 				}
 			}
-			checks := doctor.Run(cmd.Context(), doctor.Options{
+			opts := doctor.Options{
 				StateDir:   dir,
 				SocketPath: a.cfg.SocketPath,
 				Ping: func(ctx context.Context) (string, error) {
@@ -35,7 +35,14 @@ func (a *app) doctorCmd() *cobra.Command {
 					}
 					return fmt.Sprintf("bangerd %s (api v%d, pid %d)", p.Version, p.APIVersion, p.PID), nil
 				},
-			})
+			}
+			// bangerd's network, from its config file (defaults when it
+			// can't be read: doctor checks the host, not the file).
+			if dc, err := config.LoadDaemon(config.DefaultDaemonConfigPath, false); err == nil {
+				opts.Bridge = dc.BridgeName
+				opts.Subnet, _ = dc.SubnetPrefix()
+			}
+			checks := doctor.Run(cmd.Context(), opts)
 			checks = append(checks, a.sshChecks()...)
 			for _, c := range checks {
 				fmt.Fprintf(a.stdout, "%-4s  %-18s %s\n", c.Status, c.Name, c.Detail)
