@@ -4,10 +4,12 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -425,5 +427,33 @@ func TestInvokingUser(t *testing.T) {
 	u, err = InvokingUser()
 	if err != nil || u.UID != 0 || u.Chown || u.Home != home {
 		t.Errorf("InvokingUser() without sudo = %+v, %v; want root in $HOME, nothing given away", u, err)
+	}
+}
+
+// Concurrent writers (proxies of several ssh sessions) don't lose each
+// other's lines.
+func TestConcurrentWrites(t *testing.T) {
+	f := testFiles(t)
+	key := hostKey(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 40)
+	for i := range 20 {
+		wg.Add(2)
+		go func() { defer wg.Done(); errs <- f.SetHostKeys(fmt.Sprintf("vm%d", i), []string{key}) }()
+		go func() { defer wg.Done(); errs <- f.SetHost(Host{Name: fmt.Sprintf("vm%d", i), User: "dev"}) }()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, _ := os.ReadFile(f.KnownHosts)
+	if n := strings.Count(string(b), ".banger "); n != 20 {
+		t.Errorf("known_hosts has %d lines, want 20:\n%s", n, b)
+	}
+	if hosts, _ := f.Hosts(); len(hosts) != 20 {
+		t.Errorf("config has %d hosts, want 20", len(hosts))
 	}
 }
