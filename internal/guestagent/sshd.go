@@ -88,12 +88,12 @@ func (s *server) handleSSH(ctx context.Context, nc ssh.NewChannel, log *slog.Log
 		log.Warn("accept ssh channel", "err", err)
 		return
 	}
-	go ssh.DiscardRequests(reqs)
 	if dialErr == nil {
 		log.Debug("ssh channel relayed to the guest's sshd", "addr", addr)
-		relay(ctx, ch, conn.(*net.TCPConn))
+		relayChannel(ctx, ch, reqs, conn.(*net.TCPConn))
 		return
 	}
+	go ssh.DiscardRequests(reqs)
 	log.Debug("no sshd in the guest: serving the ssh channel with the built-in server", "addr", addr, "err", dialErr)
 	s.serveBuiltinSSH(ctx, &channelConn{Channel: ch}, log)
 }
@@ -347,8 +347,7 @@ func (ss *session) forwardAgent() error {
 					conn.Close()
 					return
 				}
-				go ssh.DiscardRequests(reqs)
-				relay(ctx, ch, conn)
+				relayChannel(ctx, ch, reqs, conn)
 			})
 		}
 	})

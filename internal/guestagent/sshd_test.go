@@ -703,3 +703,73 @@ func mustRawKey(t *testing.T, pemKey []byte) any {
 	}
 	return k
 }
+
+// TestDialGuestClosedByHost: when the host closes a direct-tcpip stream,
+// the agent closes its connection in the guest even if the service there
+// neither answers nor closes after end of file.
+func TestDialGuestClosedByHost(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := l.Accept()
+		if err == nil {
+			io.Copy(io.Discard, c) // to EOF, then stay open and silent
+			accepted <- c
+		}
+	}()
+	c, _ := connect(t, guestagent.Hooks{})
+	host, port := splitHostPort(t, l.Addr().String())
+	s, err := c.DialGuest(testCtx(t), host, port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(s, "x")
+	s.Close()
+	var srv net.Conn
+	select {
+	case srv = <-accepted:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the service never saw end of file")
+	}
+	defer srv.Close()
+	_, agentPort := splitHostPort(t, srv.RemoteAddr().String())
+	inode := tcpSocketInode(t, agentPort, port)
+	if inode == "" {
+		t.Fatalf("no socket from port %d to %d in /proc/net/tcp", agentPort, port)
+	}
+	waitFor(t, 10*time.Second, "the agent to close its connection in the guest", func() bool {
+		return !hasFD("socket:[" + inode + "]")
+	})
+}
+
+// tcpSocketInode finds the inode of the IPv4 TCP socket from local port lp
+// to remote port rp.
+func tcpSocketInode(t *testing.T, lp, rp int) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) > 9 && strings.HasSuffix(f[1], fmt.Sprintf(":%04X", lp)) && strings.HasSuffix(f[2], fmt.Sprintf(":%04X", rp)) {
+			return f[9]
+		}
+	}
+	return ""
+}
+
+// hasFD reports whether this process has a descriptor linking to target.
+func hasFD(target string) bool {
+	ents, _ := os.ReadDir("/proc/self/fd")
+	for _, e := range ents {
+		if l, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err == nil && l == target {
+			return true
+		}
+	}
+	return false
+}

@@ -56,16 +56,30 @@ func handleDirectTCPIP(ctx context.Context, nc ssh.NewChannel, log *slog.Logger)
 		log.Warn("accept direct-tcpip", "err", err)
 		return
 	}
-	go ssh.DiscardRequests(reqs)
 	log.Debug("direct-tcpip connected", "addr", addr)
-	relay(ctx, ch, conn.(*net.TCPConn))
+	relayChannel(ctx, ch, reqs, conn.(*net.TCPConn))
+}
+
+// relayChannel relays an SSH channel and a connection (see relay); reqs
+// are the channel's requests, which are refused. When the channel's peer
+// closes it (or the SSH connection ends), what it had sent is still
+// delivered, then both are closed: nobody reads what conn would still
+// send, and a service that keeps conn open after end of file must not
+// hold it forever.
+func relayChannel(ctx context.Context, ch ssh.Channel, reqs <-chan *ssh.Request, conn halfCloser) {
+	gone := make(chan struct{})
+	go func() {
+		ssh.DiscardRequests(reqs)
+		close(gone)
+	}()
+	relay(ctx, ch, conn, gone)
 }
 
 // relay copies a to b and b to a. When one side's input ends, the other
-// side's output is half-closed, so each peer sees the other's end of file;
-// when both directions are over, or one fails, or ctx ends, both are
-// closed.
-func relay(ctx context.Context, a, b halfCloser) {
+// side's output is half-closed, so each peer sees the other's end of file.
+// Both are closed when both directions are over, when one fails, when ctx
+// ends, or when aGone is closed (a's peer left) and a's input is over.
+func relay(ctx context.Context, a, b halfCloser, aGone <-chan struct{}) {
 	var once sync.Once
 	closeBoth := func() {
 		once.Do(func() {
@@ -75,7 +89,6 @@ func relay(ctx context.Context, a, b halfCloser) {
 	}
 	stop := context.AfterFunc(ctx, closeBoth)
 	defer stop()
-	var wg sync.WaitGroup
 	pipe := func(dst, src halfCloser) {
 		_, err := io.Copy(dst, src)
 		if err != nil && !errors.Is(err, net.ErrClosed) {
@@ -84,8 +97,20 @@ func relay(ctx context.Context, a, b halfCloser) {
 		}
 		dst.CloseWrite()
 	}
-	wg.Go(func() { pipe(a, b) })
-	wg.Go(func() { pipe(b, a) })
+	bDone := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		pipe(b, a)
+		select {
+		case <-aGone:
+			closeBoth()
+		case <-bDone:
+		}
+	})
+	wg.Go(func() {
+		pipe(a, b)
+		close(bDone)
+	})
 	wg.Wait()
 	closeBoth()
 }
