@@ -19,6 +19,8 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/guestagent"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -260,6 +262,14 @@ func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, erro
 		return vmm.Handle{}, err
 	}
 	pr.Close()
+	// Like QEMU, hold a descriptor of the TAP until the VMM exits: the
+	// TAP lives as long as it.
+	var tap *os.File
+	if spec.Net != nil && spec.Net.TAP != nil {
+		if fd, err := unix.Dup(int(spec.Net.TAP.Fd())); err == nil {
+			tap = os.NewFile(uintptr(fd), "tap")
+		}
+	}
 	pid := cmd.Process.Pid
 	st, err := procStartTime(pid)
 	if err != nil {
@@ -289,6 +299,9 @@ func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, erro
 		defer f.wg.Done()
 		_ = cmd.Wait()
 		pw.Close()
+		if tap != nil {
+			tap.Close()
+		}
 		cancel()
 		ln.Close()
 		close(v.exited)

@@ -39,8 +39,11 @@ type testEnv struct {
 	initrd string
 
 	// Hooks passed to the daemons started from now on (see deps).
-	onPhase         func(ctx context.Context, vm, phase string)
-	removeDir       func(path string) error
+	onPhase   func(ctx context.Context, vm, phase string)
+	removeDir func(path string) error
+	// hostNetwork: daemons use the real host network (bridge, TAPs,
+	// firewall, services): only inside a namespace the test made.
+	hostNetwork     bool
 	autoRemoveGrace time.Duration
 }
 
@@ -129,7 +132,11 @@ func (e *testEnv) start() *testDaemon {
 		defer retry.Stop()
 		giveUp := time.Now().Add(10 * time.Second)
 		for {
-			err := run(ctx, e.cfg, e.log, deps{newDriver: func() vmm.Driver { return e.fake }, newHostNet: e.net.new, onPhase: e.onPhase, removeDir: e.removeDir, autoRemoveGrace: e.autoRemoveGrace})
+			newHostNet := e.net.new
+			if e.hostNetwork {
+				newHostNet = nil // the default: the real one
+			}
+			err := run(ctx, e.cfg, e.log, deps{newDriver: func() vmm.Driver { return e.fake }, newHostNet: newHostNet, onPhase: e.onPhase, removeDir: e.removeDir, autoRemoveGrace: e.autoRemoveGrace})
 			if errors.Is(err, unix.EWOULDBLOCK) && time.Now().Before(giveUp) {
 				<-retry.C
 				continue

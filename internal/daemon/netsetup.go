@@ -17,6 +17,7 @@ import (
 	"github.com/bangerdev/banger/internal/bridgenet"
 	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/firewall"
 	"github.com/bangerdev/banger/internal/netsvc"
 	"github.com/bangerdev/banger/internal/portfwd"
 	"github.com/bangerdev/banger/internal/store"
@@ -60,9 +61,42 @@ type bridgeHost struct {
 	proxy *portfwd.Proxy
 
 	mu       sync.Mutex
+	fw       *firewall.Firewall // made by firewallLocked, its tables by Ensure
 	ensured  bool
 	cancel   context.CancelFunc
 	services []*netsvc.Service
+}
+
+// firewallLocked returns the daemon's Firewall (made once, with the
+// host's LAN prefixes of that moment). b.mu must be held.
+func (b *bridgeHost) firewallLocked() (*firewall.Firewall, error) {
+	if b.fw != nil {
+		return b.fw, nil
+	}
+	subnet, err := b.cfg.SubnetPrefix()
+	if err != nil {
+		return nil, err
+	}
+	lan, err := bridgenet.LANPrefixes(b.cfg.BridgeName)
+	if err != nil {
+		return nil, err
+	}
+	fw, err := firewall.New(firewall.Config{
+		Bridge: b.cfg.BridgeName, Subnet: subnet, Gateway: b.cfg.Gateway().Addr(),
+		AllowHost: b.cfg.AllowHost, AllowVMToVM: b.cfg.AllowVMToVM, AllowLAN: b.cfg.AllowLAN, AllowLinkLocal: b.cfg.AllowLinkLocal,
+		LAN: lan, TAPPrefix: bridgenet.TAPPrefix,
+	})
+	if err != nil {
+		return nil, err
+	}
+	b.fw = fw
+	return fw, nil
+}
+
+func (b *bridgeHost) firewall() (*firewall.Firewall, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.firewallLocked()
 }
 
 func newBridgeHost(ctx context.Context, cfg config.Daemon, st *store.Store, log *slog.Logger) *bridgeHost {
@@ -89,6 +123,14 @@ func (b *bridgeHost) Ensure(ctx context.Context) error {
 			subnet, joinPrefixes(conflicts), errdefs.ErrFailedPrecondition)
 	}
 	if err := bridgenet.EnsureBridge(bridgenet.Bridge{Name: b.cfg.BridgeName, Gateway: gw, MTU: b.cfg.MTU}); err != nil {
+		return err
+	}
+	// The firewall before forwarding: a VM is filtered from its first frame.
+	fw, err := b.firewallLocked()
+	if err != nil {
+		return err
+	}
+	if err := fw.Ensure(); err != nil {
 		return err
 	}
 	if changed, err := bridgenet.EnableIPv4Forwarding(); err != nil {
@@ -147,8 +189,33 @@ func (b *bridgeHost) OpenTAP(v store.VM) (*os.File, error) {
 	return bridgenet.OpenTAP(v.TAP, b.cfg.BridgeName, isolated)
 }
 
-func (b *bridgeHost) AddVM(v store.VM) error   { return nil }
-func (b *bridgeHost) RemoveVM(id string) error { return nil }
+func (b *bridgeHost) AddVM(v store.VM) error {
+	fw, err := b.firewall()
+	if err != nil {
+		return err
+	}
+	ip, err := netip.ParseAddr(v.IP)
+	if err != nil {
+		return fmt.Errorf("vm %q: address %q: %w", v.Name, v.IP, errdefs.ErrInvalid)
+	}
+	mac, err := net.ParseMAC(v.MAC)
+	if err != nil {
+		return fmt.Errorf("vm %q: mac %q: %w", v.Name, v.MAC, errdefs.ErrInvalid)
+	}
+	return fw.AddVM(firewall.VM{
+		ID: v.ID, TAP: v.TAP, MAC: mac, IP: ip,
+		AllowHost: slices.Contains(v.Allow, allowHost), AllowVMToVM: slices.Contains(v.Allow, allowVM),
+		AllowLAN: slices.Contains(v.Allow, allowLAN), AllowLinkLocal: slices.Contains(v.Allow, allowLinkLocal),
+	})
+}
+
+func (b *bridgeHost) RemoveVM(id string) error {
+	fw, err := b.firewall()
+	if err != nil {
+		return err
+	}
+	return fw.RemoveVM(id)
+}
 
 func (b *bridgeHost) StartPorts(v store.VM) error {
 	if len(v.Ports) == 0 {
@@ -172,15 +239,36 @@ func (b *bridgeHost) StartPorts(v store.VM) error {
 func (b *bridgeHost) StopPorts(id string) { b.proxy.Stop(id) }
 
 func (b *bridgeHost) Sweep(keep map[string]bool) error {
-	links, err := bridgenet.Links(bridgenet.TAPPrefix)
+	if os.Geteuid() != 0 {
+		return nil // an unprivileged bangerd never made any
+	}
+	var errs []error
+	fw, err := b.firewall()
 	if err != nil {
 		return err
+	}
+	ids, err := fw.VMs()
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		if keep[id] {
+			continue
+		}
+		if err := fw.RemoveVM(id); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		b.log.Info("removed the firewall rules of a VM that no longer runs", "vm_id", id)
+	}
+	links, err := bridgenet.Links(bridgenet.TAPPrefix)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
 	}
 	kept := map[string]bool{}
 	for id := range keep {
 		kept[bridgenet.TAPName(id)] = true
 	}
-	var errs []error
 	for _, l := range links {
 		if kept[l] {
 			continue
