@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/testenv"
@@ -295,6 +296,34 @@ func TestIsolation(t *testing.T) {
 		// B's server listens on both families (Go's 0.0.0.0 is dual-stack).
 		reach(t, w.a, "", at(b.IP.String())) // IPv4 between them is allowed now
 		blocked(t, w.a, "", "[fd77::b]:8080")
+	})
+	t.Run("spoofed ARP", func(t *testing.T) {
+		// A claims B's address in an ARP request to the host: the host
+		// would map B's address to A's MAC.
+		sendARP(t, w.a, w.vmA.MAC, w.vmB.IP, w.cfg.Gateway)
+		sendARP(t, w.a, w.vmA.MAC, w.vmA.IP, w.cfg.Gateway) // control: A's own
+		if !waitNeigh(t, w.host, w.vmA.IP, w.vmA.MAC) {
+			t.Fatalf("the host didn't learn A's own address from A's ARP request: %s", w.host.Run(t, "ip", "neigh"))
+		}
+		if out := w.host.Run(t, "ip", "neigh", "show", w.vmB.IP.String()); strings.Contains(out, w.vmA.MAC.String()) {
+			t.Fatalf("A's ARP claiming B's address went through: %s", out)
+		}
+	})
+	t.Run("DHCP before an address", func(t *testing.T) {
+		var ln *net.UDPConn
+		w.do(t, func() (err error) { ln, err = net.ListenUDP("udp4", &net.UDPAddr{Port: 67}); return err })
+		defer ln.Close()
+		w.a.Run(t, "ip", "addr", "flush", "dev", "eth0")
+		defer w.a.Run(t, "ip", "route", "add", "default", "via", "10.77.0.1")
+		defer w.a.Run(t, "ip", "addr", "add", w.vmA.IP.String()+"/24", "dev", "eth0")
+		sendBroadcast(t, w.a, 69) // not DHCP's port: dropped
+		sendBroadcast(t, w.a, 68)
+		_ = ln.SetReadDeadline(time.Now().Add(2 * time.Second))
+		buf := make([]byte, 64)
+		n, from, err := ln.ReadFromUDP(buf)
+		if err != nil || string(buf[:n]) != "from 68" || !from.IP.Equal(net.IPv4zero) || from.Port != 68 {
+			t.Fatalf("host got %q from %v, %v; want A's DHCP request from 0.0.0.0:68", buf[:n], from, err)
+		}
 	})
 	t.Run("remove", func(t *testing.T) {
 		w.do(t, func() error { return f.RemoveVM(w.vmA.ID) })
@@ -592,5 +621,88 @@ func TestConflicts(t *testing.T) {
 	}
 	if len(got) != 2 || !strings.HasPrefix(got[0], "Docker") || !strings.HasPrefix(got[1], "libvirt") {
 		t.Fatalf("neighbours = %q, want Docker and libvirt", got)
+	}
+}
+
+// sendARP sends, from ns's eth0, a broadcast ARP request from mac claiming
+// sender address spa, asking for tpa.
+func sendARP(t *testing.T, ns *netns.NS, mac net.HardwareAddr, spa, tpa netip.Addr) {
+	t.Helper()
+	if err := ns.Do(func() error {
+		ifi, err := net.InterfaceByName("eth0")
+		if err != nil {
+			return err
+		}
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(htons(unix.ETH_P_ARP)))
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		s, d := spa.As4(), tpa.As4()
+		frame := slices.Concat([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, mac, []byte{0x08, 0x06},
+			[]byte{0, 1, 8, 0, 6, 4, 0, 1}, mac, s[:], make([]byte, 6), d[:])
+		return unix.Sendto(fd, frame, 0, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: ifi.Index, Halen: 6})
+	}); err != nil {
+		t.Fatalf("send ARP from %s: %v", ns.Name, err)
+	}
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// waitNeigh waits (at most 2 s) for ns to map ip to mac.
+func waitNeigh(t *testing.T, ns *netns.NS, ip netip.Addr, mac net.HardwareAddr) bool {
+	t.Helper()
+	for range 20 {
+		if strings.Contains(ns.Run(t, "ip", "neigh", "show", ip.String()), mac.String()) {
+			return true
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return false
+}
+
+// sendBroadcast sends "from SPORT" from 0.0.0.0:sport to
+// 255.255.255.255:67 out of ns's eth0 (which must have no IPv4 address).
+func sendBroadcast(t *testing.T, ns *netns.NS, sport int) {
+	t.Helper()
+	if err := ns.Do(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_BROADCAST, 1); err != nil {
+			return err
+		}
+		if err := unix.BindToDevice(fd, "eth0"); err != nil {
+			return err
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Port: sport}); err != nil {
+			return err
+		}
+		return unix.Sendto(fd, []byte(fmt.Sprintf("from %d", sport)), 0, &unix.SockaddrInet4{Port: 67, Addr: [4]byte{255, 255, 255, 255}})
+	}); err != nil {
+		t.Fatalf("send a broadcast from %s: %v", ns.Name, err)
+	}
+}
+
+// TestEnsureReplacesOldLayout: tables whose base chains can't be updated in
+// place (another priority) are replaced.
+func TestEnsureReplacesOldLayout(t *testing.T) {
+	needTools(t, "ip", "nft")
+	ns := netns.New(t, "fwr")
+	ns.Run(t, "nft", "add table inet banger")
+	ns.Run(t, "nft", "add chain inet banger input { type filter hook input priority 10; policy accept; }")
+	ns.Run(t, "nft", "add chain inet banger stale")
+	f, err := New(Config{Bridge: "banger0", Subnet: netip.MustParsePrefix("10.77.0.0/24"), Gateway: netip.MustParseAddr("10.77.0.1")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ns.Do(f.Ensure); err != nil {
+		t.Fatal(err)
+	}
+	out := ns.Run(t, "nft", "list", "table", "inet", "banger")
+	if !strings.Contains(out, "type filter hook input priority filter;") || strings.Contains(out, "stale") {
+		t.Fatalf("old table not replaced:\n%s", out)
 	}
 }
