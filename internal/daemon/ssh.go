@@ -6,11 +6,16 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strconv"
+	"time"
 
+	"github.com/bangerdev/banger/internal/agent"
+	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
 )
 
 // vmSSHInfo answers what the system ssh client needs (banger vm ssh, the
@@ -37,7 +42,20 @@ func (d *Daemon) vmSSHInfo(ctx context.Context, call *rpc.Call) (any, error) {
 	d.mu.Lock()
 	r := d.running[v.ID]
 	d.mu.Unlock()
-	if r != nil && v.Network == api.NetworkBridge && v.IP != "" {
+	if r == nil || v.State != api.StateRunning {
+		return out, nil
+	}
+	// Ask the guest now: its sshd may have started (or stopped) since the
+	// boot, and it may have made host keys.
+	if info, err := d.refreshInfo(ctx, v, r); err != nil {
+		d.log.Debug("ssh info: ask the guest agent", "vm", v.Name, "err", err)
+	} else if len(info.SSHHostKeys) > 0 && !slices.Equal(info.SSHHostKeys, v.SSHHostKeys) {
+		out.HostKeys = info.SSHHostKeys
+		if err := d.store.SetSSHHostKeys(ctx, v.ID, info.SSHHostKeys); err != nil {
+			d.log.Warn("record the guest's ssh host keys", "vm", v.Name, "err", err)
+		}
+	}
+	if v.Network == api.NetworkBridge && v.IP != "" {
 		r.mu.Lock()
 		sshd := r.info != nil && r.info.SSHD
 		r.mu.Unlock()
@@ -48,11 +66,27 @@ func (d *Daemon) vmSSHInfo(ctx context.Context, call *rpc.Call) (any, error) {
 	return out, nil
 }
 
-// guestDialer is what a tunnel needs of the agent client (protocol 1.3):
-// a stream to the guest's SSH service, or to a TCP port inside the guest.
-type guestDialer interface {
-	OpenSSH(ctx context.Context) (io.ReadWriteCloser, error)
-	DialGuest(ctx context.Context, host string, port int) (io.ReadWriteCloser, error)
+// refreshInfo asks a running VM's agent for its info (bounded by a few
+// seconds) and keeps it.
+func (d *Daemon) refreshInfo(ctx context.Context, v store.VM, r *runningVM) (agentproto.Info, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	keys, err := readVMKeys(v.Dir)
+	if err != nil {
+		return agentproto.Info{}, err
+	}
+	c, err := d.connectAgent(ctx, r, keys)
+	if err != nil {
+		return agentproto.Info{}, err
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		return agentproto.Info{}, err
+	}
+	r.mu.Lock()
+	r.info = &info
+	r.mu.Unlock()
+	return info, nil
 }
 
 // vmTunnel relays a byte stream between the client and the guest through
@@ -82,22 +116,24 @@ func (d *Daemon) vmTunnel(ctx context.Context, call *rpc.Call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	gd, ok := any(c).(guestDialer)
-	if !ok {
-		return nil, fmt.Errorf("vm %q: this banger's agent client can't open tunnels: %w", v.Name, errdefs.ErrFailedPrecondition)
-	}
 	ctx, cancel := r.untilExit(ctx)
 	defer cancel()
 	var conn io.ReadWriteCloser
 	if p.SSH {
-		conn, err = gd.OpenSSH(ctx)
+		conn, err = c.OpenSSH(ctx)
 	} else {
-		conn, err = gd.DialGuest(ctx, "127.0.0.1", p.Port)
+		conn, err = c.DialGuest(ctx, "127.0.0.1", p.Port)
 	}
 	if err != nil {
-		what := "ssh"
+		what := "its ssh service"
 		if !p.SSH {
-			what = "port " + strconv.Itoa(p.Port)
+			what = "its port " + strconv.Itoa(p.Port)
+		}
+		switch {
+		case errors.Is(err, agent.ErrUnsupported):
+			return nil, fmt.Errorf("vm %q: open a tunnel to %s: %w (restart the VM to update its agent): %w", v.Name, what, err, errdefs.ErrFailedPrecondition)
+		case errors.Is(err, agent.ErrGuestDial):
+			return nil, fmt.Errorf("vm %q: open a tunnel to %s: %w: %w", v.Name, what, err, errdefs.ErrFailedPrecondition)
 		}
 		return nil, fmt.Errorf("vm %q: open a tunnel to %s: %w", v.Name, what, err)
 	}

@@ -2,6 +2,9 @@ package daemon
 
 import (
 	"context"
+	"io"
+	"net"
+	"strings"
 	"testing"
 
 	"github.com/bangerdev/banger/internal/api"
@@ -111,4 +114,41 @@ func TestTunnelValidation(t *testing.T) {
 	}
 	err = d.c.VMTunnel(ctx, api.VMTunnelParams{Name: "stopped", SSH: true}, nil, nil)
 	wireErr(t, "tunnel to a stopped vm", err, errdefs.ErrFailedPrecondition)
+}
+
+// A tunnel to a guest port relays both ways and ends when the guest side
+// closes. The fake guest is the test host: the port is on its loopback.
+func TestTunnelToGuestPort(t *testing.T) {
+	t.Parallel()
+	_, d := setup(t, nil)
+	ctx := testCtx(t)
+	createStarted(t, d, "t")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		b, _ := io.ReadAll(c) // until the client's EOF
+		c.Write([]byte(strings.ToUpper(string(b))))
+	}()
+	var out syncBuffer
+	err = d.c.VMTunnel(ctx, api.VMTunnelParams{Name: "t", Port: l.Addr().(*net.TCPAddr).Port}, strings.NewReader("hello through the agent"), &out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := out.String(); got != "HELLO THROUGH THE AGENT" {
+		t.Errorf("tunnel returned %q", got)
+	}
+	// Nothing listens: a clear error.
+	l2, _ := net.Listen("tcp", "127.0.0.1:0")
+	closed := l2.Addr().(*net.TCPAddr).Port
+	l2.Close()
+	err = d.c.VMTunnel(ctx, api.VMTunnelParams{Name: "t", Port: closed}, strings.NewReader(""), io.Discard)
+	wireErr(t, "tunnel to a closed port", err, errdefs.ErrFailedPrecondition)
 }
