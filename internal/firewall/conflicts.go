@@ -34,14 +34,17 @@ const (
 // each a sentence that says what to do: nf_tables unavailable, iptables
 // rules loaded through the legacy x_tables interface (banger can't see or
 // add to them: a legacy FORWARD policy of DROP, as Docker with
-// iptables-legacy sets, blocks the VMs' traffic), an active ufw. Other
-// firewall users that coexist with banger are in Neighbours.
+// iptables-legacy sets, blocks the VMs' traffic), an active ufw or
+// firewalld. Other firewall users that coexist with banger are in
+// Neighbours.
 func Conflicts() []string { return conflicts("/") }
 
 func conflicts(root string) []string {
 	var out []string
 	if err := Probe(); err != nil {
 		out = append(out, fmt.Sprintf("nf_tables is unavailable (%v): bridged networking can't work; use a kernel with nf_tables (CONFIG_NF_TABLES, Linux 5.x) and run bangerd as root, or use network = \"user\"", err))
+	} else if firewalldActive() {
+		out = append(out, "firewalld is active: its zones reject what they don't allow, so the VMs' DHCP, DNS and NAT through an interface in no zone; put banger's bridge in the trusted zone (banger's own tables still filter): sudo firewall-cmd --permanent --zone=trusted --add-interface=banger0 && sudo firewall-cmd --reload")
 	}
 	if b, err := os.ReadFile(filepath.Join(root, ipTablesNames)); err == nil && strings.TrimSpace(string(b)) != "" {
 		tables := strings.Fields(string(b))
@@ -58,6 +61,16 @@ var ufwEnabledRE = regexp.MustCompile(`(?m)^\s*ENABLED\s*=\s*"?yes"?\s*$`)
 func ufwActive(conf string) bool {
 	b, err := os.ReadFile(conf)
 	return err == nil && ufwEnabledRE.Match(b)
+}
+
+// firewalldActive reports firewalld's table (inet firewalld).
+func firewalldActive() bool {
+	c, err := nftables.New()
+	if err != nil {
+		return false
+	}
+	_, err = c.ListTableOfFamily("firewalld", nftables.TableFamilyINet)
+	return err == nil
 }
 
 // Neighbours returns the other firewall users found in nf_tables (Docker,
@@ -81,8 +94,6 @@ func Neighbours() []string {
 			found["libvirt"] = true
 		case strings.HasPrefix(n, "ufw"):
 			found["ufw"] = true
-		case t == "firewalld":
-			found["firewalld"] = true
 		}
 	}
 	var out []string

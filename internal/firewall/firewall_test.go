@@ -603,9 +603,14 @@ func TestConflicts(t *testing.T) {
 	if err := ns.Do(func() error { got = conflicts(root); return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 2 || !strings.Contains(got[0], "iptables-legacy tables are loaded (filter, nat)") || !strings.HasPrefix(got[1], "ufw is active") {
-		t.Fatalf("conflicts = %q, want iptables-legacy and ufw", got)
+	ns.Run(t, "nft", "add table inet firewalld")
+	if err := ns.Do(func() error { got = conflicts(root); return nil }); err != nil {
+		t.Fatal(err)
 	}
+	if len(got) != 3 || !strings.HasPrefix(got[0], "firewalld is active") || !strings.Contains(got[1], "iptables-legacy tables are loaded (filter, nat)") || !strings.HasPrefix(got[2], "ufw is active") {
+		t.Fatalf("conflicts = %q, want firewalld, iptables-legacy and ufw", got)
+	}
+	ns.Run(t, "nft", "delete table inet firewalld")
 
 	if err := ns.Do(func() error { got = Neighbours(); return nil }); err != nil {
 		t.Fatal(err)
