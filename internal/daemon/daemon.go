@@ -118,7 +118,13 @@ type Daemon struct {
 	attached map[string]*attachment // calls on auto-remove VMs, by id
 	monitors sync.WaitGroup         // one per running VM
 	removals sync.WaitGroup         // auto-removals scheduled or running
-	create   sync.Mutex             // serialises name allocation
+	// create is read-locked by each VM create (they run in parallel) and
+	// locked by image rm and promote: no create uses an image they change.
+	create sync.RWMutex
+	// naming holds the names of the VMs being created: two creates never
+	// take one name.
+	namingMu sync.Mutex
+	naming   map[string]bool
 	// timelines holds, by VM id, the boot timeline a start (or the
 	// background wait for a full boot) is still writing.
 	timelines sync.Map
@@ -227,6 +233,7 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 		locks:           map[string]*sync.Mutex{},
 		running:         map[string]*runningVM{},
 		booting:         map[string]*boot{},
+		naming:          map[string]bool{},
 	}
 	defer func() {
 		stopMonitors()

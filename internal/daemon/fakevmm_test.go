@@ -97,7 +97,7 @@ const (
 	fakePIDFile     = "fake.pid"
 )
 
-func newFakeDriver(t *testing.T, log *slog.Logger) *fakeDriver {
+func newFakeDriver(t testing.TB, log *slog.Logger) *fakeDriver {
 	f := &fakeDriver{log: log, behave: map[string]fakeBehaviour{}, vms: map[int]*fakeVM{}, held: map[string]bool{}}
 	t.Cleanup(f.close)
 	return f

@@ -28,7 +28,7 @@ import (
 
 // testEnv is a state dir, a fake VMM and the files of one image.
 type testEnv struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	cfg    config.Daemon
 	fake   *fakeDriver
@@ -49,7 +49,7 @@ type testEnv struct {
 
 // newEnv makes a short temp dir (unix socket paths are limited to 108
 // bytes), a daemon config and image files. mod may adjust the config.
-func newEnv(t *testing.T, mod func(*config.Daemon)) *testEnv {
+func newEnv(t testing.TB, mod func(*config.Daemon)) *testEnv {
 	t.Helper()
 	log := testLogger(t)
 	dir, err := os.MkdirTemp("/tmp", "bgr")
@@ -97,7 +97,7 @@ func newEnv(t *testing.T, mod func(*config.Daemon)) *testEnv {
 	return e
 }
 
-func writeFile(t *testing.T, p string, b []byte) string {
+func writeFile(t testing.TB, p string, b []byte) string {
 	t.Helper()
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		t.Fatal(err)
@@ -110,7 +110,7 @@ func writeFile(t *testing.T, p string, b []byte) string {
 
 // testDaemon is one run of the daemon.
 type testDaemon struct {
-	t      *testing.T
+	t      testing.TB
 	c      *client.Client
 	cancel context.CancelFunc
 	done   chan error
@@ -178,7 +178,7 @@ func (d *testDaemon) close() {
 }
 
 // setup starts a daemon with the image "default" registered.
-func setup(t *testing.T, mod func(*config.Daemon)) (*testEnv, *testDaemon) {
+func setup(t testing.TB, mod func(*config.Daemon)) (*testEnv, *testDaemon) {
 	t.Helper()
 	e := newEnv(t, mod)
 	d := e.start()
@@ -189,7 +189,7 @@ func setup(t *testing.T, mod func(*config.Daemon)) (*testEnv, *testDaemon) {
 }
 
 // createStarted creates and starts a VM, failing the test on error.
-func createStarted(t *testing.T, d *testDaemon, name string) api.VM {
+func createStarted(t testing.TB, d *testDaemon, name string) api.VM {
 	t.Helper()
 	vm, err := d.c.VMCreate(testCtx(t), api.VMCreateParams{Name: name, Start: true, MemoryMiB: 128, CPUs: 1}, nil)
 	if err != nil {
@@ -201,7 +201,7 @@ func createStarted(t *testing.T, d *testDaemon, name string) api.VM {
 	return vm
 }
 
-func inspect(t *testing.T, d *testDaemon, name string) api.VM {
+func inspect(t testing.TB, d *testDaemon, name string) api.VM {
 	t.Helper()
 	vm, err := d.c.VMInspect(testCtx(t), name)
 	if err != nil {
@@ -211,7 +211,7 @@ func inspect(t *testing.T, d *testDaemon, name string) api.VM {
 }
 
 // execResult runs argv in a VM and returns its exit code and streams.
-func execResult(t *testing.T, d *testDaemon, name, stdin string, argv ...string) (int, string, string, error) {
+func execResult(t testing.TB, d *testDaemon, name, stdin string, argv ...string) (int, string, string, error) {
 	t.Helper()
 	var out, errb syncBuffer
 	eio := client.ExecIO{Stdout: &out, Stderr: &errb}
@@ -224,7 +224,7 @@ func execResult(t *testing.T, d *testDaemon, name, stdin string, argv ...string)
 
 // wireErr checks that err came across the socket (a *rpc.RemoteError) and
 // matches kind with errors.Is.
-func wireErr(t *testing.T, what string, err, kind error) {
+func wireErr(t testing.TB, what string, err, kind error) {
 	t.Helper()
 	if err == nil {
 		t.Fatalf("%s: no error, want %v", what, kind)
@@ -238,7 +238,7 @@ func wireErr(t *testing.T, what string, err, kind error) {
 	}
 }
 
-func testCtx(t *testing.T) context.Context {
+func testCtx(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
 	return ctx
@@ -246,7 +246,7 @@ func testCtx(t *testing.T) context.Context {
 
 // waitFor polls cond every 10 ms until it holds; it fails the test when
 // ctx ends first.
-func waitFor(ctx context.Context, t *testing.T, what string, cond func() bool) {
+func waitFor(ctx context.Context, t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
@@ -261,7 +261,7 @@ func waitFor(ctx context.Context, t *testing.T, what string, cond func() bool) {
 
 // testLogger logs to t.Log until the test's cleanups end (daemon and fake
 // goroutines may still log while they stop).
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	w := &testWriter{t: t}
 	t.Cleanup(func() {
 		w.mu.Lock()
@@ -272,7 +272,7 @@ func testLogger(t *testing.T) *slog.Logger {
 }
 
 type testWriter struct {
-	t    *testing.T
+	t    testing.TB
 	mu   sync.Mutex
 	done bool
 }

@@ -163,8 +163,8 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 		imageRef = d.cfg.DefaultImage
 	}
 
-	d.create.Lock()
-	defer d.create.Unlock()
+	d.create.RLock()
+	defer d.create.RUnlock()
 	im, err := d.store.GetImage(ctx, imageRef)
 	if err != nil {
 		if errors.Is(err, errdefs.ErrNotFound) {
@@ -179,18 +179,23 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	if name == "" {
 		var takenErr error
 		name = vmname.Generate(func(n string) bool {
-			taken, err := d.store.VMNameTaken(ctx, n)
+			taken, err := d.reserveName(ctx, n)
 			takenErr = errors.Join(takenErr, err)
 			return taken || err != nil
 		})
 		if takenErr != nil {
 			return v, fmt.Errorf("allocate a vm name: %w", takenErr)
 		}
-	} else if taken, err := d.store.VMNameTaken(ctx, name); err != nil {
+	} else if taken, err := d.reserveName(ctx, name); err != nil {
 		return v, fmt.Errorf("check vm name: %w", err)
 	} else if taken {
 		return v, fmt.Errorf("vm %q already exists (as a name or another VM's id): choose another name: %w", name, errdefs.ErrAlreadyExists)
 	}
+	defer func() {
+		d.namingMu.Lock()
+		delete(d.naming, name)
+		d.namingMu.Unlock()
+	}()
 	if p.DiskBytes != 0 && p.DiskBytes < im.SizeBytes {
 		return v, fmt.Errorf("disk size %d bytes is smaller than image %q (%d bytes): %w", p.DiskBytes, im.Name, im.SizeBytes, errdefs.ErrInvalid)
 	}
@@ -257,6 +262,23 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	steps.Release()
 	d.log.Info("vm created", "vm", name, "id", id, "image", im.Name, "disk", cl.Strategy, "disk_bytes", cl.Size, "network", v.Network, "ip", v.IP)
 	return v, nil
+}
+
+// reserveName takes name for a create unless a VM or another create has
+// it (as a name, or a VM as its id); it reports whether it was taken.
+// The create releases it once its row is in (or it failed).
+func (d *Daemon) reserveName(ctx context.Context, name string) (bool, error) {
+	d.namingMu.Lock()
+	defer d.namingMu.Unlock()
+	if d.naming[name] {
+		return true, nil
+	}
+	taken, err := d.store.VMNameTaken(ctx, name)
+	if err != nil || taken {
+		return taken, err
+	}
+	d.naming[name] = true
+	return false, nil
 }
 
 func writeVMKeys(dir string) error {
