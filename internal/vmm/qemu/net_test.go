@@ -5,13 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/bangerdev/banger/internal/bridgenet"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/testenv/netns"
 	"github.com/bangerdev/banger/internal/vmm"
 	"github.com/bangerdev/banger/internal/vmm/vmmtest"
 )
@@ -134,6 +137,82 @@ func TestBootUserNet(t *testing.T) {
 				t.Fatal(err)
 			}
 			assertNoRuntimeFiles(t, d, spec.Dir)
+		})
+	}
+}
+
+// tapGuestInit brings the card up with an address and pings the bridge.
+const tapGuestInit = vmmtest.GuestPrelude + `for i in /sys/class/net/*; do echo "vmmtest-net=$($bb basename $i)/$($bb cat $i/address)"; done
+dev=$($bb grep -l ` + testMAC + ` /sys/class/net/*/address | $bb cut -d/ -f5)
+$bb ip addr add 10.99.0.2/24 dev $dev
+$bb ip link set $dev up
+if $bb ping -c 1 -W 5 10.99.0.1 >/dev/null 2>&1 || $bb ping -c 1 -W 5 10.99.0.1 >/dev/null 2>&1; then echo vmmtest-ping=ok; else echo vmmtest-ping=failed; fi
+echo ` + vmmtest.Marker + `
+while :; do $bb sleep 3600; done
+`
+
+// TestBootTAP boots guests with a TAP card on a bridge, unconfined and
+// confined; the bridge and the TAPs are made inside a network namespace
+// this test makes (QEMU only gets the TAP's descriptor). The guest sees
+// the card and reaches the bridge's address through it, and the TAP is
+// gone once QEMU is (the driver's caller closed its descriptor after
+// Start, as the daemon does).
+func TestBootTAP(t *testing.T) {
+	requireQEMU(t)
+	img := findTestImageWith(t, append(slices.Clone(guestModules), "virtio_net"))
+	ns := netns.New(t, "bgqt")
+	gw := netip.MustParsePrefix("10.99.0.1/24")
+	if err := ns.Do(func() error { return bridgenet.EnsureBridge(bridgenet.Bridge{Name: "bgtest0", Gateway: gw}) }); err != nil {
+		t.Fatal(err)
+	}
+	links := func(name string) []string {
+		var l []string
+		if err := ns.Do(func() (err error) { l, err = bridgenet.Links(name); return err }); err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	for _, confined := range []bool{false, true} {
+		t.Run(fmt.Sprintf("confined=%v", confined), func(t *testing.T) {
+			cfg := Config{}
+			if confined {
+				cfg.Confine = testConfine(t)
+			}
+			spec := img.spec(t, filepath.Join(t.TempDir(), "vm"), vmmtest.RunForever)
+			if err := vmmtest.BusyboxInitramfs(spec.Initrd, img.busybox, tapGuestInit, img.modules); err != nil {
+				t.Fatal(err)
+			}
+			tapName := bridgenet.TAPName(spec.ID)
+			var tap *os.File
+			if err := ns.Do(func() (err error) { tap, err = bridgenet.OpenTAP(tapName, "bgtest0", true); return err }); err != nil {
+				t.Fatal(err)
+			}
+			spec.Net = &vmm.Net{Mode: vmm.NetTAP, MAC: testMAC, TAP: tap, TAPName: tapName}
+			d := New(cfg, testLogger(t))
+			ctx, cancel := context.WithTimeout(context.Background(), vmmtest.Timeout)
+			defer cancel()
+			h, err := d.Start(ctx, spec)
+			tap.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Kill(context.Background(), h)
+			if err := vmmtest.WaitForConsole(ctx, spec.ConsoleLog, vmmtest.Marker); err != nil {
+				t.Fatal(err)
+			}
+			console, _ := os.ReadFile(spec.ConsoleLog)
+			if !strings.Contains(string(console), "/"+testMAC) || !strings.Contains(string(console), "vmmtest-ping=ok") {
+				t.Errorf("the guest's card (mac %s) does not reach the bridge:\n%s", testMAC, console)
+			}
+			if l := links(tapName); len(l) != 1 {
+				t.Errorf("tap %s missing while QEMU runs: %v", tapName, l)
+			}
+			if err := d.Kill(ctx, h); err != nil {
+				t.Fatal(err)
+			}
+			if l := links(tapName); len(l) != 0 {
+				t.Errorf("tap %s left after QEMU exited", tapName)
+			}
 		})
 	}
 }
