@@ -94,7 +94,7 @@ func (d *Daemon) checkNetwork(p api.VMCreateParams, callerUID uint32) (vmNetwork
 			return n, fmt.Errorf("ssh key %d: want one authorized_keys line: %w", i+1, errdefs.ErrInvalid)
 		}
 		if _, _, _, _, err := ssh.ParseAuthorizedKey([]byte(k)); err != nil {
-			return n, fmt.Errorf("ssh key %d: not a public key in authorized_keys format: %v: %w", i+1, err, errdefs.ErrInvalid)
+			return n, fmt.Errorf("ssh key %d: not a public key in authorized_keys format: %w: %w", i+1, err, errdefs.ErrInvalid)
 		}
 		if !slices.Contains(n.sshKeys, k) {
 			n.sshKeys = append(n.sshKeys, k)
