@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"slices"
 	"strconv"
 	"time"
 
@@ -46,10 +45,12 @@ func (d *Daemon) vmSSHInfo(ctx context.Context, call *rpc.Call) (any, error) {
 		return out, nil
 	}
 	// Ask the guest now: its sshd may have started (or stopped) since the
-	// boot, and it may have made host keys.
+	// boot. Host keys are pinned as the boot learned them (a key the guest
+	// changes since is refused by the client); only a boot that learned
+	// none takes them now.
 	if info, err := d.refreshInfo(ctx, v, r); err != nil {
 		d.log.Debug("ssh info: ask the guest agent", "vm", v.Name, "err", err)
-	} else if len(info.SSHHostKeys) > 0 && !slices.Equal(info.SSHHostKeys, v.SSHHostKeys) {
+	} else if len(v.SSHHostKeys) == 0 && len(info.SSHHostKeys) > 0 {
 		out.HostKeys = info.SSHHostKeys
 		if err := d.store.SetSSHHostKeys(ctx, v.ID, info.SSHHostKeys); err != nil {
 			d.log.Warn("record the guest's ssh host keys", "vm", v.Name, "err", err)
