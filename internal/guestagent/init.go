@@ -31,6 +31,9 @@ const (
 const (
 	envInitMode = "BANGER_INIT_MODE"
 	envInit     = "BANGER_INIT"
+	// envNetworkError carries init's network setup error to the agent
+	// (agentproto.Info.Network.Error).
+	envNetworkError = "BANGER_NETWORK_ERROR"
 )
 
 // Defaults for agentproto.Config fields.
@@ -148,9 +151,10 @@ func checkInitFile(fi fs.FileInfo) error {
 	return nil
 }
 
-// agentEnv is the environment of the agent server child.
-func agentEnv(mode, initPath string) []string {
-	return []string{
+// agentEnv is the environment of the agent server child; netErr is
+// init's network setup error ("" when none).
+func agentEnv(mode, initPath, netErr string) []string {
+	env := []string{
 		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 		"HOME=/root",
 		"TERM=linux",
@@ -158,6 +162,10 @@ func agentEnv(mode, initPath string) []string {
 		envInitMode + "=" + mode,
 		envInit + "=" + initPath,
 	}
+	if netErr != "" {
+		env = append(env, envNetworkError+"="+netErr)
+	}
+	return env
 }
 
 // restartDelay is the wait before restarting the agent child after its

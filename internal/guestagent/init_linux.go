@@ -144,8 +144,9 @@ func initSystem(c *initConsole, args []string) error {
 	if initPath == "" {
 		// The agent stays PID 1 (pid1_linux.go).
 		setupAgentPID1(c)
+		env := agentEnv(InitModeAgent, "", prepareGuest(c, cfg, InitModeAgent))
 		c.logf("no init to hand over to: the agent stays PID 1")
-		return runPID1(c, func() (int, error) { return startAgent(cfgJSON, InitModeAgent, "", "serve-fd") })
+		return runPID1(c, func() (int, error) { return startAgent(cfgJSON, env, "serve-fd") })
 	}
 
 	if cfg.Hostname != "" {
@@ -157,8 +158,9 @@ func initSystem(c *initConsole, args []string) error {
 			c.logf("warning: early boot signal: %v; the agent will ask systemd instead", err)
 		}
 	}
+	env := agentEnv(mode, resolved, prepareGuest(c, cfg, mode))
 	// The image's init does not know the agent: a supervisor restarts it.
-	pid, err := startAgent(cfgJSON, mode, resolved, "supervise-fd")
+	pid, err := startAgent(cfgJSON, env, "supervise-fd")
 	if err != nil {
 		// Without the agent the host cannot reach the VM; still boot the
 		// image's init so the console shows what happened.
@@ -502,9 +504,10 @@ func writeHostnameFile(c *initConsole, name string) {
 
 // startAgent starts the agent as a child: /proc/self/exe <command> 3
 // (serve-fd: the server; supervise-fd: a supervisor that keeps one
-// running), with the JSON configuration on an inherited pipe. The binary is no longer
+// running), with the JSON configuration on an inherited pipe and env
+// (agentEnv). The binary is no longer
 // on any filesystem after the root switch, but /proc/self/exe still is.
-func startAgent(cfgJSON []byte, mode, initPath, command string) (int, error) {
+func startAgent(cfgJSON []byte, env []string, command string) (int, error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return 0, fmt.Errorf("pipe: %w", err)
@@ -512,7 +515,7 @@ func startAgent(cfgJSON []byte, mode, initPath, command string) (int, error) {
 	defer w.Close()
 	p, err := os.StartProcess("/proc/self/exe", []string{"banger-agent", command, "3"}, &os.ProcAttr{
 		Dir:   "/",
-		Env:   agentEnv(mode, initPath),
+		Env:   env,
 		Files: []*os.File{os.Stdin, os.Stdout, os.Stderr, r},
 		Sys:   &syscall.SysProcAttr{Setsid: true},
 	})

@@ -172,8 +172,8 @@ func TestIsInitInvocation(t *testing.T) {
 			t.Errorf("isInitInvocation(%v, %d) = %v", tc.args, tc.pid, got)
 		}
 	}
-	env := agentEnv(InitModeSystemd, "/lib/systemd/systemd")
-	if !contains(env, "BANGER_INIT_MODE=systemd") || !contains(env, "BANGER_INIT=/lib/systemd/systemd") {
+	env := agentEnv(InitModeSystemd, "/lib/systemd/systemd", "eth0: no carrier")
+	if !contains(env, "BANGER_INIT_MODE=systemd") || !contains(env, "BANGER_INIT=/lib/systemd/systemd") || !contains(env, "BANGER_NETWORK_ERROR=eth0: no carrier") {
 		t.Errorf("env %v", env)
 	}
 }

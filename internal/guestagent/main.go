@@ -119,7 +119,8 @@ func serve(cfg agentproto.Config) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	mode, initPath := os.Getenv(envInitMode), os.Getenv(envInit)
-	hooks := Hooks{Shutdown: shutdownHook(mode, log), InitMode: mode, Init: initPath, EarlyBootDone: newEarlyBootChecker(mode).check}
+	hooks := Hooks{Shutdown: shutdownHook(mode, log), InitMode: mode, Init: initPath, EarlyBootDone: newEarlyBootChecker(mode).check,
+		NetworkError: os.Getenv(envNetworkError)}
 	log.Info("agent serving", "version", Version, "transport", cfg.Transport, "init_mode", mode)
 	go watchPowerButton(ctx, "/sys", "/dev", 2*time.Second, func() {
 		if err := hooks.Shutdown(false); err != nil {

@@ -7,8 +7,8 @@
 // (agentproto.ChanSSH: the guest's sshd, or its own SSH server).
 //
 // This package must only import the standard library, golang.org/x/...,
-// creack/pty, mdlayher/vsock, pkg/sftp and agentproto: it is linked into the
-// static (CGO_ENABLED=0) guest binary.
+// creack/pty, mdlayher/vsock, pkg/sftp, vishvananda/netlink and agentproto:
+// it is linked into the static (CGO_ENABLED=0) guest binary.
 package guestagent
 
 import (
@@ -57,6 +57,9 @@ type Hooks struct {
 	OpenPTY func() (ptmx, tty *os.File, err error)
 	// SSH tunes the user-facing SSH service (agentproto.ChanSSH).
 	SSH SSHOptions
+	// NetworkError is init's network setup error, reported in
+	// agentproto.Info.Network.Error.
+	NetworkError string
 }
 
 // server holds what every connection of one agent shares.
@@ -66,6 +69,7 @@ type server struct {
 	hostKey ssh.Signer
 	hooks   Hooks
 	log     *slog.Logger
+	guest   guestReport // Info's network and SSH fields
 }
 
 func newServer(cfg agentproto.Config, hooks Hooks, log *slog.Logger) (*server, error) {
@@ -97,7 +101,8 @@ func newServer(cfg agentproto.Config, hooks Hooks, log *slog.Logger) (*server, e
 		ServerVersion: "SSH-2.0-banger-agent",
 	}
 	sc.AddHostKey(signer)
-	return &server{config: sc, cfg: cfg, hostKey: signer, hooks: hooks, log: log}, nil
+	return &server{config: sc, cfg: cfg, hostKey: signer, hooks: hooks, log: log,
+		guest: newGuestReport(cfg, signer.PublicKey(), hooks.NetworkError)}, nil
 }
 
 // Serve opens the transport named by cfg.Transport and serves SSH
@@ -251,6 +256,7 @@ func (s *server) info() agentproto.Info {
 	if h, err := os.Hostname(); err == nil {
 		inf.Hostname = h
 	}
+	s.guest.fill(&inf)
 	if ms, err := readUptimeMS("/proc/uptime"); err == nil {
 		inf.UptimeMS = ms
 	} else {

@@ -17,7 +17,7 @@ import (
 )
 
 func TestInfo(t *testing.T) {
-	c, _ := connect(t, guestagent.Hooks{InitMode: "systemd", Init: "/sbin/init"})
+	c, h := connect(t, guestagent.Hooks{InitMode: "systemd", Init: "/sbin/init"})
 	info, err := c.Info(testCtx(t))
 	if err != nil {
 		t.Fatalf("info: %v", err)
@@ -39,8 +39,18 @@ func TestInfo(t *testing.T) {
 		EarlyBootDone:   true,
 		EarlyBootSignal: "none",
 	}
-	if !reflect.DeepEqual(info, want) {
-		t.Errorf("info = %+v, want %+v", info, want)
+	// The SSH fields describe the machine the test runs on (its sshd, if
+	// any); the agent's own host key comes last.
+	if n := len(info.SSHHostKeys); n == 0 || info.SSHHostKeys[n-1] != h.km.HostPublic {
+		t.Errorf("SSHHostKeys %q, want the agent's host key %q last", info.SSHHostKeys, h.km.HostPublic)
+	}
+	if info.Network != nil {
+		t.Errorf("Network %+v without a network config, want nil", info.Network)
+	}
+	got := info
+	got.SSHHostKeys, got.SSHD = nil, false
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("info = %+v, want %+v", got, want)
 	}
 	if info.UptimeMS <= 0 {
 		t.Errorf("uptime %d ms", info.UptimeMS)

@@ -19,11 +19,11 @@ import (
 func supervise(cfgJSON []byte) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	mode, initPath := os.Getenv(envInitMode), os.Getenv(envInit)
+	mode, initPath, netErr := os.Getenv(envInitMode), os.Getenv(envInit), os.Getenv(envNetworkError)
 	failures := 0
 	for {
 		started := time.Now()
-		pid, err := startAgent(cfgJSON, mode, initPath, "serve-fd")
+		pid, err := startAgent(cfgJSON, agentEnv(mode, initPath, netErr), "serve-fd")
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "banger-agent: supervisor: %v\n", err)
 		} else {
