@@ -121,6 +121,11 @@ type bootSpec struct {
 	wantMode      string
 	// config, when set, changes the agent's config.
 	config func(*agentproto.Config)
+	// network and ssh go into the agent's config; qemuArgs are added to
+	// QEMU's command line (a network card).
+	network  *agentproto.NetworkConfig
+	ssh      *agentproto.SSHConfig
+	qemuArgs []string
 }
 
 type vm struct {
@@ -165,6 +170,8 @@ func bootVM(t *testing.T, img testImage, spec bootSpec) (*vm, agentproto.Config,
 		Transport: agentproto.TransportVirtioSerial,
 		PortName:  agentproto.VirtioPortName,
 		Hostname:  "banger-boot-test",
+		Network:   spec.network,
+		SSH:       spec.ssh,
 	}
 	km.ApplyTo(&cfg)
 	if spec.config != nil {
@@ -204,6 +211,7 @@ func bootVM(t *testing.T, img testImage, spec bootSpec) (*vm, agentproto.Config,
 		"-chardev", "socket,id=agent,path="+v.sock+",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name="+agentproto.VirtioPortName,
 	)
+	v.cmd.Args = append(v.cmd.Args, spec.qemuArgs...)
 	var qemuOut bytes.Buffer
 	v.cmd.Stdout, v.cmd.Stderr = &qemuOut, &qemuOut
 	v.started = time.Now()
