@@ -19,9 +19,11 @@ import (
 // DefaultModules are the kernel modules loaded before the root disk is
 // mounted when Config.Modules is empty: the virtio-mmio bus (QEMU microvm,
 // Firecracker), the root disk, the agent's transports (virtio-serial,
-// vsock), the network and the root filesystem. Names not present as
-// modules are assumed built into the kernel.
-var DefaultModules = []string{"virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", "vmw_vsock_virtio_transport",
+// vsock), the network (virtio_net, configured by the agent at boot;
+// af_packet for the image's DHCP clients, built into most kernels) and the
+// root filesystem. Names not present as modules are assumed built into the
+// kernel.
+var DefaultModules = []string{"virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "af_packet", "ext4", "vmw_vsock_virtio_transport",
 	"button", "evdev"} // the ACPI power button, watched by the agent
 
 // Options describes one initramfs.
