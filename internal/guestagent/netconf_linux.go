@@ -154,31 +154,31 @@ func linkNames() string {
 }
 
 // networkState reports, for Info.Network, what the guest's cards have now:
-// Configured when every card of nc has its address and default route.
-// initErr is what init reported when it applied nc.
+// Configured when every card of nc is up with its address and default
+// route. Error is initErr, what init reported when it applied nc: a setup
+// that failed (the host gives up on the boot), unlike a card that lacks
+// something now (not configured, yet).
 func networkState(nc *agentproto.NetworkConfig, initErr string) *agentproto.NetworkState {
+	st, _ := networkStateWhy(nc, initErr)
+	return st
+}
+
+// networkStateWhy is networkState, and what the cards lack.
+func networkStateWhy(nc *agentproto.NetworkConfig, initErr string) (*agentproto.NetworkState, []string) {
 	if nc == nil {
-		return nil
+		return nil, nil
 	}
-	st := &agentproto.NetworkState{}
+	st := &agentproto.NetworkState{Error: initErr}
 	var problems []string
-	if initErr != "" {
-		problems = append(problems, initErr)
-	}
-	missing := 0
 	for _, ifc := range nc.Interfaces {
 		addrs, problem := interfaceState(ifc)
 		st.Addresses = append(st.Addresses, addrs...)
 		if problem != "" {
-			missing++
-			if initErr == "" {
-				problems = append(problems, problem)
-			}
+			problems = append(problems, problem)
 		}
 	}
-	st.Configured = missing == 0
-	st.Error = strings.Join(problems, "; ")
-	return st
+	st.Configured = len(problems) == 0 && initErr == ""
+	return st, problems
 }
 
 // interfaceState returns a card's addresses, and what it lacks of ifc.
