@@ -25,10 +25,12 @@ type guestReport struct {
 	// agentKey is the agent's own SSH host public key, which its SSH
 	// server presents on ChanSSH when no sshd listens.
 	agentKey string
+	// networkHook replaces networkState (Hooks.Network).
+	networkHook func() *agentproto.NetworkState
 }
 
-func newGuestReport(cfg agentproto.Config, hostKey ssh.PublicKey, netErr string) guestReport {
-	g := guestReport{root: guestRoot{dir: "/"}, network: cfg.Network, netErr: netErr}
+func newGuestReport(cfg agentproto.Config, hostKey ssh.PublicKey, hooks Hooks) guestReport {
+	g := guestReport{root: guestRoot{dir: "/"}, network: cfg.Network, netErr: hooks.NetworkError, networkHook: hooks.Network}
 	if hostKey != nil {
 		g.agentKey = string(bytes.TrimSpace(ssh.MarshalAuthorizedKey(hostKey)))
 	}
@@ -37,7 +39,11 @@ func newGuestReport(cfg agentproto.Config, hostKey ssh.PublicKey, netErr string)
 
 // fill sets Info.Network, Info.SSHHostKeys and Info.SSHD.
 func (g guestReport) fill(inf *agentproto.Info) {
-	inf.Network = networkState(g.network, g.netErr)
+	if g.networkHook != nil {
+		inf.Network = g.networkHook()
+	} else {
+		inf.Network = networkState(g.network, g.netErr)
+	}
 	if g.root.sshdInstalled() {
 		inf.SSHHostKeys = g.root.sshdHostKeys()
 	}

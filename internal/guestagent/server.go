@@ -60,6 +60,9 @@ type Hooks struct {
 	// NetworkError is init's network setup error, reported in
 	// agentproto.Info.Network.Error.
 	NetworkError string
+	// Network reports agentproto.Info.Network. When nil, the agent reads
+	// the state of Config.Network's cards from the kernel.
+	Network func() *agentproto.NetworkState
 }
 
 // server holds what every connection of one agent shares.
@@ -102,7 +105,7 @@ func newServer(cfg agentproto.Config, hooks Hooks, log *slog.Logger) (*server, e
 	}
 	sc.AddHostKey(signer)
 	return &server{config: sc, cfg: cfg, hostKey: signer, hooks: hooks, log: log,
-		guest: newGuestReport(cfg, signer.PublicKey(), hooks.NetworkError)}, nil
+		guest: newGuestReport(cfg, signer.PublicKey(), hooks)}, nil
 }
 
 // Serve opens the transport named by cfg.Transport and serves SSH
