@@ -344,6 +344,18 @@ func (f *fakeDriver) serveAgent(ctx context.Context, v *fakeVM, ln net.Listener,
 			}
 			return !b.EarlyBootNever && n >= int64(b.EarlyBootInfos), "unit"
 		},
+		// The fake guest configures its network at once (the real agent's
+		// state would be read from this host's kernel).
+		Network: func() *agentproto.NetworkState {
+			if cfg.Network == nil {
+				return nil
+			}
+			st := &agentproto.NetworkState{Configured: true}
+			for _, ifc := range cfg.Network.Interfaces {
+				st.Addresses = append(st.Addresses, ifc.Address)
+			}
+			return st
+		},
 		Shutdown: func(reboot bool) error {
 			f.record("agent-shutdown", v.name)
 			if b.IgnoreAgentShutdown {
