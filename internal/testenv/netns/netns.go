@@ -70,14 +70,22 @@ func Create(name string) (*NS, error) {
 	_ = f.Close()
 	errc := make(chan error, 1)
 	go func() {
-		// This thread ends in the new namespace: it is never unlocked, so
-		// the runtime throws it away when the goroutine exits.
 		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open the current netns: %w", err)
+			return
+		}
+		defer orig.Close()
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("unshare: %w", err)
 			return
 		}
-		if err := unix.Mount("/proc/thread-self/ns/net", p, "none", unix.MS_BIND, ""); err != nil {
+		err = unix.Mount("/proc/thread-self/ns/net", p, "none", unix.MS_BIND, "")
+		leave(orig)
+		if err != nil {
 			errc <- fmt.Errorf("bind-mount the namespace: %w", err)
 			return
 		}
@@ -114,6 +122,13 @@ func (n *NS) Do(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open the current netns: %w", err)
+			return
+		}
+		defer orig.Close()
 		h, err := netns.GetFromPath(n.Path)
 		if err != nil {
 			runtime.UnlockOSThread()
@@ -122,16 +137,27 @@ func (n *NS) Do(fn func() error) error {
 		}
 		defer h.Close()
 		if err := netns.Set(h); err != nil {
-			// The thread may be half-switched: leave it locked so the
-			// runtime discards it.
+			leave(orig)
 			errc <- fmt.Errorf("enter netns %s: %w", n.Name, err)
 			return
 		}
-		// Left locked: the thread is in another namespace and the runtime
-		// discards it when this goroutine ends.
-		errc <- fn()
+		err = fn()
+		leave(orig)
+		errc <- err
 	}()
 	return <-errc
+}
+
+// leave ends a locked thread's stay in another namespace: back in orig, it
+// is unlocked and serves other goroutines again. If it can't go back it
+// stays locked, so the runtime ends it with its goroutine; the process's
+// main thread can't end (the runtime parks it forever), and a main thread
+// left in a test's namespace would make /proc/self/net (/proc/net/tcp...)
+// show that namespace to the whole test binary.
+func leave(orig netns.NsHandle) {
+	if netns.Set(orig) == nil {
+		runtime.UnlockOSThread()
+	}
 }
 
 // Command returns a command that runs inside the namespace (through
