@@ -90,6 +90,9 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		d.recordStartFailure(ctx, v.ID, lastErr)
 	}()
 
+	if v, err = d.readdress(ctx, v); err != nil {
+		return err
+	}
 	netCfg, err := d.agentNetwork(v)
 	if err != nil {
 		return err

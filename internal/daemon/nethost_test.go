@@ -325,3 +325,29 @@ func createStartedBridged(t *testing.T, d *testDaemon, name string) api.VM {
 }
 
 func sorted(s ...string) []string { sort.Strings(s); return s }
+
+// A bridged VM made before the subnet changed gets an address of the new
+// subnet at its next start.
+func TestBridgedVMMovesToANewSubnet(t *testing.T) {
+	t.Parallel()
+	requireRoot(t)
+	e, d := setup(t, bridged)
+	ctx := testCtx(t)
+	vm, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "m"}, nil)
+	if err != nil || vm.Network.IP != "10.77.0.2" {
+		t.Fatalf("create: %+v, %v", vm.Network, err)
+	}
+	d.close()
+	e.cfg.Subnet = "10.78.0.0/24"
+	d = e.start()
+	got, err := d.c.VMStart(ctx, api.VMStartParams{Name: "m"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Network.IP != "10.78.0.2" || got.Network.Gateway != "10.78.0.1" {
+		t.Errorf("after the subnet changed: %+v, want 10.78.0.2 via 10.78.0.1", got.Network)
+	}
+	if a := e.fake.byName("m").agentCfg.Network; a == nil || a.Interfaces[0].Address != "10.78.0.2/24" {
+		t.Errorf("agent network %+v", a)
+	}
+}

@@ -100,6 +100,10 @@ func TestHostNetworkInNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(ctx, t, "the tap to go with the vmm", func() bool { taps, _ := state(); return len(taps) == 0 })
+	// Someone deletes the bridge: the next start makes it again.
+	if err := bridgenet.DeleteLink("banger0"); err != nil {
+		t.Fatal(err)
+	}
 	if _, rules := state(); len(rules) != 0 || portBound() {
 		t.Errorf("stopped vm: rules %v, port bound %v", rules, portBound())
 	}
@@ -108,6 +112,14 @@ func TestHostNetworkInNamespace(t *testing.T) {
 	// its ports again.
 	if _, err := d.c.VMStart(ctx, api.VMStartParams{Name: "b"}, nil); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := netlink.LinkByName("banger0"); err != nil {
+		t.Fatalf("the bridge was not made again: %v", err)
+	}
+	if c, err := net.DialTimeout("tcp", "10.77.0.1:53", 5*time.Second); err != nil {
+		t.Errorf("dns forwarder after the bridge came back: %v", err)
+	} else {
+		c.Close()
 	}
 	d.close()
 	if taps, rules := state(); len(taps) != 1 || len(rules) != 1 || portBound() {

@@ -107,7 +107,13 @@ func (b *bridgeHost) Ensure(ctx context.Context) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.ensured {
-		return nil
+		if l, err := bridgenet.Links(b.cfg.BridgeName); err == nil && slices.Contains(l, b.cfg.BridgeName) {
+			return nil
+		}
+		// Someone removed the bridge: make it, and the services bound to
+		// it, again.
+		b.log.Warn("the bridge is gone: making it again", "bridge", b.cfg.BridgeName)
+		b.stopServicesLocked()
 	}
 	subnet, err := b.cfg.SubnetPrefix()
 	if err != nil {
@@ -287,15 +293,19 @@ func (b *bridgeHost) Close() {
 		b.proxy.Stop(id)
 	}
 	b.mu.Lock()
-	cancel, services := b.cancel, b.services
-	b.cancel, b.services, b.ensured = nil, nil, false
-	b.mu.Unlock()
-	if cancel != nil {
-		cancel()
+	defer b.mu.Unlock()
+	b.stopServicesLocked()
+}
+
+// stopServicesLocked stops DHCP and DNS and forgets the bridge was made.
+func (b *bridgeHost) stopServicesLocked() {
+	if b.cancel != nil {
+		b.cancel()
 	}
-	for _, s := range services {
+	for _, s := range b.services {
 		s.Wait()
 	}
+	b.cancel, b.services, b.ensured = nil, nil, false
 }
 
 func joinPrefixes(ps []netip.Prefix) string {

@@ -183,10 +183,32 @@ func (d *Daemon) bridgeAddr(v store.VM) (netip.Addr, error) {
 	}
 	ip, err := netip.ParseAddr(v.IP)
 	if err != nil || !subnet.Contains(ip) || ip == d.cfg.Gateway().Addr() {
-		return netip.Addr{}, fmt.Errorf("vm %q has address %q, outside the subnet %s (was subnet changed in bangerd.toml?): remove the VM and create it again: %w",
+		return netip.Addr{}, fmt.Errorf("vm %q has address %q, outside the subnet %s: %w",
 			v.Name, v.IP, subnet, errdefs.ErrFailedPrecondition)
 	}
 	return ip, nil
+}
+
+// readdress gives a bridged VM whose address is outside the configured
+// subnet (the subnet was changed) a new one, before its start; it returns
+// the VM as recorded.
+func (d *Daemon) readdress(ctx context.Context, v store.VM) (store.VM, error) {
+	if v.Network != api.NetworkBridge {
+		return v, nil
+	}
+	if _, err := d.bridgeAddr(v); err == nil {
+		return v, nil
+	}
+	subnet, err := d.cfg.SubnetPrefix()
+	if err != nil {
+		return v, err
+	}
+	old := v.IP
+	if v.IP, err = d.store.ReassignAddress(ctx, v.ID, subnet); err != nil {
+		return v, err
+	}
+	d.log.Info("vm moved to the configured subnet", "vm", v.Name, "old_ip", old, "ip", v.IP)
+	return v, nil
 }
 
 // agentSSH prepares the guest for the user's SSH logins: the image's
@@ -216,9 +238,6 @@ func (d *Daemon) setupNetwork(ctx context.Context, v store.VM, steps *undo.Stack
 	}
 	if os.Geteuid() != 0 {
 		return nil, closeTAP, fmt.Errorf("vm %q uses the bridge network, which needs bangerd to run as root: %w", v.Name, errdefs.ErrFailedPrecondition)
-	}
-	if _, err := d.bridgeAddr(v); err != nil {
-		return nil, closeTAP, err
 	}
 	if err := d.net.Ensure(ctx); err != nil {
 		return nil, closeTAP, fmt.Errorf("set up the bridge network: %w", err)

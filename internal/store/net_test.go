@@ -192,3 +192,26 @@ func TestMigrateVMsToNetworking(t *testing.T) {
 		t.Fatalf("migrated image: %+v, %v", im, err)
 	}
 }
+
+func TestReassignAddress(t *testing.T) {
+	ctx := context.Background()
+	s := netStore(t)
+	old := netip.MustParsePrefix("10.9.0.0/24")
+	a, err := s.InsertVMWithAddress(ctx, bridgeVM(1), old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.InsertVMWithAddress(ctx, bridgeVM(2), netip.MustParsePrefix("10.10.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	ip, err := s.ReassignAddress(ctx, a.ID, netip.MustParsePrefix("10.10.0.0/24"))
+	if err != nil || ip != "10.10.0.3" {
+		t.Fatalf("reassign: %q, %v; want 10.10.0.3 (.2 is taken)", ip, err)
+	}
+	if v, _ := s.GetVM(ctx, a.ID); v.IP != "10.10.0.3" {
+		t.Errorf("stored ip %q", v.IP)
+	}
+	if _, err := s.ReassignAddress(ctx, "nope", old); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("unknown vm: %v", err)
+	}
+}

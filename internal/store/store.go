@@ -663,6 +663,35 @@ func (s *Store) loadPorts(ctx context.Context, vms []VM) error {
 	return rows.Err()
 }
 
+// ReassignAddress gives the VM id the lowest free host address of subnet
+// (as InsertVMWithAddress chooses one) and returns it: for a VM whose
+// address is outside a subnet the configuration changed.
+func (s *Store) ReassignAddress(ctx context.Context, id string, subnet netip.Prefix) (string, error) {
+	if !subnet.IsValid() || !subnet.Addr().Is4() {
+		return "", fmt.Errorf("reassign the address of vm %s: bad subnet %s: %w", id, subnet, errdefs.ErrInvalid)
+	}
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return "", fmt.Errorf("reassign the address of vm %s: %w", id, err)
+	}
+	defer tx.Rollback()
+	ip, err := freeAddress(ctx, tx, subnet.Masked())
+	if err != nil {
+		return "", fmt.Errorf("reassign the address of vm %s: %w", id, err)
+	}
+	res, err := tx.ExecContext(ctx, `UPDATE vms SET ip = ? WHERE id = ?`, ip.String(), id)
+	if err != nil {
+		return "", fmt.Errorf("reassign the address of vm %s: %w", id, err)
+	}
+	if n, err := res.RowsAffected(); err == nil && n == 0 {
+		return "", fmt.Errorf("vm %s: %w", id, errdefs.ErrNotFound)
+	}
+	if err := tx.Commit(); err != nil {
+		return "", fmt.Errorf("reassign the address of vm %s: %w", id, err)
+	}
+	return ip.String(), nil
+}
+
 // SetSSHHostKeys records the guest's SSH host keys (learned at a boot).
 func (s *Store) SetSSHHostKeys(ctx context.Context, id string, keys []string) error {
 	if _, err := s.db.ExecContext(ctx, `UPDATE vms SET ssh_host_keys = ? WHERE id = ?`, jsonList(keys), id); err != nil {
