@@ -46,6 +46,10 @@ type fakeBehaviour struct {
 	// EarlyBootDropAt: the agent drops its connections at its
 	// EarlyBootDropAt-th info request (a keepalive lost in a busy guest).
 	EarlyBootDropAt int
+	// NetworkUpAt: the guest reports its network configured only from
+	// its NetworkUpAt-th info request on; NetworkError: its setup failed.
+	NetworkUpAt  int
+	NetworkError string
 	// InitMode the agent reports (default "agent"); with "systemd", a
 	// --wait-boot runs systemctl on the test host, where systemd is not
 	// PID 1: the full boot never ends.
@@ -312,18 +316,13 @@ func (f *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Handle, erro
 			v.powerOff()
 			return
 		}
-		// The fake's agent runs on the test host, which has no card with
-		// the VM's MAC: it serves without the network config (recorded in
-		// agentCfg), as an agent given none.
-		served := cfg
-		served.Network = nil
-		f.serveAgent(vctx, v, ln, served, b)
+		f.serveAgent(vctx, v, ln, cfg, b)
 	}()
 	return v.handle, nil
 }
 
 func (f *fakeDriver) serveAgent(ctx context.Context, v *fakeVM, ln net.Listener, cfg agentproto.Config, b fakeBehaviour) {
-	var infos atomic.Int64
+	var infos, netInfos atomic.Int64
 	var openMu sync.Mutex
 	var open []net.Conn
 	mode := b.InitMode
@@ -349,6 +348,13 @@ func (f *fakeDriver) serveAgent(ctx context.Context, v *fakeVM, ln net.Listener,
 		Network: func() *agentproto.NetworkState {
 			if cfg.Network == nil {
 				return nil
+			}
+			if b.NetworkError != "" {
+				return &agentproto.NetworkState{Error: b.NetworkError}
+			}
+			f.record("net-info", v.name)
+			if netInfos.Add(1) < int64(b.NetworkUpAt) {
+				return &agentproto.NetworkState{}
 			}
 			st := &agentproto.NetworkState{Configured: true}
 			for _, ifc := range cfg.Network.Interfaces {

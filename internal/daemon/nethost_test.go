@@ -351,3 +351,31 @@ func TestBridgedVMMovesToANewSubnet(t *testing.T) {
 		t.Errorf("agent network %+v", a)
 	}
 }
+
+// "Ready" includes the network: a start waits until the guest reports
+// its network configured, and fails with the guest's error when its
+// set-up failed.
+func TestReadyWaitsForTheNetwork(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, func(c *config.Daemon) { c.Network = api.NetworkUser })
+	ctx := testCtx(t)
+	e.fake.setBehaviour("slow", fakeBehaviour{NetworkUpAt: 8})
+	createStarted(t, d, "slow")
+	infos := 0
+	for _, c := range e.fake.callsFor("slow") {
+		if c == "net-info" {
+			infos++
+		}
+	}
+	if infos < 8 {
+		t.Errorf("the start asked the guest's network %d times: it did not wait for it (up at the 8th)", infos)
+	}
+	e.fake.setBehaviour("broken", fakeBehaviour{NetworkError: "no card with mac 02:00:00:00:00:01"})
+	_, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "broken", Start: true, MemoryMiB: 128, CPUs: 1}, nil)
+	if err == nil || !strings.Contains(err.Error(), "network setup failed: no card with mac") {
+		t.Fatalf("start with a failed guest network: %v", err)
+	}
+	if got := inspect(t, d, "broken"); got.State != api.StateStopped {
+		t.Errorf("vm with a failed network is %s, want stopped", got.State)
+	}
+}
