@@ -147,7 +147,12 @@ func (l *Lab) ListenHost(name, addr string) int {
 				return
 			}
 			n.Add(1)
+			// Answer, then read what the client sent until its EOF:
+			// closing with unread input would reset the connection.
+			c.SetDeadline(time.Now().Add(5 * time.Second))
 			io.WriteString(c, HostBody)
+			c.(*net.TCPConn).CloseWrite()
+			io.Copy(io.Discard, c)
 			c.Close()
 		}
 	}()
