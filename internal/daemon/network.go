@@ -117,6 +117,13 @@ func (d *Daemon) checkNetwork(p api.VMCreateParams, callerUID uint32) (vmNetwork
 			return n, fmt.Errorf("more than %d forwarded ports: %w", maxPorts, errdefs.ErrInvalid)
 		}
 	}
+	if n.mode == api.NetworkUser {
+		for _, r := range rules {
+			if !r.HostIP.Is4() {
+				return n, fmt.Errorf("port forward %s: QEMU's user network forwards IPv4 host addresses only (use --network bridge for %s): %w", r, r.HostIP, errdefs.ErrInvalid)
+			}
+		}
+	}
 	if n.mode == api.NetworkUser && d.cfg.VMMConfine {
 		// QEMU forwards the ports itself (hostfwd), as its unprivileged user.
 		if err := portfwd.Check(rules, unprivilegedUID); err != nil {

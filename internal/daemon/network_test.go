@@ -187,6 +187,7 @@ func TestCreatePorts(t *testing.T) {
 		{"port in use", api.VMCreateParams{Ports: []string{fmt.Sprintf("%d:80", heldPort)}}, errdefs.ErrAlreadyExists, "already in use"},
 		{"malformed", api.VMCreateParams{Ports: []string{"80"}}, errdefs.ErrInvalid, "port forward"},
 		{"twice", api.VMCreateParams{Ports: []string{fmt.Sprintf("%d:80", p2), fmt.Sprintf("%d:81", p2)}}, errdefs.ErrInvalid, "twice"},
+		{"ipv6 in user mode", api.VMCreateParams{Network: api.NetworkUser, Ports: []string{fmt.Sprintf("[::1]:%d:80", p2)}}, errdefs.ErrInvalid, "IPv4 host addresses only"},
 		{"privileged in user mode", api.VMCreateParams{Network: api.NetworkUser, Ports: []string{"80:80"}}, errdefs.ErrPermissionDenied, "unprivileged user"},
 	}
 	for _, tc := range tests {
