@@ -1,0 +1,168 @@
+//go:build e2e
+
+package bench
+
+// Networking (issue 6), each in a lab of network namespaces
+// (harness.Options.Net):
+//
+//	(e) agent-ready to SSH-ready: from `vm start` returning (the agent
+//	    answered, early boot done) to the first successful
+//	    `ssh NAME.banger true` through the generated ssh config
+//	(f) TCP throughput host -> guest through a forwarded port against
+//	    straight to the guest's address; goal: ratio >= 0.9
+//	(g) 10 parallel `vm create` against 10 sequential; goal: ratio <= 0.3
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/test/harness"
+)
+
+func netSetup(b *testing.B) *harness.Env {
+	binDir, imageDir, err := harness.Locate()
+	if err != nil {
+		b.Fatal(err)
+	}
+	e := harness.NewWithOptions(b, binDir, imageDir, harness.Options{Net: true,
+		Config: "ready_timeout = \"10m\"\ndns_servers = [\"" + harness.InternetIP + "\"]\n"})
+	e.Must("image", "register", "debian", "--user", "dev", "--rootfs", filepath.Join(imageDir, "rootfs.ext4"),
+		"--kernel", filepath.Join(imageDir, "vmlinuz"), "--initrd", filepath.Join(imageDir, "initrd.img"))
+	e.Must("image", "register", "tiny", "--rootfs", filepath.Join(imageDir, "busybox-rootfs.ext4"),
+		"--kernel", filepath.Join(imageDir, "vmlinuz"), "--modules", filepath.Join(imageDir, "modules"))
+	return e
+}
+
+// BenchmarkSSHReady is (e).
+func BenchmarkSSHReady(b *testing.B) {
+	if _, err := exec.LookPath("ssh"); err != nil {
+		b.Skip("no ssh client")
+	}
+	e := netSetup(b)
+	name := fmt.Sprintf("bssh%d", time.Now().UnixNano()%100000)
+	e.Must("vm", "create", "--name", name, "--image", "debian")
+	cfg := filepath.Join(e.Dir(), "ssh_config")
+	var gaps []time.Duration
+	const n = 3
+	for i := 0; i < n; i++ {
+		e.Must("vm", "start", name)
+		started := time.Now()
+		if err := os.WriteFile(cfg, []byte(e.Must("ssh-config")), 0o600); err != nil {
+			b.Fatal(err)
+		}
+		deadline := started.Add(3 * time.Minute)
+		for {
+			cmd := e.NetCommand(b.Context(), "ssh", "-F", cfg, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", name+".banger", "true")
+			out, err := cmd.CombinedOutput()
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("ssh %s.banger never succeeded: %v\n%s", name, err, out)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		gaps = append(gaps, time.Since(started))
+		e.Must("vm", "stop", name)
+	}
+	b.ReportMetric(float64(median(gaps).Milliseconds()), "agent-ready-to-ssh-ready-ms")
+	b.Logf("agent-ready to ssh-ready: %v (median of %d)", gaps, n)
+}
+
+// BenchmarkForwardThroughput is (f).
+func BenchmarkForwardThroughput(b *testing.B) {
+	e := netSetup(b)
+	e.Must("vm", "create", "--name", "tput", "--image", "tiny", "--memory", "512", "-p", "18100:9000", "--start")
+	e.InstallGuestTool("tput")
+	e.Must("vm", "exec", "tput", "--", harness.GuestToolPath, "sink", "-d", "9000")
+	vm := e.Inspect("tput")
+	if vm.Network == nil || vm.Network.IP == "" {
+		b.Fatalf("no guest address: %+v", vm.Network)
+	}
+	direct := vm.Network.IP + ":9000"
+	const size = 50 << 20
+	send := func(addr string) time.Duration {
+		c, err := e.Lab.Dial("tcp", addr, 10*time.Second)
+		if err != nil {
+			b.Fatalf("dial %s: %v", addr, err)
+		}
+		defer c.Close()
+		start := time.Now()
+		if _, err := io.CopyN(c, zeros{}, size); err != nil {
+			b.Fatalf("send to %s: %v", addr, err)
+		}
+		c.(interface{ CloseWrite() error }).CloseWrite()
+		ack, err := io.ReadAll(c)
+		took := time.Since(start)
+		if err != nil || strings.TrimSpace(string(ack)) != strconv.Itoa(size) {
+			b.Fatalf("sink at %s counted %q, %v; want %d", addr, ack, err, size)
+		}
+		return took
+	}
+	send(direct) // warm up
+	var fwd, dir []time.Duration
+	for i := 0; i < 3; i++ {
+		fwd = append(fwd, send("127.0.0.1:18100"))
+		dir = append(dir, send(direct))
+	}
+	mbps := func(d time.Duration) float64 { return float64(size) / (1 << 20) / d.Seconds() }
+	f, d := mbps(median(fwd)), mbps(median(dir))
+	b.ReportMetric(f, "forwarded-MB/s")
+	b.ReportMetric(d, "direct-MB/s")
+	b.ReportMetric(f/d, "forwarded/direct")
+	b.Logf("host->guest 50 MiB: forwarded %.1f MB/s, direct %.1f MB/s, ratio %.2f (goal >= 0.9)", f, d, f/d)
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+
+// BenchmarkParallelCreate is (g).
+func BenchmarkParallelCreate(b *testing.B) {
+	e := netSetup(b)
+	const n = 10
+	rmAll := func() {
+		for _, v := range strings.Fields(e.Must("vm", "ls", "-q")) {
+			e.Must("vm", "rm", v)
+		}
+	}
+	create := func(name string) {
+		if out, errOut, code := e.Banger("vm", "create", "--name", name, "--image", "tiny", "--network", "bridge"); code != 0 {
+			b.Errorf("create %s: exit %d %s%s", name, code, out, errOut)
+		}
+	}
+	var seq, par []time.Duration
+	for round := 0; round < 3; round++ {
+		start := time.Now()
+		for i := 0; i < n; i++ {
+			create(fmt.Sprintf("s%d", i))
+		}
+		seq = append(seq, time.Since(start))
+		rmAll()
+		start = time.Now()
+		var wg sync.WaitGroup
+		for i := 0; i < n; i++ {
+			wg.Add(1)
+			go func() { defer wg.Done(); create(fmt.Sprintf("p%d", i)) }()
+		}
+		wg.Wait()
+		par = append(par, time.Since(start))
+		rmAll()
+	}
+	s, p := median(seq), median(par)
+	b.ReportMetric(float64(s.Milliseconds()), "10-sequential-ms")
+	b.ReportMetric(float64(p.Milliseconds()), "10-parallel-ms")
+	b.ReportMetric(float64(p)/float64(s), "parallel/sequential")
+	b.Logf("10 vm create: sequential %v, parallel %v, ratio %.2f (goal <= 0.3)", s, p, float64(p)/float64(s))
+}
