@@ -41,7 +41,8 @@ e2e: build testimage
 	$(GO) test -count=1 -tags e2e -timeout 40m -v ./test/e2e/
 
 # Benchmarks: boot-to-ready against bare QEMU, vm create for 1 GiB vs
-# 20 GiB images, bangerd's resident memory.
+# 20 GiB images, bangerd's resident memory; networking (in namespaces):
+# agent-ready to ssh-ready, forwarded vs direct throughput, parallel creates.
 bench: build testimage
 	$(GO) test -tags e2e -run '^$$' -bench . -benchtime 1x -timeout 60m ./test/bench/
 
