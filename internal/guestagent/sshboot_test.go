@@ -105,6 +105,13 @@ func TestBootSSHBuiltin(t *testing.T) {
 		t.Errorf("file written over sftp: %q", got)
 	}
 
+	// The system's ssh, as `ssh NAME.banger` runs it.
+	oc := newOpenSSHClient(t, c, user, "root")
+	kh := oc.writeKnownHosts(string(ssh.MarshalAuthorizedKey(hostKey.PublicKey())))
+	if out, err := oc.run("ssh", append(oc.args(kh), "vm.banger", "id -u; cat /tmp/over-sftp")...); err != nil || out != "0\nsftp in the guest\n" {
+		t.Errorf("ssh vm.banger: %v\n%s", err, out)
+	}
+
 	if _, err := c.DialGuest(ctx, "127.0.0.1", 1); !errors.Is(err, agent.ErrGuestDial) {
 		t.Errorf("dial a closed guest port: %v, want ErrGuestDial", err)
 	}

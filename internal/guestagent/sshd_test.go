@@ -552,90 +552,16 @@ func TestBuiltinSSHUser(t *testing.T) {
 // ProxyCommand reaching the built-in server (as `banger vm ssh-proxy` does)
 // and the agent's host key pinned in known_hosts.
 func TestBuiltinSSHOpenSSHClient(t *testing.T) {
-	for _, tool := range []string{"ssh", "sftp"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			testenv.Missing(t, "needs the OpenSSH client's %s (apt-get install openssh-client)", tool)
-		}
-	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	b := startBuiltinSSH(t, "", t.TempDir())
+	oc := newOpenSSHClient(t, b.c, b.user, "root")
+	dir := oc.dir
 
-	// The ProxyCommand connects here; each connection gets a ChanSSH stream.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	go func() {
-		for {
-			conn, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer conn.Close()
-				s, err := b.c.OpenSSH(context.Background())
-				if err != nil {
-					t.Errorf("open ssh: %v", err)
-					return
-				}
-				defer s.Close()
-				go func() {
-					io.Copy(s, conn)
-					s.(agent.Stream).CloseWrite()
-				}()
-				io.Copy(conn, s)
-			})
-		}
-	}()
-
-	dir := t.TempDir()
-	key := filepath.Join(dir, "id_ed25519")
-	if err := os.WriteFile(key, b.user.pemKey, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	writeKnownHosts := func(hostKey string) string {
-		p := filepath.Join(dir, "known_hosts")
-		if err := os.WriteFile(p, []byte("vm.banger "+hostKey+"\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	sshArgs := func(knownHosts string) []string {
-		return []string{"-F", "/dev/null",
-			"-o", "ProxyCommand=" + self,
-			"-o", "UserKnownHostsFile=" + knownHosts,
-			"-o", "GlobalKnownHostsFile=/dev/null",
-			"-o", "StrictHostKeyChecking=yes",
-			"-o", "UpdateHostKeys=no",
-			"-o", "BatchMode=yes",
-			"-o", "IdentitiesOnly=yes",
-			"-o", "IdentityFile=" + key,
-			"-o", "ConnectTimeout=20",
-			"-o", "ServerAliveInterval=5",
-			"-o", "User=root",
-		}
-	}
-	run := func(name string, args ...string) (string, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, name, args...)
-		cmd.Env = append(os.Environ(), envSSHProxy+"="+l.Addr().String(), "HOME="+dir)
-		out, err := cmd.CombinedOutput()
-		return string(out), err
-	}
-
-	kh := writeKnownHosts(b.h.km.HostPublic)
-	out, err := run("ssh", append(sshArgs(kh), "vm.banger", "echo", "hello from", "$USER")...)
+	kh := oc.writeKnownHosts(b.h.km.HostPublic)
+	out, err := oc.run("ssh", append(oc.args(kh), "vm.banger", "echo", "hello from", "$USER")...)
 	if err != nil || out != "hello from root\n" {
 		t.Errorf("ssh vm.banger echo: %v\n%s", err, out)
 	}
-	out, err = run("ssh", append(sshArgs(kh), "vm.banger", "exit 5")...)
+	out, err = oc.run("ssh", append(oc.args(kh), "vm.banger", "exit 5")...)
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 5 {
 		t.Errorf("ssh exit 5: %v\n%s", err, out)
@@ -648,7 +574,7 @@ func TestBuiltinSSHOpenSSHClient(t *testing.T) {
 	back := filepath.Join(dir, "back.txt")
 	batch := filepath.Join(dir, "batch")
 	os.WriteFile(batch, []byte(fmt.Sprintf("put %s %s\nget %s %s\n", src, remote, remote, back)), 0o644)
-	out, err = run("sftp", append(sshArgs(kh), "-b", batch, "vm.banger")...)
+	out, err = oc.run("sftp", append(oc.args(kh), "-b", batch, "vm.banger")...)
 	if err != nil {
 		t.Errorf("sftp: %v\n%s", err, out)
 	}
@@ -657,8 +583,8 @@ func TestBuiltinSSHOpenSSHClient(t *testing.T) {
 	}
 
 	// Another host key in known_hosts: refused.
-	kh = writeKnownHosts(generateKeys(t).HostPublic)
-	out, err = run("ssh", append(sshArgs(kh), "vm.banger", "true")...)
+	kh = oc.writeKnownHosts(generateKeys(t).HostPublic)
+	out, err = oc.run("ssh", append(oc.args(kh), "vm.banger", "true")...)
 	if err == nil || !strings.Contains(out, "REMOTE HOST IDENTIFICATION HAS CHANGED") && !strings.Contains(out, "Host key verification failed") {
 		t.Errorf("ssh with another pinned host key: %v\n%s", err, out)
 	}
@@ -772,4 +698,102 @@ func hasFD(target string) bool {
 		}
 	}
 	return false
+}
+
+// openSSHClient runs the system's ssh and sftp against an agent's ChanSSH
+// streams, through a ProxyCommand (the test binary, relaying to a loopback
+// listener whose connections each get a stream), as `banger vm ssh-proxy`
+// does.
+type openSSHClient struct {
+	t         *testing.T
+	dir       string // HOME, key, known_hosts
+	self      string
+	proxyAddr string
+	key       string
+	user      string
+}
+
+func newOpenSSHClient(t *testing.T, c *agent.Client, u sshUser, login string) *openSSHClient {
+	t.Helper()
+	for _, tool := range []string{"ssh", "sftp"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			testenv.Missing(t, "needs the OpenSSH client's %s (apt-get install openssh-client)", tool)
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		l.Close()
+		wg.Wait()
+	})
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer conn.Close()
+				s, err := c.OpenSSH(context.Background())
+				if err != nil {
+					t.Errorf("open ssh: %v", err)
+					return
+				}
+				defer s.Close()
+				go func() {
+					io.Copy(s, conn)
+					s.(agent.Stream).CloseWrite()
+				}()
+				io.Copy(conn, s)
+			})
+		}
+	}()
+	oc := &openSSHClient{t: t, dir: t.TempDir(), self: self, proxyAddr: l.Addr().String(), user: login}
+	oc.key = filepath.Join(oc.dir, "id_ed25519")
+	if err := os.WriteFile(oc.key, u.pemKey, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return oc
+}
+
+// writeKnownHosts pins hostKey (authorized_keys format) for vm.banger.
+func (oc *openSSHClient) writeKnownHosts(hostKey string) string {
+	p := filepath.Join(oc.dir, "known_hosts")
+	if err := os.WriteFile(p, []byte("vm.banger "+strings.TrimSpace(hostKey)+"\n"), 0o600); err != nil {
+		oc.t.Fatal(err)
+	}
+	return p
+}
+
+func (oc *openSSHClient) args(knownHosts string) []string {
+	return []string{"-F", "/dev/null",
+		"-o", "ProxyCommand=" + oc.self,
+		"-o", "UserKnownHostsFile=" + knownHosts,
+		"-o", "GlobalKnownHostsFile=/dev/null",
+		"-o", "StrictHostKeyChecking=yes",
+		"-o", "UpdateHostKeys=no",
+		"-o", "BatchMode=yes",
+		"-o", "IdentitiesOnly=yes",
+		"-o", "IdentityFile=" + oc.key,
+		"-o", "ConnectTimeout=30",
+		"-o", "ServerAliveInterval=5",
+		"-o", "User=" + oc.user,
+	}
+}
+
+// run runs ssh or sftp (bounded to 2 minutes) and returns its output.
+func (oc *openSSHClient) run(name string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = append(os.Environ(), envSSHProxy+"="+oc.proxyAddr, "HOME="+oc.dir)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
 }
