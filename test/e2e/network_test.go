@@ -3,6 +3,8 @@
 package e2e
 
 import (
+	"crypto/rand"
+	"crypto/sha256"
 	"fmt"
 	"os"
 	"os/exec"
@@ -129,6 +131,16 @@ func TestNetBridge(t *testing.T) {
 		}
 	})
 
+	t.Run("dhcp", func(t *testing.T) {
+		e.T = t
+		// An image's own DHCP client gets the VM's address from banger
+		// (busybox's udhcpc; -s /bin/true leaves the card as it is).
+		out := guestOK(t, e, b, "sh", "-c", "udhcpc -i eth0 -n -q -t 3 -T 2 -s /bin/true 2>&1")
+		if !strings.Contains(out, "lease of "+nb.IP+" obtained") {
+			t.Errorf("udhcpc in %s did not get %s:\n%s", b, nb.IP, out)
+		}
+	})
+
 	t.Run("ports", func(t *testing.T) {
 		e.T = t
 		guestOK(t, e, a, tool("serve", "-d", "tcp", "8080")...)
@@ -235,6 +247,32 @@ func TestNetBridge(t *testing.T) {
 		if out := e.Must("vm", "ssh", a, "--", "echo", "via-vm-ssh"); strings.TrimSpace(out) != "via-vm-ssh" {
 			t.Errorf("vm ssh %s = %q", a, out)
 		}
+		// scp (the SFTP protocol in this OpenSSH): the guest's sshd's
+		// sftp server, and the agent's where there is no sshd.
+		payload := make([]byte, 200<<10)
+		rand.Read(payload)
+		src := filepath.Join(e.Dir(), "payload")
+		if err := os.WriteFile(src, payload, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		want := fmt.Sprintf("%x", sha256.Sum256(payload))
+		for _, name := range []string{a, b} {
+			cmd := e.NetCommand(t.Context(), "scp", "-F", sshConfig, "-o", "BatchMode=yes", src, name+".banger:/tmp/payload")
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Errorf("scp to %s.banger: %v\n%s", name, err, out)
+				continue
+			}
+			if out := guestOK(t, e, name, "sha256sum", "/tmp/payload"); !strings.HasPrefix(out, want) {
+				t.Errorf("scp to %s: sha256 %q, want %s", name, out, want)
+			}
+		}
+		// ssh-config --install: the user's ~/.ssh/config includes banger's.
+		e.Must("ssh-config", "--install")
+		userConfig := filepath.Join(e.Dir(), ".ssh", "config")
+		cmd := e.NetCommand(t.Context(), "ssh", "-F", userConfig, "-o", "BatchMode=yes", b+".banger", "echo", "installed")
+		if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "installed") {
+			t.Errorf("ssh through the installed config: %v\n%s", err, out)
+		}
 	})
 
 	t.Run("ssh-host-key-changed", func(t *testing.T) {
@@ -260,6 +298,12 @@ mkdir -p /run/sshd
 		out, errOut, code = ssh(a+".banger", "true")
 		if code != 0 {
 			t.Errorf("ssh with the guest's own sshd again: exit %d %s%s", code, out, errOut)
+		}
+		// Keys changed inside the running guest are not learned either:
+		// the daemon keeps the boot's.
+		guestOK(t, e, a, "sh", "-c", "rm -f /etc/ssh/ssh_host_* && ssh-keygen -A && systemctl restart ssh.service")
+		if out, _, code := ssh(a+".banger", "true"); code == 0 {
+			t.Errorf("ssh after the guest regenerated its host keys succeeded: %s", out)
 		}
 	})
 
