@@ -93,6 +93,35 @@ func TestNetCrash(t *testing.T) {
 		if l := leftovers(e, id, "18700"); len(l) != 0 {
 			t.Fatalf("after vm rm: %v", l)
 		}
+		// Killed once QEMU runs (the guest still booting): the restarted
+		// daemon adopts the VM with everything its network needs (TAP,
+		// rules, forwarded port), or leaves nothing.
+		e.Must("vm", "create", "--name", "mb", "--image", "tiny", "--memory", "256", "-p", "18701:8080")
+		idB := e.Inspect("mb").ID
+		start = e.Command(ctx, "vm", "start", "mb")
+		if err := start.Start(); err != nil {
+			t.Fatal(err)
+		}
+		harness.WaitFor(t, 2*time.Minute, "the VM's QEMU", func() bool { return len(harness.ProcessesMentioning("banger-"+idB)) > 0 })
+		e.KillDaemon()
+		_ = start.Wait()
+		e.StartDaemon()
+		vm = e.Inspect("mb")
+		t.Logf("after a crash with QEMU running and a restart the VM is %s", vm.State)
+		if vm.State == "running" {
+			e.InstallGuestTool("mb")
+			guestOK(t, e, "mb", tool("serve", "-d", "tcp", "8080")...)
+			e.Lab.WaitExchange("tcp", "127.0.0.1:18701", "adopted", "tcp:adopted", 30*time.Second)
+			if out := waitGuest(t, e, "mb", 30*time.Second, tool("get", harness.InternetIP+":80")...); out != harness.InternetBody {
+				t.Errorf("NAT from the adopted VM = %q", out)
+			}
+		} else if l := leftovers(e, idB, "18701"); len(l) != 0 {
+			t.Errorf("stopped VM after a crash with QEMU running has %v", l)
+		}
+		e.Must("vm", "rm", "-f", "mb")
+		if l := leftovers(e, idB, "18701"); len(l) != 0 {
+			t.Fatalf("after vm rm: %v", l)
+		}
 		// The restarted daemon still boots VMs with a network.
 		e.Must("vm", "create", "--name", "ms2", "--image", "tiny", "--memory", "256", "--start")
 		e.InstallGuestTool("ms2")
