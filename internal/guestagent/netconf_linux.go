@@ -120,7 +120,7 @@ func waitLink(ctx context.Context, mac net.HardwareAddr, timeout time.Duration) 
 		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("%w after %s (links: %s)", err, timeout, linkNames())
+			return nil, fmt.Errorf("%w after %s (%s)", err, timeout, linkNames())
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
@@ -141,16 +141,24 @@ func linkByMAC(mac net.HardwareAddr) (netlink.Link, error) {
 	return nil, errNoLink
 }
 
+// linkNames lists the guest's cards for an error, with a hint when it has
+// none at all.
 func linkNames() string {
 	links, err := netlink.LinkList()
 	if err != nil {
-		return err.Error()
+		return "list links: " + err.Error()
 	}
 	var names []string
 	for _, l := range links {
+		if l.Attrs().Flags&net.FlagLoopback != 0 {
+			continue
+		}
 		names = append(names, l.Attrs().Name+"="+l.Attrs().HardwareAddr.String())
 	}
-	return strings.Join(names, " ")
+	if len(names) == 0 {
+		return "the guest has no network card: is virtio_net among the boot modules, and built for this kernel?"
+	}
+	return "cards: " + strings.Join(names, " ")
 }
 
 // networkState reports, for Info.Network, what the guest's cards have now:

@@ -91,7 +91,7 @@ func TestConfigureNetworkMissingCard(t *testing.T) {
 	if nsErr != nil {
 		t.Fatal(nsErr)
 	}
-	if !errors.Is(err, errNoLink) || !strings.Contains(err.Error(), "02:00:00:00:00:99") {
+	if !errors.Is(err, errNoLink) || !strings.Contains(err.Error(), "02:00:00:00:00:99") || !strings.Contains(err.Error(), "no network card: is virtio_net") {
 		t.Errorf("err = %v, want no card with that MAC", err)
 	}
 	if st.Configured || st.Error != "init said so" {
