@@ -224,7 +224,10 @@ func (r guestRoot) addAuthorizedKeys(u passwdEntry, keys []string) error {
 	// user's: never follow a symlink there.
 	home := r.path(u.home)
 	if _, err := os.Stat(home); errors.Is(err, fs.ErrNotExist) {
-		if err := os.MkdirAll(home, 0o700); err != nil {
+		if err := os.MkdirAll(filepath.Dir(home), 0o755); err != nil {
+			return fmt.Errorf("create home %s: %w", u.home, err)
+		}
+		if err := os.Mkdir(home, 0o700); err != nil {
 			return fmt.Errorf("create home %s: %w", u.home, err)
 		}
 		if err := os.Chown(home, u.uid, u.gid); err != nil {

@@ -149,6 +149,18 @@ func TestAuthorizeKeysRoot(t *testing.T) {
 	if uid, mode := owner(t, r.path("/root/.ssh/authorized_keys")); uid != 0 || mode != 0o600 {
 		t.Errorf("root's authorized_keys: uid %d mode %v", uid, mode)
 	}
+	// A user whose home is missing (and its parent): made for them, the
+	// parent open to all.
+	must(t, os.WriteFile(r.path("/etc/passwd"), []byte("ann:x:1001:1001::/srv/users/ann:/bin/sh\n"), 0o644))
+	if err := r.authorizeKeys(&agentproto.SSHConfig{User: "ann", AuthorizedKeys: []string{testKey1}}); err != nil {
+		t.Fatal(err)
+	}
+	if uid, mode := owner(t, r.path("/srv/users/ann")); uid != 1001 || mode != os.ModeDir|0o700 {
+		t.Errorf("made home: uid %d mode %v", uid, mode)
+	}
+	if uid, mode := owner(t, r.path("/srv/users")); uid != 0 || mode != os.ModeDir|0o755 {
+		t.Errorf("made home's parent: uid %d mode %v", uid, mode)
+	}
 	if err := r.authorizeKeys(&agentproto.SSHConfig{User: "nobody-here", AuthorizedKeys: []string{testKey1}}); err == nil || !strings.Contains(err.Error(), "not in the image's /etc/passwd") {
 		t.Errorf("unknown user: %v", err)
 	}
