@@ -98,7 +98,7 @@ func Create(name string) (*NS, error) {
 	n := &NS{Name: name, Path: p}
 	if out, err := n.Command(context.Background(), "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
 		_ = n.Delete()
-		return nil, fmt.Errorf("bring lo up: %v: %s", err, out)
+		return nil, fmt.Errorf("bring lo up: %w: %s", err, out)
 	}
 	return n, nil
 }
