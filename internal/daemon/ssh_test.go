@@ -152,3 +152,34 @@ func TestTunnelToGuestPort(t *testing.T) {
 	err = d.c.VMTunnel(ctx, api.VMTunnelParams{Name: "t", Port: closed}, strings.NewReader(""), io.Discard)
 	wireErr(t, "tunnel to a closed port", err, errdefs.ErrFailedPrecondition)
 }
+
+// bannerWriter cancels once it has seen an SSH identification line.
+type bannerWriter struct {
+	syncBuffer
+	cancel context.CancelFunc
+}
+
+func (w *bannerWriter) Write(p []byte) (int, error) {
+	n, err := w.syncBuffer.Write(p)
+	if strings.Contains(w.String(), "\n") {
+		w.cancel()
+	}
+	return n, err
+}
+
+// A tunnel to the guest's SSH service answers with an SSH server's
+// identification line (the guest's sshd, or the agent's own server).
+func TestTunnelToGuestSSH(t *testing.T) {
+	t.Parallel()
+	_, d := setup(t, nil)
+	createStarted(t, d, "s")
+	ctx, cancel := context.WithCancel(testCtx(t))
+	defer cancel()
+	w := &bannerWriter{cancel: cancel}
+	pr, pw := io.Pipe() // stdin stays open: the client speaks first only after the banner
+	defer pw.Close()
+	_ = d.c.VMTunnel(ctx, api.VMTunnelParams{Name: "s", SSH: true}, pr, w)
+	if got := w.String(); !strings.HasPrefix(got, "SSH-2.0-") {
+		t.Errorf("the ssh tunnel's first bytes = %q, want an SSH identification", got)
+	}
+}
