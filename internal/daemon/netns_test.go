@@ -125,9 +125,18 @@ func TestHostNetworkInNamespace(t *testing.T) {
 	if taps, rules := state(); len(taps) != 1 || len(rules) != 1 || portBound() {
 		t.Fatalf("daemon stopped: taps %v, rules %v (want kept), port bound %v (want not)", taps, rules, portBound())
 	}
+	// What a crash left of a VM that no longer exists (a persistent TAP,
+	// rules) goes at the next start.
+	nsRun(t, "ip", "tuntap", "add", "dev", "bg-stale000000", "mode", "tap")
+	if err := fw.AddVM(firewall.VM{ID: "stale", TAP: "bg-stale000000", MAC: bridgenet.MAC("stale"), IP: netip.MustParseAddr("10.77.0.200")}); err != nil {
+		t.Fatal(err)
+	}
+	if taps, rules := state(); len(taps) != 2 || len(rules) != 2 {
+		t.Fatalf("stale tap and rules not made: %v, %v", taps, rules)
+	}
 	d = e.start()
-	if taps, rules := state(); len(taps) != 1 || len(rules) != 1 || !portBound() {
-		t.Fatalf("daemon restarted: taps %v, rules %v, port bound %v", taps, rules, portBound())
+	if taps, rules := state(); !slices.Equal(taps, []string{vm.Network.TAP}) || !slices.Equal(rules, []string{vm.ID}) || !portBound() {
+		t.Fatalf("daemon restarted: taps %v, rules %v (want only the running VM's), port bound %v", taps, rules, portBound())
 	}
 	if err := d.c.VMRemove(ctx, api.VMRemoveParams{Name: "b", Force: true}); err != nil {
 		t.Fatal(err)
