@@ -339,6 +339,27 @@ ip link set dev $dev address ` + na.MAC + `
 		}
 	})
 
+	t.Run("arp-spoofing", func(t *testing.T) {
+		e.T = t
+		// The host learns b's MAC for b's address; c then claims b's
+		// address in ARP (gratuitous requests, after the neighbour
+		// table's lock time): the host must keep b's MAC. (Without
+		// banger's bridge table the entry flips to c's MAC.)
+		guestOK(t, e, b, tool("lookup", harness.OutsideName)...)
+		neigh := func() string {
+			return strings.TrimSpace(lab.BGD.Run(t, "ip", "neigh", "show", nb.IP, "dev", bridgeName))
+		}
+		if n := neigh(); !strings.Contains(n, nb.MAC) {
+			t.Fatalf("the host has no entry with b's mac %s for %s: %q", nb.MAC, nb.IP, n)
+		}
+		if out := guestOK(t, e, c, "sh", "-c", "ip addr add "+nb.IP+"/32 dev eth0; sleep 2; arping -U -c 3 -w 4 -I eth0 -s "+nb.IP+" "+gatewayIP+" 2>&1; ip addr del "+nb.IP+"/32 dev eth0; true"); !strings.Contains(out, "Sent 3") {
+			t.Fatalf("arping in %s did not send:\n%s", c, out)
+		}
+		if n := neigh(); !strings.Contains(n, nb.MAC) || strings.Contains(n, nc.MAC) {
+			t.Errorf("after c's spoofed ARP the host's entry for %s is %q (b is %s, c is %s)", nb.IP, n, nb.MAC, nc.MAC)
+		}
+	})
+
 	stillWorks := func(t *testing.T, what string) {
 		t.Helper()
 		if out := waitGuest(t, e, a, 30*time.Second, tool("get", harness.InternetIP+":80")...); out != harness.InternetBody {
