@@ -44,11 +44,11 @@ func (f *fakeHostNet) new(ctx context.Context, cfg config.Daemon, st *store.Stor
 	return f
 }
 
-func (f *fakeHostNet) Ensure(ctx context.Context) error {
+func (f *fakeHostNet) Ensure(ctx context.Context) (remade, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.ensures++
-	return f.ensureErr
+	return remade{}, f.ensureErr
 }
 
 func (f *fakeHostNet) OpenTAP(v store.VM) (*os.File, error) {

@@ -32,8 +32,11 @@ import (
 // touch the host's links.
 type hostNet interface {
 	// Ensure makes the bridge, enables IPv4 forwarding and starts DHCP and
-	// DNS on the bridge, once per daemon (then it does nothing).
-	Ensure(ctx context.Context) error
+	// DNS on the bridge, once per daemon; every call brings banger's
+	// firewall tables (and the accept rules an iptables policy of drop
+	// set since needs) up to date. It reports what it made anew under
+	// running VMs (ensureNetwork gives them back what they lost).
+	Ensure(ctx context.Context) (remade, error)
 	// OpenTAP makes v's TAP device on the bridge; it lives as long as a
 	// descriptor of it is open.
 	OpenTAP(v store.VM) (*os.File, error)
@@ -50,6 +53,14 @@ type hostNet interface {
 	// Close stops the services and the port forwarders; the bridge, the
 	// rules and the TAPs stay (running VMs keep their network).
 	Close()
+}
+
+// remade is what hostNet.Ensure made anew, which running bridged VMs
+// need again.
+type remade struct {
+	// rules: banger's tables were missing or replaced; the VMs' firewall
+	// rules are gone.
+	rules bool
 }
 
 // bridgeHost is hostNet on the host's own network stack.
@@ -103,12 +114,19 @@ func newBridgeHost(ctx context.Context, cfg config.Daemon, st *store.Store, log 
 	return &bridgeHost{cfg: cfg, log: log, store: st, ctx: ctx, proxy: portfwd.NewProxy(log.With("component", "portfwd"))}
 }
 
-func (b *bridgeHost) Ensure(ctx context.Context) error {
+func (b *bridgeHost) Ensure(ctx context.Context) (remade, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.ensured {
 		if l, err := bridgenet.Links(b.cfg.BridgeName); err == nil && slices.Contains(l, b.cfg.BridgeName) {
-			return nil
+			// Another tool may have set an iptables policy of drop, or
+			// removed banger's tables, since: Ensure again (~10 ms).
+			fw, err := b.firewallLocked()
+			if err != nil {
+				return remade{}, err
+			}
+			fresh, err := fw.EnsureFresh()
+			return remade{rules: fresh}, err
 		}
 		// Someone removed the bridge: make it, and the services bound to
 		// it, again.
@@ -117,30 +135,31 @@ func (b *bridgeHost) Ensure(ctx context.Context) error {
 	}
 	subnet, err := b.cfg.SubnetPrefix()
 	if err != nil {
-		return err
+		return remade{}, err
 	}
 	gw := b.cfg.Gateway()
 	conflicts, err := bridgenet.RouteConflicts(subnet, b.cfg.BridgeName)
 	if err != nil {
-		return fmt.Errorf("check subnet %s against the host's routes: %w", subnet, err)
+		return remade{}, fmt.Errorf("check subnet %s against the host's routes: %w", subnet, err)
 	}
 	if len(conflicts) > 0 {
-		return fmt.Errorf("subnet %s overlaps the host's route(s) to %s: set another subnet in bangerd.toml (for example 10.78.0.0/24): %w",
+		return remade{}, fmt.Errorf("subnet %s overlaps the host's route(s) to %s: set another subnet in bangerd.toml (for example 10.78.0.0/24): %w",
 			subnet, joinPrefixes(conflicts), errdefs.ErrFailedPrecondition)
 	}
 	if err := bridgenet.EnsureBridge(bridgenet.Bridge{Name: b.cfg.BridgeName, Gateway: gw, MTU: b.cfg.MTU}); err != nil {
-		return err
+		return remade{}, err
 	}
 	// The firewall before forwarding: a VM is filtered from its first frame.
 	fw, err := b.firewallLocked()
 	if err != nil {
-		return err
+		return remade{}, err
 	}
-	if err := fw.Ensure(); err != nil {
-		return err
+	fresh, err := fw.EnsureFresh()
+	if err != nil {
+		return remade{}, err
 	}
 	if changed, err := bridgenet.EnableIPv4Forwarding(); err != nil {
-		return err
+		return remade{}, err
 	} else if changed {
 		b.log.Info("enabled IPv4 forwarding for bridged VMs")
 	}
@@ -148,7 +167,7 @@ func (b *bridgeHost) Ensure(ctx context.Context) error {
 	for _, s := range b.cfg.DNSServers {
 		a, err := netip.ParseAddr(s)
 		if err != nil {
-			return fmt.Errorf("dns_servers: %q: %w", s, errdefs.ErrInvalid)
+			return remade{}, fmt.Errorf("dns_servers: %q: %w", s, errdefs.ErrInvalid)
 		}
 		upstreams = append(upstreams, netip.AddrPortFrom(a, 53))
 	}
@@ -158,17 +177,17 @@ func (b *bridgeHost) Ensure(ctx context.Context) error {
 	})
 	if err != nil {
 		cancel()
-		return fmt.Errorf("start dhcp on %s: %w", b.cfg.BridgeName, err)
+		return remade{}, fmt.Errorf("start dhcp on %s: %w", b.cfg.BridgeName, err)
 	}
 	dns, err := netsvc.StartDNS(sctx, netsvc.DNSConfig{Listen: gw.Addr(), Upstreams: upstreams, Log: b.log.With("component", "dns")})
 	if err != nil {
 		cancel()
 		dhcp.Wait()
-		return fmt.Errorf("start dns forwarder on %s: %w", gw.Addr(), err)
+		return remade{}, fmt.Errorf("start dns forwarder on %s: %w", gw.Addr(), err)
 	}
 	b.cancel, b.services, b.ensured = cancel, []*netsvc.Service{dhcp, dns}, true
 	b.log.Info("bridge network ready", "bridge", b.cfg.BridgeName, "gateway", gw, "dns_upstreams", upstreams)
-	return nil
+	return remade{rules: fresh}, nil
 }
 
 // lease answers DHCP for a bridged VM's MAC with its recorded address.

@@ -246,7 +246,7 @@ func (d *Daemon) setupNetwork(ctx context.Context, v store.VM, steps *undo.Stack
 	if os.Geteuid() != 0 {
 		return nil, closeTAP, fmt.Errorf("vm %q uses the bridge network, which needs bangerd to run as root: %w", v.Name, errdefs.ErrFailedPrecondition)
 	}
-	if err := d.net.Ensure(ctx); err != nil {
+	if err := d.ensureNetwork(ctx); err != nil {
 		return nil, closeTAP, fmt.Errorf("set up the bridge network: %w", err)
 	}
 	tap, err := d.net.OpenTAP(v)
@@ -291,7 +291,7 @@ func (d *Daemon) restoreNetwork(ctx context.Context, v store.VM) {
 	if v.Network != api.NetworkBridge {
 		return
 	}
-	if err := d.net.Ensure(ctx); err != nil {
+	if err := d.ensureNetwork(ctx); err != nil {
 		d.log.Error("restore the bridge network of a running vm", "vm", v.Name, "err", err)
 		return
 	}
@@ -301,4 +301,50 @@ func (d *Daemon) restoreNetwork(ctx context.Context, v store.VM) {
 	if err := d.net.StartPorts(v); err != nil {
 		d.log.Error("restore the port forwarders of a running vm", "vm", v.Name, "err", err)
 	}
+}
+
+// ensureNetwork is hostNet.Ensure, then what the running bridged VMs need
+// again of what it made anew under them: their firewall rules when
+// banger's tables were missing or replaced. Failures for one VM are
+// logged: it runs on, and the start that called this goes on.
+func (d *Daemon) ensureNetwork(ctx context.Context) error {
+	r, err := d.net.Ensure(ctx)
+	if err != nil || r == (remade{}) {
+		return err
+	}
+	for _, v := range d.runningBridged(ctx) {
+		if r.rules {
+			if err := d.net.AddVM(v); err != nil {
+				d.log.Error("restore the firewall rules of a running vm", "vm", v.Name, "err", err)
+				continue
+			}
+			d.log.Warn("banger's firewall tables were made anew: restored the rules of a running vm", "vm", v.Name)
+		}
+	}
+	return nil
+}
+
+// runningBridged returns the bridged VMs the daemon monitors.
+func (d *Daemon) runningBridged(ctx context.Context) []store.VM {
+	d.mu.Lock()
+	ids := make(map[string]bool, len(d.running))
+	for id := range d.running {
+		ids[id] = true
+	}
+	d.mu.Unlock()
+	if len(ids) == 0 {
+		return nil
+	}
+	vms, err := d.store.ListVMs(ctx)
+	if err != nil {
+		d.log.Error("list the running vms", "err", err)
+		return nil
+	}
+	var out []store.VM
+	for _, v := range vms {
+		if ids[v.ID] && v.Network == api.NetworkBridge {
+			out = append(out, v)
+		}
+	}
+	return out
 }

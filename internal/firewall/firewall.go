@@ -226,30 +226,43 @@ func blockedRanges(subnet netip.Prefix, lan []netip.Prefix) []netip.Prefix {
 // DOCKER-USER chain exists, it adds the accept rules banger's traffic needs
 // there (docker.go).
 func (f *Firewall) Ensure() error {
+	_, err := f.EnsureFresh()
+	return err
+}
+
+// EnsureFresh is Ensure, and reports whether the tables it leaves hold no
+// per-VM rules of before: they were missing (or incomplete), or of an
+// older layout and replaced. The caller then adds its running VMs again
+// (their TAPs' frames are dropped until it does).
+func (f *Firewall) EnsureFresh() (fresh bool, err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	c, err := nftables.New()
 	if err != nil {
-		return fmt.Errorf("firewall: open nftables: %w", err)
+		return false, fmt.Errorf("firewall: open nftables: %w", err)
 	}
+	st, err := readState(c)
+	if err != nil {
+		return false, fmt.Errorf("firewall: read tables %s: %w", TableName, err)
+	}
+	fresh = !st.complete()
 	compat, err := f.planCompat(c)
 	if err != nil {
-		return err
+		return false, err
 	}
 	f.build(c, false)
 	compat.apply(c)
 	if err := c.Flush(); err != nil {
 		// Tables of an older layout (a chain with another hook) can't be
-		// updated in place: replace them. Per-VM rules are lost (their
-		// TAPs' frames are dropped): the daemon adds its running VMs again
-		// after its Ensure at start.
+		// updated in place: replace them. Per-VM rules are lost.
 		f.build(c, true)
 		compat.apply(c)
 		if err2 := c.Flush(); err2 != nil {
-			return fmt.Errorf("firewall: create tables %s: %w (is nf_tables available? `banger doctor` checks)", TableName, first(err2))
+			return false, fmt.Errorf("firewall: create tables %s: %w (is nf_tables available? `banger doctor` checks)", TableName, first(err2))
 		}
+		fresh = true
 	}
-	return nil
+	return fresh, nil
 }
 
 // Teardown removes banger's tables and the rules it added to iptables-nft's

@@ -703,8 +703,19 @@ func TestEnsureReplacesOldLayout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ns.Do(f.Ensure); err != nil {
-		t.Fatal(err)
+	ensure := func() bool {
+		t.Helper()
+		var fresh bool
+		if err := ns.Do(func() (err error) { fresh, err = f.EnsureFresh(); return err }); err != nil {
+			t.Fatal(err)
+		}
+		return fresh
+	}
+	if !ensure() {
+		t.Error("EnsureFresh replaced an old layout and reported the per-VM rules kept")
+	}
+	if ensure() {
+		t.Error("EnsureFresh on its own tables reported them fresh")
 	}
 	out := ns.Run(t, "nft", "list", "table", "inet", "banger")
 	if !strings.Contains(out, "type filter hook input priority filter;") || strings.Contains(out, "stale") {

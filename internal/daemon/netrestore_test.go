@@ -1,0 +1,81 @@
+package daemon
+
+import (
+	"net/netip"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/firewall"
+	"github.com/bangerdev/banger/internal/testenv"
+	"github.com/bangerdev/banger/internal/testenv/netns"
+)
+
+// hostNetDaemon starts a daemon with the real host network (in the test's
+// namespace: callers run under netns.RunTest) and the fake VMM, with the
+// default image, and returns it with a Firewall that reads banger's rules.
+func hostNetDaemon(t *testing.T) (*testEnv, *testDaemon, *firewall.Firewall) {
+	t.Helper()
+	requireRoot(t)
+	for _, tool := range []string{"ip", "nft", "iptables-nft"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			testenv.Missing(t, "%s is missing", tool)
+		}
+	}
+	e := newEnv(t, func(c *config.Daemon) {
+		bridged(c)
+		c.DNSServers = []string{"127.0.0.1"} // never asked: no guest
+	})
+	e.hostNetwork = true
+	d := e.start()
+	if _, err := d.c.ImageRegister(testCtx(t), api.ImageRegisterParams{Name: "default", Rootfs: e.rootfs, Kernel: e.kernel, Initrd: e.initrd}); err != nil {
+		t.Fatal(err)
+	}
+	fw, err := firewall.New(firewall.Config{Bridge: "banger0", Subnet: netip.MustParsePrefix("10.77.0.0/24"), Gateway: netip.MustParseAddr("10.77.0.1")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e, d, fw
+}
+
+// Every bridged start ensures the firewall again, not only the daemon's
+// first: an iptables FORWARD policy of drop set after it (Docker started
+// later) gets banger's accept rules at the next start, and banger's
+// tables removed under running VMs come back with those VMs' rules.
+func TestHostNetworkEnsureEveryStart(t *testing.T) {
+	if !netns.InChild() {
+		netns.New(t, "bgde").RunTest(t)
+		return
+	}
+	_, d, fw := hostNetDaemon(t)
+	ctx := testCtx(t)
+	a, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "a", Start: true, MemoryMiB: 128, CPUs: 1}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nsRun(t, "iptables-nft", "-P", "FORWARD", "DROP")
+	nsRun(t, "nft", "delete", "table", "inet", "banger")
+	nsRun(t, "nft", "delete", "table", "bridge", "banger")
+	b, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "b", Start: true, MemoryMiB: 128, CPUs: 1}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := nsRun(t, "iptables-nft", "-S", "FORWARD")
+	for _, want := range []string{"-A FORWARD -i banger0 -j ACCEPT", "-A FORWARD -o banger0 -j ACCEPT"} {
+		if strings.Count(out, want) != 1 {
+			t.Errorf("iptables FORWARD after a second start: want one %q:\n%s", want, out)
+		}
+	}
+	ids, err := fw.VMs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{a.ID, b.ID}
+	slices.Sort(want)
+	if !slices.Equal(ids, want) {
+		t.Errorf("VMs with rules after banger's tables were removed and b started: %v, want a's and b's %v", ids, want)
+	}
+}
