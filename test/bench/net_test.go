@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -109,16 +110,28 @@ func BenchmarkForwardThroughput(b *testing.B) {
 	}
 	send(direct) // warm up
 	var fwd, dir []time.Duration
-	for i := 0; i < 3; i++ {
-		fwd = append(fwd, send("127.0.0.1:18100"))
-		dir = append(dir, send(direct))
+	// Alternating, each path first in turn: the host is shared and TCG
+	// makes the guest the bottleneck, so single runs are noisy.
+	for i := 0; i < 6; i++ {
+		if i%2 == 0 {
+			fwd = append(fwd, send("127.0.0.1:18100"))
+			dir = append(dir, send(direct))
+		} else {
+			dir = append(dir, send(direct))
+			fwd = append(fwd, send("127.0.0.1:18100"))
+		}
 	}
 	mbps := func(d time.Duration) float64 { return float64(size) / (1 << 20) / d.Seconds() }
+	best := func(ds []time.Duration) time.Duration { return slices.Min(ds) }
 	f, d := mbps(median(fwd)), mbps(median(dir))
+	bf, bd := mbps(best(fwd)), mbps(best(dir))
 	b.ReportMetric(f, "forwarded-MB/s")
 	b.ReportMetric(d, "direct-MB/s")
 	b.ReportMetric(f/d, "forwarded/direct")
-	b.Logf("host->guest 50 MiB: forwarded %.1f MB/s, direct %.1f MB/s, ratio %.2f (goal >= 0.9)", f, d, f/d)
+	// The best runs are the least disturbed by the host's other load.
+	b.ReportMetric(bf/bd, "best-forwarded/best-direct")
+	b.Logf("host->guest 50 MiB, 6 runs each: median forwarded %.1f MB/s, direct %.1f MB/s, ratio %.2f; best %.1f / %.1f MB/s, ratio %.2f (goal >= 0.9)",
+		f, d, f/d, bf, bd, bf/bd)
 }
 
 type zeros struct{}
