@@ -3,6 +3,8 @@
 package e2e
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -12,8 +14,9 @@ import (
 )
 
 // TestNetUser: with user-mode networking (the daemon's default here) a VM
-// needs no bridge or firewall; vm ssh reaches its sshd through the agent,
-// a forwarded port answers on 127.0.0.1, and it reaches the outside.
+// needs no bridge or firewall; vm ssh and ssh NAME.banger reach its sshd
+// through the agent, a forwarded port answers on 127.0.0.1, and it
+// reaches the outside.
 func TestNetUser(t *testing.T) {
 	e := newNetEnv(t, "network = \"user\"\n")
 	registerNetImages(t, e)
@@ -29,6 +32,16 @@ func TestNetUser(t *testing.T) {
 	e.Lab.WaitExchange("udp", "127.0.0.1:18091", "ping", "udp:ping", 30*time.Second)
 	if out := e.Must("vm", "ssh", name, "--", "id", "-un"); strings.TrimSpace(out) != "dev" {
 		t.Errorf("vm ssh id -un = %q, want dev", out)
+	}
+	// ssh NAME.banger through the generated config: no address to reach
+	// the guest at, so the ProxyCommand tunnels through the daemon.
+	cfg := filepath.Join(e.Dir(), "ssh_config")
+	if err := os.WriteFile(cfg, []byte(e.Must("ssh-config")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := e.NetCommand(t.Context(), "ssh", "-F", cfg, "-o", "BatchMode=yes", name+".banger", "id", "-un")
+	if out, err := cmd.CombinedOutput(); err != nil || strings.TrimSpace(string(out)) != "dev" {
+		t.Errorf("ssh %s.banger id -un: %v, %q", name, err, out)
 	}
 	if out := waitGuest(t, e, name, 30*time.Second, "curl", "-sS", "--max-time", "10", "http://"+harness.InternetIP+"/"); out != harness.InternetBody {
 		t.Errorf("curl through user-mode NAT = %q", out)
