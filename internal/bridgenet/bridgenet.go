@@ -201,6 +201,39 @@ func DeleteLink(name string) error {
 	return nil
 }
 
+// IsTAPName reports whether name has TAPName's form: TAPPrefix and 12
+// lowercase hex digits (a VM id's start).
+func IsTAPName(name string) bool {
+	rest, ok := strings.CutPrefix(name, TAPPrefix)
+	if !ok || len(rest) != 12 {
+		return false
+	}
+	for _, c := range rest {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// TAPs returns the names of the TUN/TAP links named like banger's TAPs
+// (IsTAPName), sorted: what a sweep of stale TAPs may remove. Another
+// kind of link (a veth, a bridge) with such a name is not banger's.
+func TAPs() ([]string, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	var names []string
+	for _, l := range links {
+		if l.Type() == "tuntap" && IsTAPName(l.Attrs().Name) {
+			names = append(names, l.Attrs().Name)
+		}
+	}
+	slices.Sort(names)
+	return names, nil
+}
+
 // Links returns the names of the links that start with prefix, sorted.
 func Links(prefix string) ([]string, error) {
 	links, err := netlink.LinkList()

@@ -228,3 +228,19 @@ func do(t *testing.T, ns *netns.NS, fn func() error) {
 		t.Fatal(err)
 	}
 }
+
+func TestIsTAPName(t *testing.T) {
+	for name, want := range map[string]bool{
+		TAPName("0123456789abcdef"): true,
+		"bg-0123456789ab":           true,
+		"bg-foo":                    false,
+		"bg-0123456789AB":           false,
+		"bg-0123456789a":            false,
+		"bg-0123456789abc":          false,
+		"xx-0123456789ab":           false,
+	} {
+		if got := IsTAPName(name); got != want {
+			t.Errorf("IsTAPName(%q) = %v, want %v", name, got, want)
+		}
+	}
+}

@@ -241,6 +241,8 @@ func (c Daemon) validateNetwork() []error {
 	}
 	if err := validLinkName(c.BridgeName); err != nil {
 		errs = append(errs, fmt.Errorf("bridge_name %q: %w", c.BridgeName, err))
+	} else if strings.HasPrefix(c.BridgeName, tapPrefix) {
+		errs = append(errs, fmt.Errorf("bridge_name %q starts with %q, which names banger's TAP devices: choose another name", c.BridgeName, tapPrefix))
 	}
 	if _, err := c.SubnetPrefix(); err != nil {
 		errs = append(errs, err)
@@ -255,6 +257,10 @@ func (c Daemon) validateNetwork() []error {
 	}
 	return errs
 }
+
+// tapPrefix starts the names of banger's TAP devices (bridgenet.TAPPrefix;
+// config doesn't import the netlink side).
+const tapPrefix = "bg-"
 
 // validLinkName checks a Linux interface name: 1 to 15 bytes, no '/',
 // ':' or white space.

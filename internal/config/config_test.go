@@ -1,6 +1,7 @@
 package config
 
 import (
+	"github.com/bangerdev/banger/internal/bridgenet"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -156,6 +157,7 @@ func TestDaemonNetworkKeys(t *testing.T) {
 		"bridge_name = \"a-very-long-bridge\"\n": "bridge_name",
 		"bridge_name = \"\"\n":                   "bridge_name",
 		"bridge_name = \"a/b\"\n":                "bridge_name",
+		"bridge_name = \"bg-br\"\n":              "starts with \"bg-\"",
 		"mtu = 100\n":                            "mtu 100",
 		"dns_servers = [\"dns.example\"]\n":      "dns_servers",
 	} {
@@ -172,5 +174,13 @@ func TestCLISSHKeyPath(t *testing.T) {
 	}
 	if c.SSHKeyPath != "/home/u/.ssh/id_ed25519" {
 		t.Fatalf("got %+v", c)
+	}
+}
+
+// config refuses bridge names that banger's TAP names start with (a
+// daemon start would take such a bridge for a stale TAP).
+func TestTAPPrefix(t *testing.T) {
+	if tapPrefix != bridgenet.TAPPrefix {
+		t.Fatalf("config's tapPrefix %q, bridgenet.TAPPrefix %q", tapPrefix, bridgenet.TAPPrefix)
 	}
 }

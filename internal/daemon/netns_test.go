@@ -127,8 +127,8 @@ func TestHostNetworkInNamespace(t *testing.T) {
 	}
 	// What a crash left of a VM that no longer exists (a persistent TAP,
 	// rules) goes at the next start.
-	nsRun(t, "ip", "tuntap", "add", "dev", "bg-stale000000", "mode", "tap")
-	if err := fw.AddVM(firewall.VM{ID: "stale", TAP: "bg-stale000000", MAC: bridgenet.MAC("stale"), IP: netip.MustParseAddr("10.77.0.200")}); err != nil {
+	nsRun(t, "ip", "tuntap", "add", "dev", "bg-0000000057a1", "mode", "tap")
+	if err := fw.AddVM(firewall.VM{ID: "stale", TAP: "bg-0000000057a1", MAC: bridgenet.MAC("stale"), IP: netip.MustParseAddr("10.77.0.200")}); err != nil {
 		t.Fatal(err)
 	}
 	if taps, rules := state(); len(taps) != 2 || len(rules) != 2 {

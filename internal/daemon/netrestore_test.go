@@ -79,3 +79,27 @@ func TestHostNetworkEnsureEveryStart(t *testing.T) {
 		t.Errorf("VMs with rules after banger's tables were removed and b started: %v, want a's and b's %v", ids, want)
 	}
 }
+
+// A daemon start removes only stale TAPs: TUN/TAP links named as banger
+// names them ("bg-" and 12 hex digits) that no running VM owns. A dummy
+// named bg-foo and a veth named like a TAP are someone else's.
+func TestHostNetworkSweepOnlyTAPs(t *testing.T) {
+	if !netns.InChild() {
+		netns.New(t, "bgds").RunTest(t)
+		return
+	}
+	requireRoot(t)
+	nsRun(t, "ip", "link", "add", "bg-foo", "type", "bridge") // (no dummy module here)
+	nsRun(t, "ip", "link", "add", "bg-0123456789ab", "type", "veth", "peer", "name", "vethpeer0")
+	nsRun(t, "ip", "tuntap", "add", "dev", "bg-00000000beef", "mode", "tap")
+	hostNetDaemon(t) // its start sweeps
+	out := nsRun(t, "ip", "-o", "link", "show")
+	for _, kept := range []string{"bg-foo", "bg-0123456789ab"} {
+		if !strings.Contains(out, kept+":") && !strings.Contains(out, kept+"@") {
+			t.Errorf("the daemon's sweep removed %s, which is not a TAP of banger's:\n%s", kept, out)
+		}
+	}
+	if strings.Contains(out, "bg-00000000beef") {
+		t.Errorf("the daemon's sweep kept the stale TAP bg-00000000beef:\n%s", out)
+	}
+}

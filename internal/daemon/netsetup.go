@@ -286,7 +286,9 @@ func (b *bridgeHost) Sweep(keep map[string]bool) error {
 		}
 		b.log.Info("removed the firewall rules of a VM that no longer runs", "vm_id", id)
 	}
-	links, err := bridgenet.Links(bridgenet.TAPPrefix)
+	// Only TAPs named as banger names them: a bridge or veth called bg-*
+	// is someone else's.
+	links, err := bridgenet.TAPs()
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}
