@@ -247,6 +247,11 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 	} else if len(removed) > 0 {
 		log.Info("removed interrupted image promotions", "dirs", removed)
 	}
+	if cfg.Network == api.NetworkBridge || os.Geteuid() == 0 {
+		if err := d.net.CheckSubnet(); err != nil {
+			log.Warn("bridged VMs can't be created or started until this is fixed", "err", err)
+		}
+	}
 	if err := d.reconcile(ctx); err != nil {
 		return fmt.Errorf("reconcile state: %w", err)
 	}

@@ -26,6 +26,7 @@ type fakeHostNet struct {
 	mu        sync.Mutex
 	ensures   int
 	ensureErr error
+	subnetErr error
 	addErr    error
 	portsErr  error
 	taps      map[string]*os.File // by VM id: the TAP handed out last
@@ -49,6 +50,12 @@ func (f *fakeHostNet) Ensure(ctx context.Context) (remade, error) {
 	defer f.mu.Unlock()
 	f.ensures++
 	return remade{}, f.ensureErr
+}
+
+func (f *fakeHostNet) CheckSubnet() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.subnetErr
 }
 
 func (f *fakeHostNet) OpenTAP(v store.VM) (*os.File, error) {

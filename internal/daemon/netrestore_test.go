@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"errors"
 	"net/netip"
 	"os/exec"
 	"slices"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/config"
+	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/firewall"
 	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/testenv/netns"
@@ -101,5 +103,34 @@ func TestHostNetworkSweepOnlyTAPs(t *testing.T) {
 	}
 	if strings.Contains(out, "bg-00000000beef") {
 		t.Errorf("the daemon's sweep kept the stale TAP bg-00000000beef:\n%s", out)
+	}
+}
+
+// A subnet that overlaps a host route is refused at create, before
+// anything is made: a clear error naming the route, no VM, no bridge.
+func TestHostNetworkCreateSubnetOverlap(t *testing.T) {
+	if !netns.InChild() {
+		netns.New(t, "bgdo").RunTest(t)
+		return
+	}
+	requireRoot(t)
+	nsRun(t, "ip", "link", "add", "br-lan", "type", "bridge")
+	nsRun(t, "ip", "addr", "add", "10.77.0.129/25", "dev", "br-lan")
+	nsRun(t, "ip", "link", "set", "br-lan", "up")
+	_, d, _ := hostNetDaemon(t)
+	ctx := testCtx(t)
+	_, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "ov", MemoryMiB: 128, CPUs: 1}, nil)
+	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "10.77.0.128/25") {
+		t.Fatalf("create on a subnet overlapping the route to 10.77.0.128/25: %v, want a failed precondition naming it", err)
+	}
+	vms, err := d.c.VMList(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vms) != 0 {
+		t.Errorf("a refused create left VMs: %v", vms)
+	}
+	if out := nsRun(t, "ip", "-o", "link", "show"); strings.Contains(out, "banger0") {
+		t.Errorf("a refused create made the bridge:\n%s", out)
 	}
 }

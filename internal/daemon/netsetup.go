@@ -37,6 +37,10 @@ type hostNet interface {
 	// set since needs) up to date. It reports what it made anew under
 	// running VMs (ensureNetwork gives them back what they lost).
 	Ensure(ctx context.Context) (remade, error)
+	// CheckSubnet reports the host routes that overlap the VMs' subnet
+	// (other than the bridge's own) as an ErrFailedPrecondition error
+	// that names them and the fix.
+	CheckSubnet() error
 	// OpenTAP makes v's TAP device on the bridge; it lives as long as a
 	// descriptor of it is open.
 	OpenTAP(v store.VM) (*os.File, error)
@@ -133,18 +137,9 @@ func (b *bridgeHost) Ensure(ctx context.Context) (remade, error) {
 		b.log.Warn("the bridge is gone: making it again", "bridge", b.cfg.BridgeName)
 		b.stopServicesLocked()
 	}
-	subnet, err := b.cfg.SubnetPrefix()
-	if err != nil {
-		return remade{}, err
-	}
 	gw := b.cfg.Gateway()
-	conflicts, err := bridgenet.RouteConflicts(subnet, b.cfg.BridgeName)
-	if err != nil {
-		return remade{}, fmt.Errorf("check subnet %s against the host's routes: %w", subnet, err)
-	}
-	if len(conflicts) > 0 {
-		return remade{}, fmt.Errorf("subnet %s overlaps the host's route(s) to %s: set another subnet in bangerd.toml (for example 10.78.0.0/24): %w",
-			subnet, joinPrefixes(conflicts), errdefs.ErrFailedPrecondition)
+	if err := b.CheckSubnet(); err != nil {
+		return remade{}, err
 	}
 	if err := bridgenet.EnsureBridge(bridgenet.Bridge{Name: b.cfg.BridgeName, Gateway: gw, MTU: b.cfg.MTU}); err != nil {
 		return remade{}, err
@@ -188,6 +183,22 @@ func (b *bridgeHost) Ensure(ctx context.Context) (remade, error) {
 	b.cancel, b.services, b.ensured = cancel, []*netsvc.Service{dhcp, dns}, true
 	b.log.Info("bridge network ready", "bridge", b.cfg.BridgeName, "gateway", gw, "dns_upstreams", upstreams)
 	return remade{rules: fresh}, nil
+}
+
+func (b *bridgeHost) CheckSubnet() error {
+	subnet, err := b.cfg.SubnetPrefix()
+	if err != nil {
+		return err
+	}
+	conflicts, err := bridgenet.RouteConflicts(subnet, b.cfg.BridgeName)
+	if err != nil {
+		return fmt.Errorf("check subnet %s against the host's routes: %w", subnet, err)
+	}
+	if len(conflicts) > 0 {
+		return fmt.Errorf("subnet %s overlaps the host's route(s) to %s: set another subnet in bangerd.toml (for example 10.78.0.0/24) and restart bangerd: %w",
+			subnet, joinPrefixes(conflicts), errdefs.ErrFailedPrecondition)
+	}
+	return nil
 }
 
 // lease answers DHCP for a bridged VM's MAC with its recorded address.

@@ -62,6 +62,9 @@ func (d *Daemon) checkNetwork(p api.VMCreateParams, callerUID uint32) (vmNetwork
 		if os.Geteuid() != 0 {
 			return n, fmt.Errorf("network bridge needs bangerd to run as root (it makes a bridge and TAP devices): use --network user: %w", errdefs.ErrInvalid)
 		}
+		if err := d.net.CheckSubnet(); err != nil {
+			return n, err
+		}
 	case api.NetworkUser, api.NetworkNone:
 	default:
 		return n, fmt.Errorf("network %s: want bridge, user or none: %w", errdefs.Quote(n.mode), errdefs.ErrInvalid)

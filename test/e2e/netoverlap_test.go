@@ -9,7 +9,8 @@ import (
 
 // TestNetSubnetOverlap: a subnet overlapping a route of the host (the
 // lab's LAN, 192.168.77.0/24) is refused at daemon start or when a
-// bridged VM starts, naming the conflict, with nothing made.
+// bridged VM is created, naming the conflict, with nothing made (no VM,
+// link or rule).
 func TestNetSubnetOverlap(t *testing.T) {
 	e := newNetEnv(t, "")
 	e.RegisterImages()
@@ -20,12 +21,15 @@ func TestNetSubnetOverlap(t *testing.T) {
 			t.Errorf("overlap refused at daemon start without naming the route: %v", err)
 		}
 	} else {
-		_, errOut, code := e.Banger("vm", "create", "--name", "ov", "--image", "tiny", "--network", "bridge", "--start")
+		_, errOut, code := e.Banger("vm", "create", "--name", "ov", "--image", "tiny", "--network", "bridge")
 		if code == 0 {
-			t.Fatalf("a bridged VM started on a subnet overlapping the host's route 192.168.77.0/24")
+			t.Fatalf("a bridged VM was created on a subnet overlapping the host's route 192.168.77.0/24")
 		}
 		if !strings.Contains(errOut, "192.168.77.0/24") {
 			t.Errorf("overlap error does not name the route: %s", errOut)
+		}
+		if out, errOut, code := e.Banger("vm", "ls", "-q"); code != 0 || strings.TrimSpace(out) != "" {
+			t.Errorf("vm ls -q after a refused create: %q (%s, exit %d), want nothing", out, errOut, code)
 		}
 	}
 	if l := e.Lab.Links(bridgeName); len(l) != 0 {
