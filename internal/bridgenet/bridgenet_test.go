@@ -244,3 +244,40 @@ func TestIsTAPName(t *testing.T) {
 		}
 	}
 }
+
+// AttachTAP puts a running VM's TAP on a bridge made anew (isolation,
+// MTU, up), is idempotent, and refuses a link that is not a TAP.
+func TestAttachTAP(t *testing.T) {
+	ns := netns.New(t, "bgatt")
+	do(t, ns, func() error {
+		return EnsureBridge(Bridge{Name: "bgtest0", Gateway: netip.MustParsePrefix("10.77.0.1/24"), MTU: 1400})
+	})
+	var tap *os.File
+	do(t, ns, func() (err error) { tap, err = OpenTAP("bg-att", "bgtest0", true); return err })
+	defer tap.Close()
+	// The bridge is removed and made again: the TAP is on no bridge.
+	do(t, ns, func() error { return DeleteLink("bgtest0") })
+	do(t, ns, func() error {
+		return EnsureBridge(Bridge{Name: "bgtest0", Gateway: netip.MustParsePrefix("10.77.0.1/24"), MTU: 1400})
+	})
+	if out := ns.Run(t, "ip", "-d", "link", "show", "dev", "bg-att"); strings.Contains(out, "master") {
+		t.Fatalf("bg-att still on a bridge after it was deleted: %s", out)
+	}
+	for range 2 { // the second is a no-op
+		do(t, ns, func() error { return AttachTAP("bg-att", "bgtest0", true) })
+		out := ns.Run(t, "ip", "-d", "link", "show", "dev", "bg-att")
+		for _, want := range []string{"master bgtest0", "isolated on", "mtu 1400", ",UP"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("bg-att after AttachTAP lacks %q: %s", want, out)
+			}
+		}
+	}
+	do(t, ns, func() error { return AttachTAP("bg-att", "bgtest0", false) })
+	if out := ns.Run(t, "ip", "-d", "link", "show", "dev", "bg-att"); !strings.Contains(out, "isolated off") {
+		t.Errorf("AttachTAP(isolated=false) left: %s", out)
+	}
+	ns.Run(t, "ip", "link", "add", "bg-veth", "type", "veth", "peer", "name", "bg-veth1")
+	if err := ns.Do(func() error { return AttachTAP("bg-veth", "bgtest0", true) }); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Errorf("AttachTAP of a veth: %v, want ErrFailedPrecondition", err)
+	}
+}

@@ -86,3 +86,45 @@ func OpenTAP(name, bridge string, isolated bool) (f *os.File, err error) {
 	}
 	return f, nil
 }
+
+// AttachTAP attaches the existing TAP name to bridge again (a bridge made
+// anew, or adopted, under running VMs: their TAPs were detached with the
+// old one): the bridge's MTU, bridge port isolation as isolated, up. A TAP
+// already attached is set the same way (idempotent). A link name that is
+// not a TUN/TAP device is an error (errdefs.ErrFailedPrecondition).
+func AttachTAP(name, bridge string, isolated bool) error {
+	if err := ValidName(name); err != nil {
+		return fmt.Errorf("tap: %w", err)
+	}
+	br, err := netlink.LinkByName(bridge)
+	if err != nil {
+		return fmt.Errorf("tap %s: find bridge %s: %w", name, bridge, err)
+	}
+	if br.Type() != "bridge" {
+		return fmt.Errorf("tap %s: link %s is a %s, not a bridge: %w", name, bridge, br.Type(), errdefs.ErrFailedPrecondition)
+	}
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("tap %s: find it: %w", name, err)
+	}
+	if link.Type() != "tuntap" {
+		return fmt.Errorf("tap %s: the link is a %s, not a TAP: %w", name, link.Type(), errdefs.ErrFailedPrecondition)
+	}
+	if mtu := br.Attrs().MTU; mtu != 0 && link.Attrs().MTU != mtu {
+		if err := netlink.LinkSetMTU(link, mtu); err != nil {
+			return fmt.Errorf("tap %s: set mtu %d: %w", name, mtu, err)
+		}
+	}
+	if link.Attrs().MasterIndex != br.Attrs().Index {
+		if err := netlink.LinkSetMaster(link, br); err != nil {
+			return fmt.Errorf("tap %s: attach to bridge %s: %w", name, bridge, err)
+		}
+	}
+	if err := netlink.LinkSetIsolated(link, isolated); err != nil {
+		return fmt.Errorf("tap %s: set bridge port isolation %v: %w", name, isolated, err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("tap %s: bring up: %w", name, err)
+	}
+	return nil
+}

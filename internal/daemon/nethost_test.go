@@ -31,6 +31,7 @@ type fakeHostNet struct {
 	portsErr  error
 	taps      map[string]*os.File // by VM id: the TAP handed out last
 	isolated  map[string]bool     // by VM id: the TAP's isolation
+	attached  map[string]int      // by VM id: AttachTAP calls
 	rules     map[string]bool     // VMs with firewall rules
 	ports     map[string][]store.Port
 	sweeps    []map[string]bool
@@ -38,7 +39,7 @@ type fakeHostNet struct {
 }
 
 func newFakeHostNet() *fakeHostNet {
-	return &fakeHostNet{taps: map[string]*os.File{}, isolated: map[string]bool{}, rules: map[string]bool{}, ports: map[string][]store.Port{}}
+	return &fakeHostNet{taps: map[string]*os.File{}, isolated: map[string]bool{}, attached: map[string]int{}, rules: map[string]bool{}, ports: map[string][]store.Port{}}
 }
 
 func (f *fakeHostNet) new(ctx context.Context, cfg config.Daemon, st *store.Store, log *slog.Logger) hostNet {
@@ -68,6 +69,13 @@ func (f *fakeHostNet) OpenTAP(v store.VM) (*os.File, error) {
 	f.taps[v.ID] = tap
 	f.isolated[v.ID] = !slices.Contains(v.Allow, allowVM)
 	return tap, nil
+}
+
+func (f *fakeHostNet) AttachTAP(v store.VM) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.attached[v.ID]++
+	return nil
 }
 
 func (f *fakeHostNet) AddVM(v store.VM) error {

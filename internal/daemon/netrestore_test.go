@@ -134,3 +134,35 @@ func TestHostNetworkCreateSubnetOverlap(t *testing.T) {
 		t.Errorf("a refused create made the bridge:\n%s", out)
 	}
 }
+
+// A bridge made anew under running VMs gets their TAPs back: at the next
+// bridged start, and at a daemon start (restoreNetwork).
+func TestHostNetworkReattachTAPs(t *testing.T) {
+	if !netns.InChild() {
+		netns.New(t, "bgda").RunTest(t)
+		return
+	}
+	e, d, _ := hostNetDaemon(t)
+	ctx := testCtx(t)
+	a, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "a", Start: true, MemoryMiB: 128, CPUs: 1}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	onBridge := func(when string) {
+		t.Helper()
+		out := nsRun(t, "ip", "-d", "link", "show", "dev", a.Network.TAP)
+		if !strings.Contains(out, "master banger0") || !strings.Contains(out, "isolated on") {
+			t.Errorf("%s: a's tap is not an isolated port of banger0: %s", when, out)
+		}
+	}
+	onBridge("started")
+	nsRun(t, "ip", "link", "del", "banger0")
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "b", Start: true, MemoryMiB: 128, CPUs: 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	onBridge("the bridge made again at b's start")
+	d.close()
+	nsRun(t, "ip", "link", "del", "banger0")
+	e.start()
+	onBridge("the bridge made again at the daemon's start")
+}

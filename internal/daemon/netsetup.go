@@ -44,6 +44,9 @@ type hostNet interface {
 	// OpenTAP makes v's TAP device on the bridge; it lives as long as a
 	// descriptor of it is open.
 	OpenTAP(v store.VM) (*os.File, error)
+	// AttachTAP attaches v's TAP (a running VM's) to the bridge again,
+	// with its isolation (idempotent).
+	AttachTAP(v store.VM) error
 	// AddVM installs v's firewall rules (idempotent); RemoveVM removes
 	// them (a VM without rules is no error).
 	AddVM(v store.VM) error
@@ -62,6 +65,9 @@ type hostNet interface {
 // remade is what hostNet.Ensure made anew, which running bridged VMs
 // need again.
 type remade struct {
+	// bridge: the bridge was made or adopted (the daemon's first Ensure,
+	// or the bridge was removed): the VMs' TAPs must be attached to it.
+	bridge bool
 	// rules: banger's tables were missing or replaced; the VMs' firewall
 	// rules are gone.
 	rules bool
@@ -182,7 +188,7 @@ func (b *bridgeHost) Ensure(ctx context.Context) (remade, error) {
 	}
 	b.cancel, b.services, b.ensured = cancel, []*netsvc.Service{dhcp, dns}, true
 	b.log.Info("bridge network ready", "bridge", b.cfg.BridgeName, "gateway", gw, "dns_upstreams", upstreams)
-	return remade{rules: fresh}, nil
+	return remade{bridge: true, rules: fresh}, nil
 }
 
 func (b *bridgeHost) CheckSubnet() error {
@@ -221,8 +227,17 @@ func (b *bridgeHost) lease(mac net.HardwareAddr) (netsvc.Lease, bool) {
 }
 
 func (b *bridgeHost) OpenTAP(v store.VM) (*os.File, error) {
-	isolated := !b.cfg.AllowVMToVM && !slices.Contains(v.Allow, allowVM)
-	return bridgenet.OpenTAP(v.TAP, b.cfg.BridgeName, isolated)
+	return bridgenet.OpenTAP(v.TAP, b.cfg.BridgeName, b.isolated(v))
+}
+
+func (b *bridgeHost) AttachTAP(v store.VM) error {
+	return bridgenet.AttachTAP(v.TAP, b.cfg.BridgeName, b.isolated(v))
+}
+
+// isolated reports whether v's bridge port is isolated (VM-to-VM not
+// allowed).
+func (b *bridgeHost) isolated(v store.VM) bool {
+	return !b.cfg.AllowVMToVM && !slices.Contains(v.Allow, allowVM)
 }
 
 func (b *bridgeHost) AddVM(v store.VM) error {

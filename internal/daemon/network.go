@@ -288,7 +288,7 @@ func (d *Daemon) releaseNetwork(v store.VM) {
 }
 
 // restoreNetwork gives a bridged VM that kept running through a daemon
-// restart its firewall rules and port forwarders again (its DHCP lease
+// restart its TAP on the bridge, its firewall rules and port forwarders again (its DHCP lease
 // is in the database). Failures are logged: the VM runs on.
 func (d *Daemon) restoreNetwork(ctx context.Context, v store.VM) {
 	if v.Network != api.NetworkBridge {
@@ -297,6 +297,9 @@ func (d *Daemon) restoreNetwork(ctx context.Context, v store.VM) {
 	if err := d.ensureNetwork(ctx); err != nil {
 		d.log.Error("restore the bridge network of a running vm", "vm", v.Name, "err", err)
 		return
+	}
+	if err := d.net.AttachTAP(v); err != nil {
+		d.log.Error("attach a running vm's tap to the bridge", "vm", v.Name, "tap", v.TAP, "err", err)
 	}
 	if err := d.net.AddVM(v); err != nil {
 		d.log.Error("restore the firewall rules of a running vm", "vm", v.Name, "err", err)
@@ -307,8 +310,9 @@ func (d *Daemon) restoreNetwork(ctx context.Context, v store.VM) {
 }
 
 // ensureNetwork is hostNet.Ensure, then what the running bridged VMs need
-// again of what it made anew under them: their firewall rules when
-// banger's tables were missing or replaced. Failures for one VM are
+// again of what it made anew under them: their TAPs attached to a bridge
+// made (or adopted) again, their firewall rules when banger's tables were
+// missing or replaced. Failures for one VM are
 // logged: it runs on, and the start that called this goes on.
 func (d *Daemon) ensureNetwork(ctx context.Context) error {
 	r, err := d.net.Ensure(ctx)
@@ -316,6 +320,11 @@ func (d *Daemon) ensureNetwork(ctx context.Context) error {
 		return err
 	}
 	for _, v := range d.runningBridged(ctx) {
+		if r.bridge {
+			if err := d.net.AttachTAP(v); err != nil {
+				d.log.Error("attach a running vm's tap to the bridge", "vm", v.Name, "tap", v.TAP, "err", err)
+			}
+		}
 		if r.rules {
 			if err := d.net.AddVM(v); err != nil {
 				d.log.Error("restore the firewall rules of a running vm", "vm", v.Name, "err", err)
