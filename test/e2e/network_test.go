@@ -376,7 +376,12 @@ ip link set dev $dev address ` + na.MAC + `
 	t.Run("daemon-restart", func(t *testing.T) {
 		e.T = t
 		pid := e.Inspect(a).PID
+		// While bangerd is stopped, the VMs' network stays: a fetch b
+		// starts a few seconds after the daemon went reaches the outside.
+		before := lab.Hits("internet")
+		guestOK(t, e, b, "sh", "-c", "setsid sh -c 'sleep 3; "+harness.GuestToolPath+" get "+harness.InternetIP+":80' </dev/null >/dev/null 2>&1 &")
 		e.StopDaemon()
+		harness.WaitFor(t, 30*time.Second, "a fetch from a VM while bangerd is stopped", func() bool { return lab.Hits("internet") > before })
 		e.StartDaemon()
 		if vm := e.Inspect(a); vm.State != "running" || vm.PID != pid {
 			t.Fatalf("after a restart %s is %s (pid %d, was %d)", a, vm.State, vm.PID, pid)
