@@ -19,7 +19,8 @@ import (
 // Version is the agent protocol version. The host refuses agents whose
 // major version differs; minor versions add messages (see each one's
 // "since"). 1.3: Config.Network and Config.SSH (applied at boot),
-// Info.Network, Info.SSHHostKeys, Info.SSHD, ChanSSH, ChanDirectTCPIP.
+// Info.Network, Info.SSHHostKeys, Info.SSHD, Info.Listening, ChanSSH,
+// ChanDirectTCPIP.
 const Version = "1.3"
 
 // VirtioPortName is the name of the virtio-serial port carrying the agent
@@ -264,6 +265,24 @@ type Info struct {
 	// that 127.0.0.1:22 reaches it, right now (read from the kernel's
 	// socket table, without connecting). Since 1.3.
 	SSHD bool `json:"sshd,omitempty"`
+	// Listening are the guest's listening TCP sockets reachable from
+	// outside the guest (not bound to a loopback address), one per port
+	// (an IPv4 socket wins over an IPv6 one), sorted by port, at most
+	// MaxListening; read from /proc/net/tcp and tcp6. The host forwards
+	// them for VMs created with --publish-all. Since 1.3.
+	Listening []PortListen `json:"listening,omitempty"`
+}
+
+// MaxListening bounds Info.Listening.
+const MaxListening = 1024
+
+// PortListen is a listening socket in the guest (Info.Listening).
+type PortListen struct {
+	Proto string `json:"proto"` // "tcp"
+	// Addr is the address the socket is bound to: "0.0.0.0", "::" or one
+	// of the guest's addresses.
+	Addr string `json:"addr"`
+	Port uint16 `json:"port"`
 }
 
 // MarshalPayload encodes v as JSON wrapped in an SSH string (see Encoding).

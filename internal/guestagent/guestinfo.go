@@ -3,10 +3,12 @@ package guestagent
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"encoding/hex"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -27,17 +29,19 @@ type guestReport struct {
 	agentKey string
 	// networkHook replaces networkState (Hooks.Network).
 	networkHook func() *agentproto.NetworkState
+	// listeningHook replaces listeningPorts (Hooks.Listening).
+	listeningHook func() []agentproto.PortListen
 }
 
 func newGuestReport(cfg agentproto.Config, hostKey ssh.PublicKey, hooks Hooks) guestReport {
-	g := guestReport{root: guestRoot{dir: "/"}, network: cfg.Network, netErr: hooks.NetworkError, networkHook: hooks.Network}
+	g := guestReport{root: guestRoot{dir: "/"}, network: cfg.Network, netErr: hooks.NetworkError, networkHook: hooks.Network, listeningHook: hooks.Listening}
 	if hostKey != nil {
 		g.agentKey = string(bytes.TrimSpace(ssh.MarshalAuthorizedKey(hostKey)))
 	}
 	return g
 }
 
-// fill sets Info.Network, Info.SSHHostKeys and Info.SSHD.
+// fill sets Info.Network, Info.SSHHostKeys, Info.SSHD and Info.Listening.
 func (g guestReport) fill(inf *agentproto.Info) {
 	if g.networkHook != nil {
 		inf.Network = g.networkHook()
@@ -51,6 +55,44 @@ func (g guestReport) fill(inf *agentproto.Info) {
 		inf.SSHHostKeys = append(inf.SSHHostKeys, g.agentKey)
 	}
 	inf.SSHD = listeningTCP(g.root.path("/proc/net/tcp"), 22) || listeningTCP(g.root.path("/proc/net/tcp6"), 22)
+	if g.listeningHook != nil {
+		inf.Listening = g.listeningHook()
+	} else {
+		inf.Listening = listeningPorts(g.root.path("/proc/net/tcp"), g.root.path("/proc/net/tcp6"))
+	}
+}
+
+// listeningPorts reads the listening TCP sockets of /proc/net/tcp and
+// tcp6 tables (in that order) that can be reached from outside the guest:
+// those bound to a loopback address are left out. One socket per port:
+// the first one read (IPv4 before IPv6). Sorted by port, at most
+// agentproto.MaxListening. A table that can't be read counts as empty.
+func listeningPorts(tables ...string) []agentproto.PortListen {
+	seen := map[uint16]bool{}
+	var out []agentproto.PortListen
+	for _, table := range tables {
+		f, err := os.Open(table)
+		if err != nil {
+			continue
+		}
+		sc := bufio.NewScanner(f)
+		sc.Scan() // header
+		for sc.Scan() && len(out) < agentproto.MaxListening {
+			fields := strings.Fields(sc.Text())
+			if len(fields) < 4 || fields[3] != "0A" { // TCP_LISTEN
+				continue
+			}
+			addr, port, ok := parseProcNetAddr(fields[1])
+			if !ok || port == 0 || addr.IsLoopback() || seen[port] {
+				continue
+			}
+			seen[port] = true
+			out = append(out, agentproto.PortListen{Proto: "tcp", Addr: addr.String(), Port: port})
+		}
+		f.Close()
+	}
+	slices.SortFunc(out, func(a, b agentproto.PortListen) int { return cmp.Compare(a.Port, b.Port) })
+	return out
 }
 
 // listeningTCP tells whether a socket listens on port such that a

@@ -63,6 +63,9 @@ type Hooks struct {
 	// Network reports agentproto.Info.Network. When nil, the agent reads
 	// the state of Config.Network's cards from the kernel.
 	Network func() *agentproto.NetworkState
+	// Listening reports agentproto.Info.Listening. When nil, the agent
+	// reads the kernel's socket tables (listeningPorts).
+	Listening func() []agentproto.PortListen
 }
 
 // server holds what every connection of one agent shares.

@@ -39,8 +39,8 @@ func TestInfo(t *testing.T) {
 		EarlyBootDone:   true,
 		EarlyBootSignal: "none",
 	}
-	// The SSH fields describe the machine the test runs on (its sshd, if
-	// any); the agent's own host key comes last.
+	// The SSH fields and Listening describe the machine the test runs on
+	// (its sshd, its servers); the agent's own host key comes last.
 	if n := len(info.SSHHostKeys); n == 0 || info.SSHHostKeys[n-1] != h.km.HostPublic {
 		t.Errorf("SSHHostKeys %q, want the agent's host key %q last", info.SSHHostKeys, h.km.HostPublic)
 	}
@@ -48,7 +48,7 @@ func TestInfo(t *testing.T) {
 		t.Errorf("Network %+v without a network config, want nil", info.Network)
 	}
 	got := info
-	got.SSHHostKeys, got.SSHD = nil, false
+	got.SSHHostKeys, got.SSHD, got.Listening = nil, false, nil
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("info = %+v, want %+v", got, want)
 	}
