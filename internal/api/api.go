@@ -233,6 +233,12 @@ type VMCreateParams struct {
 	// Ports are port forwards, each "[HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp]"
 	// (vm create -p); the host side is 127.0.0.1 unless HOSTIP is given.
 	Ports []string `json:"ports,omitempty"`
+	// PublishAll forwards, while the VM runs, every TCP port the guest
+	// listens on (not bound to its loopback) from the same port on the
+	// host's 127.0.0.1, through the guest agent, as Lima does (vm create
+	// --publish-all). Privileged ports (< 1024), ports taken on the host
+	// and ports given in Ports are left out.
+	PublishAll bool `json:"publish_all,omitempty"`
 	// Allow opens what the VM may reach, beyond the daemon's defaults:
 	// "host" (the host's own services), "vm" (other VMs), "lan" (the
 	// host's LAN ranges), "link-local" (169.254.0.0/16, cloud metadata).
@@ -261,6 +267,9 @@ type PortForward struct {
 	HostIP    string `json:"host_ip"`
 	HostPort  int    `json:"host_port"`
 	GuestPort int    `json:"guest_port"`
+	// Auto marks a port forwarded because the guest listens on it
+	// (VMCreateParams.PublishAll), for as long as it does.
+	Auto bool `json:"auto,omitempty"`
 }
 
 // NetworkInfo is a VM's network as the daemon reports it.
@@ -272,6 +281,9 @@ type NetworkInfo struct {
 	TAP     string        `json:"tap,omitempty"`
 	Ports   []PortForward `json:"ports,omitempty"`
 	Allow   []string      `json:"allow,omitempty"`
+	// PublishAll: the guest's listening ports are forwarded (Ports with
+	// Auto).
+	PublishAll bool `json:"publish_all,omitempty"`
 }
 
 // SSHInfo answers MethodVMSSHInfo.

@@ -133,6 +133,9 @@ func TestNetColumns(t *testing.T) {
 		{&api.NetworkInfo{Mode: "bridge", IP: "10.77.0.2", Ports: []api.PortForward{
 			{Proto: "tcp", HostIP: "0.0.0.0", HostPort: 2222, GuestPort: 22}, {Proto: "udp", HostIP: "127.0.0.1", HostPort: 53, GuestPort: 53}}},
 			"10.77.0.2", "0.0.0.0:2222->22/tcp,127.0.0.1:53->53/udp"},
+		{&api.NetworkInfo{Mode: "user", PublishAll: true, Ports: []api.PortForward{
+			{Proto: "tcp", HostIP: "127.0.0.1", HostPort: 8080, GuestPort: 80}, {Proto: "tcp", HostIP: "127.0.0.1", HostPort: 3000, GuestPort: 3000, Auto: true}}},
+			"user", "127.0.0.1:8080->80/tcp,127.0.0.1:3000->3000/tcp(auto)"},
 	} {
 		if ip, ports := netColumns(tc.n); ip != tc.ip || ports != tc.ports {
 			t.Errorf("netColumns(%+v) = %q, %q; want %q, %q", tc.n, ip, ports, tc.ip, tc.ports)

@@ -27,6 +27,7 @@ type createFlags struct {
 	cpus                                 int
 	network                              string
 	publish, allow                       []string
+	publishAll                           bool
 }
 
 func (f *createFlags) add(cmd *cobra.Command) {
@@ -38,11 +39,12 @@ func (f *createFlags) add(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.accel, "accel", "", "accelerator: auto, kvm or tcg (default from the daemon's config)")
 	cmd.Flags().StringVar(&f.network, "network", "", "network: bridge (an address on banger's bridge, NAT), user (QEMU's user-mode network) or none (default from the daemon's config)")
 	cmd.Flags().StringArrayVarP(&f.publish, "publish", "p", nil, "forward a host port to the VM: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp] (repeatable; host side 127.0.0.1 unless HOSTIP is given)")
+	cmd.Flags().BoolVar(&f.publishAll, "publish-all", false, "while the VM runs, forward each TCP port the guest listens on (not on its loopback) from the same port on the host's 127.0.0.1; privileged ports (< 1024), ports taken on the host and -p ports are skipped")
 	cmd.Flags().StringSliceVar(&f.allow, "allow", nil, "let the VM reach more than the default (bridge network): host, vm, lan, link-local (comma list)")
 }
 
 func (a *app) createParams(f *createFlags) (api.VMCreateParams, error) {
-	p := api.VMCreateParams{Name: f.name, Image: f.image, CPUs: f.cpus, Accel: f.accel, Network: f.network, Ports: f.publish, Allow: f.allow}
+	p := api.VMCreateParams{Name: f.name, Image: f.image, CPUs: f.cpus, Accel: f.accel, Network: f.network, Ports: f.publish, PublishAll: f.publishAll, Allow: f.allow}
 	if p.Image == "" {
 		p.Image = a.cfg.DefaultImage
 	}
@@ -271,7 +273,8 @@ func (a *app) vmLsCmd() *cobra.Command {
 
 // netColumns are a VM's IP and PORTS columns in vm ls: the bridge
 // address ("user" for the user-mode network, "-" without a network), and
-// the forwarded ports as HOSTIP:PORT->GUESTPORT/PROTO.
+// the forwarded ports as HOSTIP:PORT->GUESTPORT/PROTO, "(auto)" after
+// those forwarded because the guest listens on them (--publish-all).
 func netColumns(n *api.NetworkInfo) (ip, ports string) {
 	if n == nil {
 		return "-", "-"
@@ -282,7 +285,11 @@ func netColumns(n *api.NetworkInfo) (ip, ports string) {
 	}
 	var ps []string
 	for _, p := range n.Ports {
-		ps = append(ps, fmt.Sprintf("%s:%d->%d/%s", p.HostIP, p.HostPort, p.GuestPort, p.Proto))
+		s := fmt.Sprintf("%s:%d->%d/%s", p.HostIP, p.HostPort, p.GuestPort, p.Proto)
+		if p.Auto {
+			s += "(auto)"
+		}
+		ps = append(ps, s)
 	}
 	if len(ps) == 0 {
 		return ip, "-"

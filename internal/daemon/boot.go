@@ -192,6 +192,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 	ready = true
 	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))
 	d.recordHostKeys(ctx, v, r)
+	d.publishAll(v, r)
 	if waitBoot {
 		if err := d.phase(ctx, call, v, "wait for the guest's boot"); err != nil {
 			tl.fail(err.Error())

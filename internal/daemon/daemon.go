@@ -128,6 +128,9 @@ type Daemon struct {
 	// timelines holds, by VM id, the boot timeline a start (or the
 	// background wait for a full boot) is still writing.
 	timelines sync.Map
+	// published holds the *publisher of each running --publish-all VM,
+	// by id (publishall.go).
+	published sync.Map
 }
 
 // deps are the parts run takes from its caller: production passes the QEMU

@@ -54,6 +54,9 @@ type fakeBehaviour struct {
 	// --wait-boot runs systemctl on the test host, where systemd is not
 	// PID 1: the full boot never ends.
 	InitMode string
+	// Listening is what the agent reports in Info.Listening (nothing when
+	// nil: the real agent would read this host's sockets).
+	Listening func() []agentproto.PortListen
 }
 
 // fakeDriver is a vmm.Driver whose "VM" lives in the test process: a
@@ -361,6 +364,12 @@ func (f *fakeDriver) serveAgent(ctx context.Context, v *fakeVM, ln net.Listener,
 				st.Addresses = append(st.Addresses, ifc.Address)
 			}
 			return st
+		},
+		Listening: func() []agentproto.PortListen {
+			if b.Listening == nil {
+				return nil
+			}
+			return b.Listening()
 		},
 		Shutdown: func(reboot bool) error {
 			f.record("agent-shutdown", v.name)

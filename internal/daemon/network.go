@@ -103,6 +103,9 @@ func (d *Daemon) checkNetwork(p api.VMCreateParams, callerUID uint32) (vmNetwork
 			n.sshKeys = append(n.sshKeys, k)
 		}
 	}
+	if err := checkPublishAll(p, n.mode); err != nil {
+		return n, err
+	}
 	if len(p.Ports) == 0 {
 		return n, nil
 	}
@@ -149,7 +152,7 @@ func (d *Daemon) networkAPI(v store.VM) *api.NetworkInfo {
 	if v.Network == "" || v.Network == api.NetworkNone {
 		return nil
 	}
-	n := &api.NetworkInfo{Mode: v.Network, MAC: v.MAC, Allow: v.Allow}
+	n := &api.NetworkInfo{Mode: v.Network, MAC: v.MAC, Allow: v.Allow, PublishAll: v.PublishAll}
 	if v.Network == api.NetworkBridge {
 		n.IP, n.TAP = v.IP, v.TAP
 		n.Gateway = d.cfg.Gateway().Addr().String()
@@ -157,6 +160,7 @@ func (d *Daemon) networkAPI(v store.VM) *api.NetworkInfo {
 	for _, p := range v.Ports {
 		n.Ports = append(n.Ports, api.PortForward{Proto: p.Proto, HostIP: p.HostIP, HostPort: p.HostPort, GuestPort: p.GuestPort})
 	}
+	n.Ports = append(n.Ports, d.autoPorts(v.ID)...)
 	return n
 }
 

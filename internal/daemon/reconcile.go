@@ -123,7 +123,9 @@ func (d *Daemon) reconcileVM(ctx context.Context, v store.VM) error {
 			return err
 		}
 		d.restoreNetwork(ctx, v)
-		d.track(v, &runningVM{handle: h, recorded: v.Handle, exited: make(chan struct{})})
+		r := &runningVM{handle: h, recorded: v.Handle, exited: make(chan struct{})}
+		d.track(v, r)
+		d.publishAll(v, r)
 		d.log.Info("vm adopted", "vm", v.Name, "pid", h.PID)
 		return nil
 	}

@@ -240,7 +240,7 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 		ID: id, Name: name, ImageID: im.ID, ImageName: im.Name, State: api.StateStopped, CPUs: cpus, MemoryMiB: mem,
 		DiskBytes: cl.Size, DiskPath: cl.Path, DiskFormat: cl.Format, DiskStrategy: cl.Strategy,
 		VMM: d.driver.Name(), AccelWanted: accel, Dir: dir, CreatedAt: time.Now(), AutoRemove: p.AutoRemove,
-		Network: netw.mode, Allow: netw.allow, SSHKeys: netw.sshKeys, Ports: netw.ports,
+		PublishAll: p.PublishAll, Network: netw.mode, Allow: netw.allow, SSHKeys: netw.sshKeys, Ports: netw.ports,
 	}
 	if netw.mode != api.NetworkNone {
 		v.MAC = bridgenet.MAC(id).String()

@@ -215,3 +215,25 @@ func TestReassignAddress(t *testing.T) {
 		t.Errorf("unknown vm: %v", err)
 	}
 }
+
+// A VM's publish-all setting is recorded and read back.
+func TestPublishAll(t *testing.T) {
+	ctx := context.Background()
+	s := netStore(t)
+	on, off := bridgeVM(1), bridgeVM(2)
+	on.PublishAll = true
+	for _, v := range []VM{on, off} {
+		if err := s.InsertVM(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, want := range []VM{on, off} {
+		v, err := s.GetVM(ctx, want.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v.PublishAll != want.PublishAll {
+			t.Errorf("vm %s: PublishAll = %v, want %v", v.Name, v.PublishAll, want.PublishAll)
+		}
+	}
+}

@@ -98,6 +98,8 @@ var migrations = []string{
 	);
 	CREATE INDEX vm_ports_vm_id ON vm_ports(vm_id);
 	ALTER TABLE images ADD COLUMN default_user TEXT NOT NULL DEFAULT '';`,
+	// VMs whose guest's listening ports are forwarded (--publish-all).
+	`ALTER TABLE vms ADD COLUMN publish_all INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // Store is the state database.
@@ -233,6 +235,9 @@ type VM struct {
 	SSHHostKeys []string
 	// Ports are the VM's forwarded ports, by protocol, address and port.
 	Ports []Port
+	// PublishAll: the guest's listening ports are forwarded while it runs
+	// (vm create --publish-all).
+	PublishAll bool
 }
 
 // Port is a forwarded port of a VM.
@@ -468,7 +473,7 @@ func (s *Store) ImageUsers(ctx context.Context, id string) ([]string, error) {
 	return out, rows.Err()
 }
 
-const vmCols = `id, name, image_id, state, cpus, memory_mib, disk_bytes, disk_path, disk_format, disk_strategy, vmm, accel_wanted, dir, handle, created_at, started_at, last_error, auto_remove, network, ip, mac, tap, allow, ssh_keys, ssh_host_keys`
+const vmCols = `id, name, image_id, state, cpus, memory_mib, disk_bytes, disk_path, disk_format, disk_strategy, vmm, accel_wanted, dir, handle, created_at, started_at, last_error, auto_remove, network, ip, mac, tap, allow, ssh_keys, ssh_host_keys, publish_all`
 
 // vmSelect reads a VM with its image's name.
 const vmSelect = `SELECT ` + vmCols + `, (SELECT name FROM images WHERE images.id = vms.image_id) FROM vms`
@@ -479,7 +484,7 @@ func scanVM(row interface{ Scan(...any) error }) (VM, error) {
 	var imageName, ip sql.NullString
 	err := row.Scan(&v.ID, &v.Name, &v.ImageID, &v.State, &v.CPUs, &v.MemoryMiB, &v.DiskBytes, &v.DiskPath, &v.DiskFormat, &v.DiskStrategy,
 		&v.VMM, &v.AccelWanted, &v.Dir, &v.Handle, &created, &started, &v.LastError, &v.AutoRemove,
-		&v.Network, &ip, &v.MAC, &v.TAP, &allow, &sshKeys, &hostKeys, &imageName)
+		&v.Network, &ip, &v.MAC, &v.TAP, &allow, &sshKeys, &hostKeys, &v.PublishAll, &imageName)
 	if err != nil {
 		return v, err
 	}
@@ -547,10 +552,10 @@ func (s *Store) insertVM(ctx context.Context, v VM, subnet netip.Prefix) (VM, er
 		}
 		v.IP = ip.String()
 	}
-	_, err = tx.ExecContext(ctx, `INSERT INTO vms (`+vmCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+	_, err = tx.ExecContext(ctx, `INSERT INTO vms (`+vmCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		v.ID, v.Name, v.ImageID, v.State, v.CPUs, v.MemoryMiB, v.DiskBytes, v.DiskPath, v.DiskFormat, v.DiskStrategy,
 		v.VMM, v.AccelWanted, v.Dir, v.Handle, fmtTime(v.CreatedAt), fmtTime(v.StartedAt), v.LastError, v.AutoRemove,
-		v.Network, nullIfEmpty(v.IP), v.MAC, v.TAP, jsonList(v.Allow), jsonList(v.SSHKeys), jsonList(v.SSHHostKeys))
+		v.Network, nullIfEmpty(v.IP), v.MAC, v.TAP, jsonList(v.Allow), jsonList(v.SSHKeys), jsonList(v.SSHHostKeys), v.PublishAll)
 	if isUnique(err) {
 		if strings.Contains(err.Error(), "vms.ip") {
 			return v, fmt.Errorf("vm %q: address %s is taken: %w", v.Name, v.IP, errdefs.ErrAlreadyExists)
