@@ -44,6 +44,8 @@
 //	    ip saddr != @vm_ips drop
 //	    oifname BRIDGE jump vm_to_vm
 //	    ip daddr 169.254.0.0/16 ip saddr != @ll_ok drop   # unless allow_link_local
+//	    ip daddr 168.63.129.16 ip saddr != @ll_ok drop    # (Azure's WireServer)
+//	    ip daddr 100.100.100.200 ip saddr != @ll_ok drop  # (Alibaba's metadata)
 //	    ip daddr LAN ip saddr != @lan_ok drop        # per LAN range, unless allow_lan
 //	    accept }
 //	  chain vm_to_vm {
@@ -117,8 +119,9 @@ type Config struct {
 	AllowVMToVM bool
 	// AllowLAN lets VMs reach LAN and private ranges (see LAN).
 	AllowLAN bool
-	// AllowLinkLocal lets VMs reach 169.254.0.0/16 (cloud metadata
-	// endpoints such as 169.254.169.254).
+	// AllowLinkLocal lets VMs reach 169.254.0.0/16 and the cloud metadata
+	// endpoints outside it (metadataRanges: 169.254.169.254, Azure's
+	// WireServer 168.63.129.16, Alibaba's 100.100.100.200).
 	AllowLinkLocal bool
 	// LAN are the host's LAN ranges, blocked unless AllowLAN (the daemon
 	// passes the connected prefixes of the host's links). RFC 1918 ranges
@@ -187,6 +190,19 @@ var privateRanges = []netip.Prefix{
 }
 
 var linkLocal = netip.MustParsePrefix("169.254.0.0/16")
+
+// metadataRanges are blocked unless allow_link_local: link-local (AWS,
+// GCP, Azure IMDS, OpenStack, Oracle, DigitalOcean: 169.254.169.254;
+// Tencent 169.254.0.23) and the cloud metadata and agent endpoints
+// outside it: Azure's WireServer (168.63.129.16) and Alibaba Cloud's
+// metadata (100.100.100.200, also inside the LAN ranges: reaching it
+// needs allow_lan too). AWS's IPv6 endpoint (fd00:ec2::254) needs no
+// rule: IPv6 from the VMs is dropped.
+var metadataRanges = []netip.Prefix{
+	linkLocal,
+	netip.MustParsePrefix("168.63.129.16/32"),
+	netip.MustParsePrefix("100.100.100.200/32"),
+}
 
 // blockedRanges returns the IPv4 ranges of lan and privateRanges, without
 // the ones inside the subnet or link-local (governed by their own switches)

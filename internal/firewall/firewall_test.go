@@ -38,8 +38,9 @@ const (
 	outAddr    = "192.0.2.2" // outside server (TEST-NET-1: not a LAN range)
 	uplinkAddr = "192.0.2.1" // the host's address towards the outside
 	metaAddr   = "169.254.169.254"
-	lanAddr    = "198.51.100.2" // a host LAN range passed in Config.LAN
-	privAddr   = "172.20.0.2"   // an RFC 1918 address on the host's LAN
+	wireAddr   = "168.63.129.16" // Azure's WireServer: metadata outside link-local
+	lanAddr    = "198.51.100.2"  // a host LAN range passed in Config.LAN
+	privAddr   = "172.20.0.2"    // an RFC 1918 address on the host's LAN
 )
 
 func needTools(t *testing.T, tools ...string) {
@@ -88,8 +89,10 @@ func newWorld(t *testing.T) *world {
 	}
 	netns.Veth(t, h, "uplink", uplinkAddr+"/24", w.out, "eth0", outAddr+"/24")
 	w.out.Run(t, "ip", "addr", "add", metaAddr+"/32", "dev", "eth0")
+	w.out.Run(t, "ip", "addr", "add", wireAddr+"/32", "dev", "eth0")
 	w.out.Run(t, "ip", "route", "add", "10.77.0.0/24", "via", uplinkAddr) // to try connections into the VMs
 	h.Run(t, "ip", "route", "add", metaAddr+"/32", "via", outAddr)
+	h.Run(t, "ip", "route", "add", wireAddr+"/32", "via", outAddr)
 	netns.Veth(t, h, "lan0", "198.51.100.1/24", w.lan, "eth0", lanAddr+"/24")
 	h.Run(t, "ip", "addr", "add", "172.20.0.1/24", "dev", "lan0")
 	w.lan.Run(t, "ip", "addr", "add", privAddr+"/24", "dev", "eth0")
@@ -205,7 +208,7 @@ func TestIsolation(t *testing.T) {
 			t.Fatalf("without a firewall, A can't reach B over IPv6: %v", err)
 		}
 	}
-	for _, dst := range []string{w.vmB.IP.String(), "10.77.0.1", metaAddr, lanAddr, privAddr} {
+	for _, dst := range []string{w.vmB.IP.String(), "10.77.0.1", metaAddr, wireAddr, lanAddr, privAddr} {
 		reach(t, w.a, "", at(dst))
 	}
 	reach(t, w.out, "", at(w.vmA.IP.String()))
@@ -222,6 +225,7 @@ func TestIsolation(t *testing.T) {
 		blocked(t, w.a, "", at(w.vmB.IP.String()))
 		blocked(t, w.a, "", at("10.77.0.1"))
 		blocked(t, w.a, "", at(metaAddr))
+		blocked(t, w.a, "", at(wireAddr))
 		blocked(t, w.a, "", at(lanAddr))
 		blocked(t, w.a, "", at(privAddr))
 		blocked(t, w.out, "", at(w.vmA.IP.String())) // new connections into the VMs
@@ -245,6 +249,7 @@ func TestIsolation(t *testing.T) {
 		w.do(t, func() error { return f.AddVM(a) })
 		reach(t, w.a, "", at("10.77.0.1"))
 		reach(t, w.a, "", at(metaAddr))
+		reach(t, w.a, "", at(wireAddr))
 		reach(t, w.a, "", at(lanAddr))
 		reach(t, w.a, "", at(privAddr))
 		blocked(t, w.a, "", at(b.IP.String())) // B doesn't allow VM to VM
@@ -265,6 +270,7 @@ func TestIsolation(t *testing.T) {
 		g := w.newFirewall(t, cfg) // Ensure again, other policy: the VMs stay
 		reach(t, w.a, "", at("10.77.0.1"))
 		reach(t, w.a, "", at(metaAddr))
+		reach(t, w.a, "", at(wireAddr))
 		reach(t, w.a, "", at(lanAddr))
 		reach(t, w.a, "", at(w.vmB.IP.String()))
 		var ids []string
@@ -275,6 +281,7 @@ func TestIsolation(t *testing.T) {
 		w.do(t, f.Ensure) // the defaults again
 		blocked(t, w.a, "", at(w.vmB.IP.String()))
 		blocked(t, w.a, "", at(metaAddr))
+		blocked(t, w.a, "", at(wireAddr))
 	})
 	t.Run("ensure is idempotent", func(t *testing.T) {
 		before := w.host.Run(t, "nft", "list", "ruleset")

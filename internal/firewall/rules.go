@@ -117,7 +117,9 @@ func (f *Firewall) build(c *nftables.Conn, fresh bool) {
 	add(vmFwd, v4, lookup(offSaddr, byName[setVMIPs], true), verdict(expr.VerdictDrop))
 	add(vmFwd, ifname(expr.MetaKeyOIFNAME, br, true), jump(chainVMToVM))
 	if !f.cfg.AllowLinkLocal {
-		add(vmFwd, v4, ipPrefix(offDaddr, linkLocal), lookup(offSaddr, byName[setLLOK], true), verdict(expr.VerdictDrop))
+		for _, p := range metadataRanges {
+			add(vmFwd, v4, ipPrefix(offDaddr, p), lookup(offSaddr, byName[setLLOK], true), verdict(expr.VerdictDrop))
+		}
 	}
 	if !f.cfg.AllowLAN {
 		for _, p := range f.lan {
