@@ -153,7 +153,7 @@ type runner struct {
 	// Network: firewall.Probe, firewall.Conflicts, firewall.Neighbours,
 	// bridgenet.RouteConflicts.
 	nftProbe       func() error
-	conflicts      func() []string
+	conflicts      func(bridge string) []string
 	neighbours     func() []string
 	routeConflicts func(subnet netip.Prefix, ownBridge string) ([]netip.Prefix, error)
 }

@@ -108,7 +108,7 @@ func (e fakeEnv) run(t *testing.T) map[string]Check {
 			return nil
 		},
 		nftProbe:   func() error { return e.nftErr },
-		conflicts:  func() []string { return e.conflicts },
+		conflicts:  func(string) []string { return e.conflicts },
 		neighbours: func() []string { return e.neighbours },
 		routeConflicts: func(subnet netip.Prefix, ownBridge string) ([]netip.Prefix, error) {
 			if subnet != netip.MustParsePrefix("10.77.0.0/24") || ownBridge != "banger0" {

@@ -108,7 +108,7 @@ func (r runner) checkFirewall(probe error) Check {
 		}
 		return c
 	}
-	if conflicts := r.conflicts(); len(conflicts) > 0 {
+	if conflicts := r.conflicts(r.opts.Bridge); len(conflicts) > 0 {
 		c.Status, c.Detail = Warn, strings.Join(conflicts, "; ")
 		c.Fix = "see the detail, and docs/security.md (Network isolation)"
 		return c

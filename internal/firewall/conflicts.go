@@ -36,22 +36,22 @@ const (
 // add to them: a legacy FORWARD policy of DROP, as Docker with
 // iptables-legacy sets, blocks the VMs' traffic), an active ufw or
 // firewalld. Other firewall users that coexist with banger are in
-// Neighbours.
-func Conflicts() []string { return conflicts("/") }
+// Neighbours. bridge is banger's bridge, which the fixes name.
+func Conflicts(bridge string) []string { return conflicts("/", bridge) }
 
-func conflicts(root string) []string {
+func conflicts(root, bridge string) []string {
 	var out []string
 	if err := Probe(); err != nil {
 		out = append(out, fmt.Sprintf("nf_tables is unavailable (%v): bridged networking can't work; use a kernel with nf_tables (CONFIG_NF_TABLES, Linux 5.x) and run bangerd as root, or use network = \"user\"", err))
 	} else if firewalldActive() {
-		out = append(out, "firewalld is active: its zones reject what they don't allow, so the VMs' DHCP, DNS and NAT through an interface in no zone; put banger's bridge in the trusted zone (banger's own tables still filter): sudo firewall-cmd --permanent --zone=trusted --add-interface=banger0 && sudo firewall-cmd --reload")
+		out = append(out, fmt.Sprintf("firewalld is active: its zones reject what they don't allow, so the VMs' DHCP, DNS and NAT through an interface in no zone; put banger's bridge in the trusted zone (banger's own tables still filter): sudo firewall-cmd --permanent --zone=trusted --add-interface=%[1]s && sudo firewall-cmd --reload", bridge))
 	}
 	if b, err := os.ReadFile(filepath.Join(root, ipTablesNames)); err == nil && strings.TrimSpace(string(b)) != "" {
 		tables := strings.Fields(string(b))
-		out = append(out, fmt.Sprintf("iptables-legacy tables are loaded (%s): their rules also filter the VMs' traffic and banger can't add to them; switch to iptables-nft (sudo update-alternatives --set iptables /usr/sbin/iptables-nft, then reload the tools that own those rules), or accept banger's bridge there: iptables-legacy -I FORWARD -i banger0 -j ACCEPT; iptables-legacy -I FORWARD -o banger0 -j ACCEPT", strings.Join(tables, ", ")))
+		out = append(out, fmt.Sprintf("iptables-legacy tables are loaded (%s): their rules also filter the VMs' traffic and banger can't add to them; switch to iptables-nft (sudo update-alternatives --set iptables /usr/sbin/iptables-nft, then reload the tools that own those rules), or accept banger's bridge there: iptables-legacy -I FORWARD -i %[2]s -j ACCEPT; iptables-legacy -I FORWARD -o %[2]s -j ACCEPT", strings.Join(tables, ", "), bridge))
 	}
 	if ufwActive(filepath.Join(root, ufwConf)) {
-		out = append(out, "ufw is active: it may drop the VMs' DHCP, DNS and forwarded traffic and remove the rules banger adds to iptables' INPUT and FORWARD when it reloads; allow banger's bridge: sudo ufw allow in on banger0 to any port 53,67 proto udp; sudo ufw route allow in on banger0; sudo ufw route allow out on banger0")
+		out = append(out, fmt.Sprintf("ufw is active: it may drop the VMs' DHCP, DNS and forwarded traffic and remove the rules banger adds to iptables' INPUT and FORWARD when it reloads; allow banger's bridge: sudo ufw allow in on %[1]s to any port 53,67 proto udp; sudo ufw route allow in on %[1]s; sudo ufw route allow out on %[1]s", bridge))
 	}
 	return out
 }

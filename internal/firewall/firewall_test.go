@@ -599,7 +599,7 @@ func TestConflicts(t *testing.T) {
 	var got []string
 	write(ipTablesNames, "")
 	write(ufwConf, "# comment\nENABLED=no\n")
-	if err := ns.Do(func() error { got = conflicts(root); return nil }); err != nil {
+	if err := ns.Do(func() error { got = conflicts(root, "brx0"); return nil }); err != nil {
 		t.Fatal(err)
 	}
 	if len(got) != 0 {
@@ -607,15 +607,20 @@ func TestConflicts(t *testing.T) {
 	}
 	write(ipTablesNames, "filter\nnat\n")
 	write(ufwConf, "ENABLED=yes\nLOGLEVEL=low\n")
-	if err := ns.Do(func() error { got = conflicts(root); return nil }); err != nil {
+	if err := ns.Do(func() error { got = conflicts(root, "brx0"); return nil }); err != nil {
 		t.Fatal(err)
 	}
 	ns.Run(t, "nft", "add table inet firewalld")
-	if err := ns.Do(func() error { got = conflicts(root); return nil }); err != nil {
+	if err := ns.Do(func() error { got = conflicts(root, "brx0"); return nil }); err != nil {
 		t.Fatal(err)
 	}
 	if len(got) != 3 || !strings.HasPrefix(got[0], "firewalld is active") || !strings.Contains(got[1], "iptables-legacy tables are loaded (filter, nat)") || !strings.HasPrefix(got[2], "ufw is active") {
 		t.Fatalf("conflicts = %q, want firewalld, iptables-legacy and ufw", got)
+	}
+	for _, c := range got {
+		if !strings.Contains(c, "brx0") || strings.Contains(c, "banger0") {
+			t.Errorf("conflict %q: want its fix to name the configured bridge brx0", c)
+		}
 	}
 	ns.Run(t, "nft", "delete table inet firewalld")
 
