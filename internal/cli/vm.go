@@ -43,8 +43,15 @@ func (f *createFlags) add(cmd *cobra.Command) {
 	cmd.Flags().StringSliceVar(&f.allow, "allow", nil, "let the VM reach more than the default (bridge network): host, vm, lan, link-local (comma list)")
 }
 
+// userNetWarning is printed for --network user: QEMU's user-mode network
+// has no firewall (docs/security.md).
+const userNetWarning = "banger: warning: --network user has no isolation: the guest reaches the host's loopback services through 10.0.2.2, and the LAN and cloud metadata through QEMU's NAT (use --network bridge to isolate it)"
+
 func (a *app) createParams(f *createFlags) (api.VMCreateParams, error) {
 	p := api.VMCreateParams{Name: f.name, Image: f.image, CPUs: f.cpus, Accel: f.accel, Network: f.network, Ports: f.publish, PublishAll: f.publishAll, Allow: f.allow}
+	if p.Network == api.NetworkUser {
+		fmt.Fprintln(a.stderr, userNetWarning)
+	}
 	if p.Image == "" {
 		p.Image = a.cfg.DefaultImage
 	}
