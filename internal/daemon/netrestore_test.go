@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"errors"
+	"net"
 	"net/netip"
 	"os/exec"
 	"slices"
@@ -165,4 +166,50 @@ func TestHostNetworkReattachTAPs(t *testing.T) {
 	nsRun(t, "ip", "link", "del", "banger0")
 	e.start()
 	onBridge("the bridge made again at the daemon's start")
+}
+
+// A port taken when a VM starts is the VM's problem to solve, not a
+// create's: the error says the port is fixed for this VM (user mode:
+// before QEMU fails on it). A port forward not restored at a daemon
+// start shows in the VM's LastError (vm inspect), and a later clean
+// daemon start clears it.
+func TestPortTakenAtStartAndRestore(t *testing.T) {
+	t.Parallel()
+	requireRoot(t)
+	e, d := setup(t, bridged)
+	ctx := testCtx(t)
+	port := freePort(t)
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "u", Network: api.NetworkUser, MemoryMiB: 128, CPUs: 1, Ports: []string{itoa(port) + ":22"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:"+itoa(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = d.c.VMStart(ctx, api.VMStartParams{Name: "u"}, nil)
+	l.Close()
+	if err == nil || !strings.Contains(err.Error(), "fixed for this VM: free it, or recreate the VM with another -p") {
+		t.Errorf("start of a user-mode VM whose port is taken: %v, want the port named fixed for this VM", err)
+	}
+
+	a, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "a", Start: true, MemoryMiB: 128, CPUs: 1, Ports: []string{itoa(freePort(t)) + ":80"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.close()
+	e.net.mu.Lock()
+	e.net.portsErr = errors.New("host port 127.0.0.1:1/tcp is already in use")
+	e.net.mu.Unlock()
+	d = e.start()
+	if got := inspect(t, d, a.Name); got.State != api.StateRunning || !strings.Contains(got.LastError, "forwarded ports were not restored") || !strings.Contains(got.LastError, "already in use") {
+		t.Errorf("a after a restart that could not forward its port: %s, last error %q; want it running, the failure shown", got.State, got.LastError)
+	}
+	d.close()
+	e.net.mu.Lock()
+	e.net.portsErr = nil
+	e.net.mu.Unlock()
+	d = e.start()
+	if got := inspect(t, d, a.Name); got.LastError != "" {
+		t.Errorf("a after a clean restart: last error %q, want none", got.LastError)
+	}
 }

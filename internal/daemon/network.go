@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -242,8 +243,16 @@ func (d *Daemon) setupNetwork(ctx context.Context, v store.VM, steps *undo.Stack
 	switch v.Network {
 	case api.NetworkUser:
 		n = &vmm.Net{Mode: vmm.NetUser, MAC: v.MAC}
+		var rules []portfwd.Rule
 		for _, p := range v.Ports {
 			n.Forwards = append(n.Forwards, vmm.Forward{Proto: p.Proto, HostIP: p.HostIP, HostPort: p.HostPort, GuestPort: p.GuestPort})
+			if hip, err := netip.ParseAddr(p.HostIP); err == nil {
+				rules = append(rules, portfwd.Rule{Proto: p.Proto, HostIP: hip, HostPort: p.HostPort, GuestPort: p.GuestPort})
+			}
+		}
+		// QEMU would fail on a taken port with a message of its own.
+		if err := portfwd.CheckFree(rules); err != nil {
+			return nil, closeTAP, fmt.Errorf("vm %q: %w", v.Name, err)
 		}
 		return n, closeTAP, nil
 	case api.NetworkBridge:
@@ -273,7 +282,7 @@ func (d *Daemon) setupNetwork(ctx context.Context, v store.VM, steps *undo.Stack
 	}
 	steps.Push("remove firewall rules", func(context.Context) error { return d.net.RemoveVM(v.ID) })
 	if err := d.net.StartPorts(v); err != nil {
-		return nil, closeTAP, err
+		return nil, closeTAP, fmt.Errorf("vm %q: %w", v.Name, err)
 	}
 	steps.Push("stop port forwarders", func(context.Context) error { d.net.StopPorts(v.ID); return nil })
 	return &vmm.Net{Mode: vmm.NetTAP, MAC: v.MAC, TAP: tap, TAPName: v.TAP}, closeTAP, nil
@@ -293,24 +302,29 @@ func (d *Daemon) releaseNetwork(v store.VM) {
 
 // restoreNetwork gives a bridged VM that kept running through a daemon
 // restart its TAP on the bridge, its firewall rules and port forwarders again (its DHCP lease
-// is in the database). Failures are logged: the VM runs on.
-func (d *Daemon) restoreNetwork(ctx context.Context, v store.VM) {
+// is in the database). Failures are logged and returned, for the VM's
+// LastError (vm inspect): the VM runs on.
+func (d *Daemon) restoreNetwork(ctx context.Context, v store.VM) error {
 	if v.Network != api.NetworkBridge {
-		return
+		return nil
 	}
 	if err := d.ensureNetwork(ctx); err != nil {
 		d.log.Error("restore the bridge network of a running vm", "vm", v.Name, "err", err)
-		return
+		return fmt.Errorf("the bridge network was not restored at the daemon's start: %w", err)
 	}
 	if err := d.net.AttachTAP(v); err != nil {
 		d.log.Error("attach a running vm's tap to the bridge", "vm", v.Name, "tap", v.TAP, "err", err)
 	}
+	var errs []error
 	if err := d.net.AddVM(v); err != nil {
 		d.log.Error("restore the firewall rules of a running vm", "vm", v.Name, "err", err)
+		errs = append(errs, fmt.Errorf("the firewall rules were not restored at the daemon's start (its frames are dropped; restart the VM): %w", err))
 	}
 	if err := d.net.StartPorts(v); err != nil {
 		d.log.Error("restore the port forwarders of a running vm", "vm", v.Name, "err", err)
+		errs = append(errs, fmt.Errorf("the forwarded ports were not restored at the daemon's start (they don't answer; restart the VM once the port is free): %w", err))
 	}
+	return errors.Join(errs...)
 }
 
 // ensureNetwork is hostNet.Ensure, then what the running bridged VMs need

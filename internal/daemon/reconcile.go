@@ -119,10 +119,15 @@ func (d *Daemon) reconcileVM(ctx context.Context, v store.VM) error {
 	}
 	if d.driver.Alive(h) {
 		v.State = api.StateRunning
+		// A running VM's LastError holds only what its network lacks
+		// since the last daemon start (a start clears it).
+		v.LastError = ""
+		if err := d.restoreNetwork(ctx, v); err != nil {
+			v.LastError = err.Error()
+		}
 		if err := d.store.UpdateVM(ctx, v); err != nil {
 			return err
 		}
-		d.restoreNetwork(ctx, v)
 		r := &runningVM{handle: h, recorded: v.Handle, exited: make(chan struct{})}
 		d.track(v, r)
 		d.publishAll(v, r)

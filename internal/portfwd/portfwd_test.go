@@ -277,3 +277,26 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 	t.Fatalf("timed out waiting for %s", what)
 }
+
+// A taken port: at create (Check) the user picks another; at a VM's start
+// (Proxy.Start, CheckFree) the port is the VM's own, fixed at create.
+func TestTakenPortMessages(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	r := Rule{Proto: TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: l.Addr().(*net.TCPAddr).Port, GuestPort: 80}
+	if err := Check([]Rule{r}, 0); !errors.Is(err, errdefs.ErrAlreadyExists) || !strings.Contains(err.Error(), "pick another host port") {
+		t.Errorf("Check: %v", err)
+	}
+	p := NewProxy(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	for name, err := range map[string]error{
+		"CheckFree":   CheckFree([]Rule{r}),
+		"Proxy.Start": p.Start("vm1", netip.MustParseAddr("10.77.0.2"), []Rule{r}),
+	} {
+		if !errors.Is(err, errdefs.ErrAlreadyExists) || !strings.Contains(err.Error(), TakenAtStart) || strings.Contains(err.Error(), "pick another") {
+			t.Errorf("%s: %v, want %q", name, err, TakenAtStart)
+		}
+	}
+}

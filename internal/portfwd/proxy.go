@@ -93,7 +93,7 @@ func (p *Proxy) Start(vmID string, guest netip.Addr, rules []Rule) (err error) {
 	}()
 	var starts []func()
 	for _, r := range rules {
-		c, err := listen(r)
+		c, err := listen(r, TakenAtStart)
 		if err != nil {
 			return fmt.Errorf("forward ports of vm %s: %w", vmID, err)
 		}

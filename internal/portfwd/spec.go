@@ -183,7 +183,26 @@ func Check(rules []Rule, callerUID int) error {
 		}
 	}
 	for _, r := range rules {
-		c, err := listen(r)
+		c, err := listen(r, "pick another host port")
+		if err != nil {
+			return err
+		}
+		_ = c.Close()
+	}
+	return nil
+}
+
+// TakenAtStart is what to do about a VM's host port taken when it
+// starts: its ports were fixed at create.
+const TakenAtStart = "the port is fixed for this VM: free it, or recreate the VM with another -p"
+
+// CheckFree checks that the host ports of a VM's recorded forwards are
+// free, before a start that binds them elsewhere (QEMU's hostfwd): a
+// taken one is errdefs.ErrAlreadyExists, saying what to do
+// (TakenAtStart).
+func CheckFree(rules []Rule) error {
+	for _, r := range rules {
+		c, err := listen(r, TakenAtStart)
 		if err != nil {
 			return err
 		}
@@ -211,8 +230,9 @@ func privilegedBelow() int {
 	return n
 }
 
-// listen binds r's host address, with errors users understand.
-func listen(r Rule) (interface{ Close() error }, error) {
+// listen binds r's host address, with errors users understand; taken
+// says what to do about a port in use.
+func listen(r Rule, taken string) (interface{ Close() error }, error) {
 	var c interface{ Close() error }
 	var err error
 	addr := r.HostAddr().String()
@@ -225,7 +245,7 @@ func listen(r Rule) (interface{ Close() error }, error) {
 	case err == nil:
 		return c, nil
 	case errors.Is(err, syscall.EADDRINUSE):
-		return nil, fmt.Errorf("host port %s/%s is already in use: pick another host port: %w", addr, r.Proto, errdefs.ErrAlreadyExists)
+		return nil, fmt.Errorf("host port %s/%s is already in use: %s: %w", addr, r.Proto, taken, errdefs.ErrAlreadyExists)
 	case errors.Is(err, syscall.EADDRNOTAVAIL):
 		return nil, fmt.Errorf("host address %s is not an address of this host: %w", r.HostIP, errdefs.ErrInvalid)
 	case errors.Is(err, syscall.EACCES):
