@@ -236,8 +236,8 @@ type VMCreateParams struct {
 	// PublishAll forwards, while the VM runs, every TCP port the guest
 	// listens on (not bound to its loopback) from the same port on the
 	// host's 127.0.0.1, through the guest agent, as Lima does (vm create
-	// --publish-all). Privileged ports (< 1024), ports taken on the host
-	// and ports given in Ports are left out.
+	// --publish-all). Privileged ports (< 1024), ports taken on the host,
+	// ports given in Ports and host ports of other VMs' Ports are left out.
 	PublishAll bool `json:"publish_all,omitempty"`
 	// Allow opens what the VM may reach, beyond the daemon's defaults:
 	// "host" (the host's own services), "vm" (other VMs), "lan" (the

@@ -37,8 +37,9 @@ import (
 // One publisher per running VM, started once the VM is ready (startVM)
 // or adopted (reconcile), polls the agent every publishEvery and ends,
 // closing its listeners and their connections, when the VMM exits or the
-// daemon stops. Ports under 1024, ports taken on the host and ports of
-// the VM's -p rules (host or guest side) are skipped and logged once.
+// daemon stops. Ports under 1024, ports taken on the host, ports of the
+// VM's -p rules (host or guest side) and host ports of any VM's -p rules
+// (a stopped VM's come back at its start) are skipped and logged once.
 
 // publishEvery is how often a publisher asks the guest for its
 // listening ports.
@@ -151,8 +152,15 @@ func (p *publisher) sync(ctx context.Context) {
 			want[l.Port] = l
 		}
 	}
+	var reserved map[int]bool
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	for port := range want {
+		if p.fwds[port] == nil && !p.skipped[port] {
+			reserved = p.reservedPorts(ctx)
+			break
+		}
+	}
 	for port, f := range p.fwds {
 		if _, ok := want[port]; !ok {
 			p.d.log.Info("publish-all: the guest stopped listening: port no longer forwarded", "vm", p.v.Name, "port", port)
@@ -169,7 +177,11 @@ func (p *publisher) sync(ctx context.Context) {
 		if p.fwds[port] != nil {
 			continue
 		}
-		if why := p.skip(port); why != "" {
+		why := p.skip(port)
+		if why == "" && reserved[int(port)] {
+			why = "another vm's -p rule uses the host port"
+		}
+		if why != "" {
 			if !p.skipped[port] {
 				p.skipped[port] = true
 				p.d.log.Info("publish-all: guest port not forwarded", "vm", p.v.Name, "port", port, "reason", why)
@@ -193,6 +205,27 @@ func (p *publisher) sync(ctx context.Context) {
 		go p.serve(fctx, f)
 		p.d.log.Info("publish-all: forwarding a port the guest listens on", "vm", p.v.Name, "port", port, "guest_addr", l.Addr)
 	}
+}
+
+// reservedPorts are the TCP host ports of every VM's -p rules on
+// 127.0.0.1 or a wildcard address: a stopped VM binds them at its start.
+// nil when the store can't tell (the bind decides then).
+func (p *publisher) reservedPorts(ctx context.Context) map[int]bool {
+	vms, err := p.d.store.ListVMs(ctx)
+	if err != nil {
+		p.d.log.Debug("publish-all: list the vms' forwarded ports", "err", err)
+		return nil
+	}
+	out := map[int]bool{}
+	for _, v := range vms {
+		for _, r := range v.Ports {
+			a, err := netip.ParseAddr(r.HostIP)
+			if r.Proto == "tcp" && (err != nil || a.IsUnspecified() || a == netip.AddrFrom4([4]byte{127, 0, 0, 1})) {
+				out[r.HostPort] = true
+			}
+		}
+	}
+	return out
 }
 
 // skip says why port is not forwarded, "" when it is.

@@ -185,3 +185,54 @@ func TestGuestTarget(t *testing.T) {
 		}
 	}
 }
+
+// A port another (stopped) VM forwards with -p is left to it; the
+// forwards come back after a daemon restart while the VM kept running.
+func TestPublishAllReservedPortsAndRestart(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, func(c *config.Daemon) { c.Network = api.NetworkUser })
+	ctx := testCtx(t)
+	port, srv := freeLoopbackPort(t)
+	echo(t, srv)
+	reserved, _ := freeLoopbackPort(t)
+	r := strconv.Itoa(reserved)
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "other", Ports: []string{r + ":" + r}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	e.fake.setBehaviour("pub", fakeBehaviour{Listening: func() []agentproto.PortListen {
+		return []agentproto.PortListen{{Proto: "tcp", Addr: "0.0.0.0", Port: uint16(reserved)}, {Proto: "tcp", Addr: "127.0.0.2", Port: uint16(port)}}
+	}})
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "pub", Start: true, MemoryMiB: 128, CPUs: 1, PublishAll: true}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(ctx, t, "the guest's port in inspect", func() bool {
+		return slices.Equal(autoPortsOf(inspect(t, d, "pub")), []int{port})
+	})
+	exchange := func() string {
+		c, err := net.DialTimeout("tcp4", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), 5*time.Second)
+		if err != nil {
+			return err.Error()
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write([]byte("again\n")); err != nil {
+			return err.Error()
+		}
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return err.Error()
+		}
+		return line
+	}
+	if got := exchange(); got != "echo: again\n" {
+		t.Fatalf("through the forward: %q", got)
+	}
+	d.close()
+	d = e.start()
+	waitFor(ctx, t, "the forward after a daemon restart", func() bool {
+		return slices.Equal(autoPortsOf(inspect(t, d, "pub")), []int{port})
+	})
+	if got := exchange(); got != "echo: again\n" {
+		t.Fatalf("through the forward after a restart: %q", got)
+	}
+}
