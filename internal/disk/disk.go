@@ -3,8 +3,12 @@
 //
 // Clone picks the first strategy that applies:
 //
-//  1. a qcow2 overlay backed by the raw image, when the VMM accepts qcow2
-//     (QEMU): `qemu-img create -f qcow2 -F raw -b BASE DEST SIZE`;
+//  1. a qcow2 overlay backed by the image, when the VMM accepts qcow2
+//     (QEMU): what `qemu-img create -f qcow2 -F raw -b BASE DEST SIZE`
+//     makes, written by this package (qcow2.go) without running qemu-img;
+//     a base that is itself qcow2 is named with format qcow2, and qemu-img
+//     makes the overlay only when the base's header holds what this
+//     package doesn't read;
 //  2. a raw reflink clone (FICLONE), when the VMM accepts raw and the
 //     filesystem shares extents (XFS with reflink=1, btrfs, bcachefs);
 //  3. a full sparse copy (data extents only, holes kept), as a last resort,
@@ -20,6 +24,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -104,7 +109,7 @@ func (c *Cloner) Clone(ctx context.Context, req CloneRequest) (CloneResult, erro
 
 	switch {
 	case slices.Contains(req.Formats, vmm.FormatQcow2):
-		return c.overlay(ctx, base, dest, size)
+		return c.overlay(ctx, base, dest, req.Size, size)
 	case slices.Contains(req.Formats, vmm.FormatRaw):
 		return c.rawClone(ctx, base, dest, size)
 	}
@@ -174,28 +179,103 @@ func claim(dest string) (*os.File, error) {
 	return f, nil
 }
 
-// overlay makes a qcow2 overlay backed by the raw base image.
-func (c *Cloner) overlay(ctx context.Context, base, dest string, size int64) (res CloneResult, err error) {
+// overlay makes a qcow2 overlay backed by the base image: written here
+// (writeQcow2Overlay) for a raw base or a qcow2 base whose header this
+// package reads, else by qemu-img. asked is the size the request asked for
+// (0: the base's), size the size check made of it (the base's file size
+// when 0).
+func (c *Cloner) overlay(ctx context.Context, base, dest string, asked, size int64) (res CloneResult, err error) {
+	backingFmt, qcow2Size, err := baseFormat(base)
+	if err != nil {
+		return CloneResult{}, fmt.Errorf("clone %s: base image: %w", dest, err)
+	}
+	if backingFmt == vmm.FormatQcow2 && qcow2Size >= 0 {
+		// A qcow2 base's size is its virtual size, not its file's.
+		switch {
+		case asked == 0:
+			size = qcow2Size
+		case asked < qcow2Size:
+			return CloneResult{}, fmt.Errorf("clone %s: requested size %d bytes is smaller than the image (%d bytes); disks can only grow", dest, asked, qcow2Size)
+		}
+	}
 	f, err := claim(dest)
 	if err != nil {
 		return CloneResult{}, err
 	}
-	f.Close()
 	defer func() {
+		if cerr := f.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("clone %s: close: %w", dest, cerr)
+		}
 		if err != nil {
 			os.Remove(dest)
 		}
 	}()
-
-	args := []string{"create", "-q", "-f", vmm.FormatQcow2, "-F", vmm.FormatRaw, "-b", base, dest, strconv.FormatInt(size, 10)}
-	if out, err := runQemuImg(ctx, c.qemuImg, args...); err != nil {
-		return CloneResult{}, fmt.Errorf("clone %s: qemu-img create overlay: %w%s", dest, err, outputSuffix(out))
+	how := "qemu-img"
+	if backingFmt == vmm.FormatRaw || qcow2Size >= 0 {
+		how = "written"
+		if size, err = writeQcow2Overlay(f, size, base, backingFmt); err != nil {
+			return CloneResult{}, fmt.Errorf("clone %s: %w", dest, err)
+		}
+	} else if size, err = c.qemuImgOverlay(ctx, base, dest, asked); err != nil {
+		return CloneResult{}, err
 	}
-	if err := syncPath(dest); err != nil {
-		return CloneResult{}, fmt.Errorf("clone %s: %w", dest, err)
+	if err := f.Sync(); err != nil {
+		return CloneResult{}, fmt.Errorf("clone %s: sync: %w", dest, err)
 	}
-	c.log.DebugContext(ctx, "made root disk", "strategy", StrategyQcow2Overlay, "base", base, "dest", dest, "size", size)
+	c.log.DebugContext(ctx, "made root disk", "strategy", StrategyQcow2Overlay, "base", base, "base_format", backingFmt, "by", how, "dest", dest, "size", size)
 	return CloneResult{Path: dest, Format: vmm.FormatQcow2, Strategy: StrategyQcow2Overlay, Size: size}, nil
+}
+
+// baseFormat tells a qcow2 base from a raw one by its magic. For a qcow2
+// base it also returns its virtual size, or -1 when its header holds what
+// this package doesn't read (another version, encryption, incompatible
+// features): qemu-img makes that overlay.
+func baseFormat(base string) (format string, qcow2Size int64, err error) {
+	src, err := hostfile.Open(base)
+	if err != nil {
+		return "", 0, err
+	}
+	defer src.Close()
+	magic := make([]byte, len(qcow2Magic))
+	if _, err := src.ReadAt(magic, 0); err != nil && !errors.Is(err, io.EOF) {
+		return "", 0, fmt.Errorf("read %s: %w", base, err)
+	}
+	if !bytes.Equal(magic, qcow2Magic) {
+		return vmm.FormatRaw, 0, nil
+	}
+	h, err := readQcow2Header(src, base)
+	switch {
+	case errors.Is(err, errQcow2Unsupported):
+		return vmm.FormatQcow2, -1, nil
+	case err != nil:
+		return "", 0, err
+	case h.incompat != 0 || h.cryptMethod != 0:
+		return vmm.FormatQcow2, -1, nil
+	}
+	return vmm.FormatQcow2, h.size, nil
+}
+
+// qemuImgOverlay has qemu-img write the overlay at dest (which exists,
+// empty) over the qcow2 base, of size asked or, when 0, the base's; it
+// returns the overlay's virtual size.
+func (c *Cloner) qemuImgOverlay(ctx context.Context, base, dest string, asked int64) (int64, error) {
+	args := []string{"create", "-q", "-f", vmm.FormatQcow2, "-F", vmm.FormatQcow2, "-b", base, dest}
+	if asked != 0 {
+		args = append(args, strconv.FormatInt(asked, 10))
+	}
+	if out, err := runQemuImg(ctx, c.qemuImg, args...); err != nil {
+		return 0, fmt.Errorf("clone %s: qemu-img create overlay: %w%s", dest, err, outputSuffix(out))
+	}
+	f, err := os.Open(dest)
+	if err != nil {
+		return 0, fmt.Errorf("clone %s: %w", dest, err)
+	}
+	defer f.Close()
+	h, err := readQcow2Header(f, dest)
+	if err != nil {
+		return 0, fmt.Errorf("clone %s: %w", dest, err)
+	}
+	return h.size, nil
 }
 
 // rawClone makes a raw disk by reflink, or by a sparse copy when the
@@ -258,8 +338,9 @@ func growFile(f *os.File, size int64) error {
 
 // VirtualSize returns the size in bytes of the block device the guest sees
 // for the disk at path in the given format (vmm.FormatRaw or
-// vmm.FormatQcow2). It reads qcow2 headers with qemu-img from PATH, sharing
-// the image's lock so that a disk in use by a running VM can be inspected.
+// vmm.FormatQcow2). It reads a qcow2 header itself (a disk in use by a
+// running VM can be inspected), and asks qemu-img from PATH only about a
+// header it doesn't read.
 func VirtualSize(ctx context.Context, path, format string) (int64, error) {
 	switch format {
 	case vmm.FormatRaw:
@@ -272,6 +353,18 @@ func VirtualSize(ctx context.Context, path, format string) (int64, error) {
 		}
 		return st.Size(), nil
 	case vmm.FormatQcow2:
+		f, err := os.Open(path)
+		if err != nil {
+			return 0, fmt.Errorf("virtual size of %s: %w", path, err)
+		}
+		h, err := readQcow2Header(f, path)
+		f.Close()
+		if err == nil {
+			return h.size, nil
+		}
+		if !errors.Is(err, errQcow2Unsupported) {
+			return 0, fmt.Errorf("virtual size of %s: %w", path, err)
+		}
 		info, err := imageInfo(ctx, DefaultQemuImg, path, format)
 		if err != nil {
 			return 0, fmt.Errorf("virtual size of %s: %w", path, err)

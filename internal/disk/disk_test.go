@@ -495,9 +495,23 @@ func TestCloneFailureLeavesNothing(t *testing.T) {
 	base := filepath.Join(dir, "rootfs.img")
 	makeBase(t, base, 10*mib, 0)
 
+	// A qcow2 base with an incompatible feature bit: qemu-img, not this
+	// package, makes its overlays.
+	featured := filepath.Join(dir, "featured.qcow2")
+	f, err := os.Create(featured)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := writeQcow2Overlay(f, 10*mib, base, vmm.FormatRaw); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{0, 0, 0, 0, 0, 0, 0, 0x10}, 72); err != nil { // extended L2 entries
+		t.Fatal(err)
+	}
+	f.Close()
 	t.Run("qemu-img fails", func(t *testing.T) {
 		dest := filepath.Join(dir, "fail.qcow2")
-		_, err := NewCloner(nil, "false").Clone(t.Context(), CloneRequest{Base: base, Dest: dest, Formats: []string{vmm.FormatQcow2}})
+		_, err := NewCloner(nil, "false").Clone(t.Context(), CloneRequest{Base: featured, Dest: dest, Formats: []string{vmm.FormatQcow2}})
 		if err == nil {
 			t.Fatal("want an error")
 		}
@@ -505,11 +519,17 @@ func TestCloneFailureLeavesNothing(t *testing.T) {
 	})
 	t.Run("qemu-img missing", func(t *testing.T) {
 		dest := filepath.Join(dir, "missing.qcow2")
-		_, err := NewCloner(nil, filepath.Join(dir, "no-qemu-img")).Clone(t.Context(), CloneRequest{Base: base, Dest: dest, Formats: []string{vmm.FormatQcow2}})
+		_, err := NewCloner(nil, filepath.Join(dir, "no-qemu-img")).Clone(t.Context(), CloneRequest{Base: featured, Dest: dest, Formats: []string{vmm.FormatQcow2}})
 		if err == nil {
 			t.Fatal("want an error")
 		}
 		mustNotExist(t, dest)
+	})
+	t.Run("qcow2 overlay without qemu-img", func(t *testing.T) {
+		dest := filepath.Join(dir, "no-qemu-img.qcow2")
+		if _, err := NewCloner(nil, filepath.Join(dir, "no-qemu-img")).Clone(t.Context(), CloneRequest{Base: base, Dest: dest, Formats: []string{vmm.FormatQcow2}}); err != nil {
+			t.Fatalf("a raw base's overlay needs no qemu-img: %v", err)
+		}
 	})
 	t.Run("canceled", func(t *testing.T) {
 		ctx, cancel := context.WithCancel(t.Context())
