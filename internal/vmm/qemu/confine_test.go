@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/cgroup"
+	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/vmm"
 	"github.com/bangerdev/banger/internal/vmm/vmmtest"
@@ -45,8 +46,14 @@ func TestQcow2Backing(t *testing.T) {
 	qemuImg(t, top, "mid.qcow2", "qcow2") // relative name
 	alone := filepath.Join(dir, "alone.qcow2")
 	qemuImg(t, alone, "", "")
+	// The overlays banger makes for its VMs (written by package disk).
+	ours := filepath.Join(dir, "ours.qcow2")
+	if _, err := disk.NewCloner(nil, "").Clone(t.Context(), disk.CloneRequest{Base: raw, Dest: ours, Formats: []string{vmm.FormatQcow2}}); err != nil {
+		t.Fatal(err)
+	}
 	for path, want := range map[string][2]string{
 		mid:   {raw, "raw"},
+		ours:  {raw, "raw"},
 		top:   {"mid.qcow2", "qcow2"},
 		alone: {"", ""},
 	} {
