@@ -123,7 +123,7 @@ func (f Files) writeConfig(hosts []Host) error {
 	if old, err := os.ReadFile(f.Config); err == nil && string(old) == text {
 		return nil
 	}
-	return f.write(f.Config, []byte(text))
+	return f.writeRegenerated(f.Config, []byte(text))
 }
 
 // SetHost adds or replaces one VM's block, keeping the others.
@@ -255,7 +255,7 @@ func (f Files) Install() (bool, error) {
 		}
 		b.WriteString(l)
 	}
-	if err := writeAtomic(path, []byte(b.String()), mode, owner); err != nil {
+	if err := writeAtomic(path, []byte(b.String()), mode, owner, true); err != nil {
 		return false, err
 	}
 	return true, nil

@@ -106,9 +106,10 @@ func (f Files) mkdirAll(dir string) error {
 }
 
 // writeAtomic replaces path with data: a temporary file in the same
-// directory with mode, given to uid:gid when owner is set, synced and
-// renamed over path. Readers see the old or the new file, never a part.
-func writeAtomic(path string, data []byte, mode fs.FileMode, owner *[2]int) error {
+// directory with mode, given to uid:gid when owner is set, synced when
+// sync is set, and renamed over path. Readers see the old or the new file,
+// never a part.
+func writeAtomic(path string, data []byte, mode fs.FileMode, owner *[2]int, sync bool) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
@@ -132,8 +133,10 @@ func writeAtomic(path string, data []byte, mode fs.FileMode, owner *[2]int) erro
 			return fmt.Errorf("chown %s: %w", name, err)
 		}
 	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", name, err)
+	if sync {
+		if err := tmp.Sync(); err != nil {
+			return fmt.Errorf("sync %s: %w", name, err)
+		}
 	}
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("write %s: %w", name, err)
@@ -145,11 +148,25 @@ func writeAtomic(path string, data []byte, mode fs.FileMode, owner *[2]int) erro
 	return nil
 }
 
-// write replaces one of the user's files (mode 0600, theirs).
+// write replaces one of the user's files (mode 0600, theirs), synced.
 func (f Files) write(path string, data []byte) error {
-	var owner *[2]int
+	return writeAtomic(path, data, 0o600, f.owner(), true)
+}
+
+// writeRegenerated replaces one of the user's files that banger rewrites
+// from the daemon's answers (its ssh config and known_hosts: every vm
+// create, run, ssh and ssh-proxy refreshes the VM's entries), without
+// waiting for the disk: a crash loses at most the last refresh, and the
+// rename still shows readers a whole file. Syncing held the lock that
+// concurrent bangers share for a journal commit each (tens of ms on a busy
+// disk), which serialised parallel creates.
+func (f Files) writeRegenerated(path string, data []byte) error {
+	return writeAtomic(path, data, 0o600, f.owner(), false)
+}
+
+func (f Files) owner() *[2]int {
 	if f.User.Chown {
-		owner = &[2]int{f.User.UID, f.User.GID}
+		return &[2]int{f.User.UID, f.User.GID}
 	}
-	return writeAtomic(path, data, 0o600, owner)
+	return nil
 }

@@ -119,5 +119,5 @@ func (f Files) writePublic(privPEM []byte) error {
 	if f.User.Chown {
 		owner = &[2]int{f.User.UID, f.User.GID}
 	}
-	return writeAtomic(f.Key+".pub", []byte(line), 0o644, owner)
+	return writeAtomic(f.Key+".pub", []byte(line), 0o644, owner, true)
 }

@@ -56,7 +56,7 @@ func (f Files) SetHostKeys(name string, keys []string) error {
 	if bytes.Equal(out.Bytes(), old) {
 		return nil
 	}
-	return f.write(f.KnownHosts, out.Bytes())
+	return f.writeRegenerated(f.KnownHosts, out.Bytes())
 }
 
 // namesHost reports whether a known_hosts line is about host (its host
