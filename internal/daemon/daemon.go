@@ -131,6 +131,9 @@ type Daemon struct {
 	// published holds the *publisher of each running --publish-all VM,
 	// by id (publishall.go).
 	published sync.Map
+	// checked holds, by image id, a checkedImage: the files an image was
+	// last found usable with (see usableImage).
+	checked sync.Map
 }
 
 // deps are the parts run takes from its caller: production passes the QEMU

@@ -46,7 +46,22 @@ func fromStoreFiles(fs []store.ImageFile) []imagefile.Stamp {
 // usableImage checks that im's files are all there and unchanged since
 // they were recorded. Its errors are ErrFailedPrecondition and say what
 // to do.
+//
+// Once an image passed (its files valid and matching their fingerprints),
+// its fingerprints are kept in memory: the next checks only stat its files
+// against them, without reading the fingerprints from the store (a row
+// per file of a modules tree: over a thousand) or validating the files
+// again (the kernel's release, every boot module's); any difference falls
+// back to the full check. Validation depends only on the files' content,
+// which the fingerprints pin.
 func (d *Daemon) usableImage(ctx context.Context, im store.Image) error {
+	if c, ok := d.checked.Load(im.ID); ok {
+		c := c.(checkedImage)
+		if c.artifacts == artifactsOf(im) && imagefile.Verify(c.stamps) == nil {
+			return nil
+		}
+		d.checked.Delete(im.ID)
+	}
 	if err := imagefile.ValidateArtifacts(artifactsOf(im)); err != nil {
 		return fmt.Errorf("image %q is unusable (were its files moved or removed?): %w: %w", im.Name, err, errdefs.ErrFailedPrecondition)
 	}
@@ -58,7 +73,11 @@ func (d *Daemon) usableImage(ctx context.Context, im store.Image) error {
 		// Registered before fingerprints were kept: trust what is there now.
 		return d.recordImageFiles(ctx, im)
 	}
-	err = imagefile.Verify(fromStoreFiles(files))
+	stamps := fromStoreFiles(files)
+	err = imagefile.Verify(stamps)
+	if err == nil {
+		d.checked.Store(im.ID, checkedImage{artifacts: artifactsOf(im), stamps: stamps})
+	}
 	var ce *imagefile.ChangedError
 	if !errors.As(err, &ce) {
 		return err
@@ -71,6 +90,12 @@ func (d *Daemon) usableImage(ctx context.Context, im store.Image) error {
 		"Restore the file, or register it as a new image (sudo banger image register), or, if no VM uses %q, remove and register it again (sudo banger image rm %s). "+
 		"An image promoted with sudo banger image promote is banger's own copy, which can't change under its VMs: %w",
 		im.Name, ce, im.Name, im.Name, errdefs.ErrFailedPrecondition)
+}
+
+// checkedImage is an image's files as usableImage last found them usable.
+type checkedImage struct {
+	artifacts imagefile.Artifacts
+	stamps    []imagefile.Stamp
 }
 
 // recordImageFiles fingerprints im's files when none are recorded (images

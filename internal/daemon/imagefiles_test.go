@@ -116,6 +116,11 @@ func TestChangedModuleRefusesStart(t *testing.T) {
 	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "mods", Rootfs: e.rootfs, Kernel: kernel, ModulesDir: mods}); err != nil {
 		t.Fatal(err)
 	}
+	// A create first, so that the image's files are known usable (and
+	// kept in memory): the change is still noticed.
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "m0", Image: "mods"}, nil); err != nil {
+		t.Fatal(err)
+	}
 	writeFile(t, ko, []byte("another module"))
 	_, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "m", Image: "mods"}, nil)
 	wireErr(t, "create with a changed module", err, errdefs.ErrFailedPrecondition)

@@ -201,6 +201,7 @@ func (d *Daemon) imagePromote(ctx context.Context, call *rpc.Call) (any, error) 
 	im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir = out.Rootfs, out.Kernel, out.Initrd, out.ModulesDir
 	im.Files = toStoreFiles(copySums)
 	err = d.store.UpdateImage(context.WithoutCancel(ctx), im)
+	d.checked.Delete(im.ID)
 	d.create.Unlock()
 	if err != nil {
 		return nil, err
@@ -272,6 +273,7 @@ func (d *Daemon) imageRemove(ctx context.Context, call *rpc.Call) (any, error) {
 	if err := d.store.DeleteImage(ctx, im.ID); err != nil {
 		return nil, fmt.Errorf("remove image %q: %w", im.Name, err)
 	}
+	d.checked.Delete(im.ID)
 	if im.Managed {
 		dir := filepath.Join(d.cfg.StateDir, "images", im.ID)
 		if err := os.RemoveAll(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
