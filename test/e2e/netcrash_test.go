@@ -50,11 +50,33 @@ func TestNetCrash(t *testing.T) {
 		if d := e.VMDirs(); len(d) != len(names) {
 			t.Errorf("%d VM directories for %d VMs after a crash mid-create: %v", len(d), len(names), d)
 		}
-		for _, n := range names {
-			e.Must("vm", "rm", n)
+		var ports []string
+		for i := 0; i < 8; i++ {
+			ports = append(ports, "1860"+string(rune('0'+i)))
 		}
+		for _, n := range names {
+			id := e.Inspect(n).ID
+			e.Must("vm", "rm", n)
+			if l := leftovers(e, id, ports...); len(l) != 0 {
+				t.Errorf("vm %s after rm: %v", n, l)
+			}
+		}
+		// Nothing of any VM, surviving or not: no TAP, no per-VM chain or
+		// element, no listener on the creates' ports.
 		if l := e.Lab.Links(bridgeName); len(l) > 1 || (len(l) == 1 && l[0] != bridgeName) {
 			t.Errorf("links after creates only: %v", l)
+		}
+		for _, r := range e.Lab.NFT() {
+			if strings.Contains(r, " vm-") || strings.Contains(r, " element ") {
+				t.Errorf("per-VM nftables state after creates only: %s", r)
+			}
+		}
+		for _, l := range e.Lab.Listeners() {
+			for _, p := range ports {
+				if strings.HasSuffix(l, ":"+p) {
+					t.Errorf("listener after creates only: %s", l)
+				}
+			}
 		}
 	})
 
@@ -78,10 +100,22 @@ func TestNetCrash(t *testing.T) {
 		t.Logf("after the crash mid-start and a restart the VM is %s", vm.State)
 		switch vm.State {
 		case "running":
-			// Adopted: it has its TAP and its rules, and its port.
+			// Adopted: it has its TAP, its rules (chain and elements), and
+			// its forwarded port answers.
 			if !contains(e.Lab.Links(bridgeName), tap) {
 				t.Errorf("adopted running VM has no TAP %s", tap)
 			}
+			var chain, elems bool
+			for _, r := range e.Lab.NFT() {
+				chain = chain || strings.HasSuffix(r, " vm-"+id)
+				elems = elems || strings.HasSuffix(r, " element "+id)
+			}
+			if !chain || !elems {
+				t.Errorf("adopted running VM: its chain %v, its set elements %v; want both: %v", chain, elems, e.Lab.NFT())
+			}
+			e.InstallGuestTool("ms")
+			guestOK(t, e, "ms", tool("serve", "-d", "tcp", "8080")...)
+			e.Lab.WaitExchange("tcp", "127.0.0.1:18700", "adopted", "tcp:adopted", 30*time.Second)
 		case "stopped":
 			if l := leftovers(e, id, "18700"); len(l) != 0 {
 				t.Errorf("stopped VM after a crash mid-start has %v", l)

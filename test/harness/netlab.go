@@ -280,7 +280,9 @@ func (l *Lab) Links(bridge string) []string {
 }
 
 // NFT lists bgd's nftables tables and chains whose table name contains
-// "banger", as "FAMILY TABLE" and "FAMILY TABLE CHAIN".
+// "banger", as "FAMILY TABLE" and "FAMILY TABLE CHAIN", and the elements
+// of their sets and maps that carry a comment (banger's per-VM elements
+// carry the VM's id) as "FAMILY TABLE SET element COMMENT".
 func (l *Lab) NFT() []string {
 	l.t.Helper()
 	f, err := os.Open(l.BGD.Path)
@@ -299,8 +301,24 @@ func (l *Lab) NFT() []string {
 	}
 	var out []string
 	for _, t := range tables {
-		if strings.Contains(t.Name, "banger") {
-			out = append(out, familyName(t.Family)+" "+t.Name)
+		if !strings.Contains(t.Name, "banger") {
+			continue
+		}
+		out = append(out, familyName(t.Family)+" "+t.Name)
+		sets, err := c.GetSets(t)
+		if err != nil {
+			l.t.Fatalf("list the sets of %s %s in bgd: %v", familyName(t.Family), t.Name, err)
+		}
+		for _, s := range sets {
+			els, err := c.GetSetElements(s)
+			if err != nil {
+				l.t.Fatalf("list set %s in bgd: %v", s.Name, err)
+			}
+			for _, el := range els {
+				if el.Comment != "" {
+					out = append(out, familyName(t.Family)+" "+t.Name+" "+s.Name+" element "+el.Comment)
+				}
+			}
 		}
 	}
 	chains, err := c.ListChains()

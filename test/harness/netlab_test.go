@@ -73,6 +73,11 @@ func TestLab(t *testing.T) {
 	if got := l.NFT(); strings.Join(got, ",") != "inet banger,inet banger vm-0123456789ab" {
 		t.Errorf("nft = %v", got)
 	}
+	// Per-VM elements carry the VM's id as their comment.
+	l.BGD.Run(t, "nft", `add set inet banger vm_ips { type ipv4_addr; }; add element inet banger vm_ips { 10.77.0.2 comment "0123456789abcdef", 10.77.0.3 }`)
+	if got := l.NFT(); strings.Join(got, ",") != "inet banger,inet banger vm-0123456789ab,inet banger vm_ips element 0123456789abcdef" {
+		t.Errorf("nft with a set = %v", got)
+	}
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
