@@ -45,6 +45,7 @@ func Main(args []string, stderr io.Writer) int {
 	stateDir := fs.String("state-dir", "", "override state_dir")
 	logLevel := fs.String("log-level", "", "override log_level (debug, info, warn, error)")
 	version := fs.Bool("version", false, "print the version and exit")
+	teardown := fs.Bool("teardown-network", false, "remove banger's bridge, nftables tables and iptables accept rules, then exit (bangerd stopped, no bridged VM running)")
 	if err := fs.Parse(args[1:]); err != nil {
 		return 2
 	}
@@ -71,6 +72,14 @@ func Main(args []string, stderr io.Writer) int {
 	if err := cfg.Validate(); err != nil {
 		fmt.Fprintln(stderr, "bangerd:", err)
 		return 2
+	}
+	if *teardown {
+		if err := TeardownNetwork(cfg); err != nil {
+			fmt.Fprintln(stderr, "bangerd:", err)
+			return 1
+		}
+		fmt.Fprintf(stderr, "bangerd: removed bridge %s and banger's firewall rules\n", cfg.BridgeName)
+		return 0
 	}
 	log := newLogger(cfg, stderr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)

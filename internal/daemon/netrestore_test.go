@@ -213,3 +213,57 @@ func TestPortTakenAtStartAndRestore(t *testing.T) {
 		t.Errorf("a after a clean restart: last error %q, want none", got.LastError)
 	}
 }
+
+// bangerd --teardown-network removes banger's bridge, tables and
+// iptables accept rules, and nothing else; it refuses while bangerd runs
+// or a bridged VM runs.
+func TestTeardownNetwork(t *testing.T) {
+	if !netns.InChild() {
+		netns.New(t, "bgdt").RunTest(t)
+		return
+	}
+	requireRoot(t)
+	if _, err := exec.LookPath("iptables-nft"); err != nil {
+		testenv.Missing(t, "iptables-nft is missing")
+	}
+	nsRun(t, "iptables-nft", "-P", "FORWARD", "DROP")
+	nsRun(t, "iptables-nft", "-A", "FORWARD", "-i", "other0", "-j", "ACCEPT") // not banger's
+	e, d, _ := hostNetDaemon(t)
+	ctx := testCtx(t)
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "a", Start: true, MemoryMiB: 128, CPUs: 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := TeardownNetwork(e.cfg); err == nil || !strings.Contains(err.Error(), "stop bangerd first") {
+		t.Errorf("teardown while bangerd runs: %v", err)
+	}
+	d.close()
+	if err := TeardownNetwork(e.cfg); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Errorf("teardown while a bridged VM runs: %v, want ErrFailedPrecondition", err)
+	}
+	d = e.start()
+	if _, err := d.c.VMStop(ctx, api.VMStopParams{Name: "a"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	d.close()
+	if err := TeardownNetwork(e.cfg); err != nil {
+		t.Fatalf("teardown with bangerd and VMs stopped: %v", err)
+	}
+	if out := nsRun(t, "ip", "-o", "link", "show"); strings.Contains(out, "banger0") {
+		t.Errorf("bridge left after teardown:\n%s", out)
+	}
+	if out := nsRun(t, "nft", "list", "tables"); strings.Contains(out, "banger") {
+		t.Errorf("banger's tables left after teardown:\n%s", out)
+	}
+	out := nsRun(t, "iptables-nft", "-S", "FORWARD")
+	if strings.Contains(out, "banger0") || !strings.Contains(out, "-A FORWARD -i other0 -j ACCEPT") || !strings.Contains(out, "-P FORWARD DROP") {
+		t.Errorf("iptables FORWARD after teardown (want banger's rules gone, the rest kept):\n%s", out)
+	}
+	if err := TeardownNetwork(e.cfg); err != nil {
+		t.Errorf("a second teardown: %v", err)
+	}
+	// The VM is still there, and starts again with a network made anew.
+	d = e.start()
+	if _, err := d.c.VMStart(ctx, api.VMStartParams{Name: "a"}, nil); err != nil {
+		t.Fatalf("start after teardown: %v", err)
+	}
+}
