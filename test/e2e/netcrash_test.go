@@ -105,14 +105,7 @@ func TestNetCrash(t *testing.T) {
 			if !contains(e.Lab.Links(bridgeName), tap) {
 				t.Errorf("adopted running VM has no TAP %s", tap)
 			}
-			var chain, elems bool
-			for _, r := range e.Lab.NFT() {
-				chain = chain || strings.HasSuffix(r, " vm-"+id)
-				elems = elems || strings.HasSuffix(r, " element "+id)
-			}
-			if !chain || !elems {
-				t.Errorf("adopted running VM: its chain %v, its set elements %v; want both: %v", chain, elems, e.Lab.NFT())
-			}
+			checkRules(t, e, id)
 			e.InstallGuestTool("ms")
 			guestOK(t, e, "ms", tool("serve", "-d", "tcp", "8080")...)
 			e.Lab.WaitExchange("tcp", "127.0.0.1:18700", "adopted", "tcp:adopted", 30*time.Second)
@@ -143,6 +136,7 @@ func TestNetCrash(t *testing.T) {
 		vm = e.Inspect("mb")
 		t.Logf("after a crash with QEMU running and a restart the VM is %s", vm.State)
 		if vm.State == "running" {
+			checkRules(t, e, idB)
 			e.InstallGuestTool("mb")
 			guestOK(t, e, "mb", tool("serve", "-d", "tcp", "8080")...)
 			e.Lab.WaitExchange("tcp", "127.0.0.1:18701", "adopted", "tcp:adopted", 30*time.Second)
@@ -168,4 +162,18 @@ func TestNetCrash(t *testing.T) {
 			t.Fatalf("after vm rm: %v", l)
 		}
 	})
+}
+
+// checkRules fails t unless the VM id has its rules in the lab: its chain
+// and the set elements carrying its id.
+func checkRules(t *testing.T, e *harness.Env, id string) {
+	t.Helper()
+	var chain, elems bool
+	for _, r := range e.Lab.NFT() {
+		chain = chain || strings.HasSuffix(r, " vm-"+id)
+		elems = elems || strings.HasSuffix(r, " element "+id)
+	}
+	if !chain || !elems {
+		t.Errorf("adopted running VM %s: its chain %v, its set elements %v; want both: %v", id, chain, elems, e.Lab.NFT())
+	}
 }
