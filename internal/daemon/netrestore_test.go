@@ -2,6 +2,9 @@ package daemon
 
 import (
 	"errors"
+	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -265,5 +268,31 @@ func TestTeardownNetwork(t *testing.T) {
 	d = e.start()
 	if _, err := d.c.VMStart(ctx, api.VMStartParams{Name: "a"}, nil); err != nil {
 		t.Fatalf("start after teardown: %v", err)
+	}
+}
+
+// A subnet overlapping a host route: bangerd warns at start (it serves
+// user-mode and stopped VMs), and a bridged create fails with the error,
+// nothing made.
+func TestSubnetOverlapWarnsAtStart(t *testing.T) {
+	t.Parallel()
+	requireRoot(t)
+	e := newEnv(t, bridged)
+	e.net.subnetErr = fmt.Errorf("subnet 10.77.0.0/24 overlaps the host's route(s) to 10.77.0.128/25: %w", errdefs.ErrFailedPrecondition)
+	var logs syncBuffer
+	e.log = slog.New(slog.NewTextHandler(io.MultiWriter(&logs, &testWriter{t: t}), nil))
+	d := e.start()
+	if _, err := d.c.ImageRegister(testCtx(t), api.ImageRegisterParams{Name: "default", Rootfs: e.rootfs, Kernel: e.kernel, Initrd: e.initrd}); err != nil {
+		t.Fatal(err)
+	}
+	if s := logs.String(); !strings.Contains(s, "level=WARN") || !strings.Contains(s, "10.77.0.128/25") {
+		t.Errorf("no warning naming the overlap at daemon start:\n%s", s)
+	}
+	ctx := testCtx(t)
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "b", MemoryMiB: 128, CPUs: 1}, nil); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Errorf("bridged create on an overlapping subnet: %v", err)
+	}
+	if vms, err := d.c.VMList(ctx); err != nil || len(vms) != 0 {
+		t.Errorf("after a refused create: %v, %v", vms, err)
 	}
 }
