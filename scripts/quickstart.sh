@@ -33,7 +33,7 @@ if ! "$banger" vm ls >/dev/null 2>&1; then
   echo "bangerd started (log: /var/log/banger/bangerd.log)" >&2
 fi
 if ! "$banger" image inspect default >/dev/null 2>&1; then
-  "$banger" image register default --rootfs "$img/rootfs.ext4" --kernel "$img/vmlinuz" --initrd "$img/initrd.img"
+  "$banger" image register default --rootfs "$img/rootfs.ext4" --kernel "$img/vmlinuz" --initrd "$img/initrd.img" --user dev
 fi
 "$banger" doctor || true
 # shellcheck disable=SC2016 # expanded in the guest
