@@ -266,18 +266,25 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 
 // reserveName takes name for a create unless a VM or another create has
 // it (as a name, or a VM as its id); it reports whether it was taken.
-// The create releases it once its row is in (or it failed).
+// The create releases it once its row is in (or it failed). The name is
+// reserved before the store is asked, so that the lock is not held while
+// the query waits for the store's connection (parallel creates queued
+// behind it).
 func (d *Daemon) reserveName(ctx context.Context, name string) (bool, error) {
 	d.namingMu.Lock()
-	defer d.namingMu.Unlock()
 	if d.naming[name] {
+		d.namingMu.Unlock()
 		return true, nil
 	}
+	d.naming[name] = true
+	d.namingMu.Unlock()
 	taken, err := d.store.VMNameTaken(ctx, name)
 	if err != nil || taken {
+		d.namingMu.Lock()
+		delete(d.naming, name)
+		d.namingMu.Unlock()
 		return taken, err
 	}
-	d.naming[name] = true
 	return false, nil
 }
 
