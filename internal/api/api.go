@@ -235,7 +235,8 @@ type VMCreateParams struct {
 	Ports []string `json:"ports,omitempty"`
 	// PublishAll forwards, while the VM runs, every TCP port the guest
 	// listens on (not bound to its loopback) from the same port on the
-	// host's 127.0.0.1, through the guest agent, as Lima does (vm create
+	// host's 127.0.0.1 (through the guest agent; bridge mode: straight to
+	// the guest's address when it can), as Lima does (vm create
 	// --publish-all). Privileged ports (< 1024), ports taken on the host,
 	// ports given in Ports and host ports of other VMs' Ports are left out.
 	PublishAll bool `json:"publish_all,omitempty"`

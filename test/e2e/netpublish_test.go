@@ -9,12 +9,19 @@ import (
 	"time"
 )
 
-// TestNetPublishAll: a --publish-all VM (user-mode network) gets the port
-// its guest starts listening on forwarded from 127.0.0.1 on the host
-// (inside the lab's bgd namespace), marked (auto) in vm ls; the forward
-// goes when the guest stops listening, and with the VM.
+// TestNetPublishAll: a --publish-all VM gets the port its guest starts
+// listening on forwarded from 127.0.0.1 on the host (inside the lab's bgd
+// namespace), marked (auto) in vm ls; the forward goes when the guest
+// stops listening, and with the VM. User network: through the agent;
+// bridge: straight to the guest's address.
 func TestNetPublishAll(t *testing.T) {
-	e := newNetEnv(t, "network = \"user\"\n")
+	for _, mode := range []string{"user", "bridge"} {
+		t.Run(mode, func(t *testing.T) { testPublishAll(t, mode) })
+	}
+}
+
+func testPublishAll(t *testing.T, mode string) {
+	e := newNetEnv(t, "network = \""+mode+"\"\n")
 	registerNetImages(t, e)
 	name := uniq("np")
 	e.Must("vm", "create", "--name", name, "--image", "debian", "--publish-all", "--start")
