@@ -176,6 +176,9 @@ func TestPublishAllNeedsNetwork(t *testing.T) {
 	_, d := setup(t, func(c *config.Daemon) { c.Network = api.NetworkUser })
 	_, err := d.c.VMCreate(testCtx(t), api.VMCreateParams{Name: "x", Network: api.NetworkNone, PublishAll: true}, nil)
 	wireErr(t, "publish-all with network none", err, errdefs.ErrInvalid)
+	if vms, err := d.c.VMList(testCtx(t)); err != nil || len(vms) != 0 {
+		t.Fatalf("a refused create left %d VMs (err %v)", len(vms), err)
+	}
 }
 
 func TestGuestTarget(t *testing.T) {
