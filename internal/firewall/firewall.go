@@ -253,13 +253,9 @@ func (f *Firewall) Ensure() error {
 func (f *Firewall) EnsureFresh() (fresh bool, err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	c, err := nftables.New()
+	c, st, err := openState()
 	if err != nil {
-		return false, fmt.Errorf("firewall: open nftables: %w", err)
-	}
-	st, err := readState(c)
-	if err != nil {
-		return false, fmt.Errorf("firewall: read tables %s: %w", TableName, err)
+		return false, fmt.Errorf("firewall: %w", err)
 	}
 	fresh = !st.complete()
 	compat, err := f.planCompat(c)
@@ -327,11 +323,7 @@ func (f *Firewall) AddVM(vm VM) error {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	c, err := nftables.New()
-	if err != nil {
-		return fmt.Errorf("firewall: open nftables: %w", err)
-	}
-	st, err := readState(c)
+	c, st, err := openState()
 	if err != nil {
 		return fmt.Errorf("firewall: add vm %s: %w", vm.ID, err)
 	}
@@ -379,11 +371,7 @@ func (f *Firewall) RemoveVM(id string) error {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	c, err := nftables.New()
-	if err != nil {
-		return fmt.Errorf("firewall: open nftables: %w", err)
-	}
-	st, err := readState(c)
+	c, st, err := openState()
 	if err != nil {
 		return fmt.Errorf("firewall: remove vm %s: %w", id, err)
 	}
@@ -400,11 +388,7 @@ func (f *Firewall) RemoveVM(id string) error {
 func (f *Firewall) VMs() ([]string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	c, err := nftables.New()
-	if err != nil {
-		return nil, fmt.Errorf("firewall: open nftables: %w", err)
-	}
-	st, err := readState(c)
+	_, st, err := openState()
 	if err != nil {
 		return nil, fmt.Errorf("firewall: list vms: %w", err)
 	}
@@ -474,6 +458,20 @@ func first(err error) error {
 // isNotExist reports a netlink answer of "no such table/chain/set".
 func isNotExist(err error) bool {
 	return errors.Is(err, unix.ENOENT) || errors.Is(err, os.ErrNotExist)
+}
+
+// openState opens a netlink connection to nf_tables and reads banger's
+// tables through it.
+func openState() (*nftables.Conn, *state, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return nil, nil, fmt.Errorf("open nftables: %w", err)
+	}
+	st, err := readState(c)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read tables %s: %w", TableName, err)
+	}
+	return c, st, nil
 }
 
 func readState(c *nftables.Conn) (*state, error) {
