@@ -16,6 +16,26 @@ const (
 	MethodImageList     = "v1.image.list"
 	MethodImageInspect  = "v1.image.inspect"
 	MethodImageRemove   = "v1.image.remove"
+	// MethodImagePull installs an image: a catalog entry (NAME or
+	// NAME@VERSION: a bundle download, or a local build when the catalog
+	// says how and the bundle can't be fetched), else an OCI reference
+	// (PullParams). Progress frames report each phase with bytes; the pull
+	// runs in the daemon and goes on if the client goes away (a second
+	// pull of the same thing attaches to it). Result: Image.
+	MethodImagePull = "v1.image.pull"
+	// MethodImagePrune removes unused managed images and kernels that came
+	// from catalogs or OCI (with All: every unused managed one) and the
+	// leftovers of interrupted pulls. Result: PruneResult.
+	MethodImagePrune = "v1.image.prune"
+	// MethodPullCancel cancels the running pull of PullCancelParams.Ref
+	// (image pull --cancel, Ctrl-C in image pull). Result: none.
+	MethodPullCancel = "v1.pull.cancel"
+	// Kernels: objects of their own, shared by images (Kernel).
+	MethodKernelList    = "v1.kernel.list"
+	MethodKernelInspect = "v1.kernel.inspect"
+	MethodKernelRemove  = "v1.kernel.remove"
+	MethodKernelImport  = "v1.kernel.import"
+	MethodKernelPull    = "v1.kernel.pull" // PullParams; Result: Kernel
 	MethodVMCreate      = "v1.vm.create"
 	MethodVMStart       = "v1.vm.start"
 	MethodVMStop        = "v1.vm.stop"
@@ -39,6 +59,12 @@ const (
 	// (vm run --rm while the user's ssh session runs): the VM is removed
 	// when the call ends, however it ends.
 	MethodVMHold = "v1.vm.hold"
+	// MethodVMAttach streams the output of a VM's main process (an
+	// init-less image's Entrypoint+Cmd run by the agent; see
+	// ImageConfig) as FrameStdout/FrameStderr frames, from its start
+	// (what it wrote before the call is replayed, within a bound), until
+	// it exits. Result: ExecResult with its exit code.
+	MethodVMAttach = "v1.vm.attach"
 )
 
 // Error codes carried on the wire. The daemon maps its errors to these at
@@ -85,6 +111,125 @@ type Image struct {
 	// ModulesFiles is how many files and symlinks of the modules tree are
 	// fingerprinted (image inspect only).
 	ModulesFiles int `json:"modules_files,omitempty"`
+
+	// KernelID and KernelName are the kernel object the image boots with
+	// (vm create --kernel overrides it). Kernel, Initrd and ModulesDir
+	// above are that kernel's files.
+	KernelID   string `json:"kernel_id,omitempty"`
+	KernelName string `json:"kernel_name,omitempty"`
+	// Source is where the image came from: SourceCatalog, SourceOCI,
+	// SourceRegistered (host files), SourceLocalBuild.
+	Source string `json:"source"`
+	// Version is the catalog version (catalog and local builds).
+	Version string `json:"version,omitempty"`
+	// Ref is the OCI reference or catalog URL it was pulled from; Digest
+	// the OCI manifest digest or the bundle's sha256.
+	Ref    string `json:"ref,omitempty"`
+	Digest string `json:"digest,omitempty"`
+	// Config is the image's process configuration (OCI images; nil
+	// otherwise): defaults for vm exec and vm run, and the main process
+	// of an image without an init system.
+	Config *ImageConfig `json:"config,omitempty"`
+	// InUse is how many VMs use the image (len(UsedBy)).
+	InUse int `json:"in_use"`
+}
+
+// Image and kernel sources.
+const (
+	SourceCatalog    = "catalog"
+	SourceOCI        = "oci"
+	SourceRegistered = "registered"
+	SourceLocalBuild = "local-build"
+	SourceImported   = "imported" // kernel import
+)
+
+// ImageConfig is the part of an OCI image's configuration banger uses.
+type ImageConfig struct {
+	Env          []string `json:"env,omitempty"`
+	WorkingDir   string   `json:"working_dir,omitempty"`
+	User         string   `json:"user,omitempty"`
+	Entrypoint   []string `json:"entrypoint,omitempty"`
+	Cmd          []string `json:"cmd,omitempty"`
+	ExposedPorts []string `json:"exposed_ports,omitempty"` // "80/tcp"
+	StopSignal   string   `json:"stop_signal,omitempty"`
+}
+
+// Kernel is a kernel object: a kernel image, with an optional initrd and
+// modules tree, registered, imported or pulled once and shared by images.
+type Kernel struct {
+	ID         string    `json:"id"`
+	Name       string    `json:"name"`
+	Managed    bool      `json:"managed"`
+	Source     string    `json:"source"`
+	Version    string    `json:"version,omitempty"`
+	Release    string    `json:"release,omitempty"` // uname -r of the kernel
+	Kernel     string    `json:"kernel"`
+	Initrd     string    `json:"initrd,omitempty"`
+	ModulesDir string    `json:"modules_dir,omitempty"`
+	Ref        string    `json:"ref,omitempty"`
+	Digest     string    `json:"digest,omitempty"`
+	SizeBytes  int64     `json:"size_bytes"`
+	CreatedAt  time.Time `json:"created_at"`
+	// Images and VMs using the kernel (VMs through --kernel).
+	Images []string    `json:"images,omitempty"`
+	VMs    []string    `json:"vms,omitempty"`
+	Files  []ImageFile `json:"files,omitempty"` // kernel inspect only
+}
+
+// KernelImportParams imports a kernel: from a kernel image file (bzImage
+// or ELF vmlinux) with optional initrd and modules directory, or from a
+// Debian kernel package (Deb). The files are copied into daemon-owned
+// storage. Paths are absolute.
+type KernelImportParams struct {
+	Name       string `json:"name"`
+	Kernel     string `json:"kernel,omitempty"`
+	Initrd     string `json:"initrd,omitempty"`
+	ModulesDir string `json:"modules_dir,omitempty"`
+	Deb        string `json:"deb,omitempty"`
+}
+
+// PullParams pulls an image (MethodImagePull) or a kernel
+// (MethodKernelPull).
+type PullParams struct {
+	// Ref is a catalog name (NAME or NAME@VERSION) or, for images, an OCI
+	// reference: "debian:bookworm", "REG/x@sha256:...", "oci:DIR" or a
+	// directory holding an OCI layout, "docker-archive:FILE" or a
+	// `docker save` tarball, "docker-daemon:IMAGE".
+	Ref string `json:"ref"`
+	// Name is the local name (default: the catalog name, or a DNS label
+	// derived from the OCI reference).
+	Name string `json:"name,omitempty"`
+	// Platform is an OCI platform ("linux/amd64"); default the host's.
+	Platform string `json:"platform,omitempty"`
+	// Insecure allows plain HTTP and unverified TLS for a registry that is
+	// not on localhost (localhost registries may use plain HTTP anyway).
+	Insecure bool `json:"insecure,omitempty"`
+	// Kernel is the kernel an OCI image boots with (default: the daemon's
+	// default_kernel_name, pulled when missing).
+	Kernel string `json:"kernel,omitempty"`
+}
+
+// PullCancelParams cancels a pull (MethodPullCancel).
+type PullCancelParams struct {
+	// Kind is "image" or "kernel".
+	Kind string `json:"kind"`
+	Ref  string `json:"ref"`
+}
+
+// PruneParams prunes images (MethodImagePrune).
+type PruneParams struct {
+	// All also removes unused managed images from other sources
+	// (promoted and local builds). Unmanaged (registered) images are never
+	// removed.
+	All bool `json:"all,omitempty"`
+}
+
+// PruneResult lists what a prune removed.
+type PruneResult struct {
+	Images         []string `json:"images,omitempty"`
+	Kernels        []string `json:"kernels,omitempty"`
+	PartialFiles   []string `json:"partial_files,omitempty"`
+	ReclaimedBytes int64    `json:"reclaimed_bytes"`
 }
 
 // ImageFile is the recorded fingerprint of one file of an image.
@@ -108,6 +253,10 @@ type ImageRegisterParams struct {
 	// User is the image's default user, whom `vm ssh` logs in as and for
 	// whom the invoking user's key is authorised; empty = root.
 	User string `json:"user,omitempty"`
+	// KernelName names a kernel object to boot with instead of Kernel,
+	// Initrd and ModulesDir (which must then be empty). With Kernel, an
+	// unmanaged kernel object is registered for those files.
+	KernelName string `json:"kernel_name,omitempty"`
 }
 
 // NameParams names one object (a VM or an image, by name or id).
@@ -156,6 +305,13 @@ type VM struct {
 	Confinement *Confinement `json:"confinement,omitempty"`
 	// Network is the VM's network (nil: none).
 	Network *NetworkInfo `json:"network,omitempty"`
+	// Kernel is the kernel object the VM boots with (the image's unless
+	// overridden at create).
+	Kernel string `json:"kernel,omitempty"`
+	// MainProcess is the argv the agent runs as the VM's main process
+	// (init-less images with an Entrypoint or Cmd); Restart its policy.
+	MainProcess []string `json:"main_process,omitempty"`
+	Restart     string   `json:"restart,omitempty"`
 }
 
 // Boot phases, in order (BootPhase.Name). Clone is recorded only for the
@@ -253,7 +409,24 @@ type VMCreateParams struct {
 	// back for it within 30s after its create or start, when its VMM
 	// exits, and at daemon start (vm run --rm; Docker's AutoRemove).
 	AutoRemove bool `json:"auto_remove,omitempty"`
+	// Kernel overrides the image's kernel (a kernel object's name; pulled
+	// from the kernel catalog when missing).
+	Kernel string `json:"kernel,omitempty"`
+	// Cmd replaces the image's Cmd for the main process (an init-less
+	// image with an Entrypoint or Cmd): vm run --image X -- ARGS, as
+	// docker run does. Ignored for images with an init system.
+	Cmd []string `json:"cmd,omitempty"`
+	// Restart is the main process's restart policy: "no" (default: the VM
+	// stops when it exits), "on-failure" or "always".
+	Restart string `json:"restart,omitempty"`
 }
+
+// Restart policies of a VM's main process.
+const (
+	RestartNo        = "no"
+	RestartOnFailure = "on-failure"
+	RestartAlways    = "always"
+)
 
 // Network modes.
 const (
@@ -378,6 +551,8 @@ type Progress struct {
 	Phase string `json:"phase"`
 	Done  int64  `json:"done,omitempty"`
 	Total int64  `json:"total,omitempty"`
+	// Unit is what Done and Total count: "" or "bytes", or "files".
+	Unit string `json:"unit,omitempty"`
 }
 
 // ExecResult ends an exec call.
