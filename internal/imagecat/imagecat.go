@@ -1,0 +1,34 @@
+// Package imagecat is banger's image catalog: the catalog compiled into
+// banger (catalog.json, embedded) merged with the daemon's catalog_urls.
+// The format, validation and lookups are internal/catalog's
+// (docs/image-catalog.md).
+package imagecat
+
+import (
+	"context"
+	_ "embed"
+
+	"github.com/bangerdev/banger/internal/catalog"
+)
+
+//go:embed catalog.json
+var embedded []byte
+
+// Entry is one version of one image: its bundle (URL, Size, SHA256), the
+// kernel it boots with, its default user and its local build recipe.
+type Entry = catalog.Entry
+
+// Catalog is the merged image catalog; Resolve("NAME" | "NAME@VERSION").
+type Catalog = catalog.Catalog
+
+// Load merges the embedded catalog with urls (paths, file://, https://,
+// http:// on loopback), a later one overriding the same NAME@VERSION;
+// fetch reads http(s) URLs (nil: a plain GET bound by ctx).
+func Load(ctx context.Context, urls []string, fetch catalog.Fetch) (*Catalog, error) {
+	return catalog.Load(ctx, catalog.Images, embedded, urls, fetch)
+}
+
+// Embedded is the catalog compiled into banger alone.
+func Embedded() (*Catalog, error) {
+	return Load(context.Background(), nil, nil)
+}
