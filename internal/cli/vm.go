@@ -53,7 +53,7 @@ func (a *app) createParams(f *createFlags) (api.VMCreateParams, error) {
 		fmt.Fprintln(a.stderr, userNetWarning)
 	}
 	if p.Image == "" {
-		p.Image = a.cfg.DefaultImage
+		p.Image = a.cfg.DefaultImageName
 	}
 	if p.CPUs == 0 {
 		p.CPUs = a.cfg.DefaultCPUs

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -79,8 +80,23 @@ type Daemon struct {
 	// VMMMemoryOverheadMiB is added to a VM's memory for its cgroup's memory
 	// limit (plus 1 GiB under TCG for QEMU's translation cache). Default 256.
 	VMMMemoryOverheadMiB int `toml:"vmm_memory_overhead_mib"`
-	// DefaultImage is used when vm create/run names no image. Default "default".
+	// DefaultImageName is the image vm create/run uses when none is named;
+	// when it is not local but in an image catalog, it is pulled first.
+	// Default debian-bookworm (the golden image).
+	DefaultImageName string `toml:"default_image_name"`
+	// DefaultImage is the older name of default_image_name, still
+	// accepted (LoadDaemon copies it over; naming both differently is an
+	// error). Default "".
 	DefaultImage string `toml:"default_image"`
+	// DefaultKernelName is the kernel of images that name none (OCI
+	// images), pulled from the kernel catalog when not local. Default
+	// generic-6.1.
+	DefaultKernelName string `toml:"default_kernel_name"`
+	// CatalogURLs are image and kernel catalogs read after the embedded
+	// ones (a later catalog's entry of the same name and version wins):
+	// absolute file paths, file:// URLs, https:// URLs, or http:// URLs of
+	// a loopback host. Default none.
+	CatalogURLs []string `toml:"catalog_urls"`
 	// DefaultCPUs for new VMs. Default 2.
 	DefaultCPUs int `toml:"default_cpus"`
 	// DefaultMemoryMiB for new VMs. Default 1024.
@@ -126,6 +142,12 @@ type Daemon struct {
 	DNSServers []string `toml:"dns_servers"`
 }
 
+// Image defaults.
+const (
+	DefaultImageName  = "debian-bookworm"
+	DefaultKernelName = "generic-6.1"
+)
+
 // Network defaults.
 const (
 	DefaultBridgeName = "banger0"
@@ -154,7 +176,9 @@ func DefaultDaemon() Daemon {
 		VMMUser:              "banger-vmm",
 		VMMCgroupParent:      "banger",
 		VMMMemoryOverheadMiB: 256,
-		DefaultImage:         "default",
+		DefaultImageName:     DefaultImageName,
+		DefaultKernelName:    DefaultKernelName,
+		CatalogURLs:          []string{},
 		DefaultCPUs:          2,
 		DefaultMemoryMiB:     1024,
 		ReadyTimeout:         Duration{120 * time.Second},
@@ -174,8 +198,15 @@ func DefaultDaemon() Daemon {
 // mustExist is false (the default path is optional).
 func LoadDaemon(path string, mustExist bool) (Daemon, error) {
 	c := DefaultDaemon()
-	if err := decodeFile(path, &c, mustExist); err != nil {
+	md, err := decodeFile(path, &c, mustExist)
+	if err != nil {
 		return Daemon{}, err
+	}
+	if c.DefaultImage != "" {
+		if md.IsDefined("default_image_name") && c.DefaultImageName != c.DefaultImage {
+			return Daemon{}, fmt.Errorf("config %s: default_image %q and default_image_name %q differ: keep default_image_name only", path, c.DefaultImage, c.DefaultImageName)
+		}
+		c.DefaultImageName = c.DefaultImage
 	}
 	return c, c.Validate()
 }
@@ -211,6 +242,17 @@ func (c Daemon) Validate() error {
 	}
 	if c.DefaultMemoryMiB < 64 {
 		errs = append(errs, fmt.Errorf("default_memory_mib %d: must be at least 64", c.DefaultMemoryMiB))
+	}
+	if c.DefaultImageName == "" {
+		errs = append(errs, errors.New("default_image_name is empty: name the image vm create uses by default (such as debian-bookworm)"))
+	}
+	if c.DefaultKernelName == "" {
+		errs = append(errs, errors.New("default_kernel_name is empty: name the kernel of images that name none (such as generic-6.1)"))
+	}
+	for _, u := range c.CatalogURLs {
+		if err := CheckCatalogURL(u); err != nil {
+			errs = append(errs, fmt.Errorf("catalog_urls: %w", err))
+		}
 	}
 	if c.ConsoleLogMaxMiB < 1 {
 		errs = append(errs, fmt.Errorf("console_log_max_mib %d: must be at least 1", c.ConsoleLogMaxMiB))
@@ -256,6 +298,37 @@ func (c Daemon) validateNetwork() []error {
 		}
 	}
 	return errs
+}
+
+// CheckCatalogURL checks one catalog_urls entry: an absolute file path, a
+// file:// URL, an https:// URL, or an http:// URL of a loopback host
+// (localhost, 127.0.0.0/8, ::1).
+func CheckCatalogURL(s string) error {
+	if strings.HasPrefix(s, "/") {
+		return nil
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("%q: %w", s, err)
+	}
+	switch u.Scheme {
+	case "file":
+		if (u.Host == "" || u.Host == "localhost") && strings.HasPrefix(u.Path, "/") {
+			return nil
+		}
+		return fmt.Errorf("%q: want file:///ABSOLUTE/PATH", s)
+	case "https":
+		if u.Host != "" {
+			return nil
+		}
+	case "http":
+		h := u.Hostname()
+		if a, err := netip.ParseAddr(h); strings.EqualFold(h, "localhost") || (err == nil && a.Unmap().IsLoopback()) {
+			return nil
+		}
+		return fmt.Errorf("%q: plain http only to a loopback host (localhost, 127.0.0.1, ::1): use https", s)
+	}
+	return fmt.Errorf("%q: want an absolute path, file://, https:// or http:// to a loopback host", s)
 }
 
 // tapPrefix starts the names of banger's TAP devices (bridgenet.TAPPrefix;
@@ -322,8 +395,11 @@ type CLI struct {
 	// SocketPath is bangerd's socket. Default /run/banger/bangerd.sock; the
 	// BANGER_SOCKET environment variable overrides it.
 	SocketPath string `toml:"socket_path"`
-	// DefaultImage for vm create/run when --image is not given. Default ""
-	// (the daemon's default_image).
+	// DefaultImageName for vm create/run when --image is not given.
+	// Default "" (the daemon's default_image_name).
+	DefaultImageName string `toml:"default_image_name"`
+	// DefaultImage is the older name of default_image_name, still
+	// accepted.
 	DefaultImage string `toml:"default_image"`
 	// DefaultCPUs for vm create/run. Default 0 (the daemon's default).
 	DefaultCPUs int `toml:"default_cpus"`
@@ -351,8 +427,15 @@ func DefaultCLIPath() string {
 func LoadCLI(path string, mustExist bool) (CLI, error) {
 	c := CLI{SocketPath: DefaultSocketPath}
 	if path != "" {
-		if err := decodeFile(path, &c, mustExist); err != nil {
+		md, err := decodeFile(path, &c, mustExist)
+		if err != nil {
 			return CLI{}, err
+		}
+		if c.DefaultImage != "" {
+			if md.IsDefined("default_image_name") && c.DefaultImageName != c.DefaultImage {
+				return CLI{}, fmt.Errorf("config %s: default_image %q and default_image_name %q differ: keep default_image_name only", path, c.DefaultImage, c.DefaultImageName)
+			}
+			c.DefaultImageName = c.DefaultImage
 		}
 	}
 	if s := os.Getenv("BANGER_SOCKET"); s != "" {
@@ -367,20 +450,20 @@ func LoadCLI(path string, mustExist bool) (CLI, error) {
 	return c, nil
 }
 
-func decodeFile(path string, v any, mustExist bool) error {
+func decodeFile(path string, v any, mustExist bool) (toml.MetaData, error) {
 	md, err := toml.DecodeFile(path, v)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) && !mustExist {
-			return nil
+			return md, nil
 		}
-		return fmt.Errorf("config %s: %w", path, err)
+		return md, fmt.Errorf("config %s: %w", path, err)
 	}
 	if undec := md.Undecoded(); len(undec) > 0 {
 		keys := make([]string, len(undec))
 		for i, k := range undec {
 			keys[i] = k.String()
 		}
-		return fmt.Errorf("config %s: unknown key(s) %s", path, strings.Join(keys, ", "))
+		return md, fmt.Errorf("config %s: unknown key(s) %s", path, strings.Join(keys, ", "))
 	}
-	return nil
+	return md, nil
 }

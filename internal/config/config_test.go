@@ -65,7 +65,7 @@ func TestCLIEnvOverride(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.SocketPath != "/tmp/x.sock" || c.DefaultImage != "deb" {
+	if c.SocketPath != "/tmp/x.sock" || c.DefaultImageName != "deb" {
 		t.Fatalf("got %+v", c)
 	}
 	if _, err := LoadCLI(write(t, "colour = true\n"), true); err == nil {
@@ -182,5 +182,42 @@ func TestCLISSHKeyPath(t *testing.T) {
 func TestTAPPrefix(t *testing.T) {
 	if tapPrefix != bridgenet.TAPPrefix {
 		t.Fatalf("config's tapPrefix %q, bridgenet.TAPPrefix %q", tapPrefix, bridgenet.TAPPrefix)
+	}
+}
+
+func TestDaemonImageKeys(t *testing.T) {
+	c, err := LoadDaemon(write(t, ""), true)
+	if err != nil || c.DefaultImageName != "debian-bookworm" || c.DefaultKernelName != "generic-6.1" || len(c.CatalogURLs) != 0 {
+		t.Fatalf("defaults: %+v, %v", c, err)
+	}
+	// The older key is an alias.
+	c, err = LoadDaemon(write(t, "default_image = \"old\"\n"), true)
+	if err != nil || c.DefaultImageName != "old" {
+		t.Fatalf("default_image alias: %q, %v", c.DefaultImageName, err)
+	}
+	c, err = LoadDaemon(write(t, "default_image = \"same\"\ndefault_image_name = \"same\"\n"), true)
+	if err != nil || c.DefaultImageName != "same" {
+		t.Fatalf("both keys, same value: %q, %v", c.DefaultImageName, err)
+	}
+	if _, err := LoadDaemon(write(t, "default_image = \"a\"\ndefault_image_name = \"b\"\n"), true); err == nil || !strings.Contains(err.Error(), "differ") {
+		t.Fatalf("both keys, different values: %v", err)
+	}
+	c, err = LoadDaemon(write(t, `catalog_urls = ["/srv/cat.json", "file:///srv/c.json", "https://example.com/c.json", "http://127.0.0.1:8080/c.json", "http://localhost/c", "http://[::1]/c"]`+"\n"), true)
+	if err != nil || len(c.CatalogURLs) != 6 {
+		t.Fatalf("catalog_urls: %v, %v", c.CatalogURLs, err)
+	}
+	for _, bad := range []string{"http://example.com/c.json", "http://10.0.0.1/c", "c.json", "ftp://x/c", "file://host/c", "https:///c"} {
+		if _, err := LoadDaemon(write(t, `catalog_urls = ["`+bad+`"]`+"\n"), true); err == nil || !strings.Contains(err.Error(), "catalog_urls") {
+			t.Errorf("catalog_urls %q accepted: %v", bad, err)
+		}
+	}
+	for _, body := range []string{"default_image_name = \"\"\n", "default_kernel_name = \"\"\n"} {
+		if _, err := LoadDaemon(write(t, body), true); err == nil {
+			t.Errorf("%q accepted", body)
+		}
+	}
+	cl, err := LoadCLI(write(t, "default_image_name = \"x\"\n"), true)
+	if err != nil || cl.DefaultImageName != "x" {
+		t.Fatalf("CLI default_image_name: %+v, %v", cl, err)
 	}
 }

@@ -84,6 +84,10 @@ func newEnv(t testing.TB, mod func(*config.Daemon)) *testEnv {
 	// No network unless a test asks: a bridged VM's host side is faked by
 	// the test (see fakeHostNet); the host's own namespace is never touched.
 	cfg.Network = api.NetworkNone
+	// The image the tests register, and no catalog but the embedded one:
+	// no test pulls anything unless it serves its own catalog.
+	cfg.DefaultImageName = "default"
+	cfg.CatalogURLs = nil
 	if mod != nil {
 		mod(&cfg)
 	}

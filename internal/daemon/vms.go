@@ -160,7 +160,7 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	}
 	imageRef := p.Image
 	if imageRef == "" {
-		imageRef = d.cfg.DefaultImage
+		imageRef = d.cfg.DefaultImageName
 	}
 
 	d.create.RLock()

@@ -89,7 +89,7 @@ func NewWithOptions(t testing.TB, binDir, imageDir string, o Options) *Env {
 		// no network card unless the test asks for one.
 		config = "network = \"none\"\n" + config
 	}
-	if err := os.WriteFile(e.config, []byte(config), 0o644); err != nil {
+	if err := os.WriteFile(e.config, []byte(testImageDefault(config)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	e.StartDaemon()
@@ -106,6 +106,17 @@ func NewWithOptions(t testing.TB, binDir, imageDir string, o Options) *Env {
 		os.RemoveAll(dir)
 	})
 	return e
+}
+
+// testImageDefault makes "default", a name no catalog has, the default
+// image unless config names one: a test that names no image never pulls
+// the catalogs' default image (catalog_urls is empty unless the test sets
+// it and serves its own catalog).
+func testImageDefault(config string) string {
+	if strings.Contains(config, "default_image") {
+		return config
+	}
+	return "default_image_name = \"default\"\n" + config
 }
 
 func (e *Env) StartDaemon() {
@@ -176,7 +187,7 @@ func (b *syncBuffer) String() string {
 // start).
 func (e *Env) SetConfig(config string) {
 	e.T.Helper()
-	if err := os.WriteFile(e.config, []byte(config), 0o644); err != nil {
+	if err := os.WriteFile(e.config, []byte(testImageDefault(config)), 0o644); err != nil {
 		e.T.Fatal(err)
 	}
 }
