@@ -14,9 +14,7 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/term"
 
-	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/client"
 	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/errdefs"
@@ -134,53 +132,6 @@ func (a *app) loadConfig() error {
 	}
 	a.cfg = cfg
 	return nil
-}
-
-// progress prints long operations' phases and byte counts to stderr.
-type progress struct {
-	w     io.Writer
-	tty   bool
-	phase string
-	last  int
-	open  bool // a \r-updated line awaits its newline
-}
-
-func (a *app) progress() *progress {
-	f, ok := a.stderr.(*os.File)
-	return &progress{w: a.stderr, tty: ok && term.IsTerminal(int(f.Fd()))}
-}
-
-func (p *progress) update(pr api.Progress) {
-	if pr.Phase != p.phase {
-		p.done()
-		p.phase, p.last = pr.Phase, -1
-		if !p.tty || pr.Total == 0 {
-			fmt.Fprintf(p.w, "==> %s\n", pr.Phase)
-		}
-	}
-	if pr.Total <= 0 {
-		return
-	}
-	pct := int(pr.Done * 100 / pr.Total)
-	if p.tty {
-		fmt.Fprintf(p.w, "\r==> %s: %s / %s (%d%%)", pr.Phase, humanBytes(pr.Done), humanBytes(pr.Total), pct)
-		p.open = true
-		return
-	}
-	// Not a terminal: a line per 25%.
-	if pct != p.last && (p.last < 0 || pct/25 != p.last/25 || pr.Done == pr.Total) {
-		fmt.Fprintf(p.w, "    %s / %s (%d%%)\n", humanBytes(pr.Done), humanBytes(pr.Total), pct)
-		p.last = pct
-	}
-}
-
-// done ends the current line; calling it again is harmless.
-func (p *progress) done() {
-	if p.open {
-		fmt.Fprintln(p.w)
-		p.open = false
-	}
-	p.phase = ""
 }
 
 func humanBytes(n int64) string {

@@ -75,20 +75,6 @@ func TestUnreachableMessage(t *testing.T) {
 	}
 }
 
-func TestProgressTerminal(t *testing.T) {
-	var b bytes.Buffer
-	p := &progress{w: &b, tty: true}
-	p.update(api.Progress{Phase: "boot"})
-	p.update(api.Progress{Phase: "copy", Done: 1, Total: 2})
-	p.update(api.Progress{Phase: "copy", Done: 2, Total: 2})
-	p.update(api.Progress{Phase: "wait"})
-	p.done()
-	want := "==> boot\n\r==> copy: 1 B / 2 B (50%)\r==> copy: 2 B / 2 B (100%)\n==> wait\n"
-	if b.String() != want {
-		t.Fatalf("terminal progress:\n%q\nwant\n%q", b.String(), want)
-	}
-}
-
 // Flags after the VM name belong to the guest command.
 func TestExecArgsAfterNameAreTheCommand(t *testing.T) {
 	a := &app{stdout: &bytes.Buffer{}, stderr: &bytes.Buffer{}}

@@ -143,6 +143,8 @@ type Daemon struct {
 	// checked holds, by image id, a checkedImage: the files an image was
 	// last found usable with (see usableImage).
 	checked sync.Map
+	// pulls holds the running image and kernel pulls (pullops.go).
+	pulls pullRegistry
 }
 
 // deps are the parts run takes from its caller: production passes the QEMU
@@ -252,6 +254,7 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 	}
 	defer func() {
 		stopMonitors()
+		d.pulls.wait() // cancelled with the daemon's context: they unwind
 		d.stopRemovals()
 		d.monitors.Wait()
 		// The services stop; the bridge, rules and TAPs of running VMs stay.
