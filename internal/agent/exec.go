@@ -31,6 +31,10 @@ type ExecOptions struct {
 	Env []string
 	// Dir is the working directory (default /root, or / without it).
 	Dir string
+	// User runs the command as this guest user (a name or a uid,
+	// optionally ":group"; agent protocol 1.4). Empty: the image's user
+	// (agentproto.ExecDefaults), else root.
+	User string
 	// Stdin feeds the command's standard input; its EOF closes it. When
 	// nil, the command's stdin is empty. Exec does not wait for a Read
 	// that is still blocked when the command ends.
@@ -112,7 +116,7 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 		ok, err = c.requestShell(ch, opts.Env)
 	} else {
 		var payload []byte
-		payload, err = agentproto.MarshalPayload(agentproto.ExecRequest{Argv: opts.Argv, Env: opts.Env, Dir: opts.Dir})
+		payload, err = agentproto.MarshalPayload(agentproto.ExecRequest{Argv: opts.Argv, Env: opts.Env, Dir: opts.Dir, User: opts.User})
 		if err != nil {
 			return -1, fmt.Errorf("exec %s: %w", name, err)
 		}

@@ -20,8 +20,9 @@ import (
 // major version differs; minor versions add messages (see each one's
 // "since"). 1.3: Config.Network and Config.SSH (applied at boot),
 // Info.Network, Info.SSHHostKeys, Info.SSHD, Info.Listening, ChanSSH,
-// ChanDirectTCPIP.
-const Version = "1.3"
+// ChanDirectTCPIP. 1.4: Config.Process (the VM's main process),
+// Config.ExecDefaults, ExecRequest.User, ReqAttach, Info.MainProcess.
+const Version = "1.4"
 
 // VirtioPortName is the name of the virtio-serial port carrying the agent
 // connection (/sys/class/virtio-ports/*/name in the guest).
@@ -89,7 +90,86 @@ type Config struct {
 	// "" or "auto" = /sbin/init if present in the root filesystem, else the
 	// agent stays PID 1; "none" = the agent stays PID 1; otherwise a path.
 	Init string `json:"init,omitempty"`
+	// Process is the VM's main process (since 1.4): when the agent stays
+	// PID 1 (the image has no init), it runs it once its own setup is done,
+	// restarts it per Process.Restart, and powers the VM off when it
+	// finally exits. Ignored when PID 1 is handed to an init.
+	Process *Process `json:"process,omitempty"`
+	// ExecDefaults are the defaults of ReqExecArgv requests that leave
+	// Env, Dir or User empty (since 1.4): the image's configuration.
+	ExecDefaults *ExecDefaults `json:"exec_defaults,omitempty"`
 }
+
+// Process is the VM's main process (an OCI image's Entrypoint+Cmd, run
+// the way a container runtime runs it): stdin /dev/null, stdout and stderr
+// to the console and to the attach log (ReqAttach).
+type Process struct {
+	// Argv is the program and its arguments, without a shell; a program
+	// without a slash is looked up in the process's PATH.
+	Argv []string `json:"argv"`
+	// Env (KEY=VALUE) is the process's environment; PATH (when Env has
+	// none), HOSTNAME and HOME are added.
+	Env []string `json:"env,omitempty"`
+	// Dir is the working directory (default /; made when missing).
+	Dir string `json:"dir,omitempty"`
+	// User is "", a name or a uid, optionally ":group" (name or gid);
+	// names are looked up in the guest's /etc/passwd and /etc/group.
+	User string `json:"user,omitempty"`
+	// Restart is the policy when it exits: RestartNo (default),
+	// RestartOnFailure (exit status not 0) or RestartAlways; restarts wait
+	// a backoff (0.5 s doubling to 10 s, reset after 10 s of running).
+	Restart string `json:"restart,omitempty"`
+	// StopSignal is sent to it first when the guest is asked to power off
+	// ("SIGTERM" by default; a name with or without SIG, or a number);
+	// after StopGraceSec (default 10) the guest stops it anyway.
+	StopSignal   string `json:"stop_signal,omitempty"`
+	StopGraceSec int    `json:"stop_grace_sec,omitempty"`
+}
+
+// Restart policies of Process.
+const (
+	RestartNo        = "no"
+	RestartOnFailure = "on-failure"
+	RestartAlways    = "always"
+)
+
+// ExecDefaults are the defaults of exec requests (Config.ExecDefaults).
+// An explicit ExecRequest value wins; ExecRequest.Env is added after Env.
+type ExecDefaults struct {
+	Env  []string `json:"env,omitempty"`
+	Dir  string   `json:"dir,omitempty"`
+	User string   `json:"user,omitempty"`
+}
+
+// MainExitMarker starts the console line the agent prints (after
+// "banger-init: [time] ") when the main process finally exits, followed
+// by the exit code: "main process exited with code 3; powering off".
+// A process killed by signal N has code 128+N.
+const MainExitMarker = "main process exited with code "
+
+// MainProcessState is the main process's state (Info.MainProcess).
+type MainProcessState struct {
+	// State is "starting" (before its first run), "running",
+	// "restarting" (waiting out the backoff) or "exited" (finally: the
+	// guest powers off).
+	State string `json:"state"`
+	PID   int    `json:"pid,omitempty"`
+	// Restarts counts the restarts so far.
+	Restarts int `json:"restarts,omitempty"`
+	// ExitCode is the last run's exit code (nil while the first runs).
+	ExitCode *int `json:"exit_code,omitempty"`
+	// Error says why the last run could not be started (the program is
+	// missing, the user unknown); its exit code is then 127 or 126.
+	Error string `json:"error,omitempty"`
+}
+
+// Main process states (MainProcessState.State).
+const (
+	MainStarting   = "starting"
+	MainRunning    = "running"
+	MainRestarting = "restarting"
+	MainExited     = "exited"
+)
 
 // NetworkConfig is the guest's network, applied by the agent at boot
 // before the image's init runs (the kernel's ip= can't: virtio_net is a
@@ -191,14 +271,31 @@ const (
 	// ChanCopyOut after the last byte of the tar stream. A channel closed
 	// without it means the copy did not complete.
 	ReqCopyStatus = "copy-status@banger.dev"
+	// ReqAttach is a session channel request (since 1.4; payload
+	// AttachRequest) attaching to the main process (Config.Process): it is
+	// refused when there is none. Its output follows as channel data
+	// (stdout) and extended data 1 (stderr), from its first run on (what
+	// it wrote before is replayed, at most the last MiB), across restarts;
+	// when it finally exits, "exit-status" (128+N for signal N) and the
+	// channel closes. The guest powers off only once the exit status was
+	// sent to an attached client, or after a few seconds without one.
+	ReqAttach = "banger-attach@banger.dev"
 )
+
+// AttachRequest is the payload of ReqAttach.
+type AttachRequest struct {
+	// NoReplay skips what the process wrote before the request.
+	NoReplay bool `json:"no_replay,omitempty"`
+}
 
 // ExecRequest is the payload of ReqExecArgv.
 type ExecRequest struct {
 	Argv []string `json:"argv"`
 	Env  []string `json:"env,omitempty"` // KEY=VALUE, added to the agent's default environment
 	Dir  string   `json:"dir,omitempty"`
-	User string   `json:"user,omitempty"` // reserved; commands run as root for now
+	// User runs the command as this user (a name or a uid, optionally
+	// ":group"; since 1.4, before only root was accepted).
+	User string `json:"user,omitempty"`
 }
 
 // CopyRequest is the extra data of ChanCopyIn and ChanCopyOut channels.
@@ -271,6 +368,9 @@ type Info struct {
 	// MaxListening; read from /proc/net/tcp and tcp6. The host forwards
 	// them for VMs created with --publish-all. Since 1.3.
 	Listening []PortListen `json:"listening,omitempty"`
+	// MainProcess is the main process's state when the agent runs one
+	// (Config.Process, agent as PID 1); nil otherwise. Since 1.4.
+	MainProcess *MainProcessState `json:"main_process,omitempty"`
 }
 
 // MaxListening bounds Info.Listening.

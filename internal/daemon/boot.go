@@ -340,7 +340,7 @@ func (d *Daemon) waitBoot(ctx context.Context, r *runningVM) error {
 	}
 	for {
 		var out strings.Builder
-		if _, err := c.Exec(ctx, agent.ExecOptions{Argv: []string{"systemctl", "is-system-running", "--wait"}, Stdout: &out}); err != nil {
+		if _, err := c.Exec(ctx, agent.ExecOptions{Argv: []string{"systemctl", "is-system-running", "--wait"}, User: "root", Stdout: &out}); err != nil {
 			return err
 		}
 		state := strings.TrimSpace(out.String())

@@ -1,6 +1,7 @@
 package guestagent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -34,6 +36,11 @@ type command struct {
 	argv []string
 	env  []string // added after the defaults and the session's env requests
 	dir  string
+	// startErr fails the command before it starts (an unknown user).
+	startErr error
+	// user, when not nil, is who an agent session's command runs as
+	// (ExecRequest.User or ExecDefaults.User); nil: root.
+	user *procUser
 }
 
 // session is one "session" channel.
@@ -61,6 +68,11 @@ type session struct {
 	// openAgent opens an agent channel to the client (acct set).
 	openAgent func() (ssh.Channel, <-chan *ssh.Request, error)
 	cleanups  []func() // run when the session ends
+	// main is the main process's link (ReqAttach), nil without one;
+	// execDefaults apply to ReqExecArgv (agent sessions only).
+	main         *MainLink
+	execDefaults *agentproto.ExecDefaults
+	attachCancel context.CancelFunc // ends a ReqAttach stream
 
 	mu      sync.Mutex
 	started bool
@@ -100,6 +112,9 @@ func (ss *session) serve(reqs <-chan *ssh.Request) {
 	// died): a command that still runs is killed with its process group.
 	ss.mu.Lock()
 	started := ss.started
+	if ss.attachCancel != nil {
+		ss.attachCancel()
+	}
 	if ss.proc != nil && !ss.exited {
 		ss.log.Debug("session closed, killing command", "pid", ss.proc.Pid)
 		unix.Kill(-ss.proc.Pid, unix.SIGKILL)
@@ -187,17 +202,61 @@ func (ss *session) handleRequest(req *ssh.Request) (ok bool, launch func()) {
 			ss.log.Warn("exec request without argv")
 			return false, nil
 		}
-		if m.User != "" && m.User != "root" {
-			ss.log.Warn("exec request for another user refused", "user", m.User)
-			return false, nil
-		}
 		for _, kv := range m.Env {
 			if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
 				ss.log.Warn("exec request with malformed env entry", "entry", kv)
 				return false, nil
 			}
 		}
-		return ss.start(command{argv: m.Argv, env: m.Env, dir: m.Dir})
+		c := command{argv: m.Argv, env: m.Env, dir: m.Dir}
+		user := m.User
+		if d := ss.execDefaults; d != nil {
+			// The image's configuration: explicit values win, the
+			// request's env is added to the image's.
+			c.env = append(append([]string(nil), d.Env...), m.Env...)
+			if c.dir == "" {
+				c.dir = d.Dir
+			}
+			if user == "" {
+				user = d.User
+			}
+		}
+		if user != "" && user != "root" {
+			u, err := resolveUser("/etc", user)
+			if err != nil {
+				c.startErr = err
+			} else {
+				c.user = &u
+			}
+		}
+		return ss.start(c)
+	case agentproto.ReqAttach:
+		if ss.acct != nil || ss.main == nil {
+			return false, nil
+		}
+		var m agentproto.AttachRequest
+		if err := agentproto.UnmarshalPayload(req.Payload, &m); err != nil {
+			ss.log.Warn("bad attach request", "err", err)
+			return false, nil
+		}
+		ss.mu.Lock()
+		defer ss.mu.Unlock()
+		if ss.started {
+			return false, nil
+		}
+		ss.started = true
+		var from int64
+		if m.NoReplay {
+			from = ss.main.log.end()
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		ss.attachCancel = cancel
+		return true, func() {
+			go func() {
+				defer close(ss.done)
+				ss.main.attach(ctx, ss.ch, from)
+			}()
+		}
 	default:
 		return false, nil
 	}
@@ -288,6 +347,11 @@ func (ss *session) environ(c command) []string {
 	home, user := "/root", "root"
 	if ss.acct != nil {
 		home, user = ss.acct.home, ss.acct.name
+	} else if c.user != nil {
+		home, user = c.user.home, c.user.name
+		if user == "" {
+			user = strconv.FormatUint(uint64(c.user.uid), 10)
+		}
 	}
 	env := []string{
 		"PATH=" + defaultPath,
@@ -336,6 +400,8 @@ func (ss *session) run(c command) {
 		dir = "/root"
 		if ss.acct != nil {
 			dir = ss.acct.home
+		} else if c.user != nil {
+			dir = c.user.home
 		}
 		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
 			dir = "/"
@@ -347,6 +413,10 @@ func (ss *session) run(c command) {
 	}
 	if ss.ptyErr != nil {
 		ss.failStart(errOut, c.argv[0], ss.ptyErr)
+		return
+	}
+	if c.startErr != nil {
+		ss.failStart(errOut, c.argv[0], c.startErr)
 		return
 	}
 	// The child's chdir error would look like a missing program: check
@@ -406,6 +476,14 @@ func (ss *session) run(c command) {
 	}
 	if ss.acct != nil {
 		cmd.SysProcAttr.Credential = ss.acct.credential()
+	} else if c.user != nil {
+		cmd.SysProcAttr.Credential = c.user.credential()
+		if ss.tty != nil {
+			// The user's terminal is theirs.
+			if err := ss.tty.Chown(int(c.user.uid), int(c.user.gid)); err != nil {
+				ss.log.Warn("give the terminal to the user", "err", err)
+			}
+		}
 	}
 
 	ss.mu.Lock()

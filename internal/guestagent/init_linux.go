@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -146,7 +147,27 @@ func initSystem(c *initConsole, args []string) error {
 		setupAgentPID1(c)
 		env := agentEnv(InitModeAgent, "", prepareGuest(c, cfg, InitModeAgent))
 		c.logf("no init to hand over to: the agent stays PID 1")
-		return runPID1(c, func() (int, error) { return startAgent(cfgJSON, env, "serve-fd") })
+		if cfg.Process == nil || len(cfg.Process.Argv) == 0 {
+			return runPID1(c, func() (int, error) { return startAgent(cfgJSON, env, "serve-fd") }, nil)
+		}
+		// The main process (mainproc_linux.go): each agent server gets a
+		// link to its supervisor, as descriptor mainFD.
+		mp := newMainProc(c, cfg.Process, cfg.Hostname)
+		env = append(env, envMainFD+"="+strconv.Itoa(mainFD))
+		return runPID1(c, func() (int, error) {
+			ours, theirs, err := socketPair()
+			if err != nil {
+				return 0, err
+			}
+			pid, err := startAgent(cfgJSON, env, "serve-fd", theirs)
+			theirs.Close()
+			if err != nil {
+				ours.Close()
+				return pid, err
+			}
+			mp.serveLink(ours)
+			return pid, nil
+		}, mp)
 	}
 
 	if cfg.Hostname != "" {
@@ -505,9 +526,10 @@ func writeHostnameFile(c *initConsole, name string) {
 // startAgent starts the agent as a child: /proc/self/exe <command> 3
 // (serve-fd: the server; supervise-fd: a supervisor that keeps one
 // running), with the JSON configuration on an inherited pipe and env
-// (agentEnv). The binary is no longer
-// on any filesystem after the root switch, but /proc/self/exe still is.
-func startAgent(cfgJSON []byte, env []string, command string) (int, error) {
+// (agentEnv); extra files follow as descriptors 4 and up. The binary is no
+// longer on any filesystem after the root switch, but /proc/self/exe
+// still is.
+func startAgent(cfgJSON []byte, env []string, command string, extra ...*os.File) (int, error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return 0, fmt.Errorf("pipe: %w", err)
@@ -516,7 +538,7 @@ func startAgent(cfgJSON []byte, env []string, command string) (int, error) {
 	p, err := os.StartProcess("/proc/self/exe", []string{"banger-agent", command, "3"}, &os.ProcAttr{
 		Dir:   "/",
 		Env:   env,
-		Files: []*os.File{os.Stdin, os.Stdout, os.Stderr, r},
+		Files: append([]*os.File{os.Stdin, os.Stdout, os.Stderr, r}, extra...),
 		Sys:   &syscall.SysProcAttr{Setsid: true},
 	})
 	r.Close()

@@ -121,6 +121,15 @@ func serve(cfg agentproto.Config) int {
 	mode, initPath := os.Getenv(envInitMode), os.Getenv(envInit)
 	hooks := Hooks{Shutdown: shutdownHook(mode, log), InitMode: mode, Init: initPath, EarlyBootDone: newEarlyBootChecker(mode).check,
 		NetworkError: os.Getenv(envNetworkError)}
+	if os.Getenv(envMainFD) == strconv.Itoa(mainFD) {
+		// The link to PID 1's main process supervisor; the commands the
+		// agent runs must not inherit it.
+		syscall.CloseOnExec(mainFD)
+		if f := os.NewFile(mainFD, "main-link"); f != nil {
+			hooks.Main = NewMainLink(f, log)
+			go hooks.Main.Run(ctx)
+		}
+	}
 	log.Info("agent serving", "version", Version, "transport", cfg.Transport, "init_mode", mode)
 	go watchPowerButton(ctx, "/sys", "/dev", 2*time.Second, func() {
 		if err := hooks.Shutdown(false); err != nil {

@@ -72,8 +72,8 @@ func testBootNetwork(t *testing.T, spec bootSpec) {
 		t.Fatal(err)
 	}
 	t.Logf("ready %s after QEMU start; network %+v, sshd %v, host keys %q", time.Since(v.started).Round(time.Millisecond), info.Network, info.SSHD, info.SSHHostKeys)
-	if info.ProtoVersion != "1.3" {
-		t.Errorf("protocol %q, want 1.3", info.ProtoVersion)
+	if info.ProtoVersion != agentproto.Version {
+		t.Errorf("protocol %q, want %s", info.ProtoVersion, agentproto.Version)
 	}
 	if n := info.Network; n == nil || !n.Configured || n.Error != "" || !slices.Contains(n.Addresses, netbootAddr) {
 		t.Errorf("Info.Network %+v, want configured with %s", n, netbootAddr)

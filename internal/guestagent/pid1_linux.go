@@ -21,8 +21,9 @@ const (
 )
 
 // setupAgentPID1 prepares the root filesystem for programs when no init
-// system will: pseudo-terminals, /dev/shm, /run and /tmp, the /dev/fd
-// links, and the loopback interface. Failures are logged and ignored.
+// system will: pseudo-terminals, /dev/shm, /run and /tmp (made when
+// missing), the /dev/fd links, and the loopback interface. Failures are
+// logged and ignored.
 func setupAgentPID1(c *initConsole) {
 	warn := func(err error) {
 		if err != nil {
@@ -35,8 +36,10 @@ func setupAgentPID1(c *initConsole) {
 		warn(os.Symlink("pts/ptmx", "/dev/ptmx"))
 	}
 	warn(mountIfDir("shm", "/dev/shm", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777", true))
-	warn(mountIfDir("tmpfs", "/run", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0755", false))
-	warn(mountIfDir("tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777", false))
+	// Made when missing: a FROM scratch image has no /run nor /tmp, and
+	// programs (and the agent's SSH agent forwarding) expect them.
+	warn(mountIfDir("tmpfs", "/run", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0755", true))
+	warn(mountIfDir("tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777", true))
 	for name, target := range map[string]string{
 		"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0",
 		"/dev/stdout": "/proc/self/fd/1", "/dev/stderr": "/proc/self/fd/2",
@@ -88,8 +91,10 @@ func loopbackUp() error {
 // runPID1 is PID 1 when the image has no init: it keeps the agent child
 // running, reaps every zombie, and powers off or reboots on the usual
 // signals (SIGTERM, SIGPWR, SIGRTMIN+4, SIGUSR1, SIGUSR2: power off;
-// SIGINT, i.e. ctrl-alt-del: reboot). It never returns.
-func runPID1(c *initConsole, start func() (int, error)) error {
+// SIGINT, i.e. ctrl-alt-del: reboot). With a main process (mp not nil) it
+// runs it too, restarts it per its policy, and powers off when it finally
+// exits. It never returns.
+func runPID1(c *initConsole, start func() (int, error), mp *mainProc) error {
 	sigs := make(chan os.Signal, 32)
 	signal.Notify(sigs, unix.SIGCHLD, unix.SIGTERM, unix.SIGPWR, sigRTMin4, unix.SIGUSR1, unix.SIGUSR2, unix.SIGINT, unix.SIGHUP)
 	// Ctrl-alt-del sends SIGINT to PID 1 instead of an immediate reboot.
@@ -115,15 +120,40 @@ func runPID1(c *initConsole, start func() (int, error)) error {
 	}
 	launch()
 
+	// The main process's final exit: once an agent passed its exit
+	// status on (or after exitLinger), the VM powers off.
+	mainEnded := func() {
+		mp.waitAck()
+		shutdownSystem(c, false, nil)
+	}
+	var mainRestart <-chan time.Time
+	if mp != nil {
+		if mp.run() {
+			mainEnded()
+		}
+		mainRestart = mp.restart
+	}
+
 	for {
 		select {
 		case <-restart:
 			restart = nil
 			launch()
+		case <-mainRestart:
+			if mp.run() {
+				mainEnded()
+			}
+			mainRestart = mp.restart
 		case sig := <-sigs:
 			switch sig {
 			case unix.SIGCHLD:
+				final := false
 				reapAll(func(pid int, ws unix.WaitStatus) {
+					if mp != nil && mp.pid != 0 && pid == mp.pid {
+						final = mp.ended(exitCode(ws)) || final
+						mainRestart = mp.restart
+						return
+					}
 					if pid != agentPID {
 						return
 					}
@@ -136,13 +166,16 @@ func runPID1(c *initConsole, start func() (int, error)) error {
 					c.logf("agent exited (%s); restarting in %s", describeWait(ws), d)
 					restart = time.After(d)
 				})
+				if final {
+					mainEnded()
+				}
 			case unix.SIGHUP:
 				// Ignored (a hung-up console must not kill PID 1).
 			case unix.SIGINT:
-				shutdownSystem(c, true)
+				shutdownSystem(c, true, mp)
 			default:
 				c.logf("received %v", sig)
-				shutdownSystem(c, false)
+				shutdownSystem(c, false, mp)
 			}
 		}
 	}
@@ -175,12 +208,16 @@ func describeWait(ws unix.WaitStatus) string {
 	return fmt.Sprintf("wait status %#x", uint32(ws))
 }
 
-// shutdownSystem stops every process, syncs, remounts / read-only and
+// shutdownSystem stops every process (the main process first, with its
+// stop signal, when mp is not nil), syncs, remounts / read-only and
 // powers off (or reboots). It does not return.
-func shutdownSystem(c *initConsole, reboot bool) {
+func shutdownSystem(c *initConsole, reboot bool, mp *mainProc) {
 	what := "powering off"
 	if reboot {
 		what = "rebooting"
+	}
+	if mp != nil {
+		mp.stop()
 	}
 	c.logf("%s: stopping all processes", what)
 	_ = unix.Kill(-1, unix.SIGTERM)

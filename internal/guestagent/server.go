@@ -66,6 +66,9 @@ type Hooks struct {
 	// Listening reports agentproto.Info.Listening. When nil, the agent
 	// reads the kernel's socket tables (listeningPorts).
 	Listening func() []agentproto.PortListen
+	// Main is the link to the main process's supervisor (PID 1) when there
+	// is a main process: ReqAttach and Info.MainProcess. nil: none.
+	Main *MainLink
 }
 
 // server holds what every connection of one agent shares.
@@ -263,6 +266,9 @@ func (s *server) info() agentproto.Info {
 		inf.Hostname = h
 	}
 	s.guest.fill(&inf)
+	if s.hooks.Main != nil {
+		inf.MainProcess = s.hooks.Main.State()
+	}
 	if ms, err := readUptimeMS("/proc/uptime"); err == nil {
 		inf.UptimeMS = ms
 	} else {

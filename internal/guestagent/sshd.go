@@ -254,7 +254,8 @@ func (s *server) handleLoginSession(nc ssh.NewChannel, acct account, conn ssh.Co
 // newSession is a session on an accepted channel, run as root (the
 // agent's own sessions) until its acct is set.
 func (s *server) newSession(ch ssh.Channel, log *slog.Logger) *session {
-	ss := &session{log: log, ch: ch, done: make(chan struct{}), openPTY: s.hooks.OpenPTY}
+	ss := &session{log: log, ch: ch, done: make(chan struct{}), openPTY: s.hooks.OpenPTY,
+		main: s.hooks.Main, execDefaults: s.cfg.ExecDefaults}
 	if ss.openPTY == nil {
 		ss.openPTY = pty.Open
 	}

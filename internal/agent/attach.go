@@ -1,0 +1,112 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agentproto"
+)
+
+// ErrNoMainProcess: the guest runs no main process to attach to (its image
+// has an init system, or no Entrypoint/Cmd). It wraps ErrRefused.
+var ErrNoMainProcess = fmt.Errorf("no main process in the guest: %w", ErrRefused)
+
+// AttachOptions says where the main process's output goes.
+type AttachOptions struct {
+	// Stdout and Stderr receive its output (discarded when nil).
+	Stdout, Stderr io.Writer
+	// NoReplay skips what it wrote before the call.
+	NoReplay bool
+}
+
+// Attach follows the guest's main process (agentproto.ReqAttach, agent
+// protocol 1.4): its output from its first run on (within the guest's
+// bound), across restarts, until it finally exits; it returns its exit
+// code (128+N for signal N). When ctx ends it returns ctx's error (the
+// process goes on).
+func (c *Client) Attach(ctx context.Context, opts AttachOptions) (int, error) {
+	if !c.protoAtLeast(1, 4) {
+		return -1, fmt.Errorf("attach: the guest agent speaks protocol %s, attach needs 1.4 (restart the VM to update its agent): %w", c.proto, ErrNoMainProcess)
+	}
+	if err := ctx.Err(); err != nil {
+		return -1, fmt.Errorf("attach: %w", err)
+	}
+	ch, reqs, err := c.ssh.OpenChannel("session", nil)
+	if err != nil {
+		return -1, fmt.Errorf("attach: open session: %w: %w", ErrConnectionLost, err)
+	}
+	defer ch.Close()
+	exitc := make(chan exitResult, 1)
+	go func() { exitc <- collectExit(reqs) }()
+	stop := context.AfterFunc(ctx, func() { ch.Close() })
+	defer stop()
+
+	payload, err := agentproto.MarshalPayload(agentproto.AttachRequest{NoReplay: opts.NoReplay})
+	if err != nil {
+		return -1, fmt.Errorf("attach: %w", err)
+	}
+	ok, err := ch.SendRequest(agentproto.ReqAttach, true, payload)
+	if ctx.Err() != nil {
+		return -1, fmt.Errorf("attach: %w", ctx.Err())
+	}
+	if err != nil {
+		return -1, fmt.Errorf("attach: %w: %w", ErrConnectionLost, err)
+	}
+	if !ok {
+		return -1, fmt.Errorf("attach: %w", ErrNoMainProcess)
+	}
+	ch.CloseWrite()
+
+	var (
+		output sync.WaitGroup
+		errMu  sync.Mutex
+		outErr error
+	)
+	setErr := func(err error) {
+		errMu.Lock()
+		if outErr == nil {
+			outErr = err
+		}
+		errMu.Unlock()
+	}
+	output.Go(func() {
+		if err := drainTo(opts.Stdout, ch); err != nil {
+			setErr(fmt.Errorf("write stdout: %w", err))
+		}
+	})
+	output.Go(func() {
+		if err := drainTo(opts.Stderr, ch.Stderr()); err != nil {
+			setErr(fmt.Errorf("write stderr: %w", err))
+		}
+	})
+	resc := make(chan exitResult, 1)
+	go func() {
+		output.Wait()
+		resc <- <-exitc
+	}()
+	var res exitResult
+	select {
+	case res = <-resc:
+	case <-ctx.Done():
+		t := time.NewTimer(cancelGrace)
+		defer t.Stop()
+		select {
+		case <-resc:
+		case <-t.C:
+		}
+		return -1, fmt.Errorf("attach: %w", ctx.Err())
+	}
+	if !res.ok {
+		if ctx.Err() != nil {
+			return -1, fmt.Errorf("attach: %w", ctx.Err())
+		}
+		return -1, fmt.Errorf("attach: no exit status: %w", ErrConnectionLost)
+	}
+	if outErr != nil {
+		return res.code, fmt.Errorf("attach: %w", outErr)
+	}
+	return res.code, nil
+}
