@@ -110,6 +110,10 @@ type Daemon struct {
 	// ConsoleLogMaxMiB caps each VM's serial console log: a guest that
 	// writes more only keeps its most recent output. Default 16.
 	ConsoleLogMaxMiB int `toml:"console_log_max_mib"`
+	// ImageHeadroomMiB is the free space an image pulled from an OCI
+	// registry gets on top of its content (its ext4 root file system; a
+	// VM's disk may be larger still). Default 512.
+	ImageHeadroomMiB int `toml:"image_headroom_mib"`
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string `toml:"log_level"`
 	// LogFormat is text or json. Default text.
@@ -184,6 +188,7 @@ func DefaultDaemon() Daemon {
 		ReadyTimeout:         Duration{120 * time.Second},
 		StopTimeout:          Duration{30 * time.Second},
 		ConsoleLogMaxMiB:     16,
+		ImageHeadroomMiB:     512,
 		LogLevel:             "info",
 		LogFormat:            "text",
 		Network:              DefaultNetwork(),
@@ -256,6 +261,9 @@ func (c Daemon) Validate() error {
 	}
 	if c.ConsoleLogMaxMiB < 1 {
 		errs = append(errs, fmt.Errorf("console_log_max_mib %d: must be at least 1", c.ConsoleLogMaxMiB))
+	}
+	if c.ImageHeadroomMiB < 0 {
+		errs = append(errs, fmt.Errorf("image_headroom_mib %d: must not be negative", c.ImageHeadroomMiB))
 	}
 	if c.ReadyTimeout.Duration <= 0 || c.StopTimeout.Duration <= 0 {
 		errs = append(errs, errors.New("ready_timeout and stop_timeout must be positive"))

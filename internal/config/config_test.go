@@ -51,6 +51,7 @@ func TestDaemonBadConfig(t *testing.T) {
 		"default_memory_mib = 10\n": "default_memory_mib 10",
 		"log_level = \"chatty\"\n":  "log_level",
 		"default_cpus = \"two\"\n":  "default_cpus",
+		"image_headroom_mib = -1\n": "image_headroom_mib -1",
 	} {
 		_, err := LoadDaemon(write(t, body), true)
 		if err == nil || !strings.Contains(err.Error(), want) {
