@@ -107,3 +107,26 @@ func TestExt4Geometry(t *testing.T) {
 		t.Errorf("inodes %d for 100000 small entries", inodes)
 	}
 }
+
+// A FROM scratch image (one static binary) gets an /etc for the files
+// the agent writes at boot.
+func TestBuildScratchGetsEtc(t *testing.T) {
+	requireRoot(t)
+	if _, err := exec.LookPath("debugfs"); err != nil {
+		testenv.Missing(t, "debugfs (e2fsprogs)")
+	}
+	img := testImage(t, "amd64", []ent{{name: "app", typ: tar.TypeReg, mode: 0o755, body: "ELF static"}})
+	reg := startRegistry(t, nil)
+	push(t, reg+"/scratch/app:1", img)
+	s, err := Resolve(t.Context(), reg+"/scratch/app:1", Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := s.Build(t.Context(), t.TempDir(), BuildOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := debugfs(t, b.Rootfs, "ls -l /"); !strings.Contains(out, " etc") || !strings.Contains(out, " app") {
+		t.Errorf("root of a scratch image:\n%s", out)
+	}
+}

@@ -76,6 +76,15 @@ func (s *Source) Build(ctx context.Context, dir string, opts BuildOptions) (b Bu
 	if err != nil {
 		return b, fmt.Errorf("import %s: %w", s.Ref, err)
 	}
+	// Container runtimes give every container an /etc (hosts,
+	// resolv.conf, hostname are mounted there, even in FROM scratch
+	// images); banger's agent writes those files at boot into an /etc
+	// that exists.
+	if _, err := os.Lstat(filepath.Join(root, "etc")); os.IsNotExist(err) {
+		if err := os.Mkdir(filepath.Join(root, "etc"), 0o755); err != nil {
+			return b, fmt.Errorf("import %s: make /etc: %w", s.Ref, err)
+		}
+	}
 	out := filepath.Join(dir, RootfsName)
 	u, err := MakeExt4(ctx, root, out, Ext4Options{HeadroomMiB: opts.HeadroomMiB, Progress: progress})
 	if err != nil {
