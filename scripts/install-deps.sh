@@ -16,6 +16,7 @@ run_deps=(
   mkfs.ext4:e2fsprogs
   depmod:kmod
   setpriv:util-linux
+  gpgv:gpgv
 )
 test_deps=(
   shellcheck:shellcheck
@@ -47,6 +48,8 @@ done
 if [ "$(dpkg-query -W -f='${db:Status-Status}' busybox-static 2>/dev/null || true)" != installed ]; then
   need+=(busybox-static)
 fi
+# Local builds of the default image and kernel verify Debian's archive with its keyring.
+[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 # TLS roots for the Debian mirror mmdebstrap uses.
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 

@@ -181,7 +181,7 @@ func (r runner) run(ctx context.Context) []Check {
 	checks = append(checks, r.checkSandbox(ctx), r.checkCgroups(), r.checkVMMUser())
 	probe := r.nftProbe()
 	checks = append(checks, r.checkBridge(), r.checkNftables(probe), r.checkFirewall(probe), r.checkForwarding(), r.checkSubnet())
-	checks = append(checks, r.checkReflink(), r.checkFreeSpace())
+	checks = append(checks, r.checkReflink(), r.checkFreeSpace(), r.checkLocalBuild())
 	if r.opts.Ping != nil {
 		checks = append(checks, r.checkDaemon(ctx))
 	}

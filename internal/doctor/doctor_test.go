@@ -140,11 +140,15 @@ func allGood() fakeEnv {
 			"qemu-img":           "qemu-img version 7.2.22",
 			"firecracker":        "Firecracker v1.7.0\n\nSupported snapshot data format versions: v1.0.0",
 			"useradd":            "",
+			"mmdebstrap":         "",
+			"mkfs.ext4":          "",
+			"gpgv":               "",
+			"chroot":             "",
 		},
 		cgroups: cgroup.Info{Mode: cgroup.ModeV2, Root: "/sys/fs/cgroup", Controllers: []string{"memory", "pids", "cpu"}},
 		users:   map[string]*user.User{"banger-vmm": {Username: "banger-vmm", Uid: "999", Gid: "998"}},
 		devs: []string{"dev/net/tun", "dev/loop-control", "dev/mapper/control",
-			"sys/module/bridge/version", "proc/sys/net/ipv4/ip_forward"},
+			"sys/module/bridge/version", "proc/sys/net/ipv4/ip_forward", archiveKeyring},
 		kvm:     hwKVM,
 		ping:    func(context.Context) (string, error) { return "0.1.0", nil },
 		free:    50 << 30,
@@ -162,8 +166,8 @@ func TestAllGood(t *testing.T) {
 			t.Errorf("%s: %s %s", name, c.Status, c.Detail)
 		}
 	}
-	if len(checks) != 18 {
-		t.Errorf("got %d checks, want 18", len(checks))
+	if len(checks) != 19 {
+		t.Errorf("got %d checks, want 19", len(checks))
 	}
 	if d := checks["cgroups"].Detail; !strings.Contains(d, "v2") {
 		t.Errorf("cgroups detail %q lacks the mode", d)
@@ -468,5 +472,16 @@ func TestFreeHint(t *testing.T) {
 	p := netip.MustParsePrefix
 	if got := freeHint(p("10.77.0.0/24"), []netip.Prefix{p("10.78.0.0/16")}); got != `subnet = "10.79.0.0/24"` {
 		t.Errorf("freeHint = %s", got)
+	}
+}
+
+func TestLocalBuildTools(t *testing.T) {
+	e := allGood()
+	delete(e.bins, "mmdebstrap")
+	e.devs = e.devs[:len(e.devs)-1] // no archive keyring
+	c := e.run(t)["local image builds"]
+	if c.Status != Warn || !strings.Contains(c.Detail, "mmdebstrap") || !strings.Contains(c.Detail, archiveKeyring) ||
+		c.Fix != "sudo apt-get install mmdebstrap debian-archive-keyring" {
+		t.Errorf("local image builds: %+v", c)
 	}
 }
