@@ -1,0 +1,205 @@
+package bundle
+
+import (
+	"archive/tar"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/bangerdev/banger/internal/errdefs"
+)
+
+// FrameSize is the most content of one file a frame holds: a resumed
+// download re-reads at most this much (compressed).
+const FrameSize = 8 << 20
+
+// Write writes a bundle of m's files, read from srcDir (m.Files[i].Path is
+// relative to it), to w. It fills in each file's size, sha256 and (when
+// zero) mode from the files, in m itself. The files must not change while
+// Write runs (it reads them twice: to sum, then to write).
+func Write(ctx context.Context, w io.Writer, m *Manifest, srcDir string) error {
+	return write(ctx, w, m, srcDir, FrameSize)
+}
+
+func write(ctx context.Context, w io.Writer, m *Manifest, srcDir string, frameSize int) error {
+	if err := m.Validate(false); err != nil {
+		return err
+	}
+	root, err := os.OpenRoot(srcDir)
+	if err != nil {
+		return fmt.Errorf("bundle source: %w", err)
+	}
+	defer root.Close()
+	for i := range m.Files {
+		if err := sumFile(ctx, root, &m.Files[i]); err != nil {
+			return err
+		}
+	}
+	if err := m.Validate(true); err != nil {
+		return err
+	}
+	manifest, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBetterCompression), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		return err
+	}
+	fw := &frameWriter{w: w, enc: enc, buf: make([]byte, 0, frameSize+64<<10)}
+	tw := tar.NewWriter(fw)
+	epoch := time.Unix(0, 0)
+	header := func(name string, size int64, mode uint32) error {
+		// A new frame for each entry: flush the previous entry's padding first.
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		if err := fw.endFrame(); err != nil {
+			return err
+		}
+		return tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Size: size, Mode: int64(mode), ModTime: epoch, Format: tar.FormatPAX})
+	}
+	if err := header(ManifestName, int64(len(manifest)), 0o644); err != nil {
+		return err
+	}
+	if _, err := tw.Write(manifest); err != nil {
+		return err
+	}
+	buf := make([]byte, frameSize)
+	for i := range m.Files {
+		f := &m.Files[i]
+		if err := header(f.Path, f.Size, f.Mode); err != nil {
+			return err
+		}
+		if err := copyFile(ctx, root, f, tw, fw, buf); err != nil {
+			return err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
+	return fw.endFrame()
+}
+
+// sumFile fills f's size, sha256 and mode from the file.
+func sumFile(ctx context.Context, root *os.Root, f *File) error {
+	in, err := openRegular(root, f.Path)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	st, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	h := sha256.New()
+	n, err := io.Copy(h, ctxReader{ctx, in})
+	if err != nil {
+		return fmt.Errorf("read %s: %w", f.Path, err)
+	}
+	f.Size = n
+	f.SHA256 = hex.EncodeToString(h.Sum(nil))
+	if f.Mode == 0 {
+		f.Mode = uint32(st.Mode().Perm())
+	}
+	return nil
+}
+
+func openRegular(root *os.Root, p string) (*os.File, error) {
+	st, err := root.Lstat(p)
+	if err != nil {
+		return nil, fmt.Errorf("bundle file: %w", err)
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("bundle file %s: not a regular file (%s): %w", p, st.Mode().Type(), errdefs.ErrInvalid)
+	}
+	return root.Open(p)
+}
+
+// copyFile writes f's content into the tar stream, a frame for each
+// frameSize bytes, checking it still has the size and sum summed.
+func copyFile(ctx context.Context, root *os.Root, f *File, tw *tar.Writer, fw *frameWriter, buf []byte) error {
+	in, err := openRegular(root, f.Path)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	h := sha256.New()
+	var off int64
+	for off < f.Size {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n, err := io.ReadFull(in, buf[:min(int64(len(buf)), f.Size-off)])
+		if err != nil {
+			return fmt.Errorf("read %s: %w (did it change while the bundle was written?)", f.Path, err)
+		}
+		h.Write(buf[:n])
+		if _, err := tw.Write(buf[:n]); err != nil {
+			return err
+		}
+		off += int64(n)
+		if off < f.Size && off%int64(len(buf)) == 0 {
+			if err := fw.endFrame(); err != nil {
+				return err
+			}
+		}
+	}
+	if sum := hex.EncodeToString(h.Sum(nil)); sum != f.SHA256 {
+		return fmt.Errorf("%s changed while the bundle was written: %w", f.Path, errdefs.ErrFailedPrecondition)
+	}
+	return nil
+}
+
+// frameWriter gathers the tar stream and compresses it as one zstd frame
+// per endFrame (and whenever it holds a full buffer).
+type frameWriter struct {
+	w   io.Writer
+	enc *zstd.Encoder
+	buf []byte
+	out []byte
+}
+
+func (fw *frameWriter) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		if len(fw.buf) == cap(fw.buf) {
+			if err := fw.endFrame(); err != nil {
+				return 0, err
+			}
+		}
+		k := copy(fw.buf[len(fw.buf):cap(fw.buf)], p)
+		fw.buf = fw.buf[:len(fw.buf)+k]
+		p = p[k:]
+	}
+	return n, nil
+}
+
+func (fw *frameWriter) endFrame() error {
+	if len(fw.buf) == 0 {
+		return nil
+	}
+	fw.out = fw.enc.EncodeAll(fw.buf, fw.out[:0])
+	fw.buf = fw.buf[:0]
+	_, err := fw.w.Write(fw.out)
+	return err
+}
+
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
