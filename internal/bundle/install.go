@@ -423,9 +423,7 @@ func (in *installer) content(ctx context.Context, f *File, out *os.File, off int
 // and on failure.
 func (in *installer) mark(f *File, off int64, h hash.Hash) {
 	ck := &checkpoint{Bundle: in.opts.SHA256, Size: in.src.Size(), Next: in.s.offset(), Manifest: in.m}
-	if in.s.sum != nil {
-		ck.BundleSum, _ = in.s.sum.(encoding.BinaryMarshaler).MarshalBinary()
-	}
+	ck.BundleSum = in.s.c.sum // the state at the end of the frame
 	for p := range in.done {
 		ck.Done = append(ck.Done, p)
 	}
