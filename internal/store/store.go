@@ -100,6 +100,72 @@ var migrations = []string{
 	ALTER TABLE images ADD COLUMN default_user TEXT NOT NULL DEFAULT '';`,
 	// VMs whose guest's listening ports are forwarded (--publish-all).
 	`ALTER TABLE vms ADD COLUMN publish_all INTEGER NOT NULL DEFAULT 0;`,
+	// Kernels become objects of their own, shared by images: a kernel
+	// image with an optional initrd and modules tree, and the fingerprints
+	// of its files (kernel_files, as image_files). An image names its
+	// kernel and records where it came from (source, catalog version, OCI
+	// reference and digest, OCI config as JSON); a VM may boot another
+	// kernel than its image's (kernel_id, '' = the image's), and has a main
+	// process command and restart policy (init-less images).
+	// kernel_id columns can't be REFERENCES with a '' default (SQLite
+	// refuses such an ALTER): DeleteKernel checks the users itself.
+	// Each existing image gets a kernel object of its own (same id and
+	// name, managed as the image), its kernel, initrd and modules
+	// fingerprints move to kernel_files, and the kernel columns leave
+	// images: the kernel's files are read through kernel_id.
+	`CREATE TABLE kernels (
+		id          TEXT PRIMARY KEY,
+		name        TEXT NOT NULL UNIQUE,
+		managed     INTEGER NOT NULL DEFAULT 0,
+		source      TEXT NOT NULL DEFAULT 'registered',
+		version     TEXT NOT NULL DEFAULT '',
+		release     TEXT NOT NULL DEFAULT '',
+		kernel      TEXT NOT NULL,
+		initrd      TEXT NOT NULL DEFAULT '',
+		modules_dir TEXT NOT NULL DEFAULT '',
+		ref         TEXT NOT NULL DEFAULT '',
+		digest      TEXT NOT NULL DEFAULT '',
+		size_bytes  INTEGER NOT NULL DEFAULT 0,
+		created_at  TEXT NOT NULL
+	);
+	CREATE TABLE kernel_files (
+		kernel_id TEXT NOT NULL REFERENCES kernels(id) ON DELETE CASCADE,
+		path      TEXT NOT NULL,
+		role      TEXT NOT NULL,
+		rel       TEXT NOT NULL DEFAULT '',
+		link      INTEGER NOT NULL DEFAULT 0,
+		size      INTEGER NOT NULL,
+		mtime_ns  INTEGER NOT NULL,
+		ctime_ns  INTEGER NOT NULL DEFAULT 0,
+		inode     INTEGER NOT NULL,
+		dev       INTEGER NOT NULL,
+		sha256    TEXT NOT NULL DEFAULT '',
+		PRIMARY KEY (kernel_id, path)
+	);
+	ALTER TABLE images ADD COLUMN kernel_id TEXT NOT NULL DEFAULT '';
+	ALTER TABLE images ADD COLUMN source TEXT NOT NULL DEFAULT 'registered';
+	ALTER TABLE images ADD COLUMN version TEXT NOT NULL DEFAULT '';
+	ALTER TABLE images ADD COLUMN ref TEXT NOT NULL DEFAULT '';
+	ALTER TABLE images ADD COLUMN digest TEXT NOT NULL DEFAULT '';
+	ALTER TABLE images ADD COLUMN config TEXT NOT NULL DEFAULT '';
+	ALTER TABLE vms ADD COLUMN kernel_id TEXT NOT NULL DEFAULT '';
+	ALTER TABLE vms ADD COLUMN cmd TEXT NOT NULL DEFAULT '[]';
+	ALTER TABLE vms ADD COLUMN restart TEXT NOT NULL DEFAULT '';
+	CREATE INDEX images_kernel_id ON images(kernel_id);
+	CREATE INDEX vms_kernel_id ON vms(kernel_id);
+	INSERT INTO kernels (id, name, managed, source, kernel, initrd, modules_dir, size_bytes, created_at)
+		SELECT id, name, managed, 'registered', kernel, initrd, modules_dir,
+			(SELECT COALESCE(SUM(size), 0) FROM image_files f WHERE f.image_id = images.id AND f.role IN ('kernel', 'initrd', 'modules') AND f.link = 0),
+			created_at
+		FROM images;
+	INSERT INTO kernel_files (kernel_id, path, role, rel, link, size, mtime_ns, ctime_ns, inode, dev, sha256)
+		SELECT image_id, path, role, rel, link, size, mtime_ns, ctime_ns, inode, dev, sha256
+		FROM image_files WHERE role IN ('kernel', 'initrd', 'modules');
+	DELETE FROM image_files WHERE role IN ('kernel', 'initrd', 'modules');
+	UPDATE images SET kernel_id = id;
+	ALTER TABLE images DROP COLUMN kernel;
+	ALTER TABLE images DROP COLUMN initrd;
+	ALTER TABLE images DROP COLUMN modules_dir;`,
 }
 
 // Store is the state database.
@@ -162,12 +228,18 @@ func (s *Store) migrate(ctx context.Context) error {
 	return nil
 }
 
-// Image is a stored image.
+// Image is a stored image: a root filesystem and the kernel object it
+// boots with.
 type Image struct {
-	ID         string
-	Name       string
-	Managed    bool
-	Rootfs     string
+	ID      string
+	Name    string
+	Managed bool
+	Rootfs  string
+	// KernelID is the kernel object the image boots with.
+	KernelID string
+	// KernelName, Kernel, Initrd and ModulesDir are read only: the kernel
+	// object's name and files (GetImage, ListImages).
+	KernelName string
 	Kernel     string
 	Initrd     string
 	ModulesDir string
@@ -178,9 +250,45 @@ type Image struct {
 	PromotedFrom string
 	// DefaultUser is the user `vm ssh` logs in as ("" = root).
 	DefaultUser string
+	// Source is where the image came from (api.Source*: registered,
+	// catalog, oci, local-build); Version its catalog version, Ref the
+	// OCI reference or bundle URL, Digest the OCI manifest digest or the
+	// bundle's sha256.
+	Source  string
+	Version string
+	Ref     string
+	Digest  string
+	// ConfigJSON is the image's api.ImageConfig as JSON ("" = none).
+	ConfigJSON string
 	// Files, when not nil, are written by InsertImage and UpdateImage (in
 	// the same transaction as the image). GetImage and ListImages leave it
-	// nil: read them with ImageFiles.
+	// nil: read them with ImageFiles. An image's files are its rootfs (and
+	// other files of its own); its kernel's are the kernel's (KernelFiles).
+	Files []ImageFile
+}
+
+// Kernel is a stored kernel object: a kernel image, an optional initrd
+// and modules tree, shared by images (and VMs booting it instead of
+// their image's).
+type Kernel struct {
+	ID      string
+	Name    string
+	Managed bool // its files are banger's (under the state dir)
+	// Source: api.SourceRegistered, SourceImported, SourceCatalog,
+	// SourceLocalBuild.
+	Source     string
+	Version    string
+	Release    string // uname -r of the kernel ("" = not read)
+	Kernel     string
+	Initrd     string
+	ModulesDir string
+	Ref        string
+	Digest     string
+	SizeBytes  int64
+	CreatedAt  time.Time
+	// Files, when not nil, are written by InsertKernel and UpdateKernel
+	// in the same transaction. GetKernel and ListKernels leave it nil:
+	// read them with KernelFiles.
 	Files []ImageFile
 }
 
@@ -238,6 +346,16 @@ type VM struct {
 	// PublishAll: the guest's listening ports are forwarded while it runs
 	// (vm create --publish-all).
 	PublishAll bool
+	// KernelID is the kernel the VM boots instead of its image's
+	// (vm create --kernel); "" = the image's.
+	KernelID string
+	// KernelName is read only: the name of the kernel the VM boots
+	// (KernelID's, else its image's).
+	KernelName string
+	// Cmd replaces the image's Cmd for the main process (JSON argv).
+	Cmd []string
+	// Restart is the main process's restart policy ("" = no).
+	Restart string
 }
 
 // Port is a forwarded port of a VM.
@@ -265,27 +383,67 @@ func isUnique(err error) bool {
 }
 
 // InsertImage adds an image, with its Files. A duplicate name is
-// errdefs.ErrAlreadyExists.
+// errdefs.ErrAlreadyExists; the kernel must exist (unless KernelID is
+// empty: an image without a kernel can't boot, the daemon never makes
+// one).
 func (s *Store) InsertImage(ctx context.Context, im Image) error {
+	return s.InsertImageAndKernel(ctx, im, nil)
+}
+
+// InsertImageAndKernel adds a kernel (when k is not nil) and an image in
+// one transaction: both or neither.
+func (s *Store) InsertImageAndKernel(ctx context.Context, im Image, k *Kernel) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("insert image %q: %w", im.Name, err)
 	}
 	defer tx.Rollback()
-	_, err = tx.ExecContext(ctx, `INSERT INTO images (id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at, promoted_from, default_user)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		im.ID, im.Name, im.Managed, im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir, im.SizeBytes, fmtTime(im.CreatedAt), im.PromotedFrom, im.DefaultUser)
+	if k != nil {
+		if err := insertKernel(ctx, tx, *k); err != nil {
+			return err
+		}
+	}
+	if err := kernelExists(ctx, tx, im.KernelID); err != nil {
+		return fmt.Errorf("insert image %q: %w", im.Name, err)
+	}
+	_, err = tx.ExecContext(ctx, `INSERT INTO images (id, name, managed, rootfs, kernel_id, size_bytes, created_at, promoted_from, default_user, source, version, ref, digest, config)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		im.ID, im.Name, im.Managed, im.Rootfs, im.KernelID, im.SizeBytes, fmtTime(im.CreatedAt), im.PromotedFrom, im.DefaultUser,
+		sourceOr(im.Source), im.Version, im.Ref, im.Digest, im.ConfigJSON)
 	if isUnique(err) {
 		return fmt.Errorf("image %q: %w", im.Name, errdefs.ErrAlreadyExists)
 	}
 	if err != nil {
 		return fmt.Errorf("insert image %q: %w", im.Name, err)
 	}
-	if err := writeImageFiles(ctx, tx, im); err != nil {
+	if err := writeFiles(ctx, tx, "image", im.ID, im.Name, im.Files); err != nil {
 		return err
 	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("insert image %q: %w", im.Name, err)
+	}
+	return nil
+}
+
+// sourceOr is the source of a row: "registered" when none is given.
+func sourceOr(s string) string {
+	if s == "" {
+		return "registered"
+	}
+	return s
+}
+
+// kernelExists checks that a kernel id names a kernel ("" passes).
+func kernelExists(ctx context.Context, tx *sql.Tx, id string) error {
+	if id == "" {
+		return nil
+	}
+	var n int
+	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM kernels WHERE id = ?`, id).Scan(&n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return fmt.Errorf("kernel %s: %w", id, errdefs.ErrNotFound)
 	}
 	return nil
 }
@@ -293,20 +451,35 @@ func (s *Store) InsertImage(ctx context.Context, im Image) error {
 // UpdateImage replaces an image's fields (by id), and its files when
 // im.Files is not nil, in one transaction.
 func (s *Store) UpdateImage(ctx context.Context, im Image) error {
+	return s.UpdateImageAndKernel(ctx, im, nil)
+}
+
+// UpdateImageAndKernel updates an image and (when k is not nil) a kernel
+// in one transaction, each with its files when Files is not nil (image
+// promote: both copies become the objects' files at once).
+func (s *Store) UpdateImageAndKernel(ctx context.Context, im Image, k *Kernel) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("update image %q: %w", im.Name, err)
 	}
 	defer tx.Rollback()
-	res, err := tx.ExecContext(ctx, `UPDATE images SET name=?, managed=?, rootfs=?, kernel=?, initrd=?, modules_dir=?, size_bytes=?, promoted_from=?, default_user=? WHERE id=?`,
-		im.Name, im.Managed, im.Rootfs, im.Kernel, im.Initrd, im.ModulesDir, im.SizeBytes, im.PromotedFrom, im.DefaultUser, im.ID)
+	if k != nil {
+		if err := updateKernel(ctx, tx, *k); err != nil {
+			return err
+		}
+	}
+	if err := kernelExists(ctx, tx, im.KernelID); err != nil {
+		return fmt.Errorf("update image %q: %w", im.Name, err)
+	}
+	res, err := tx.ExecContext(ctx, `UPDATE images SET name=?, managed=?, rootfs=?, kernel_id=?, size_bytes=?, promoted_from=?, default_user=?, source=?, version=?, ref=?, digest=?, config=? WHERE id=?`,
+		im.Name, im.Managed, im.Rootfs, im.KernelID, im.SizeBytes, im.PromotedFrom, im.DefaultUser, sourceOr(im.Source), im.Version, im.Ref, im.Digest, im.ConfigJSON, im.ID)
 	if err != nil {
 		return fmt.Errorf("update image %q: %w", im.Name, err)
 	}
 	if n, err := res.RowsAffected(); err == nil && n == 0 {
 		return fmt.Errorf("image %q: %w", im.Name, errdefs.ErrNotFound)
 	}
-	if err := writeImageFiles(ctx, tx, im); err != nil {
+	if err := writeFiles(ctx, tx, "image", im.ID, im.Name, im.Files); err != nil {
 		return err
 	}
 	if err := tx.Commit(); err != nil {
@@ -315,23 +488,28 @@ func (s *Store) UpdateImage(ctx context.Context, im Image) error {
 	return nil
 }
 
-// writeImageFiles replaces the files of im when im.Files is not nil.
-func writeImageFiles(ctx context.Context, tx *sql.Tx, im Image) error {
-	if im.Files == nil {
+// writeFiles replaces the files of an image or kernel (kind) when files
+// is not nil.
+func writeFiles(ctx context.Context, tx *sql.Tx, kind, id, name string, files []ImageFile) error {
+	if files == nil {
 		return nil
 	}
-	if _, err := tx.ExecContext(ctx, `DELETE FROM image_files WHERE image_id = ?`, im.ID); err != nil {
-		return fmt.Errorf("write files of image %q: %w", im.Name, err)
+	table, col := "image_files", "image_id"
+	if kind == "kernel" {
+		table, col = "kernel_files", "kernel_id"
 	}
-	stmt, err := tx.PrepareContext(ctx, `INSERT INTO image_files (image_id, path, role, rel, link, size, mtime_ns, ctime_ns, inode, dev, sha256)
+	if _, err := tx.ExecContext(ctx, `DELETE FROM `+table+` WHERE `+col+` = ?`, id); err != nil {
+		return fmt.Errorf("write files of %s %q: %w", kind, name, err)
+	}
+	stmt, err := tx.PrepareContext(ctx, `INSERT INTO `+table+` (`+col+`, path, role, rel, link, size, mtime_ns, ctime_ns, inode, dev, sha256)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
 	if err != nil {
-		return fmt.Errorf("write files of image %q: %w", im.Name, err)
+		return fmt.Errorf("write files of %s %q: %w", kind, name, err)
 	}
 	defer stmt.Close()
-	for _, f := range im.Files {
-		if _, err := stmt.ExecContext(ctx, im.ID, f.Path, f.Role, f.Rel, f.Link, f.Size, f.MTimeNS, f.CTimeNS, int64(f.Inode), int64(f.Dev), f.SHA256); err != nil {
-			return fmt.Errorf("write files of image %q: %s: %w", im.Name, f.Path, err)
+	for _, f := range files {
+		if _, err := stmt.ExecContext(ctx, id, f.Path, f.Role, f.Rel, f.Link, f.Size, f.MTimeNS, f.CTimeNS, int64(f.Inode), int64(f.Dev), f.SHA256); err != nil {
+			return fmt.Errorf("write files of %s %q: %s: %w", kind, name, f.Path, err)
 		}
 	}
 	return nil
@@ -342,23 +520,36 @@ func writeImageFiles(ctx context.Context, tx *sql.Tx, im Image) error {
 // whether it did. Unlike UpdateImage it touches nothing else, so it can't
 // undo a concurrent update of the image.
 func (s *Store) AddImageFilesIfNone(ctx context.Context, id string, files []ImageFile) (bool, error) {
+	return s.addFilesIfNone(ctx, "image", id, files)
+}
+
+// AddKernelFilesIfNone is AddImageFilesIfNone for a kernel.
+func (s *Store) AddKernelFilesIfNone(ctx context.Context, id string, files []ImageFile) (bool, error) {
+	return s.addFilesIfNone(ctx, "kernel", id, files)
+}
+
+func (s *Store) addFilesIfNone(ctx context.Context, kind, id string, files []ImageFile) (bool, error) {
+	table, col := "image_files", "image_id"
+	if kind == "kernel" {
+		table, col = "kernel_files", "kernel_id"
+	}
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
-		return false, fmt.Errorf("record files of image %s: %w", id, err)
+		return false, fmt.Errorf("record files of %s %s: %w", kind, id, err)
 	}
 	defer tx.Rollback()
 	var n int
-	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM image_files WHERE image_id = ?`, id).Scan(&n); err != nil {
-		return false, fmt.Errorf("record files of image %s: %w", id, err)
+	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM `+table+` WHERE `+col+` = ?`, id).Scan(&n); err != nil {
+		return false, fmt.Errorf("record files of %s %s: %w", kind, id, err)
 	}
 	if n > 0 {
 		return false, nil
 	}
-	if err := writeImageFiles(ctx, tx, Image{ID: id, Name: id, Files: files}); err != nil {
+	if err := writeFiles(ctx, tx, kind, id, id, files); err != nil {
 		return false, err
 	}
 	if err := tx.Commit(); err != nil {
-		return false, fmt.Errorf("record files of image %s: %w", id, err)
+		return false, fmt.Errorf("record files of %s %s: %w", kind, id, err)
 	}
 	return true, nil
 }
@@ -366,9 +557,22 @@ func (s *Store) AddImageFilesIfNone(ctx context.Context, id string, files []Imag
 // ImageFiles returns the recorded files of an image, by path; none for an
 // image registered before fingerprints were kept.
 func (s *Store) ImageFiles(ctx context.Context, id string) ([]ImageFile, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT path, role, rel, link, size, mtime_ns, ctime_ns, inode, dev, sha256 FROM image_files WHERE image_id = ? ORDER BY path`, id)
+	return s.files(ctx, "image", id)
+}
+
+// KernelFiles returns the recorded files of a kernel, by path.
+func (s *Store) KernelFiles(ctx context.Context, id string) ([]ImageFile, error) {
+	return s.files(ctx, "kernel", id)
+}
+
+func (s *Store) files(ctx context.Context, kind, id string) ([]ImageFile, error) {
+	table, col := "image_files", "image_id"
+	if kind == "kernel" {
+		table, col = "kernel_files", "kernel_id"
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT path, role, rel, link, size, mtime_ns, ctime_ns, inode, dev, sha256 FROM `+table+` WHERE `+col+` = ? ORDER BY path`, id)
 	if err != nil {
-		return nil, fmt.Errorf("files of image %s: %w", id, err)
+		return nil, fmt.Errorf("files of %s %s: %w", kind, id, err)
 	}
 	defer rows.Close()
 	out := []ImageFile{}
@@ -376,7 +580,7 @@ func (s *Store) ImageFiles(ctx context.Context, id string) ([]ImageFile, error) 
 		var f ImageFile
 		var inode, dev int64
 		if err := rows.Scan(&f.Path, &f.Role, &f.Rel, &f.Link, &f.Size, &f.MTimeNS, &f.CTimeNS, &inode, &dev, &f.SHA256); err != nil {
-			return nil, fmt.Errorf("files of image %s: %w", id, err)
+			return nil, fmt.Errorf("files of %s %s: %w", kind, id, err)
 		}
 		f.Inode, f.Dev = uint64(inode), uint64(dev)
 		out = append(out, f)
@@ -384,19 +588,25 @@ func (s *Store) ImageFiles(ctx context.Context, id string) ([]ImageFile, error) 
 	return out, rows.Err()
 }
 
-const imageCols = `id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at, promoted_from, default_user`
+// imageSelect reads an image with its kernel's name and files.
+const imageSelect = `SELECT images.id, images.name, images.managed, images.rootfs, images.kernel_id,
+	COALESCE(k.name, ''), COALESCE(k.kernel, ''), COALESCE(k.initrd, ''), COALESCE(k.modules_dir, ''),
+	images.size_bytes, images.created_at, images.promoted_from, images.default_user,
+	images.source, images.version, images.ref, images.digest, images.config
+	FROM images LEFT JOIN kernels k ON k.id = images.kernel_id`
 
 func scanImage(row interface{ Scan(...any) error }) (Image, error) {
 	var im Image
 	var created string
-	err := row.Scan(&im.ID, &im.Name, &im.Managed, &im.Rootfs, &im.Kernel, &im.Initrd, &im.ModulesDir, &im.SizeBytes, &created, &im.PromotedFrom, &im.DefaultUser)
+	err := row.Scan(&im.ID, &im.Name, &im.Managed, &im.Rootfs, &im.KernelID, &im.KernelName, &im.Kernel, &im.Initrd, &im.ModulesDir,
+		&im.SizeBytes, &created, &im.PromotedFrom, &im.DefaultUser, &im.Source, &im.Version, &im.Ref, &im.Digest, &im.ConfigJSON)
 	im.CreatedAt = parseTime(created)
 	return im, err
 }
 
 // GetImage finds an image by id or name; an id wins over a name.
 func (s *Store) GetImage(ctx context.Context, ref string) (Image, error) {
-	im, err := scanImage(s.db.QueryRowContext(ctx, `SELECT `+imageCols+` FROM images WHERE name = ? OR id = ? ORDER BY id = ? DESC LIMIT 1`, ref, ref, ref))
+	im, err := scanImage(s.db.QueryRowContext(ctx, imageSelect+` WHERE images.name = ? OR images.id = ? ORDER BY images.id = ? DESC LIMIT 1`, ref, ref, ref))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Image{}, fmt.Errorf("image %s: %w", errdefs.Quote(ref), errdefs.ErrNotFound)
 	}
@@ -408,7 +618,7 @@ func (s *Store) GetImage(ctx context.Context, ref string) (Image, error) {
 
 // ListImages returns all images by name.
 func (s *Store) ListImages(ctx context.Context) ([]Image, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+imageCols+` FROM images ORDER BY name`)
+	rows, err := s.db.QueryContext(ctx, imageSelect+` ORDER BY images.name`)
 	if err != nil {
 		return nil, fmt.Errorf("list images: %w", err)
 	}
@@ -432,20 +642,10 @@ func (s *Store) DeleteImage(ctx context.Context, id string) error {
 		return err
 	}
 	defer tx.Rollback()
-	var users []string
-	rows, err := tx.QueryContext(ctx, `SELECT name FROM vms WHERE image_id = ? ORDER BY name`, id)
+	users, err := names(ctx, tx, `SELECT name FROM vms WHERE image_id = ? ORDER BY name`, id)
 	if err != nil {
 		return fmt.Errorf("delete image: %w", err)
 	}
-	for rows.Next() {
-		var n string
-		if err := rows.Scan(&n); err != nil {
-			rows.Close()
-			return err
-		}
-		users = append(users, n)
-	}
-	rows.Close()
 	if len(users) > 0 {
 		return fmt.Errorf("image is used by VM(s) %s: remove them first: %w", strings.Join(users, ", "), errdefs.ErrFailedPrecondition)
 	}
@@ -455,9 +655,13 @@ func (s *Store) DeleteImage(ctx context.Context, id string) error {
 	return tx.Commit()
 }
 
-// ImageUsers returns the names of the VMs using an image.
-func (s *Store) ImageUsers(ctx context.Context, id string) ([]string, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT name FROM vms WHERE image_id = ? ORDER BY name`, id)
+type querier interface {
+	QueryContext(ctx context.Context, q string, args ...any) (*sql.Rows, error)
+}
+
+// names runs a query of one text column.
+func names(ctx context.Context, q querier, query string, args ...any) ([]string, error) {
+	rows, err := q.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -473,29 +677,38 @@ func (s *Store) ImageUsers(ctx context.Context, id string) ([]string, error) {
 	return out, rows.Err()
 }
 
-const vmCols = `id, name, image_id, state, cpus, memory_mib, disk_bytes, disk_path, disk_format, disk_strategy, vmm, accel_wanted, dir, handle, created_at, started_at, last_error, auto_remove, network, ip, mac, tap, allow, ssh_keys, ssh_host_keys, publish_all`
+// ImageUsers returns the names of the VMs using an image.
+func (s *Store) ImageUsers(ctx context.Context, id string) ([]string, error) {
+	return names(ctx, s.db, `SELECT name FROM vms WHERE image_id = ? ORDER BY name`, id)
+}
 
-// vmSelect reads a VM with its image's name.
-const vmSelect = `SELECT ` + vmCols + `, (SELECT name FROM images WHERE images.id = vms.image_id) FROM vms`
+const vmCols = `id, name, image_id, state, cpus, memory_mib, disk_bytes, disk_path, disk_format, disk_strategy, vmm, accel_wanted, dir, handle, created_at, started_at, last_error, auto_remove, network, ip, mac, tap, allow, ssh_keys, ssh_host_keys, publish_all, kernel_id, cmd, restart`
+
+// vmSelect reads a VM with its image's name and the name of the kernel
+// it boots.
+const vmSelect = `SELECT ` + vmCols + `, (SELECT name FROM images WHERE images.id = vms.image_id),
+	(SELECT name FROM kernels WHERE kernels.id = COALESCE(NULLIF(vms.kernel_id, ''), (SELECT kernel_id FROM images WHERE images.id = vms.image_id))) FROM vms`
 
 func scanVM(row interface{ Scan(...any) error }) (VM, error) {
 	var v VM
-	var created, started, allow, sshKeys, hostKeys string
-	var imageName, ip sql.NullString
+	var created, started, allow, sshKeys, hostKeys, cmd string
+	var imageName, kernelName, ip sql.NullString
 	err := row.Scan(&v.ID, &v.Name, &v.ImageID, &v.State, &v.CPUs, &v.MemoryMiB, &v.DiskBytes, &v.DiskPath, &v.DiskFormat, &v.DiskStrategy,
 		&v.VMM, &v.AccelWanted, &v.Dir, &v.Handle, &created, &started, &v.LastError, &v.AutoRemove,
-		&v.Network, &ip, &v.MAC, &v.TAP, &allow, &sshKeys, &hostKeys, &v.PublishAll, &imageName)
+		&v.Network, &ip, &v.MAC, &v.TAP, &allow, &sshKeys, &hostKeys, &v.PublishAll,
+		&v.KernelID, &cmd, &v.Restart, &imageName, &kernelName)
 	if err != nil {
 		return v, err
 	}
 	v.ImageName = imageName.String
+	v.KernelName = kernelName.String
 	v.IP = ip.String
 	v.CreatedAt = parseTime(created)
 	v.StartedAt = parseTime(started)
 	for _, f := range []struct {
 		col string
 		dst *[]string
-	}{{allow, &v.Allow}, {sshKeys, &v.SSHKeys}, {hostKeys, &v.SSHHostKeys}} {
+	}{{allow, &v.Allow}, {sshKeys, &v.SSHKeys}, {hostKeys, &v.SSHHostKeys}, {cmd, &v.Cmd}} {
 		if err := json.Unmarshal([]byte(f.col), f.dst); err != nil {
 			return v, fmt.Errorf("vm %s: decode %q: %w", v.ID, f.col, err)
 		}
@@ -552,10 +765,14 @@ func (s *Store) insertVM(ctx context.Context, v VM, subnet netip.Prefix) (VM, er
 		}
 		v.IP = ip.String()
 	}
-	_, err = tx.ExecContext(ctx, `INSERT INTO vms (`+vmCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+	if err := kernelExists(ctx, tx, v.KernelID); err != nil {
+		return v, fmt.Errorf("insert vm %q: %w", v.Name, err)
+	}
+	_, err = tx.ExecContext(ctx, `INSERT INTO vms (`+vmCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		v.ID, v.Name, v.ImageID, v.State, v.CPUs, v.MemoryMiB, v.DiskBytes, v.DiskPath, v.DiskFormat, v.DiskStrategy,
 		v.VMM, v.AccelWanted, v.Dir, v.Handle, fmtTime(v.CreatedAt), fmtTime(v.StartedAt), v.LastError, v.AutoRemove,
-		v.Network, nullIfEmpty(v.IP), v.MAC, v.TAP, jsonList(v.Allow), jsonList(v.SSHKeys), jsonList(v.SSHHostKeys), v.PublishAll)
+		v.Network, nullIfEmpty(v.IP), v.MAC, v.TAP, jsonList(v.Allow), jsonList(v.SSHKeys), jsonList(v.SSHHostKeys), v.PublishAll,
+		v.KernelID, jsonList(v.Cmd), v.Restart)
 	if isUnique(err) {
 		if strings.Contains(err.Error(), "vms.ip") {
 			return v, fmt.Errorf("vm %q: address %s is taken: %w", v.Name, v.IP, errdefs.ErrAlreadyExists)
