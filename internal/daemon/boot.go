@@ -55,7 +55,8 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 	if err != nil {
 		return err
 	}
-	if err := d.imageReady(ctx, v, im); err != nil {
+	k, err := d.imageReady(ctx, v, im) // the VM boots k with im's rootfs
+	if err != nil {
 		return err
 	}
 	hostKey, err := os.ReadFile(filepath.Join(v.Dir, fileHostKey))
@@ -105,9 +106,9 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 	initrd := filepath.Join(v.Dir, fileInitrd)
 	if err := initramfs.Build(ctx, initrd, initramfs.Options{
 		AgentBinary: d.agentBinary,
-		BaseInitrd:  im.Initrd,
-		ModulesDir:  im.ModulesDir,
-		Kernel:      im.Kernel,
+		BaseInitrd:  k.Initrd,
+		ModulesDir:  k.ModulesDir,
+		Kernel:      k.Kernel,
 		Config: agentproto.Config{
 			Transport:     "virtio-serial",
 			PortName:      agentproto.VirtioPortName,
@@ -145,7 +146,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
 	h, err := d.driver.Start(startCtx, vmm.Spec{
 		ID: v.ID, Name: v.Name, Dir: v.Dir, CPUs: v.CPUs, MemoryMiB: v.MemoryMiB,
-		Kernel: im.Kernel, Initrd: initrd, Cmdline: kernelCmdline,
+		Kernel: k.Kernel, Initrd: initrd, Cmdline: kernelCmdline,
 		RootDisk: vmm.Disk{Path: v.DiskPath, Format: v.DiskFormat},
 		Accel:    v.AccelWanted, ConsoleLog: console, Net: netCard,
 	})

@@ -140,11 +140,15 @@ type Daemon struct {
 	// published holds the *publisher of each running --publish-all VM,
 	// by id (publishall.go).
 	published sync.Map
-	// checked holds, by image id, a checkedImage: the files an image was
-	// last found usable with (see usableImage).
+	// checked holds, by "image id/kernel id", a checkedImage: the files a
+	// boot set was last found usable with (see usableImage).
 	checked sync.Map
 	// pulls holds the running image and kernel pulls (pullops.go).
 	pulls pullRegistry
+	// staging holds the staging directories handed out and not yet
+	// installed or discarded (install.go): image prune leaves them.
+	stagingMu sync.Mutex
+	staging   map[string]bool
 }
 
 // deps are the parts run takes from its caller: production passes the QEMU
@@ -162,6 +166,9 @@ type deps struct {
 	// autoRemoveGrace is how long an auto-remove VM waits for its client's
 	// next call after a create or start (default 30s).
 	autoRemoveGrace time.Duration
+	// built, when set, is handed the daemon once it is reconciled, before
+	// it serves (tests call its methods).
+	built func(*Daemon)
 }
 
 // Run builds the daemon's parts in order and serves until ctx ends. VMs keep
@@ -201,7 +208,7 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
-	for _, sub := range []string{"vms", "images"} {
+	for _, sub := range []string{"vms", "images", "kernels", "tmp"} {
 		if err := os.MkdirAll(filepath.Join(cfg.StateDir, sub), 0o700); err != nil {
 			return fmt.Errorf("create state dir: %w", err)
 		}
@@ -251,6 +258,7 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 		running:         map[string]*runningVM{},
 		booting:         map[string]*boot{},
 		naming:          map[string]bool{},
+		staging:         map[string]bool{},
 	}
 	defer func() {
 		stopMonitors()
@@ -265,6 +273,11 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 	} else if len(removed) > 0 {
 		log.Info("removed interrupted image promotions", "dirs", removed)
 	}
+	if removed, _, err := d.removePartials(); err != nil {
+		log.Warn("remove interrupted pulls and builds", "err", err)
+	} else if len(removed) > 0 {
+		log.Info("removed interrupted pulls and builds", "dirs", removed)
+	}
 	if cfg.Network == api.NetworkBridge || os.Geteuid() == 0 {
 		if err := d.net.CheckSubnet(); err != nil {
 			log.Warn("bridged VMs can't be created or started until this is fixed", "err", err)
@@ -277,6 +290,9 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 		return fmt.Errorf("reconcile images: %w", err)
 	}
 
+	if dp.built != nil {
+		dp.built(d)
+	}
 	l, err := listen(cfg.SocketPath, gid)
 	if err != nil {
 		return err
@@ -376,6 +392,9 @@ func (d *Daemon) register(s *rpc.Server) {
 	s.Handle(api.MethodImageList, rpc.PermRead, d.imageList)
 	s.Handle(api.MethodImageInspect, rpc.PermRead, d.imageInspect)
 	s.Handle(api.MethodImageRemove, rpc.PermAdmin, d.imageRemove)
+	s.Handle(api.MethodKernelList, rpc.PermRead, d.kernelList)
+	s.Handle(api.MethodKernelInspect, rpc.PermRead, d.kernelInspect)
+	s.Handle(api.MethodKernelRemove, rpc.PermAdmin, d.kernelRemove)
 	s.Handle(api.MethodVMCreate, rpc.PermWrite, d.vmCreate)
 	s.Handle(api.MethodVMStart, rpc.PermWrite, d.vmStart)
 	s.Handle(api.MethodVMStop, rpc.PermWrite, d.vmStop)

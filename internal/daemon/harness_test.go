@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -45,6 +46,9 @@ type testEnv struct {
 	// firewall, services): only inside a namespace the test made.
 	hostNetwork     bool
 	autoRemoveGrace time.Duration
+
+	// daemon is the last daemon started (its methods, for tests of them).
+	daemon atomic.Pointer[Daemon]
 }
 
 // newEnv makes a short temp dir (unix socket paths are limited to 108
@@ -140,7 +144,7 @@ func (e *testEnv) start() *testDaemon {
 			if e.hostNetwork {
 				newHostNet = nil // the default: the real one
 			}
-			err := run(ctx, e.cfg, e.log, deps{newDriver: func() vmm.Driver { return e.fake }, newHostNet: newHostNet, onPhase: e.onPhase, removeDir: e.removeDir, autoRemoveGrace: e.autoRemoveGrace})
+			err := run(ctx, e.cfg, e.log, deps{newDriver: func() vmm.Driver { return e.fake }, newHostNet: newHostNet, onPhase: e.onPhase, removeDir: e.removeDir, autoRemoveGrace: e.autoRemoveGrace, built: e.daemon.Store})
 			if errors.Is(err, unix.EWOULDBLOCK) && time.Now().Before(giveUp) {
 				<-retry.C
 				continue

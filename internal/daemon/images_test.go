@@ -142,9 +142,14 @@ func TestImagePromote(t *testing.T) {
 	if !im.Managed || im.ID != reg.ID {
 		t.Errorf("promoted image = %+v, want managed, same id", im)
 	}
-	for _, p := range []struct{ got, src string }{{im.Rootfs, e.rootfs}, {im.Kernel, kernel}, {im.Initrd, e.initrd}} {
-		if filepath.Dir(p.got) != dir {
-			t.Errorf("promoted file %s is not in %s", p.got, dir)
+	// The image's own kernel object is promoted with it, into kernels/<id>.
+	kdir := filepath.Join(e.cfg.StateDir, "kernels", reg.KernelID)
+	if reg.KernelName != "promo" || im.KernelID != reg.KernelID {
+		t.Errorf("registered kernel %q (%s), promoted image's %s", reg.KernelName, reg.KernelID, im.KernelID)
+	}
+	for _, p := range []struct{ got, src, dir string }{{im.Rootfs, e.rootfs, dir}, {im.Kernel, kernel, kdir}, {im.Initrd, e.initrd, kdir}} {
+		if filepath.Dir(p.got) != p.dir {
+			t.Errorf("promoted file %s is not in %s", p.got, p.dir)
 		}
 		a, _ := os.ReadFile(p.got)
 		b, _ := os.ReadFile(p.src)
@@ -152,7 +157,7 @@ func TestImagePromote(t *testing.T) {
 			t.Errorf("promoted %s differs from %s", p.got, p.src)
 		}
 	}
-	if m, err := os.ReadFile(filepath.Join(im.ModulesDir, "kernel", "virtio_blk.ko")); err != nil || string(m) != "module" || filepath.Dir(im.ModulesDir) != dir {
+	if m, err := os.ReadFile(filepath.Join(im.ModulesDir, "kernel", "virtio_blk.ko")); err != nil || string(m) != "module" || filepath.Dir(im.ModulesDir) != kdir {
 		t.Errorf("promoted modules %s: %q, %v", im.ModulesDir, m, err)
 	}
 	// Each copy phase reports its end (done == total).
@@ -192,6 +197,20 @@ func TestImagePromote(t *testing.T) {
 	}
 	if _, err := os.Stat(e.rootfs); err != nil {
 		t.Errorf("the original rootfs is gone after rm of the promoted image: %v", err)
+	}
+	// The kernel stays (another image may use it) until removed.
+	k, err := d.c.KernelInspect(ctx, "promo")
+	if err != nil || !k.Managed || k.Kernel != im.Kernel || len(k.Images) != 0 {
+		t.Fatalf("kernel after the image's rm: %+v, %v", k, err)
+	}
+	if err := d.c.KernelRemove(ctx, "promo"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(kdir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("managed kernel dir after rm: %v, want gone", err)
+	}
+	if _, err := os.Stat(kernel); err != nil {
+		t.Errorf("the original kernel is gone after rm of the promoted kernel: %v", err)
 	}
 }
 

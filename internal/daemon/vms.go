@@ -86,6 +86,7 @@ func (d *Daemon) vmAPI(v store.VM) api.VM {
 		VMM: v.VMM, AccelWanted: v.AccelWanted, Dir: v.Dir, ConsoleLog: filepath.Join(v.Dir, fileConsole),
 		CreatedAt: v.CreatedAt, LastError: v.LastError, Image: v.ImageName, AutoRemove: v.AutoRemove,
 		BootTimeline: d.timelineAPI(v, time.Now()), Network: d.networkAPI(v),
+		Kernel: v.KernelName, Restart: v.Restart,
 	}
 	if !v.StartedAt.IsZero() && v.State == api.StateRunning {
 		t := v.StartedAt
@@ -154,6 +155,11 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 			return v, fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
 		}
 	}
+	switch p.Restart {
+	case "", api.RestartNo, api.RestartOnFailure, api.RestartAlways:
+	default:
+		return v, fmt.Errorf("restart policy %s: want no, on-failure or always: %w", errdefs.Quote(p.Restart), errdefs.ErrInvalid)
+	}
 	netw, err := d.checkNetwork(p, call.Peer.UID)
 	if err != nil {
 		return v, err
@@ -172,7 +178,16 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 		}
 		return v, err
 	}
-	if err := d.usableImage(ctx, im); err != nil {
+	kernelID := ""
+	if p.Kernel != "" {
+		k, err := d.kernelForCreate(ctx, p.Kernel)
+		if err != nil {
+			return v, err
+		}
+		kernelID = k.ID
+	}
+	bootK, err := d.usableImage(ctx, im, kernelID)
+	if err != nil {
 		return v, err
 	}
 	name := p.Name
@@ -241,6 +256,7 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 		DiskBytes: cl.Size, DiskPath: cl.Path, DiskFormat: cl.Format, DiskStrategy: cl.Strategy,
 		VMM: d.driver.Name(), AccelWanted: accel, Dir: dir, CreatedAt: time.Now(), AutoRemove: p.AutoRemove,
 		PublishAll: p.PublishAll, Network: netw.mode, Allow: netw.allow, SSHKeys: netw.sshKeys, Ports: netw.ports,
+		KernelID: kernelID, KernelName: bootK.Name, Cmd: p.Cmd, Restart: p.Restart,
 	}
 	if netw.mode != api.NetworkNone {
 		v.MAC = bridgenet.MAC(id).String()

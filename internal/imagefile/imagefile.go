@@ -64,16 +64,38 @@ func invalid(field, path, reason string) *ArtifactError {
 // header or ELF) and that the rootfs is not empty. It reports every problem
 // found, joined.
 func ValidateArtifacts(a Artifacts) error {
-	var errs []error
-	if err := checkFile(FieldRootfs, a.Rootfs, true); err != nil {
-		errs = append(errs, err)
-	} else if err := checkRootfs(a.Rootfs); err != nil {
-		errs = append(errs, err)
+	return validate(a, true)
+}
+
+// ValidateParts is ValidateArtifacts for a part of an image's artifacts:
+// a rootfs alone, or a kernel with its optional initrd and modules (an
+// image and its kernel object). Only what is given is checked; at least
+// the rootfs or the kernel must be.
+func ValidateParts(a Artifacts) error {
+	if a.Rootfs == "" && a.Kernel == "" {
+		return invalid(FieldRootfs, "", "a rootfs or a kernel is required")
 	}
-	if err := checkFile(FieldKernel, a.Kernel, true); err != nil {
-		errs = append(errs, err)
-	} else if err := checkKernel(a.Kernel); err != nil {
-		errs = append(errs, err)
+	if a.Kernel == "" && (a.Initrd != "" || a.ModulesDir != "") {
+		return invalid(FieldKernel, "", "required with an initrd or modules")
+	}
+	return validate(a, false)
+}
+
+func validate(a Artifacts, required bool) error {
+	var errs []error
+	if required || a.Rootfs != "" {
+		if err := checkFile(FieldRootfs, a.Rootfs, true); err != nil {
+			errs = append(errs, err)
+		} else if err := checkRootfs(a.Rootfs); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if required || a.Kernel != "" {
+		if err := checkFile(FieldKernel, a.Kernel, true); err != nil {
+			errs = append(errs, err)
+		} else if err := checkKernel(a.Kernel); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if err := checkFile(FieldInitrd, a.Initrd, false); err != nil {
 		errs = append(errs, err)

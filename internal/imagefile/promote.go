@@ -55,7 +55,7 @@ type Progress struct {
 // the end of each phase with Done == Total; Done never decreases within a
 // phase.
 func Promote(ctx context.Context, src Artifacts, destDir string, progress func(Progress)) (_ Artifacts, err error) {
-	if err := ValidateArtifacts(src); err != nil {
+	if err := ValidateParts(src); err != nil {
 		return Artifacts{}, fmt.Errorf("promote image to %s: %w", destDir, err)
 	}
 	if !filepath.IsAbs(destDir) {

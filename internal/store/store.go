@@ -1018,3 +1018,30 @@ func (s *Store) DeleteVM(ctx context.Context, id string) error {
 	}
 	return nil
 }
+
+// CreateAtVersion makes a database at path with the schema of version v
+// (older than this bangerd's), for tests of what a migration must keep:
+// state written by an older bangerd. The caller fills and closes it.
+func CreateAtVersion(ctx context.Context, path string, v int) (*sql.DB, error) {
+	if v < 1 || v > len(migrations) {
+		return nil, fmt.Errorf("schema version %d: want 1 to %d", v, len(migrations))
+	}
+	db, err := sql.Open("sqlite", "file:"+path)
+	if err != nil {
+		return nil, err
+	}
+	for i := 0; i < v; i++ {
+		if _, err := db.ExecContext(ctx, migrations[i]); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("migration %d: %w", i+1, err)
+		}
+	}
+	if _, err := db.ExecContext(ctx, fmt.Sprintf(`PRAGMA user_version = %d`, v)); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return db, nil
+}
+
+// Version is the schema version this bangerd writes.
+func Version() int { return len(migrations) }

@@ -1,0 +1,121 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/imagefile"
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// Kernels are objects of their own (a kernel image, an optional initrd
+// and modules tree), shared by images: an image names its kernel, a VM
+// boots its image's kernel unless created with --kernel. A managed
+// kernel's files are in kernels/<id> (import, pull, build, promote); an
+// unmanaged one's stay where they were registered (image register with
+// kernel files).
+
+func (d *Daemon) kernelAPI(ctx context.Context, k store.Kernel) api.Kernel {
+	images, vms, err := d.store.KernelUsers(ctx, k.ID)
+	if err != nil {
+		d.log.Warn("list a kernel's users", "kernel", k.Name, "err", err)
+	}
+	return api.Kernel{
+		ID: k.ID, Name: k.Name, Managed: k.Managed, Source: k.Source, Version: k.Version, Release: k.Release,
+		Kernel: k.Kernel, Initrd: k.Initrd, ModulesDir: k.ModulesDir, Ref: k.Ref, Digest: k.Digest,
+		SizeBytes: k.SizeBytes, CreatedAt: k.CreatedAt, Images: images, VMs: vms,
+	}
+}
+
+// kernelForCreate resolves vm create's --kernel NAME. It is the one place
+// a create looks a kernel up: auto-pull on miss (ensureKernel) plugs in
+// here.
+func (d *Daemon) kernelForCreate(ctx context.Context, name string) (store.Kernel, error) {
+	k, err := d.store.GetKernel(ctx, name)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return k, fmt.Errorf("kernel %s not found: list kernels with banger kernel ls, or import one with banger kernel import: %w", errdefs.Quote(name), errdefs.ErrNotFound)
+	}
+	return k, err
+}
+
+func (d *Daemon) kernelList(ctx context.Context, call *rpc.Call) (any, error) {
+	ks, err := d.store.ListKernels(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Kernel, 0, len(ks))
+	for _, k := range ks {
+		out = append(out, d.kernelAPI(ctx, k))
+	}
+	return out, nil
+}
+
+func (d *Daemon) kernelInspect(ctx context.Context, call *rpc.Call) (any, error) {
+	var p api.NameParams
+	if err := call.Decode(&p); err != nil {
+		return nil, err
+	}
+	k, err := d.store.GetKernel(ctx, p.Name)
+	if err != nil {
+		return nil, err
+	}
+	out := d.kernelAPI(ctx, k)
+	files, err := d.store.KernelFiles(ctx, k.ID)
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range files {
+		if f.Role == imagefile.FieldModules {
+			continue // a modules tree has thousands of files: counted in SizeBytes
+		}
+		out.Files = append(out.Files, api.ImageFile{Role: f.Role, Path: f.Path, Size: f.Size, ModTime: time.Unix(0, f.MTimeNS).UTC(), Inode: f.Inode, SHA256: f.SHA256})
+	}
+	order := map[string]int{imagefile.FieldKernel: 0, imagefile.FieldInitrd: 1}
+	slices.SortStableFunc(out.Files, func(a, b api.ImageFile) int { return order[a.Role] - order[b.Role] })
+	return out, nil
+}
+
+func (d *Daemon) kernelRemove(ctx context.Context, call *rpc.Call) (any, error) {
+	var p api.NameParams
+	if err := call.Decode(&p); err != nil {
+		return nil, err
+	}
+	d.create.Lock() // no image or VM may start using it meanwhile
+	defer d.create.Unlock()
+	k, err := d.store.GetKernel(ctx, p.Name)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := d.removeKernel(ctx, k); err != nil {
+		return nil, err
+	}
+	return nil, nil
+}
+
+// removeKernel deletes a kernel's row (refused while used) and, when
+// managed, its files; it returns the bytes freed. The caller holds the
+// create lock.
+func (d *Daemon) removeKernel(ctx context.Context, k store.Kernel) (int64, error) {
+	if err := d.store.DeleteKernel(ctx, k.ID); err != nil {
+		return 0, fmt.Errorf("remove kernel %q: %w", k.Name, err)
+	}
+	d.forgetChecked(k.ID)
+	var freed int64
+	if k.Managed {
+		dir := filepath.Join(d.cfg.StateDir, "kernels", k.ID)
+		freed, _ = treeSize(dir)
+		if err := os.RemoveAll(dir); err != nil {
+			d.log.Warn("remove kernel files", "dir", dir, "err", err)
+		}
+	}
+	d.log.Info("kernel removed", "kernel", k.Name)
+	return freed, nil
+}
