@@ -76,7 +76,7 @@ func kernelBundle(t *testing.T, frameSize int) (*Manifest, []byte, string) {
 			{Path: "modules/lib/modules/6.1.0/empty", Role: RoleModules},
 		}}
 	var buf bytes.Buffer
-	if err := write(context.Background(), &buf, m, src, frameSize); err != nil {
+	if err := writeDir(context.Background(), &buf, m, src, frameSize); err != nil {
 		t.Fatal(err)
 	}
 	return m, buf.Bytes(), src

@@ -25,20 +25,46 @@ const FrameSize = 8 << 20
 // zero) mode from the files, in m itself. The files must not change while
 // Write runs (it reads them twice: to sum, then to write).
 func Write(ctx context.Context, w io.Writer, m *Manifest, srcDir string) error {
-	return write(ctx, w, m, srcDir, FrameSize)
+	return writeDir(ctx, w, m, srcDir, FrameSize)
 }
 
-func write(ctx context.Context, w io.Writer, m *Manifest, srcDir string, frameSize int) error {
-	if err := m.Validate(false); err != nil {
-		return err
-	}
+// WriteFiles is Write with each file's host path given: src maps each of
+// m.Files' paths to the file to read.
+func WriteFiles(ctx context.Context, w io.Writer, m *Manifest, src map[string]string) error {
+	return write(ctx, w, m, func(p string) (*os.File, error) {
+		hp, ok := src[p]
+		if !ok {
+			return nil, fmt.Errorf("bundle file %s: no source file given: %w", p, errdefs.ErrInvalid)
+		}
+		st, err := os.Lstat(hp)
+		if err != nil {
+			return nil, fmt.Errorf("bundle file %s: %w", p, err)
+		}
+		if !st.Mode().IsRegular() {
+			return nil, fmt.Errorf("bundle file %s: %s is not a regular file (%s): %w", p, hp, st.Mode().Type(), errdefs.ErrInvalid)
+		}
+		return os.Open(hp)
+	}, FrameSize)
+}
+
+func writeDir(ctx context.Context, w io.Writer, m *Manifest, srcDir string, frameSize int) error {
 	root, err := os.OpenRoot(srcDir)
 	if err != nil {
 		return fmt.Errorf("bundle source: %w", err)
 	}
 	defer root.Close()
+	return write(ctx, w, m, func(p string) (*os.File, error) { return openRegular(root, p) }, frameSize)
+}
+
+// opener opens the source of a bundle file.
+type opener func(path string) (*os.File, error)
+
+func write(ctx context.Context, w io.Writer, m *Manifest, open opener, frameSize int) error {
+	if err := m.Validate(false); err != nil {
+		return err
+	}
 	for i := range m.Files {
-		if err := sumFile(ctx, root, &m.Files[i]); err != nil {
+		if err := sumFile(ctx, open, &m.Files[i]); err != nil {
 			return err
 		}
 	}
@@ -78,7 +104,7 @@ func write(ctx context.Context, w io.Writer, m *Manifest, srcDir string, frameSi
 		if err := header(f.Path, f.Size, f.Mode); err != nil {
 			return err
 		}
-		if err := copyFile(ctx, root, f, tw, fw, buf); err != nil {
+		if err := copyFile(ctx, open, f, tw, fw, buf); err != nil {
 			return err
 		}
 	}
@@ -89,8 +115,8 @@ func write(ctx context.Context, w io.Writer, m *Manifest, srcDir string, frameSi
 }
 
 // sumFile fills f's size, sha256 and mode from the file.
-func sumFile(ctx context.Context, root *os.Root, f *File) error {
-	in, err := openRegular(root, f.Path)
+func sumFile(ctx context.Context, open opener, f *File) error {
+	in, err := open(f.Path)
 	if err != nil {
 		return err
 	}
@@ -125,8 +151,8 @@ func openRegular(root *os.Root, p string) (*os.File, error) {
 
 // copyFile writes f's content into the tar stream, a frame for each
 // frameSize bytes, checking it still has the size and sum summed.
-func copyFile(ctx context.Context, root *os.Root, f *File, tw *tar.Writer, fw *frameWriter, buf []byte) error {
-	in, err := openRegular(root, f.Path)
+func copyFile(ctx context.Context, open opener, f *File, tw *tar.Writer, fw *frameWriter, buf []byte) error {
+	in, err := open(f.Path)
 	if err != nil {
 		return err
 	}

@@ -456,7 +456,8 @@ func (c *Catalog) Resolve(ref string) (Entry, error) {
 
 // SetEntry writes e into the catalog file at path (made when missing),
 // replacing the entry of the same kind, name and arch (whatever its
-// version): what a publish script does after building a new bundle.
+// version; its description and build stay when e has none): what a
+// publish script does after building a new bundle.
 func SetEntry(path string, kind Kind, e Entry) error {
 	f := &File{Schema: Schema}
 	data, err := os.ReadFile(path)
@@ -475,9 +476,9 @@ func SetEntry(path string, kind Kind, e Entry) error {
 	list := f.List(kind)
 	i := slices.IndexFunc(*list, func(o Entry) bool { return o.Name == e.Name && o.Arch == e.Arch })
 	if i >= 0 {
-		if e.Description == "" {
-			e.Description = (*list)[i].Description
-		}
+		old := (*list)[i]
+		e.Description = cmp.Or(e.Description, old.Description)
+		e.Build = cmp.Or(e.Build, old.Build)
 		(*list)[i] = e
 	} else {
 		*list = append(*list, e)

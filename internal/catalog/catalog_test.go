@@ -157,7 +157,7 @@ func TestSetEntry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(f.Kernels) != 1 || f.Kernels[0].Version != "2" || f.Kernels[0].Description != "kernel" || f.Kernels[0].URL != "k-2.tar.zst" {
+	if len(f.Kernels) != 1 || f.Kernels[0].Version != "2" || f.Kernels[0].Description != "kernel" || f.Kernels[0].URL != "k-2.tar.zst" || f.Kernels[0].Build != "debian-cloud" {
 		t.Fatalf("catalog after update: %s", data)
 	}
 }

@@ -13,6 +13,7 @@ import (
 func (a *app) imageCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "image", Short: "Register, promote and manage images"}
 	cmd.AddCommand(a.imageRegisterCmd(), a.imagePromoteCmd(), a.imageLsCmd(), a.imageInspectCmd(), a.imageRmCmd())
+	cmd.AddCommand(a.imageBundleCmd())
 	return cmd
 }
 
