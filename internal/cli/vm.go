@@ -28,6 +28,7 @@ type createFlags struct {
 	network                              string
 	publish, allow                       []string
 	publishAll                           bool
+	restart                              string
 }
 
 func (f *createFlags) add(cmd *cobra.Command) {
@@ -41,6 +42,7 @@ func (f *createFlags) add(cmd *cobra.Command) {
 	cmd.Flags().StringArrayVarP(&f.publish, "publish", "p", nil, "forward a host port to the VM: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp] (repeatable; host side 127.0.0.1 unless HOSTIP is given)")
 	cmd.Flags().BoolVar(&f.publishAll, "publish-all", false, "while the VM runs, forward each TCP port the guest listens on (not on its loopback) from the same port on the host's 127.0.0.1; privileged ports (< 1024), ports taken on the host and -p ports are skipped")
 	cmd.Flags().StringSliceVar(&f.allow, "allow", nil, "let the VM reach more than the default (bridge network): host, vm, lan, link-local (comma list)")
+	cmd.Flags().StringVar(&f.restart, "restart", "", "restart policy of the main process (an image without an init system runs its Entrypoint+Cmd): no (default: the VM stops when it exits), on-failure or always")
 }
 
 // userNetWarning is printed for --network user: QEMU's user-mode network
@@ -48,7 +50,7 @@ func (f *createFlags) add(cmd *cobra.Command) {
 const userNetWarning = "banger: warning: --network user has no isolation: the guest reaches the host's loopback services through 10.0.2.2, and the LAN and cloud metadata through QEMU's NAT (use --network bridge to isolate it)"
 
 func (a *app) createParams(f *createFlags) (api.VMCreateParams, error) {
-	p := api.VMCreateParams{Name: f.name, Image: f.image, CPUs: f.cpus, Accel: f.accel, Network: f.network, Ports: f.publish, PublishAll: f.publishAll, Allow: f.allow}
+	p := api.VMCreateParams{Name: f.name, Image: f.image, CPUs: f.cpus, Accel: f.accel, Network: f.network, Ports: f.publish, PublishAll: f.publishAll, Allow: f.allow, Restart: f.restart}
 	if p.Network == api.NetworkUser {
 		fmt.Fprintln(a.stderr, userNetWarning)
 	}
@@ -88,7 +90,7 @@ func (a *app) createParams(f *createFlags) (api.VMCreateParams, error) {
 func (a *app) vmCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "vm", Short: "Create, run and manage VMs"}
 	cmd.AddCommand(a.vmCreateCmd(), a.vmStartCmd(), a.vmStopCmd(), a.vmKillCmd(), a.vmRmCmd(), a.vmLsCmd(),
-		a.vmInspectCmd(), a.vmLogsCmd(), a.vmExecCmd(), a.vmRunCmd(), a.vmCpCmd(), a.vmSSHCmd(), a.vmSSHProxyCmd())
+		a.vmInspectCmd(), a.vmLogsCmd(), a.vmExecCmd(), a.vmRunCmd(), a.vmAttachCmd(), a.vmCpCmd(), a.vmSSHCmd(), a.vmSSHProxyCmd())
 	return cmd
 }
 
@@ -96,14 +98,23 @@ func (a *app) vmCreateCmd() *cobra.Command {
 	var f createFlags
 	var start, waitBoot, timings bool
 	cmd := &cobra.Command{
-		Use:   "create",
+		Use:   "create [flags] [-- ARG...]",
 		Short: "Create a VM with a copy-on-write root disk",
-		Args:  cobra.NoArgs,
+		Long: "Create a VM with a copy-on-write root disk. For an image without an init system (an OCI image),\n" +
+			"ARGS replace the image's Cmd for its main process (its Entrypoint+Cmd, run when the VM starts),\n" +
+			"as docker create does.",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 && cmd.ArgsLenAtDash() != 0 {
+				return fmt.Errorf("unexpected argument %q: the main process's arguments come after --", args[0])
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := a.createParams(&f)
 			if err != nil {
 				return err
 			}
+			p.Cmd = args
 			p.Start, p.WaitBoot = start, waitBoot
 			if waitBoot && !start {
 				return fmt.Errorf("--wait-boot needs --start")
@@ -448,7 +459,7 @@ func (a *app) exec(ctx context.Context, name string, argv []string, f *execFlags
 func (a *app) vmRunCmd() *cobra.Command {
 	var f createFlags
 	var ef execFlags
-	var rm, waitBoot, timings bool
+	var rm, waitBoot, timings, detach bool
 	cmd := &cobra.Command{
 		Use:   "run [flags] [-- CMD [ARG...]]",
 		Short: "Create and start a VM, wait until it is ready, then run a command or a shell in it",
@@ -456,20 +467,37 @@ func (a *app) vmRunCmd() *cobra.Command {
 			"Without a command, log into it with the system ssh client and a real terminal (as banger vm ssh\n" +
 			"does; the guest agent's terminal when there is no ssh client, or with --env/--workdir) and exit\n" +
 			"with the shell's exit code. With --rm the VM is removed afterwards: the daemon removes it when\n" +
-			"the command or the ssh session ends, even if this client is killed.",
+			"the command or the ssh session ends, even if this client is killed.\n\n" +
+			"An image without an init system (an OCI image such as nginx, or FROM scratch) runs its\n" +
+			"Entrypoint+Cmd as the VM's main process (CMD replaces its Cmd, as with docker run): banger\n" +
+			"prints its output and exits with its exit code; the VM stops when it exits (see --restart).\n" +
+			"With -d, banger prints the VM's name and returns; with -d --rm the VM is removed once its\n" +
+			"main process has ended.",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := a.createParams(&f)
 			if err != nil {
 				return err
 			}
 			p.AutoRemove = rm
+			p.Cmd = args
+			if detach && rm {
+				// The daemon removes it when its main process ends; an image
+				// with an init system has none, so it would never go.
+				im, err := a.client().ImageInspect(cmd.Context(), p.Image)
+				if err != nil {
+					return err
+				}
+				if c := im.Config; c == nil || (len(c.Entrypoint) == 0 && len(c.Cmd) == 0 && len(args) == 0) {
+					return fmt.Errorf("-d with --rm needs an image with a main process (an Entrypoint or Cmd, no init system): image %s has none; drop --rm and remove the VM with banger vm rm -f", im.Name)
+				}
+			}
 			pr := a.progress()
 			defer pr.done()
 			vm, err := a.client().VMCreate(cmd.Context(), p, pr.update)
 			if err != nil {
 				return err
 			}
-			if rm {
+			if rm && !detach {
 				defer func() {
 					// Remove even when the start failed or we were interrupted.
 					ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -490,6 +518,30 @@ func (a *app) vmRunCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if detach {
+				if !rm {
+					a.sshRefreshQuietly(cmd.Context(), vm.Name)
+				}
+				fmt.Fprintln(a.stdout, vm.Name)
+				if started.MainState == "" && len(args) > 0 {
+					return fmt.Errorf("vm %s runs no main process (its image has an init system): the command was not run; use banger vm exec %s -- CMD", vm.Name, vm.Name)
+				}
+				return nil
+			}
+			if started.MainState != "" {
+				// The image's main process: follow it and exit with its code.
+				if len(ef.env) > 0 || ef.dir != "" {
+					fmt.Fprintln(a.stderr, "banger: warning: --env and --workdir apply to commands run with vm exec, not to the image's main process")
+				}
+				code, err := a.client().VMAttach(cmd.Context(), vm.Name, a.stdout, a.stderr)
+				if err != nil {
+					return err
+				}
+				if code != 0 {
+					return exitError{code}
+				}
+				return nil
+			}
 			if !rm {
 				fmt.Fprintf(a.stderr, "VM %s is running (banger vm ssh %s; banger vm exec %s -- CMD; banger vm rm -f %s)\n", vm.Name, vm.Name, vm.Name, vm.Name)
 			}
@@ -508,9 +560,31 @@ func (a *app) vmRunCmd() *cobra.Command {
 	}
 	f.add(cmd)
 	ef.add(cmd)
-	cmd.Flags().BoolVar(&rm, "rm", false, "remove the VM when the command exits")
+	cmd.Flags().BoolVar(&rm, "rm", false, "remove the VM when the command (or the image's main process) exits")
+	cmd.Flags().BoolVarP(&detach, "detach", "d", false, "start the VM, print its name and return (the image's main process keeps running)")
 	cmd.Flags().BoolVar(&waitBoot, "wait-boot", false, waitBootHelp)
 	cmd.Flags().BoolVar(&timings, "timings", false, timingsHelp)
 	cmd.Flags().SetInterspersed(false)
 	return cmd
+}
+
+func (a *app) vmAttachCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "attach NAME",
+		Short: "Print a VM's main process's output until it exits; banger exits with its exit code",
+		Long: "Print the output of a VM's main process (an image without an init system runs its Entrypoint+Cmd),\n" +
+			"from its start (the last MiB), until it exits, and exit with its exit code. Ctrl-C detaches: the\n" +
+			"process goes on. A VM that already stopped gives its last exit code.",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			code, err := a.client().VMAttach(cmd.Context(), args[0], a.stdout, a.stderr)
+			if err != nil {
+				return err
+			}
+			if code != 0 {
+				return exitError{code}
+			}
+			return nil
+		},
+	}
 }

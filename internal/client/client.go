@@ -143,6 +143,14 @@ func (c *Client) VMExec(ctx context.Context, p api.VMExecParams, io ExecIO) (int
 	return r.ExitCode, err
 }
 
+// VMAttach follows a VM's main process: its output (from its start) to
+// stdout and stderr until it exits; it returns its exit code.
+func (c *Client) VMAttach(ctx context.Context, name string, stdout, stderr io.Writer) (int, error) {
+	var r api.ExecResult
+	err := c.stream(ctx, api.MethodVMAttach, api.NameParams{Name: name}, &r, stdout, stderr, nil, false, nil)
+	return r.ExitCode, err
+}
+
 // VMCopyIn sends a tar stream to be extracted under p.Path in the guest.
 func (c *Client) VMCopyIn(ctx context.Context, p api.VMCopyParams, tarStream io.Reader) error {
 	return c.stream(ctx, api.MethodVMCopyIn, p, nil, nil, nil, tarStream, true, nil)

@@ -99,6 +99,18 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 		return err
 	}
 
+	imCfg, err := imageConfig(im)
+	if err != nil {
+		return err
+	}
+	// A new boot: the main process's last exit and output go.
+	d.mu.Lock()
+	delete(d.mainWatches, v.ID)
+	d.mu.Unlock()
+	if err := removeIfExists(filepath.Join(v.Dir, fileMainExit)); err != nil {
+		return fmt.Errorf("reset the main process's exit: %w", err)
+	}
+
 	tl.begin(api.PhaseInitramfs)
 	if err := d.phase(ctx, call, v, "build initramfs"); err != nil {
 		return err
@@ -117,6 +129,8 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 			Hostname:      v.Name,
 			Network:       netCfg,
 			SSH:           agentSSH(v, im),
+			Process:       agentProcess(imCfg, v.Cmd, v.Restart),
+			ExecDefaults:  agentExecDefaults(imCfg),
 		},
 	}); err != nil {
 		return fmt.Errorf("build initramfs: %w", initramfsErr(err))
@@ -194,6 +208,7 @@ func (d *Daemon) startVM(ctx context.Context, call *rpc.Call, v store.VM, waitBo
 	d.log.Info("vm ready", "vm", v.Name, "ready_after", time.Since(start).Round(time.Millisecond))
 	d.recordHostKeys(ctx, v, r)
 	d.publishAll(v, r)
+	d.watchMain(v, r)
 	if waitBoot {
 		if err := d.phase(ctx, call, v, "wait for the guest's boot"); err != nil {
 			tl.fail(err.Error())

@@ -127,6 +127,12 @@ type Daemon struct {
 	attached map[string]*attachment // calls on auto-remove VMs, by id
 	monitors sync.WaitGroup         // one per running VM
 	removals sync.WaitGroup         // auto-removals scheduled or running
+
+	// mainWatches are the daemon's attachments to main processes
+	// (mainproc.go), by VM id; kept after the VM stops, until it starts
+	// again or is removed.
+	mainWatches map[string]*mainWatch
+
 	// create is read-locked by each VM create (they run in parallel) and
 	// locked by image rm and promote: no create uses an image they change.
 	create sync.RWMutex
@@ -250,6 +256,7 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 		removeDir:       dp.removeDir,
 		autoRemoveGrace: dp.autoRemoveGrace,
 		attached:        map[string]*attachment{},
+		mainWatches:     map[string]*mainWatch{},
 		cloner:          disk.NewCloner(log.With("component", "disk"), cfg.QEMUImgBinary),
 		agentBinary:     agentBin,
 		socketGID:       gid,
@@ -409,6 +416,7 @@ func (d *Daemon) register(s *rpc.Server) {
 	s.Handle(api.MethodVMSSHInfo, rpc.PermRead, d.vmSSHInfo)
 	s.Handle(api.MethodVMTunnel, rpc.PermWrite, d.vmTunnel, rpc.TakesInput())
 	s.Handle(api.MethodVMHold, rpc.PermWrite, d.vmHold)
+	s.Handle(api.MethodVMAttach, rpc.PermWrite, d.vmAttach)
 }
 
 func (d *Daemon) ping(ctx context.Context, call *rpc.Call) (any, error) {

@@ -57,6 +57,11 @@ type fakeBehaviour struct {
 	// Listening is what the agent reports in Info.Listening (nothing when
 	// nil: the real agent would read this host's sockets).
 	Listening func() []agentproto.PortListen
+	// MainProcess plays the guest's PID 1 running the main process (the
+	// agent config's Process, agent as PID 1): it feeds the agent's link
+	// (output, states, the final exit) and may power the VM off. Without
+	// it a configured main process stays "starting".
+	MainProcess func(ctx context.Context, feed *guestagent.MainFeeder, p agentproto.Process, powerOff func())
 }
 
 // fakeDriver is a vmm.Driver whose "VM" lives in the test process: a
@@ -379,6 +384,14 @@ func (f *fakeDriver) serveAgent(ctx context.Context, v *fakeVM, ln net.Listener,
 			go v.powerOff()
 			return nil
 		},
+	}
+	if cfg.Process != nil && mode == "agent" {
+		link, feed := guestagent.NewMainLinkPair(nil)
+		go link.Run(ctx)
+		hooks.Main = link
+		if b.MainProcess != nil {
+			go b.MainProcess(ctx, feed, *cfg.Process, v.powerOff)
+		}
 	}
 	var conns sync.WaitGroup
 	defer conns.Wait()

@@ -131,6 +131,7 @@ func (d *Daemon) reconcileVM(ctx context.Context, v store.VM) error {
 		r := &runningVM{handle: h, recorded: v.Handle, exited: make(chan struct{})}
 		d.track(v, r)
 		d.publishAll(v, r)
+		d.watchMainAdopted(v, r)
 		d.log.Info("vm adopted", "vm", v.Name, "pid", h.PID)
 		return nil
 	}

@@ -110,6 +110,7 @@ func (d *Daemon) vmAPI(v store.VM) api.VM {
 		}
 		r.mu.Unlock()
 	}
+	d.mainAPI(&out, v, r)
 	return out
 }
 
@@ -149,6 +150,9 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	}
 	if p.DiskBytes < 0 {
 		return v, fmt.Errorf("disk size %d: %w", p.DiskBytes, errdefs.ErrInvalid)
+	}
+	if err := checkRestart(p.Restart); err != nil {
+		return v, err
 	}
 	if p.Name != "" {
 		if err := vmname.Validate(p.Name); err != nil {
@@ -506,6 +510,7 @@ func (d *Daemon) removeVM(ctx context.Context, v store.VM, force bool) error {
 	}
 	d.mu.Lock()
 	delete(d.locks, v.ID)
+	delete(d.mainWatches, v.ID)
 	d.mu.Unlock()
 	if err := d.removeDir(v.Dir); err != nil {
 		// The row is gone: reconcile removes the directory at the next start.

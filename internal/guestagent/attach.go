@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"net"
 	"sync"
 
 	"golang.org/x/crypto/ssh"
@@ -75,9 +76,12 @@ func (m *MainLink) State() *agentproto.MainProcessState {
 // delivered tells PID 1 the final exit status reached a client.
 func (m *MainLink) delivered() {
 	m.ackOnce.Do(func() {
-		if _, err := m.conn.Write([]byte{linkAck}); err != nil {
-			m.slog.Warn("main process link: acknowledge the exit", "err", err)
-		}
+		// Never block the attach on PID 1's end.
+		go func() {
+			if _, err := m.conn.Write([]byte{linkAck}); err != nil {
+				m.slog.Warn("main process link: acknowledge the exit", "err", err)
+			}
+		}()
 	})
 }
 
@@ -115,4 +119,71 @@ func (m *MainLink) attach(ctx context.Context, ch ssh.Channel, from int64) {
 	if _, err := ch.SendRequest("exit-status", false, ssh.Marshal(agentproto.ExitStatusMsg{Status: uint32(code)})); err == nil {
 		m.delivered()
 	}
+}
+
+// MainFeeder writes to a MainLink what PID 1's supervisor sends: the main
+// process's output and its state changes (the last one its final exit).
+// It stands in for PID 1 in tests of the host side (the daemon's fake
+// VMM), which have no real guest.
+type MainFeeder struct {
+	mu   sync.Mutex
+	conn io.ReadWriteCloser
+}
+
+// Output sends output of the main process (stderr or stdout).
+func (f *MainFeeder) Output(stderr bool, p []byte) error {
+	kind := byte(entryStdout)
+	if stderr {
+		kind = entryStderr
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return writeLinkEntry(f.conn, logEntry{kind: kind, data: p})
+}
+
+// State sends a state change.
+func (f *MainFeeder) State(st agentproto.MainProcessState) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return writeLinkEntry(f.conn, logEntry{kind: entryState, data: b})
+}
+
+// WaitAck waits until the agent reported the final exit delivered to a
+// client (it reports true), or ctx ends.
+func (f *MainFeeder) WaitAck(ctx context.Context) bool {
+	got := make(chan bool, 1)
+	go func() {
+		b := make([]byte, 1)
+		for {
+			n, err := f.conn.Read(b)
+			if n == 1 && b[0] == linkAck {
+				got <- true
+				return
+			}
+			if err != nil {
+				got <- false
+				return
+			}
+		}
+	}()
+	select {
+	case ok := <-got:
+		return ok
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// Close closes the feeder's end of the link.
+func (f *MainFeeder) Close() error { return f.conn.Close() }
+
+// NewMainLinkPair returns a MainLink (for Hooks.Main; run it with Run)
+// and the MainFeeder that feeds it, over an in-memory pipe.
+func NewMainLinkPair(log *slog.Logger) (*MainLink, *MainFeeder) {
+	a, b := net.Pipe()
+	return NewMainLink(a, log), &MainFeeder{conn: b}
 }
