@@ -312,11 +312,12 @@ type VM struct {
 	// (init-less images with an Entrypoint or Cmd); Restart its policy.
 	MainProcess []string `json:"main_process,omitempty"`
 	Restart     string   `json:"restart,omitempty"`
-	// MainState is the main process's state while the VM runs one:
-	// "running" (restarts included) or "exited" (the VM is powering off);
-	// empty when the guest runs none (its image has an init) or the VM is
-	// not running. MainExitCode is its last final exit code (128+N for signal
-	// N), kept until the VM starts again: the VM stopped with it.
+	// MainState is the state of the VM's main process in its last boot:
+	// "running" (restarts included) or "exited" (it ended: the VM stopped,
+	// or is stopping, with it); empty when the guest runs none (its image
+	// has an init) or the daemon has not seen it (restarted since).
+	// MainExitCode is its last final exit code (128+N for signal N), kept
+	// until the VM starts again.
 	MainState    string `json:"main_state,omitempty"`
 	MainExitCode *int   `json:"main_exit_code,omitempty"`
 }
