@@ -523,12 +523,12 @@ func (a *app) vmRunCmd() *cobra.Command {
 					a.sshRefreshQuietly(cmd.Context(), vm.Name)
 				}
 				fmt.Fprintln(a.stdout, vm.Name)
-				if started.MainState == "" && len(args) > 0 {
+				if started.MainState == "" && started.MainExitCode == nil && len(args) > 0 {
 					return fmt.Errorf("vm %s runs no main process (its image has an init system): the command was not run; use banger vm exec %s -- CMD", vm.Name, vm.Name)
 				}
 				return nil
 			}
-			if started.MainState != "" {
+			if started.MainState != "" || started.MainExitCode != nil {
 				// The image's main process: follow it and exit with its code.
 				if len(ef.env) > 0 || ef.dir != "" {
 					fmt.Fprintln(a.stderr, "banger: warning: --env and --workdir apply to commands run with vm exec, not to the image's main process")

@@ -355,20 +355,18 @@ func (d *Daemon) mainAPI(out *api.VM, v store.VM, r *runningVM) {
 			out.MainProcess = mainArgv(cfg, v.Cmd)
 		}
 	}
-	if r != nil {
-		d.mu.Lock()
-		w := d.mainWatches[v.ID]
-		d.mu.Unlock()
-		if w != nil {
-			w.mu.Lock()
-			switch {
-			case !w.ended:
-				out.MainState = agentproto.MainRunning
-			case w.code != nil:
-				out.MainState = agentproto.MainExited
-			}
-			w.mu.Unlock()
+	d.mu.Lock()
+	w := d.mainWatches[v.ID]
+	d.mu.Unlock()
+	if w != nil {
+		w.mu.Lock()
+		switch {
+		case !w.ended && r != nil:
+			out.MainState = agentproto.MainRunning
+		case w.code != nil:
+			out.MainState = agentproto.MainExited
 		}
+		w.mu.Unlock()
 	}
 	if e := readMainExit(v.Dir); e != nil {
 		code := e.ExitCode

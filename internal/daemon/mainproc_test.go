@@ -250,8 +250,8 @@ func TestMainProcessAttach(t *testing.T) {
 	}
 	waitFor(ctx, t, "the vm to stop", func() bool { return inspect(t, d, "m1").State == api.StateStopped })
 	vm = inspect(t, d, "m1")
-	if vm.MainExitCode == nil || *vm.MainExitCode != 3 || vm.MainState != "" {
-		t.Errorf("stopped vm: main exit code %v state %q, want 3 and none", vm.MainExitCode, vm.MainState)
+	if vm.MainExitCode == nil || *vm.MainExitCode != 3 || vm.MainState != agentproto.MainExited {
+		t.Errorf("stopped vm: main exit code %v state %q, want 3 and exited", vm.MainExitCode, vm.MainState)
 	}
 	// Late: the output kept and the code.
 	var late syncBuffer
