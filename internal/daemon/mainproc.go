@@ -349,7 +349,6 @@ func (d *Daemon) vmAttach(ctx context.Context, call *rpc.Call) (any, error) {
 
 // mainAPI fills a VM's main process fields of the API.
 func (d *Daemon) mainAPI(out *api.VM, v store.VM, r *runningVM) {
-	out.Restart = v.Restart
 	if im, err := d.store.GetImage(context.WithoutCancel(d.ctx), v.ImageID); err == nil {
 		if cfg, err := imageConfig(im); err == nil {
 			out.MainProcess = mainArgv(cfg, v.Cmd)

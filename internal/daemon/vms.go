@@ -159,11 +159,6 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 			return v, fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
 		}
 	}
-	switch p.Restart {
-	case "", api.RestartNo, api.RestartOnFailure, api.RestartAlways:
-	default:
-		return v, fmt.Errorf("restart policy %s: want no, on-failure or always: %w", errdefs.Quote(p.Restart), errdefs.ErrInvalid)
-	}
 	netw, err := d.checkNetwork(p, call.Peer.UID)
 	if err != nil {
 		return v, err
