@@ -14,9 +14,13 @@ import (
 )
 
 // Module returns the bytes of a fake module for release named name.
-func Module(name, release string) []byte {
+func Module(name, release string) []byte { return ModuleDepends(name, release) }
+
+// ModuleDepends is Module for a module that depends on the modules deps
+// (its .modinfo's "depends=").
+func ModuleDepends(name, release string, deps ...string) []byte {
 	le := binary.LittleEndian
-	modinfo := []byte("license=GPL\x00name=" + name + "\x00vermagic=" + release + " SMP preempt mod_unload modversions \x00")
+	modinfo := []byte("license=GPL\x00depends=" + strings.Join(deps, ",") + "\x00name=" + name + "\x00vermagic=" + release + " SMP preempt mod_unload modversions \x00")
 	shstr := []byte("\x00.modinfo\x00.shstrtab\x00")
 	var b bytes.Buffer
 	b.Write(make([]byte, 64))
