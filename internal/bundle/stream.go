@@ -30,6 +30,7 @@ const (
 // frameEnd set.
 type chunk struct {
 	data     []byte
+	buf      *[]byte // data's buffer, back to the pool once read
 	frameEnd bool
 	off      int64  // compressed offset read so far (after the frame when frameEnd)
 	sum      []byte // state of the bundle's sha256 at off, when frameEnd and summing
@@ -37,7 +38,7 @@ type chunk struct {
 }
 
 type job struct {
-	raw  []byte
+	raw  *[]byte
 	size int64
 	out  chan chunk
 	c    chunk
@@ -62,7 +63,9 @@ type stream struct {
 func startDecoding(ctx context.Context, r io.Reader, off int64, sum hash.Hash, progress func(int64)) *stream {
 	s := &stream{frames: make(chan chan chunk, framesAhead), ctx: ctx, sum: sum, last: off, progress: progress}
 	jobs := make(chan job)
-	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(decodeWorkers), zstd.WithDecoderMaxWindow(maxWindow), zstd.WithDecoderMaxMemory(maxBufferedFrame))
+	// The frames' checksums are not checked: every file's sha256 is.
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(decodeWorkers), zstd.WithDecoderMaxWindow(maxWindow),
+		zstd.WithDecoderMaxMemory(maxBufferedFrame), zstd.IgnoreChecksum(true))
 	if err != nil {
 		// Only bad options fail; report it as the stream's error.
 		s.err = err
@@ -73,14 +76,17 @@ func startDecoding(ctx context.Context, r io.Reader, off int64, sum hash.Hash, p
 	for range decodeWorkers {
 		workers.Go(func() {
 			for j := range jobs {
-				data, err := dec.DecodeAll(j.raw, make([]byte, 0, j.size))
+				buf := getBuf(int(j.size))
+				data, err := dec.DecodeAll(*j.raw, (*buf)[:0])
+				putBuf(j.raw)
 				if err == nil && int64(len(data)) != j.size {
 					err = fmt.Errorf("%d bytes decoded, the frame header says %d", len(data), j.size)
 				}
 				if err != nil {
 					data, j.c.err = nil, corrupt("zstd frame ending at offset %d: %w", j.c.off, err)
 				}
-				j.c.data = data
+				*buf = data
+				j.c.data, j.c.buf = data, buf
 				j.out <- j.c // buffered: never blocks
 			}
 		})
@@ -130,8 +136,9 @@ func (s *stream) split(r io.Reader, off int64, jobs chan<- job) {
 			return
 		}
 		if f.contentSize >= 0 && f.contentSize <= maxBufferedFrame {
-			raw, err := f.readAll(nil)
-			if err != nil {
+			raw := getBuf(0)
+			var err error
+			if *raw, err = f.readAll((*raw)[:0]); err != nil {
 				fail(err)
 				return
 			}
@@ -149,7 +156,7 @@ func (s *stream) split(r io.Reader, off int64, jobs chan<- job) {
 		}
 		// A large frame: decode it here, as a stream.
 		if sdec == nil {
-			if sdec, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(2), zstd.WithDecoderMaxWindow(maxWindow)); err != nil {
+			if sdec, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(2), zstd.WithDecoderMaxWindow(maxWindow), zstd.IgnoreChecksum(true)); err != nil {
 				fail(err)
 				return
 			}
@@ -163,9 +170,9 @@ func (s *stream) split(r io.Reader, off int64, jobs chan<- job) {
 			return
 		}
 		for {
-			buf := make([]byte, streamChunk)
-			n, err := io.ReadFull(sdec, buf)
-			c := chunk{data: buf[:n], off: sp.off}
+			buf := getBuf(streamChunk)
+			n, err := io.ReadFull(sdec, (*buf)[:streamChunk])
+			c := chunk{data: (*buf)[:n], buf: buf, off: sp.off}
 			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 				if _, ferr := f.Read(nil); !errors.Is(ferr, io.EOF) {
 					// The decoder stopped before the frame's end.
@@ -190,6 +197,23 @@ func (s *stream) split(r io.Reader, off int64, jobs chan<- job) {
 				break
 			}
 		}
+	}
+}
+
+var bufs sync.Pool
+
+// getBuf returns a buffer of at least n bytes' capacity, from the pool.
+func getBuf(n int) *[]byte {
+	if b, ok := bufs.Get().(*[]byte); ok && cap(*b) >= n {
+		return b
+	}
+	b := make([]byte, 0, max(n, FrameSize+64<<10))
+	return &b
+}
+
+func putBuf(b *[]byte) {
+	if b != nil {
+		bufs.Put(b)
 	}
 }
 
@@ -247,6 +271,7 @@ func (s *stream) fill() error {
 			s.err = c.err
 			return c.err
 		}
+		putBuf(s.c.buf)
 		s.c, s.pos = c, 0
 		if c.frameEnd {
 			s.cur = nil
