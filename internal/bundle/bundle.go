@@ -40,6 +40,7 @@ const (
 	RoleWorkSeed = "work-seed" // image: optional
 	RoleKernel   = "kernel"    // kernel: the kernel image (bzImage or vmlinux), exactly one
 	RoleInitrd   = "initrd"    // kernel: optional
+	RoleVmlinux  = "vmlinux"   // kernel: optional, the same kernel as an ELF vmlinux (Firecracker boots it)
 	RoleModules  = "modules"   // kernel: the modules tree, files under "modules/"
 )
 
@@ -66,7 +67,7 @@ type Manifest struct {
 // File is one file of a bundle.
 type File struct {
 	Path   string `json:"path"` // relative, clean, e.g. "rootfs.ext4", "modules/lib/modules/6.1.0-x/kernel/..."
-	Role   string `json:"role"` // rootfs, work-seed, kernel, initrd, modules
+	Role   string `json:"role"` // rootfs, work-seed, kernel, initrd, vmlinux, modules
 	Size   int64  `json:"size"`
 	SHA256 string `json:"sha256"`
 	Mode   uint32 `json:"mode,omitempty"` // permission bits (default 0644)
@@ -86,7 +87,7 @@ func (m *Manifest) File(role string) *File {
 // have (-1: any number).
 var roles = map[string]map[string][2]int{
 	KindImage:  {RoleRootfs: {1, 1}, RoleWorkSeed: {0, 1}},
-	KindKernel: {RoleKernel: {1, 1}, RoleInitrd: {0, 1}, RoleModules: {0, -1}},
+	KindKernel: {RoleKernel: {1, 1}, RoleInitrd: {0, 1}, RoleVmlinux: {0, 1}, RoleModules: {0, -1}},
 }
 
 func invalid(format string, args ...any) error {

@@ -28,6 +28,7 @@ var bundleFileNames = map[string]string{
 	bundle.RoleWorkSeed: "work-seed.ext4",
 	bundle.RoleKernel:   "vmlinuz",
 	bundle.RoleInitrd:   "initrd.img",
+	bundle.RoleVmlinux:  "vmlinux",
 }
 
 // imageBundleCmd writes a bundle offline (no daemon) and prints its
@@ -36,6 +37,7 @@ func (a *app) imageBundleCmd() *cobra.Command {
 	var (
 		m                                  = bundle.Manifest{Schema: bundle.Schema}
 		files                              []string
+		byRole                             = map[string]*string{}
 		configJSON, modules, out, url, cat string
 		description, build                 string
 	)
@@ -48,7 +50,8 @@ docs/image-catalog.md) from local files, and print its catalog entry as JSON
 same name and arch in that catalog file is replaced (or added).
 
 Roles: an image has one rootfs and an optional work-seed; a kernel has one
-kernel, an optional initrd and a modules tree (--modules DIR: its regular
+kernel (bzImage), an optional initrd, an optional vmlinux (the same kernel as
+an ELF, for Firecracker) and a modules tree (--modules DIR: its regular
 files, under modules/ in the bundle; symlinks such as build and source are
 left out).`,
 		Example: `  banger image bundle --kind image --name debian-bookworm --version 2026.12.06 \
@@ -68,12 +71,17 @@ left out).`,
 					return fmt.Errorf("--config: %w: %w", err, errdefs.ErrInvalid)
 				}
 			}
+			for _, role := range []string{bundle.RoleRootfs, bundle.RoleWorkSeed, bundle.RoleKernel, bundle.RoleInitrd, bundle.RoleVmlinux} {
+				if p := *byRole[role]; p != "" {
+					files = append(files, role+"="+p)
+				}
+			}
 			src := map[string]string{}
 			for _, f := range files {
 				role, path, ok := strings.Cut(f, "=")
 				name := bundleFileNames[role]
 				if !ok || path == "" || name == "" {
-					return fmt.Errorf("--file %s: want ROLE=PATH with ROLE one of rootfs, work-seed, kernel, initrd: %w", errdefs.Quote(f), errdefs.ErrInvalid)
+					return fmt.Errorf("--file %s: want ROLE=PATH with ROLE one of rootfs, work-seed, kernel, initrd, vmlinux: %w", errdefs.Quote(f), errdefs.ErrInvalid)
 				}
 				if _, dup := src[name]; dup {
 					return fmt.Errorf("--file %s given twice: %w", role, errdefs.ErrInvalid)
@@ -118,14 +126,20 @@ left out).`,
 	f.StringVar(&m.User, "user", "", "image: its default user")
 	f.StringVar(&configJSON, "config", "", `image: its config as JSON ({"env":[...],"working_dir":...,"user":...,"entrypoint":[...],"cmd":[...]})`)
 	f.StringVar(&m.Release, "release", "", "kernel: its release (uname -r)")
-	f.StringArrayVar(&files, "file", nil, "ROLE=PATH: a file of the bundle (rootfs, work-seed, kernel, initrd); repeatable")
+	f.StringArrayVar(&files, "file", nil, "ROLE=PATH: a file of the bundle (rootfs, work-seed, kernel, initrd, vmlinux); repeatable")
+	for _, r := range []struct{ role, flag string }{
+		{bundle.RoleRootfs, "rootfs"}, {bundle.RoleWorkSeed, "work-seed"}, {bundle.RoleKernel, "kernel-file"},
+		{bundle.RoleInitrd, "initrd"}, {bundle.RoleVmlinux, "vmlinux"},
+	} {
+		byRole[r.role] = f.String(r.flag, "", "same as --file "+r.role+"=PATH")
+	}
 	f.StringVar(&modules, "modules", "", "kernel: a modules tree to include (under modules/ in the bundle)")
-	f.StringVarP(&out, "output", "o", "", "the bundle to write (required)")
+	f.StringVarP(&out, "out", "o", "", "the bundle to write (required)")
 	f.StringVar(&url, "url", "", "the url to put in the catalog entry (default: OUT's file name, relative to the catalog)")
 	f.StringVar(&description, "description", "", "the catalog entry's description (default: kept from --catalog's entry)")
 	f.StringVar(&build, "build", "", "the catalog entry's local build recipe (golden, debian-cloud), used when the bundle can't be fetched")
 	f.StringVar(&cat, "catalog", "", "a catalog file whose entry of this name and arch to replace (or add)")
-	for _, r := range []string{"kind", "name", "version", "output"} {
+	for _, r := range []string{"kind", "name", "version", "out"} {
 		_ = cmd.MarkFlagRequired(r)
 	}
 	return cmd
