@@ -91,10 +91,16 @@ func (c *Client) Attach(ctx context.Context, opts AttachOptions) (int, error) {
 	select {
 	case res = <-resc:
 	case <-ctx.Done():
+		// The channel is being closed; an exit status that arrived
+		// meanwhile still counts (the VM powering off right after it
+		// ends the caller's context).
 		t := time.NewTimer(cancelGrace)
 		defer t.Stop()
 		select {
-		case <-resc:
+		case res = <-resc:
+			if res.ok {
+				return res.code, nil
+			}
 		case <-t.C:
 		}
 		return -1, fmt.Errorf("attach: %w", ctx.Err())

@@ -276,9 +276,11 @@ const (
 	// refused when there is none. Its output follows as channel data
 	// (stdout) and extended data 1 (stderr), from its first run on (what
 	// it wrote before is replayed, at most the last MiB), across restarts;
-	// when it finally exits, "exit-status" (128+N for signal N) and the
-	// channel closes. The guest powers off only once the exit status was
-	// sent to an attached client, or after a few seconds without one.
+	// when it finally exits, "exit-status" (128+N for signal N; sent with
+	// want-reply true: the client's answer, success or failure, tells the
+	// guest it has it) and the channel closes. The guest powers off only
+	// once an attached client has the exit status, or after a few seconds
+	// without one.
 	ReqAttach = "banger-attach@banger.dev"
 )
 

@@ -308,3 +308,47 @@ func TestMainProcessDetachedAutoRemove(t *testing.T) {
 		return errors.Is(err, errdefs.ErrNotFound)
 	})
 }
+
+// TestMainProcessAdopted: a daemon restarted while a VM's main process
+// runs watches it again (the guest replays its output): attach gets the
+// whole output and the exit code.
+func TestMainProcessAdopted(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	ctx := testCtx(t)
+	setImageConfig(t, e, "default", api.ImageConfig{Cmd: []string{"serve"}})
+	release := make(chan struct{})
+	e.fake.setBehaviour("ad", fakeBehaviour{MainProcess: func(ctx context.Context, feed *guestagent.MainFeeder, p agentproto.Process, powerOff func()) {
+		feed.State(agentproto.MainProcessState{State: agentproto.MainRunning, PID: 9})
+		feed.Output(false, []byte("before the restart\n"))
+		select {
+		case <-release:
+		case <-ctx.Done():
+			return
+		}
+		feed.Output(false, []byte("after\n"))
+		code := 5
+		feed.State(agentproto.MainProcessState{State: agentproto.MainExited, ExitCode: &code})
+		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		feed.WaitAck(actx)
+		powerOff()
+	}})
+	createStarted(t, d, "ad")
+	d.close()
+	d2 := e.start()
+	waitFor(ctx, t, "the adopted vm's main process watched", func() bool { return inspect(t, d2, "ad").MainState == agentproto.MainRunning })
+	var out syncBuffer
+	got := make(chan error, 1)
+	var code int
+	go func() {
+		var err error
+		code, err = d2.c.VMAttach(ctx, "ad", &out, nil)
+		got <- err
+	}()
+	waitFor(ctx, t, "replayed output", func() bool { return strings.Contains(out.String(), "before the restart") })
+	close(release)
+	if err := <-got; err != nil || code != 5 || out.String() != "before the restart\nafter\n" {
+		t.Errorf("attach after a daemon restart: %d, %v, %q", code, err, out.String())
+	}
+}

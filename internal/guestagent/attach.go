@@ -116,7 +116,10 @@ func (m *MainLink) attach(ctx context.Context, ch ssh.Channel, from int64) {
 		code = *final.ExitCode
 	}
 	ch.CloseWrite()
-	if _, err := ch.SendRequest("exit-status", false, ssh.Marshal(agentproto.ExitStatusMsg{Status: uint32(code)})); err == nil {
+	// With a reply asked for (the host's client answers every request
+	// it reads), the answer proves the host has the status: only then may
+	// PID 1 power the VM off, which cuts the connection.
+	if _, err := ch.SendRequest("exit-status", true, ssh.Marshal(agentproto.ExitStatusMsg{Status: uint32(code)})); err == nil {
 		m.delivered()
 	}
 }

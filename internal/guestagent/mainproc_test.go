@@ -242,6 +242,9 @@ func TestMainLinkState(t *testing.T) {
 	m := NewMainLink(b, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	if s := m.State(); s.State != agentproto.MainStarting {
+		t.Errorf("State() before PID 1 sent one: %+v, want starting", s)
+	}
 	ran := make(chan struct{})
 	go func() { m.Run(ctx); close(ran) }()
 	st, _ := json.Marshal(agentproto.MainProcessState{State: agentproto.MainRunning, PID: 42})
@@ -249,9 +252,6 @@ func TestMainLinkState(t *testing.T) {
 		if err := writeLinkEntry(a, e); err != nil {
 			t.Fatal(err)
 		}
-	}
-	if s := m.State(); s.State != agentproto.MainStarting {
-		t.Errorf("State() before PID 1 sent one: %+v, want starting", s)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for m.State().State == agentproto.MainStarting && time.Now().Before(deadline) {
