@@ -97,7 +97,7 @@ func (a *app) rootCmd() *cobra.Command {
 	root.SetErr(a.stderr)
 	root.PersistentFlags().StringVar(&a.configPath, "config", "", "CLI config file (default ~/.config/banger/config.toml)")
 	root.PersistentFlags().StringVar(&a.socket, "socket", "", "bangerd socket (default /run/banger/bangerd.sock, or $BANGER_SOCKET)")
-	root.AddCommand(a.vmCmd(), a.imageCmd(), a.doctorCmd(), a.sshConfigCmd(), &cobra.Command{
+	root.AddCommand(a.vmCmd(), a.imageCmd(), a.kernelCmd(), a.doctorCmd(), a.sshConfigCmd(), &cobra.Command{
 		Use:   "version",
 		Short: "Print banger's version and the daemon's",
 		Args:  cobra.NoArgs,

@@ -29,6 +29,7 @@ type createFlags struct {
 	publish, allow                       []string
 	publishAll                           bool
 	restart                              string
+	kernel                               string
 }
 
 func (f *createFlags) add(cmd *cobra.Command) {
@@ -42,6 +43,7 @@ func (f *createFlags) add(cmd *cobra.Command) {
 	cmd.Flags().StringArrayVarP(&f.publish, "publish", "p", nil, "forward a host port to the VM: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp] (repeatable; host side 127.0.0.1 unless HOSTIP is given)")
 	cmd.Flags().BoolVar(&f.publishAll, "publish-all", false, "while the VM runs, forward each TCP port the guest listens on (not on its loopback) from the same port on the host's 127.0.0.1; privileged ports (< 1024), ports taken on the host and -p ports are skipped")
 	cmd.Flags().StringSliceVar(&f.allow, "allow", nil, "let the VM reach more than the default (bridge network): host, vm, lan, link-local (comma list)")
+	cmd.Flags().StringVar(&f.kernel, "kernel", "", "kernel to boot instead of the image's (a kernel's name: banger kernel ls)")
 	cmd.Flags().StringVar(&f.restart, "restart", "", "restart policy of the main process (an image without an init system runs its Entrypoint+Cmd): no (default: the VM stops when it exits), on-failure or always")
 }
 
@@ -50,7 +52,7 @@ func (f *createFlags) add(cmd *cobra.Command) {
 const userNetWarning = "banger: warning: --network user has no isolation: the guest reaches the host's loopback services through 10.0.2.2, and the LAN and cloud metadata through QEMU's NAT (use --network bridge to isolate it)"
 
 func (a *app) createParams(f *createFlags) (api.VMCreateParams, error) {
-	p := api.VMCreateParams{Name: f.name, Image: f.image, CPUs: f.cpus, Accel: f.accel, Network: f.network, Ports: f.publish, PublishAll: f.publishAll, Allow: f.allow, Restart: f.restart}
+	p := api.VMCreateParams{Name: f.name, Image: f.image, CPUs: f.cpus, Accel: f.accel, Network: f.network, Ports: f.publish, PublishAll: f.publishAll, Allow: f.allow, Restart: f.restart, Kernel: f.kernel}
 	if p.Network == api.NetworkUser {
 		fmt.Fprintln(a.stderr, userNetWarning)
 	}

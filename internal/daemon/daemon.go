@@ -402,6 +402,8 @@ func (d *Daemon) register(s *rpc.Server) {
 	s.Handle(api.MethodKernelList, rpc.PermRead, d.kernelList)
 	s.Handle(api.MethodKernelInspect, rpc.PermRead, d.kernelInspect)
 	s.Handle(api.MethodKernelRemove, rpc.PermAdmin, d.kernelRemove)
+	s.Handle(api.MethodKernelImport, rpc.PermAdmin, d.kernelImport)
+	s.Handle(api.MethodImagePrune, rpc.PermAdmin, d.imagePrune)
 	s.Handle(api.MethodVMCreate, rpc.PermWrite, d.vmCreate)
 	s.Handle(api.MethodVMStart, rpc.PermWrite, d.vmStart)
 	s.Handle(api.MethodVMStop, rpc.PermWrite, d.vmStop)

@@ -12,8 +12,10 @@ import (
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/imagefile"
+	"github.com/bangerdev/banger/internal/kerneldeb"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/vmname"
 )
 
 // Kernels are objects of their own (a kernel image, an optional initrd
@@ -118,4 +120,74 @@ func (d *Daemon) removeKernel(ctx context.Context, k store.Kernel) (int64, error
 	}
 	d.log.Info("kernel removed", "kernel", k.Name)
 	return freed, nil
+}
+
+// kernelImport copies a kernel into banger's storage: kernel image files
+// (with an optional initrd and modules tree) or a Debian kernel package,
+// extracted with its module index (kerneldeb). The files are staged,
+// then installed (installKernel): either the kernel is registered with
+// its files in kernels/<id>, or nothing is.
+func (d *Daemon) kernelImport(ctx context.Context, call *rpc.Call) (any, error) {
+	var p api.KernelImportParams
+	if err := call.Decode(&p); err != nil {
+		return nil, err
+	}
+	if err := vmname.ValidateKind("kernel", p.Name); err != nil {
+		return nil, fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
+	}
+	switch {
+	case p.Deb != "" && (p.Kernel != "" || p.Initrd != "" || p.ModulesDir != ""):
+		return nil, fmt.Errorf("give a Debian package or kernel files, not both: %w", errdefs.ErrInvalid)
+	case p.Deb == "" && p.Kernel == "":
+		return nil, fmt.Errorf("give a kernel image (--kernel FILE) or a Debian kernel package (--deb FILE): %w", errdefs.ErrInvalid)
+	}
+	for _, f := range []string{p.Deb, p.Kernel, p.Initrd, p.ModulesDir} {
+		if f != "" && !filepath.IsAbs(f) {
+			return nil, fmt.Errorf("%s: want an absolute path: %w", f, errdefs.ErrInvalid)
+		}
+	}
+	if _, err := d.store.GetKernel(ctx, p.Name); err == nil {
+		return nil, fmt.Errorf("kernel %q already exists: remove it first (banger kernel rm %s) or choose another name: %w", p.Name, p.Name, errdefs.ErrAlreadyExists)
+	}
+	dir, err := d.stagingDir("kernel")
+	if err != nil {
+		return nil, err
+	}
+	s := stagedKernel{Name: p.Name, Source: api.SourceImported, Dir: dir}
+	if p.Deb != "" {
+		if _, err := os.Stat(p.Deb); err != nil {
+			d.discardStaging(dir)
+			return nil, fmt.Errorf("import kernel %q: %w: %w", p.Name, err, errdefs.ErrInvalid)
+		}
+		call.Progress(api.Progress{Phase: "extract " + filepath.Base(p.Deb)})
+		res, err := kerneldeb.Extract(ctx, p.Deb, filepath.Join(dir, "deb"))
+		if err != nil {
+			d.discardStaging(dir)
+			if errors.Is(err, kerneldeb.ErrNotKernelPackage) || errors.Is(err, kerneldeb.ErrUnsafe) {
+				err = fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
+			}
+			return nil, fmt.Errorf("import kernel %q: %w", p.Name, err)
+		}
+		s.Kernel, s.ModulesDir, s.Release, s.Ref = res.Kernel, res.ModulesDir, res.Release, p.Deb
+	} else {
+		src := imagefile.Artifacts{Kernel: p.Kernel, Initrd: p.Initrd, ModulesDir: p.ModulesDir}
+		if err := imagefile.ValidateParts(src); err != nil {
+			d.discardStaging(dir)
+			return nil, fmt.Errorf("import kernel %q: %w", p.Name, artifactErr(err))
+		}
+		out, err := imagefile.Promote(ctx, src, filepath.Join(dir, "files"), func(pr imagefile.Progress) {
+			call.Progress(api.Progress{Phase: "copy " + pr.Phase, Done: pr.Done, Total: pr.Total, Unit: "bytes"})
+		})
+		if err != nil {
+			d.discardStaging(dir)
+			return nil, fmt.Errorf("import kernel %q: %w", p.Name, err)
+		}
+		s.Kernel, s.Initrd, s.ModulesDir, s.Ref = out.Kernel, out.Initrd, out.ModulesDir, p.Kernel
+	}
+	call.Progress(api.Progress{Phase: "install"})
+	k, err := d.installKernel(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	return d.kernelAPI(ctx, k), nil
 }

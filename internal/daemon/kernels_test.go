@@ -11,6 +11,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/kmod/kmodtest"
 	"github.com/bangerdev/banger/internal/store"
 )
 
@@ -292,4 +293,159 @@ func TestInstall(t *testing.T) {
 			t.Errorf("%s after failed installs: %d entries", sub, len(entries))
 		}
 	}
+}
+
+// kernel import copies kernel files, or a Debian package's kernel and
+// modules, into banger's storage; failures leave nothing.
+func TestKernelImport(t *testing.T) {
+	t.Parallel()
+	e, d := setup(t, nil)
+	ctx := testCtx(t)
+	mods := filepath.Join(e.dir, "src", "mods")
+	kmodtest.WriteRelease(t, filepath.Join(mods, "6.1.0-test"), "6.1.0-test")
+	kernel := writeFile(t, filepath.Join(e.dir, "src", "vmlinuz"), kmodtest.Kernel("6.1.0-test"))
+	var ph phases
+	k, err := d.c.KernelImport(ctx, api.KernelImportParams{Name: "files", Kernel: kernel, Initrd: e.initrd, ModulesDir: mods}, ph.add)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kdir := filepath.Join(e.cfg.StateDir, "kernels", k.ID)
+	if !k.Managed || k.Source != api.SourceImported || k.Release != "6.1.0-test" || !strings.HasPrefix(k.Kernel, kdir+"/") ||
+		!strings.HasPrefix(k.ModulesDir, kdir+"/") || !strings.HasPrefix(k.Initrd, kdir+"/") {
+		t.Fatalf("imported kernel %+v", k)
+	}
+	if !slices.Contains(ph.names(), "copy kernel") {
+		t.Errorf("phases %v", ph.names())
+	}
+	// An image boots it.
+	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "withk", Rootfs: e.rootfs, KernelName: "files"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "v", Image: "withk", Start: true, MemoryMiB: 128, CPUs: 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if f := e.fake.byName("v"); f == nil || f.spec.Kernel != k.Kernel {
+		t.Errorf("vm booted %+v, want %s", f, k.Kernel)
+	}
+
+	for _, tc := range []struct {
+		name string
+		p    api.KernelImportParams
+		kind error
+	}{
+		{"taken", api.KernelImportParams{Name: "files", Kernel: kernel}, errdefs.ErrAlreadyExists},
+		{"nothing", api.KernelImportParams{Name: "x"}, errdefs.ErrInvalid},
+		{"both", api.KernelImportParams{Name: "x", Kernel: kernel, Deb: kernel}, errdefs.ErrInvalid},
+		{"relative", api.KernelImportParams{Name: "x", Kernel: "vmlinuz"}, errdefs.ErrInvalid},
+		{"not a kernel", api.KernelImportParams{Name: "x", Kernel: e.rootfs}, errdefs.ErrInvalid},
+		{"wrong modules", api.KernelImportParams{Name: "x", Kernel: e.kernel, ModulesDir: mods}, errdefs.ErrInvalid},
+		{"not a deb", api.KernelImportParams{Name: "x", Deb: kernel}, errdefs.ErrInvalid},
+		{"missing deb", api.KernelImportParams{Name: "x", Deb: "/nonexistent.deb"}, errdefs.ErrInvalid},
+		{"bad name", api.KernelImportParams{Name: "X Y", Kernel: kernel}, errdefs.ErrInvalid},
+	} {
+		_, err := d.c.KernelImport(ctx, tc.p, nil)
+		wireErr(t, tc.name, err, tc.kind)
+	}
+	if ks, _ := d.c.KernelList(ctx); len(ks) != 2 {
+		t.Errorf("kernels after failed imports: %+v", ks)
+	}
+	for _, sub := range []string{"tmp", "kernels"} {
+		ents, _ := os.ReadDir(filepath.Join(e.cfg.StateDir, sub))
+		if want := map[string]int{"tmp": 0, "kernels": 1}[sub]; len(ents) != want {
+			t.Errorf("%s after failed imports: %d entries, want %d", sub, len(ents), want)
+		}
+	}
+}
+
+// image prune removes unused managed images and kernels that can be had
+// again (catalog, OCI, local builds; with --all promoted and imported
+// ones too), and interrupted pulls, never what is used, unmanaged, or
+// being staged.
+func TestImagePrune(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, nil)
+	d := e.start()
+	ctx := testCtx(t)
+	dd := e.daemon.Load()
+	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "default", Rootfs: e.rootfs, Kernel: e.kernel}); err != nil {
+		t.Fatal(err)
+	}
+	kernelBytes, _ := os.ReadFile(e.kernel)
+	rootfsBytes, _ := os.ReadFile(e.rootfs)
+	stage := func(kind, file string, b []byte) string {
+		dir, err := dd.stagingDir(kind)
+		if err != nil {
+			t.Fatal(err)
+		}
+		writeFile(t, filepath.Join(dir, file), b)
+		return dir
+	}
+	kernelOf := func(name, source string) store.Kernel {
+		dir := stage("kernel", "vmlinuz", kernelBytes)
+		k, err := dd.installKernel(ctx, stagedKernel{Name: name, Source: source, Dir: dir, Kernel: filepath.Join(dir, "vmlinuz")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	imageOf := func(name, source string, k store.Kernel) {
+		dir := stage("image", "rootfs.img", rootfsBytes)
+		if _, err := dd.installImage(ctx, stagedImage{Name: name, Source: source, Dir: dir, Rootfs: filepath.Join(dir, "rootfs.img"), KernelID: k.ID}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cat := kernelOf("catk", api.SourceCatalog)
+	imp := kernelOf("impk", api.SourceImported)
+	kernelOf("unusedcat", api.SourceCatalog)
+	imageOf("cat", api.SourceCatalog, cat)
+	imageOf("oci", api.SourceOCI, cat)
+	imageOf("used", api.SourceOCI, imp)
+	imageOf("built", api.SourceLocalBuild, imp)
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "v", Image: "used"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// A promoted image: managed, source registered.
+	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "promo", Rootfs: e.rootfs, Kernel: e.initrd}); err == nil {
+		t.Fatal("registered an initrd as a kernel")
+	}
+	other := writeFile(t, filepath.Join(e.dir, "src", "k2"), append([]byte("\x7fELF"), make([]byte, 100)...))
+	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "promo", Rootfs: e.rootfs, Kernel: other}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.c.ImagePromote(ctx, "promo", nil); err != nil {
+		t.Fatal(err)
+	}
+	left := filepath.Join(e.cfg.StateDir, "tmp", "image-1.partial")
+	writeFile(t, filepath.Join(left, "rootfs.img"), make([]byte, 8192))
+	busy := stage("image", "rootfs.img", rootfsBytes) // a pull in progress
+
+	res, err := d.c.ImagePrune(ctx, api.PruneParams{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(res.Images, []string{"built", "cat", "oci"}) || !slices.Equal(res.Kernels, []string{"catk", "unusedcat"}) ||
+		!slices.Equal(res.PartialFiles, []string{left}) || res.ReclaimedBytes < 3*int64(len(rootfsBytes)) {
+		t.Fatalf("prune = %+v", res)
+	}
+	if _, err := os.Stat(busy); err != nil {
+		t.Errorf("prune removed a running pull's staging dir: %v", err)
+	}
+	names := imageNames(t, d)
+	if !slices.Equal(names, []string{"default", "promo", "used"}) {
+		t.Errorf("images after prune: %v", names)
+	}
+	res, err = d.c.ImagePrune(ctx, api.PruneParams{All: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(res.Images, []string{"promo"}) || !slices.Equal(res.Kernels, []string{"promo"}) {
+		t.Fatalf("prune --all = %+v", res)
+	}
+	if names := imageNames(t, d); !slices.Equal(names, []string{"default", "used"}) {
+		t.Errorf("images after prune --all: %v", names)
+	}
+	if ks, _ := d.c.KernelList(ctx); len(ks) != 2 {
+		t.Errorf("kernels after prune --all: %+v (want default's and impk, used)", ks)
+	}
+	dd.discardStaging(busy)
 }
