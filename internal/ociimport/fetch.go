@@ -647,3 +647,18 @@ func resolveDaemon(ctx context.Context, image, tempDir string) (*Source, error) 
 	s.cleanup = cleanup
 	return s, nil
 }
+
+// RecordedRef is the Ref an import of ref records, for registry
+// references ("nginx" → "docker.io/library/nginx:latest"), so a caller can
+// find an installed image by what a user typed; ok is false for local
+// sources and references that don't parse.
+func RecordedRef(ref string) (string, bool) {
+	if IsLocalRef(ref) {
+		return "", false
+	}
+	r, err := name.ParseReference(strings.TrimPrefix(ref, prefixDocker))
+	if err != nil {
+		return "", false
+	}
+	return CanonicalRef(r), true
+}

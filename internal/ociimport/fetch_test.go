@@ -317,3 +317,15 @@ func TestConfigOf(t *testing.T) {
 		t.Error("ConfigOf(nil) != nil")
 	}
 }
+
+func TestRecordedRef(t *testing.T) {
+	for ref, want := range map[string]string{
+		"nginx": "docker.io/library/nginx:latest", "docker://ghcr.io/x/y:1": "ghcr.io/x/y:1", "127.0.0.1:5000/a:b": "127.0.0.1:5000/a:b",
+		"oci:/x": "", "/x/y.tar": "", "docker-daemon:nginx": "", "Bad!": "",
+	} {
+		got, ok := RecordedRef(ref)
+		if got != want || ok != (want != "") {
+			t.Errorf("RecordedRef(%q) = %q, %v; want %q", ref, got, ok, want)
+		}
+	}
+}
