@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
@@ -66,7 +68,9 @@ func (d *Daemon) pullOCI(ctx context.Context, p api.PullParams, progress func(ap
 		return im, fmt.Errorf("image %s: kernel %s: %w", name, kernelName, err)
 	}
 
-	built, err := src.Build(ctx, staging, ociimport.BuildOptions{HeadroomMiB: int64(d.cfg.ImageHeadroomMiB), Progress: progress})
+	built, err := src.Build(ctx, staging, ociimport.BuildOptions{
+		HeadroomMiB: int64(d.cfg.ImageHeadroomMiB), Progress: progress, DiscardTree: d.discardTree,
+	})
 	if err != nil {
 		return im, err
 	}
@@ -79,6 +83,36 @@ func (d *Daemon) pullOCI(ctx context.Context, p api.PullParams, progress func(ap
 		return im, fmt.Errorf("%w (pull it under another name with --name NAME)", err)
 	}
 	return im, err
+}
+
+// discardTree moves a flattened image tree out of its staging directory
+// (a *.partial name, so a daemon start or image prune removes it if this
+// one can't) and removes it in the background: the pull doesn't wait for
+// thousands of unlinks. The daemon waits for it when it stops.
+func (d *Daemon) discardTree(tree string) {
+	trash, err := os.MkdirTemp(d.stagingRoot(), "oci-tree-*"+partialSuffix)
+	if err == nil {
+		err = os.Rename(tree, filepath.Join(trash, "tree"))
+	}
+	d.mu.Lock()
+	background := err == nil && d.ctx.Err() == nil
+	if background {
+		d.removals.Add(1)
+	}
+	d.mu.Unlock()
+	if !background {
+		os.RemoveAll(tree)
+		if trash != "" {
+			os.RemoveAll(trash)
+		}
+		return
+	}
+	go func() {
+		defer d.removals.Done()
+		if err := os.RemoveAll(trash); err != nil {
+			d.log.Warn("remove a flattened image tree", "dir", trash, "err", err)
+		}
+	}()
 }
 
 // ociUpToDate finds an installed image of src: the image called name

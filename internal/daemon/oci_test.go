@@ -170,7 +170,9 @@ func TestPullOCI(t *testing.T) {
 	if len(ims) != 3 {
 		t.Errorf("%d images after the failed pulls, want 3 (default, app-1-0, app-v2)", len(ims))
 	}
-	if entries, _ := os.ReadDir(filepath.Join(e.cfg.StateDir, "tmp")); len(entries) != 0 {
-		t.Errorf("staging directories left: %v", entries)
-	}
+	// Flattened trees are removed in the background.
+	waitFor(ctx, t, "no staging directory left", func() bool {
+		entries, _ := os.ReadDir(filepath.Join(e.cfg.StateDir, "tmp"))
+		return len(entries) == 0
+	})
 }
