@@ -449,3 +449,62 @@ func TestImagePrune(t *testing.T) {
 	}
 	dd.discardStaging(busy)
 }
+
+// A promoted image of the previous schema had its kernel in its own
+// directory; its kernel object's files move to kernels/<id> at start, so
+// removing the image leaves the kernel whole.
+func TestMigratedPromotedKernelMoves(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, nil)
+	ctx := testCtx(t)
+	const id = "1234567890abcdef"
+	imDir := filepath.Join(e.cfg.StateDir, "images", id)
+	copyTo := func(src, name string) string {
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return writeFile(t, filepath.Join(imDir, name), b)
+	}
+	rootfs, kernel, initrd := copyTo(e.rootfs, "rootfs.img"), copyTo(e.kernel, "kernel"), copyTo(e.initrd, "initrd")
+	if err := os.MkdirAll(e.cfg.StateDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	db, err := store.CreateAtVersion(ctx, filepath.Join(e.cfg.StateDir, "state.db"), store.Version()-1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.ExecContext(ctx, `INSERT INTO images (id, name, managed, rootfs, kernel, initrd, modules_dir, size_bytes, created_at, promoted_from)
+		VALUES (?, 'old', 1, ?, ?, ?, '', 65536, '2026-01-01T00:00:00Z', '/h/rootfs')`, id, rootfs, kernel, initrd); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	d := e.start()
+	k, err := d.c.KernelInspect(ctx, "old")
+	if err != nil {
+		t.Fatal(err)
+	}
+	kdir := filepath.Join(e.cfg.StateDir, "kernels", k.ID)
+	if !k.Managed || k.Kernel != filepath.Join(kdir, "kernel") || k.Initrd != filepath.Join(kdir, "initrd") {
+		t.Fatalf("migrated kernel %+v, want its files in %s", k, kdir)
+	}
+	if len(k.Files) != 2 || k.Files[0].SHA256 == "" {
+		t.Errorf("moved kernel's files %+v, want recorded with sha256", k.Files)
+	}
+	if err := d.c.ImageRemove(ctx, "old"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(imDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("image dir after rm: %v", err)
+	}
+	// The kernel still boots an image.
+	if _, err := d.c.ImageRegister(ctx, api.ImageRegisterParams{Name: "again", Rootfs: e.rootfs, KernelName: "old"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "v", Image: "again", Start: true, MemoryMiB: 128, CPUs: 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if f := e.fake.byName("v"); f == nil || f.spec.Kernel != k.Kernel {
+		t.Errorf("vm booted %+v, want %s", f, k.Kernel)
+	}
+}
