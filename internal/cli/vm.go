@@ -482,15 +482,17 @@ func (a *app) vmRunCmd() *cobra.Command {
 			}
 			p.AutoRemove = rm
 			p.Cmd = args
+			const detachRmHelp = "-d with --rm needs an image with a main process (an Entrypoint or Cmd, no init system): the daemon removes the VM when it ends"
 			if detach && rm {
 				// The daemon removes it when its main process ends; an image
-				// with an init system has none, so it would never go.
+				// with an init system has none, so it would never go. (An
+				// image not pulled yet is checked after its start.)
 				im, err := a.client().ImageInspect(cmd.Context(), p.Image)
-				if err != nil {
+				if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 					return err
 				}
-				if c := im.Config; c == nil || (len(c.Entrypoint) == 0 && len(c.Cmd) == 0 && len(args) == 0) {
-					return fmt.Errorf("-d with --rm needs an image with a main process (an Entrypoint or Cmd, no init system): image %s has none; drop --rm and remove the VM with banger vm rm -f", im.Name)
+				if c := im.Config; err == nil && (c == nil || (len(c.Entrypoint) == 0 && len(c.Cmd) == 0 && len(args) == 0)) {
+					return fmt.Errorf("%s; image %s has none: drop --rm and remove the VM with banger vm rm -f", detachRmHelp, im.Name)
 				}
 			}
 			pr := a.progress()
@@ -499,8 +501,13 @@ func (a *app) vmRunCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if rm && !detach {
+			// With -d --rm the VM stays only once its main process runs.
+			removeAtEnd := rm
+			if rm {
 				defer func() {
+					if !removeAtEnd {
+						return
+					}
 					// Remove even when the start failed or we were interrupted.
 					ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 					defer cancel()
@@ -521,6 +528,10 @@ func (a *app) vmRunCmd() *cobra.Command {
 				return err
 			}
 			if detach {
+				if rm && started.MainState == "" && started.MainExitCode == nil {
+					return fmt.Errorf("vm %s runs no main process (its image has an init system), so it was removed: %s", vm.Name, detachRmHelp)
+				}
+				removeAtEnd = false
 				if !rm {
 					a.sshRefreshQuietly(cmd.Context(), vm.Name)
 				}

@@ -34,6 +34,10 @@ import (
 // fileMainExit records, in a VM's directory, its main process's last exit.
 const fileMainExit = "main-exit.json"
 
+// mainRemoveDelay is how long an auto-remove VM stays after its main
+// process ended and its VMM exited, for a client's attach to come.
+const mainRemoveDelay = 5 * time.Second
+
 // mainLogMax bounds the output a watch keeps (what vm.attach replays).
 const mainLogMax = 1 << 20
 
@@ -226,16 +230,20 @@ func (d *Daemon) watchMain(v store.VM, r *runningVM) {
 	d.monitors.Add(1)
 	go func() {
 		defer d.monitors.Done()
-		// An auto-remove VM is held until its VMM exited, then for the
-		// grace period: a vm run that attaches just after its start (its
+		// An auto-remove VM is held until its VMM exited, then a few
+		// seconds more: a vm run that attaches just after its start (its
 		// main process may be done by then) still finds it; vm run -d
-		// --rm leaves it to be removed then.
+		// --rm has it removed then.
 		defer func() {
 			select {
 			case <-r.exited:
 			case <-d.ctx.Done():
 			}
-			detach(false)
+			select {
+			case <-time.After(min(mainRemoveDelay, d.autoRemoveGrace)):
+			case <-d.ctx.Done():
+			}
+			detach(true)
 		}()
 		code, err := d.followMain(v, r, w)
 		if err != nil {

@@ -91,6 +91,10 @@ func TestMainProcessEnv(t *testing.T) {
 	}
 	e.Must("vm", "rm", "envbg")
 
+	// -d --rm on an image with an init system (no main process to end
+	// the VM): refused before anything is made.
+	e.Fails("needs an image with a main process", "vm", "run", "-d", "--rm", "--image", "debian")
+
 	// A bad restart policy: refused, nothing made.
 	e.Fails("on-failure or always", "vm", "create", "--image", "tiny", "--restart", "sometimes")
 	if ls := strings.TrimSpace(e.Must("vm", "ls", "-q")); ls != "" {
