@@ -86,6 +86,7 @@ type installer struct {
 	files map[string]*File
 	done  map[string]bool
 	s     *stream
+	hs    *hasher
 
 	safe      *checkpoint // the last point Install can resume from
 	written   *checkpoint // the last one written to the file
@@ -129,7 +130,10 @@ func (in *installer) install(ctx context.Context, dir string) (*Manifest, error)
 		rc.Close()
 		in.s.wait()
 	}()
+	in.hs = startHasher(in)
+	in.s.recycle = in.hs.recycle
 	err = in.run(ctx, start)
+	in.hs.close() // in.safe is final once it has summed all it was given
 	if err != nil {
 		if in.safe != nil && in.safe != in.written {
 			if werr := in.writeCheckpoint(in.safe); werr != nil {
@@ -384,14 +388,14 @@ func (in *installer) content(ctx context.Context, f *File, out *os.File, off int
 		if err := writeSparse(out, b, off); err != nil {
 			return fmt.Errorf("install bundle: write %s: %w", f.Path, err)
 		}
-		h.Write(b)
+		in.hs.write(h, b)
 		in.s.advance(len(b))
 		off += int64(len(b))
 		if in.s.atFrameEnd() {
 			in.mark(f, off, h)
 		}
 	}
-	if sum := hex.EncodeToString(h.Sum(nil)); sum != f.SHA256 {
+	if sum := hex.EncodeToString(in.hs.sum(h)); sum != f.SHA256 {
 		return corrupt("%s: sha256 %s, the manifest says %s", f.Path, sum, f.SHA256)
 	}
 	mode := f.Mode
@@ -419,8 +423,8 @@ func (in *installer) content(ctx context.Context, f *File, out *os.File, off int
 
 // mark records the current point (just after a frame) as the resume
 // point: in f's content at off with h's state, or between entries when f
-// is nil. The checkpoint file is written at most every checkpointEvery,
-// and on failure.
+// (and h) is nil. The checkpoint file is written at most every
+// checkpointEvery, and on failure.
 func (in *installer) mark(f *File, off int64, h hash.Hash) {
 	ck := &checkpoint{Bundle: in.opts.SHA256, Size: in.src.Size(), Next: in.s.offset(), Manifest: in.m}
 	ck.BundleSum = in.s.c.sum // the state at the end of the frame
@@ -430,13 +434,9 @@ func (in *installer) mark(f *File, off int64, h hash.Hash) {
 	slices.Sort(ck.Done)
 	if f != nil {
 		ck.Current, ck.Offset = f.Path, off
-		ck.Sum, _ = h.(encoding.BinaryMarshaler).MarshalBinary()
 	}
-	in.safe = ck
-	if time.Since(in.writtenAt) >= in.checkpointEvery {
-		// A checkpoint that can't be written costs a resume, not the install.
-		_ = in.writeCheckpoint(ck)
-	}
+	// The hasher adds the file's sum state once it has summed up to here.
+	in.hs.checkpoint(ck, h)
 }
 
 func (in *installer) writeCheckpoint(ck *checkpoint) error {

@@ -58,10 +58,11 @@ type stream struct {
 	err  error
 
 	progress func(done int64) // called with each chunk's compressed offset
+	recycle  func(*[]byte)    // takes a read chunk's buffer
 }
 
 func startDecoding(ctx context.Context, r io.Reader, off int64, sum hash.Hash, progress func(int64)) *stream {
-	s := &stream{frames: make(chan chan chunk, framesAhead), ctx: ctx, sum: sum, last: off, progress: progress}
+	s := &stream{frames: make(chan chan chunk, framesAhead), ctx: ctx, sum: sum, last: off, progress: progress, recycle: putBuf}
 	jobs := make(chan job)
 	// The frames' checksums are not checked: every file's sha256 is.
 	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(decodeWorkers), zstd.WithDecoderMaxWindow(maxWindow),
@@ -271,7 +272,7 @@ func (s *stream) fill() error {
 			s.err = c.err
 			return c.err
 		}
-		putBuf(s.c.buf)
+		s.recycle(s.c.buf)
 		s.c, s.pos = c, 0
 		if c.frameEnd {
 			s.cur = nil
