@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/bangerdev/banger/images/golden"
@@ -296,18 +297,28 @@ func truncLabel(s string) string {
 // 4 KiB blocks plus an inode (256 bytes) per entry.
 func treeSize(dir string) (int64, error) {
 	var total int64
+	type inode struct{ dev, ino uint64 }
+	linked := map[inode]bool{} // hard links count once (git-core has ~100)
 	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
-		total += 256
-		if d.Type().IsRegular() || d.IsDir() {
-			fi, err := d.Info()
-			if err != nil {
-				return err
-			}
-			total += (fi.Size() + 4095) &^ 4095
+		if !d.Type().IsRegular() && !d.IsDir() {
+			total += 256
+			return nil
 		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && !d.IsDir() && st.Nlink > 1 {
+			k := inode{uint64(st.Dev), st.Ino}
+			if linked[k] {
+				return nil
+			}
+			linked[k] = true
+		}
+		total += 256 + (fi.Size()+4095)&^4095
 		return nil
 	})
 	if err != nil {

@@ -406,3 +406,24 @@ func TestBuildGoldenFailure(t *testing.T) {
 		t.Errorf("an image was written: %v", err)
 	}
 }
+
+func TestTreeSizeCountsHardLinksOnce(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "a"), make([]byte, 1<<20), 0o644)
+	one, err := treeSize(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		if err := os.Link(filepath.Join(dir, "a"), filepath.Join(dir, "l"+strconv.Itoa(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	linked, err := treeSize(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if linked != one || one < 1<<20 {
+		t.Errorf("one file: %d, with 10 hard links: %d", one, linked)
+	}
+}
