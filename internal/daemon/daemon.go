@@ -155,6 +155,9 @@ type Daemon struct {
 	// installed or discarded (install.go): image prune leaves them.
 	stagingMu sync.Mutex
 	staging   map[string]bool
+	// localBuilds lets one local image or kernel build run at a time
+	// (localbuild.go).
+	localBuilds buildTurns
 }
 
 // deps are the parts run takes from its caller: production passes the QEMU
