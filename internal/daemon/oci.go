@@ -74,6 +74,9 @@ func (d *Daemon) pullOCI(ctx context.Context, p api.PullParams, progress func(ap
 	if err != nil {
 		return im, err
 	}
+	// What the source kept in the staging dir (an unpacked oci-archive, a
+	// docker save) goes before the dir becomes the image's.
+	src.Close()
 	installing = true
 	im, err = d.installImage(ctx, stagedImage{
 		Name: name, Source: api.SourceOCI, Ref: src.Ref, Digest: src.Digest,

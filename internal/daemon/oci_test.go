@@ -17,6 +17,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
@@ -141,6 +142,28 @@ func TestPullOCI(t *testing.T) {
 		t.Errorf("pull --name app-v2: %+v, %v", v2, err)
 	}
 
+	// An OCI archive (unpacked in the staging dir while it is read): the
+	// image's directory holds its rootfs only.
+	lay := filepath.Join(t.TempDir(), "layout")
+	lp, err := layout.Write(lay, empty.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lp.AppendImage(img, layout.WithAnnotations(map[string]string{"org.opencontainers.image.ref.name": "3"})); err != nil {
+		t.Fatal(err)
+	}
+	saved := filepath.Join(t.TempDir(), "saved.tar")
+	if out, err := exec.Command("tar", "-C", lay, "-cf", saved, ".").CombinedOutput(); err != nil {
+		t.Fatalf("tar: %v: %s", err, out)
+	}
+	sv, err := dd.pullOCI(ctx, api.PullParams{Ref: saved, Kernel: kernel}, nil)
+	if err != nil || sv.Name != "saved-3" || sv.Ref != "oci-archive:"+saved {
+		t.Fatalf("pull an OCI archive: %+v, %v", sv, err)
+	}
+	if entries, _ := os.ReadDir(filepath.Dir(sv.Rootfs)); len(entries) != 1 {
+		t.Errorf("image dir of an archive pull holds %v, want only the rootfs", entries)
+	}
+
 	// Failures register nothing and leave no staging directory.
 	var hostile bytes.Buffer
 	tw := tar.NewWriter(&hostile)
@@ -167,8 +190,8 @@ func TestPullOCI(t *testing.T) {
 		}
 	}
 	ims, _ := dd.store.ListImages(ctx)
-	if len(ims) != 3 {
-		t.Errorf("%d images after the failed pulls, want 3 (default, app-1-0, app-v2)", len(ims))
+	if len(ims) != 4 {
+		t.Errorf("%d images after the failed pulls, want 4 (default, app-1-0, app-v2, saved-3)", len(ims))
 	}
 	// Flattened trees are removed in the background.
 	waitFor(ctx, t, "no staging directory left", func() bool {

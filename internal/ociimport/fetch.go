@@ -29,6 +29,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/tarcopy"
 )
 
 // ErrPlainHTTP is matched by the error of a plain-HTTP request to a
@@ -54,8 +55,8 @@ type Options struct {
 	// means go-containerregistry's default (proxy from the environment).
 	Transport http.RoundTripper
 	// TempDir holds what a source needs on disk while it is read (the
-	// `docker save` output of a docker-daemon: reference). Required for
-	// docker-daemon: references.
+	// `docker save` output of a docker-daemon: reference, an unpacked
+	// oci-archive). Required for those two.
 	TempDir string
 	// Log receives warnings (extended attributes not set, skipped
 	// entries); nil discards them.
@@ -80,9 +81,10 @@ type Source struct {
 	// Config is the image's process configuration.
 	Config *api.ImageConfig
 
-	layers  []layerSource
-	log     *slog.Logger
-	cleanup func()
+	layers     []layerSource
+	log        *slog.Logger
+	cleanup    func()
+	annotation string // a layout image's ref.name annotation
 }
 
 // Close releases what Resolve kept open (temporary files).
@@ -123,8 +125,8 @@ func IsLocalRef(ref string) bool {
 // "ghcr.io/x/y:tag", "REG/x@sha256:...", optionally "docker://REF"),
 // "oci:DIR" or an absolute path to a directory holding an OCI layout,
 // "docker-archive:FILE" or an absolute path to a `docker save` tarball,
-// "oci-archive:FILE" is refused with a hint, "docker-daemon:IMAGE" (runs
-// `docker save`). Close the Source when done.
+// "oci-archive:FILE" (unpacked into opts.TempDir), "docker-daemon:IMAGE"
+// (runs `docker save` into opts.TempDir). Close the Source when done.
 func Resolve(ctx context.Context, ref string, opts Options) (*Source, error) {
 	want, err := platformOf(opts.Platform)
 	if err != nil {
@@ -141,11 +143,11 @@ func Resolve(ctx context.Context, ref string, opts Options) (*Source, error) {
 	case strings.HasPrefix(ref, prefixDockerArch):
 		s, err = resolveArchive(strings.TrimPrefix(ref, prefixDockerArch), prefixDockerArch)
 	case strings.HasPrefix(ref, prefixOCIArchive):
-		return nil, fmt.Errorf("%s: oci-archive tarballs are not read directly; unpack it (mkdir DIR && tar -xf FILE -C DIR) and pull oci:DIR: %w", ref, errdefs.ErrInvalid)
+		s, err = resolveOCIArchive(strings.TrimPrefix(ref, prefixOCIArchive), want, opts.TempDir)
 	case strings.HasPrefix(ref, prefixDockerDaemon):
 		s, err = resolveDaemon(ctx, strings.TrimPrefix(ref, prefixDockerDaemon), opts.TempDir)
 	case strings.HasPrefix(ref, "/"):
-		s, err = resolvePath(ref, want)
+		s, err = resolvePath(ref, want, opts.TempDir)
 	case strings.HasPrefix(ref, "./") || strings.HasPrefix(ref, "../"):
 		return nil, fmt.Errorf("%s: a relative path; give an absolute one: %w", ref, errdefs.ErrInvalid)
 	default:
@@ -420,7 +422,8 @@ func resolveLayout(dir string, want v1.Platform) (*Source, error) {
 	if err != nil {
 		return nil, fmt.Errorf("OCI layout %s: %w", dir, err)
 	}
-	s.Name = nameFromLocal(cmpOr(refName, annName), filepath.Base(dir))
+	s.annotation = cmpOr(refName, annName)
+	s.Name = nameFromLocal(s.annotation, filepath.Base(dir))
 	return s, nil
 }
 
@@ -507,9 +510,9 @@ func cmpOr(a, b string) string {
 
 // --- docker save tarballs and the Docker daemon ---
 
-// resolvePath takes an absolute path: an OCI layout directory or a
-// `docker save` tarball.
-func resolvePath(p string, want v1.Platform) (*Source, error) {
+// resolvePath takes an absolute path: an OCI layout directory, a `docker
+// save` tarball or an OCI archive.
+func resolvePath(p string, want v1.Platform, tempDir string) (*Source, error) {
 	st, err := os.Stat(p)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -519,6 +522,9 @@ func resolvePath(p string, want v1.Platform) (*Source, error) {
 	}
 	if st.IsDir() {
 		return resolveLayout(p, want)
+	}
+	if !hasMember(p, "manifest.json") && hasMember(p, "index.json") {
+		return resolveOCIArchive(p, want, tempDir)
 	}
 	return resolveArchive(p, prefixDockerArch)
 }
@@ -537,7 +543,7 @@ func resolveArchive(file, prefix string) (*Source, error) {
 	m, err := tarball.LoadManifest(opener)
 	if err != nil {
 		if hasMember(file, "index.json") {
-			return nil, fmt.Errorf("%s: an OCI archive without a docker manifest.json; unpack it (mkdir DIR && tar -xf %s -C DIR) and pull oci:DIR: %w", file, file, errdefs.ErrInvalid)
+			return nil, fmt.Errorf("%s: an OCI archive without a docker manifest.json; pull it as oci-archive:%s: %w", file, file, errdefs.ErrInvalid)
 		}
 		return nil, fmt.Errorf("%s: not a `docker save` tarball: %w: %w", file, err, errdefs.ErrInvalid)
 	}
@@ -597,6 +603,60 @@ func hasMember(file, member string) bool {
 			return true
 		}
 	}
+}
+
+// resolveOCIArchive unpacks an OCI archive (`podman save --format
+// oci-archive`, `skopeo copy ... oci-archive:`) into tempDir (refusing
+// names outside it, links and special files) and reads it as a layout.
+func resolveOCIArchive(file string, want v1.Platform, tempDir string) (*Source, error) {
+	refName := ""
+	if _, err := os.Stat(file); err != nil {
+		// oci-archive:FILE:NAME, as for layouts.
+		if i := strings.LastIndex(file, ":"); i > 0 {
+			if _, err := os.Stat(file[:i]); err == nil {
+				file, refName = file[:i], file[i+1:]
+			}
+		}
+	}
+	if !filepath.IsAbs(file) {
+		return nil, fmt.Errorf("oci-archive:%s: a relative path; give an absolute one: %w", file, errdefs.ErrInvalid)
+	}
+	if tempDir == "" {
+		return nil, fmt.Errorf("oci-archive:%s: no temporary directory given", file)
+	}
+	f, err := os.Open(file)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("%s: no such file: %w", file, errdefs.ErrNotFound)
+		}
+		return nil, err
+	}
+	defer f.Close()
+	dir, err := os.MkdirTemp(tempDir, "oci-archive-")
+	if err != nil {
+		return nil, err
+	}
+	cleanup := func() { os.RemoveAll(dir) }
+	if err := tarcopy.Extract(f, dir, tarcopy.ExtractOptions{}); err != nil {
+		cleanup()
+		return nil, fmt.Errorf("unpack %s: %w: %w", file, err, errdefs.ErrInvalid)
+	}
+	layoutRef := dir
+	if refName != "" {
+		layoutRef += ":" + refName
+	}
+	s, err := resolveLayout(layoutRef, want)
+	if err != nil {
+		cleanup()
+		return nil, fmt.Errorf("oci-archive:%s: %w", file, err)
+	}
+	s.Ref = prefixOCIArchive + file
+	if refName != "" {
+		s.Ref += ":" + refName
+	}
+	s.Name = nameFromLocal(s.annotation, strings.TrimSuffix(filepath.Base(file), filepath.Ext(file)))
+	s.cleanup = cleanup
+	return s, nil
 }
 
 // resolveDaemon saves IMAGE from the Docker daemon with the docker CLI

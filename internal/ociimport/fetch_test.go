@@ -209,14 +209,23 @@ func TestLocalSources(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// An OCI archive (podman save --format oci-archive): the layout, tarred.
+	archive := filepath.Join(tmp, "app-oci.tar")
+	if out, err := exec.Command("tar", "-C", layoutDir, "-cf", archive, ".").CombinedOutput(); err != nil {
+		t.Fatalf("tar: %v: %s", err, out)
+	}
+
 	for _, c := range []struct{ ref, wantRef, wantName, wantDigest string }{
 		{"docker-archive:" + tarPath, "docker-archive:" + tarPath, "app-2-0", id.String()},
 		{tarPath, "docker-archive:" + tarPath, "app-2-0", id.String()},
-		{"oci:" + layoutDir, "oci:" + layoutDir, "web", d.String()},
-		{layoutDir, "oci:" + layoutDir, "web", d.String()},
-		{"oci:" + layoutDir + ":web", "oci:" + layoutDir + ":web", "web", d.String()},
+		{"oci:" + layoutDir, "oci:" + layoutDir, "layout-web", d.String()},
+		{layoutDir, "oci:" + layoutDir, "layout-web", d.String()},
+		{"oci:" + layoutDir + ":web", "oci:" + layoutDir + ":web", "layout-web", d.String()},
+		{"oci-archive:" + archive, "oci-archive:" + archive, "app-oci-web", d.String()},
+		{archive, "oci-archive:" + archive, "app-oci-web", d.String()},
+		{"oci-archive:" + archive + ":web", "oci-archive:" + archive + ":web", "app-oci-web", d.String()},
 	} {
-		root, s, err := resolveFlatten(t, c.ref, Options{})
+		root, s, err := resolveFlatten(t, c.ref, Options{TempDir: t.TempDir()})
 		if err != nil {
 			t.Errorf("%s: %v", c.ref, err)
 			continue
@@ -244,10 +253,10 @@ func TestLocalSources(t *testing.T) {
 		{"./app.tar", errdefs.ErrInvalid},
 		{filepath.Join(tmp, "missing.tar"), errdefs.ErrNotFound},
 		{"docker-archive:" + filepath.Join(tmp, "layout", "oci-layout"), errdefs.ErrInvalid},
-		{"oci-archive:" + tarPath, errdefs.ErrInvalid},
+		{"oci-archive:" + tarPath, errdefs.ErrNotFound}, // a docker save tarball has no oci-layout
 		{"Bad Ref!", errdefs.ErrInvalid},
 	} {
-		if _, err := Resolve(t.Context(), c.ref, Options{}); !errors.Is(err, c.kind) {
+		if _, err := Resolve(t.Context(), c.ref, Options{TempDir: t.TempDir()}); !errors.Is(err, c.kind) {
 			t.Errorf("%s: %v, want %v", c.ref, err, c.kind)
 		}
 	}

@@ -40,16 +40,18 @@ func NameFromRef(ref name.Reference) string {
 	return label(repo, suffix)
 }
 
-// nameFromLocal derives a name for a local source: its ref.name
-// annotation or tag when it has one, else the file or directory name.
+// nameFromLocal derives a name for a local source from its ref.name
+// annotation or tag and its file or directory name: a full reference
+// ("localhost/app:1") names it as a registry reference would, a bare tag
+// ("1.27", as `skopeo copy ... oci:DIR:1.27` writes) follows the base
+// name ("nginx-1-27"), no annotation leaves the base name.
 func nameFromLocal(refName, base string) string {
-	if refName != "" {
-		if ref, err := name.ParseReference(refName); err == nil && strings.ContainsAny(refName, "/:@") {
+	if refName != "" && strings.ContainsAny(refName, "/:@") {
+		if ref, err := name.ParseReference(refName); err == nil {
 			return NameFromRef(ref)
 		}
-		return label(refName, "")
 	}
-	return label(base, "")
+	return label(base, refName)
 }
 
 // label makes a DNS label of base and suffix: lowercase, every other
