@@ -66,6 +66,9 @@ func (d *Daemon) bootKernel(ctx context.Context, im store.Image, kernelID string
 	}
 	k, err := d.store.GetKernel(ctx, id)
 	if errors.Is(err, errdefs.ErrNotFound) {
+		if kernelID != "" {
+			return store.Kernel{}, fmt.Errorf("kernel %s was removed meanwhile: %w", kernelID, err)
+		}
 		return store.Kernel{}, fmt.Errorf("the kernel of image %q (%s) is gone: %w: %w", im.Name, id, err, errdefs.ErrFailedPrecondition)
 	}
 	return k, err
@@ -360,6 +363,8 @@ func (d *Daemon) reconcileImages(ctx context.Context) error {
 //   - a kernels/<id> directory of an unmanaged kernel (a promote
 //     interrupted before its rows were updated) or of no kernel (kernel
 //     rm interrupted, an install that crashed before its row) is removed;
+//   - kernels without a release (made by the migration) get the one
+//     their kernel image says;
 //   - a managed kernel whose files are elsewhere (one made from a promoted
 //     image by the kernels migration: its files are in the image's
 //     directory) is copied into kernels/<id>, checked (sha256) and
@@ -388,6 +393,16 @@ func (d *Daemon) reconcileKernels(ctx context.Context) error {
 		}
 		if err := d.recordKernelFiles(ctx, k); err != nil {
 			d.log.Warn("can't fingerprint a kernel's files", "kernel", k.Name, "err", err)
+		}
+		if k.Release == "" { // made by the migration to kernel objects
+			if rel := kernelRelease(k.Kernel); rel != "" {
+				if cur, err := d.store.GetKernel(ctx, k.ID); err == nil {
+					cur.Release = rel
+					if err := d.store.UpdateKernel(ctx, cur); err != nil {
+						d.log.Warn("record a kernel's release", "kernel", k.Name, "err", err)
+					}
+				}
+			}
 		}
 	}
 	entries, err := os.ReadDir(kernelsDir)

@@ -39,7 +39,7 @@ func (d *Daemon) kernelAPI(ctx context.Context, k store.Kernel) api.Kernel {
 
 // kernelForCreate resolves vm create's --kernel NAME. It is the one place
 // a create looks a kernel up: auto-pull on miss (ensureKernel) plugs in
-// here.
+// here. createVM calls it before taking the create lock.
 func (d *Daemon) kernelForCreate(ctx context.Context, name string) (store.Kernel, error) {
 	k, err := d.store.GetKernel(ctx, name)
 	if errors.Is(err, errdefs.ErrNotFound) {

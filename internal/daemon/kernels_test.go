@@ -466,7 +466,8 @@ func TestMigratedPromotedKernelMoves(t *testing.T) {
 		}
 		return writeFile(t, filepath.Join(imDir, name), b)
 	}
-	rootfs, kernel, initrd := copyTo(e.rootfs, "rootfs.img"), copyTo(e.kernel, "kernel"), copyTo(e.initrd, "initrd")
+	rootfs, initrd := copyTo(e.rootfs, "rootfs.img"), copyTo(e.initrd, "initrd")
+	kernel := writeFile(t, filepath.Join(imDir, "kernel"), kmodtest.Kernel("6.1.0-mig"))
 	if err := os.MkdirAll(e.cfg.StateDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -485,7 +486,7 @@ func TestMigratedPromotedKernelMoves(t *testing.T) {
 		t.Fatal(err)
 	}
 	kdir := filepath.Join(e.cfg.StateDir, "kernels", k.ID)
-	if !k.Managed || k.Kernel != filepath.Join(kdir, "kernel") || k.Initrd != filepath.Join(kdir, "initrd") {
+	if !k.Managed || k.Kernel != filepath.Join(kdir, "kernel") || k.Initrd != filepath.Join(kdir, "initrd") || k.Release != "6.1.0-mig" {
 		t.Fatalf("migrated kernel %+v, want its files in %s", k, kdir)
 	}
 	if len(k.Files) != 2 || k.Files[0].SHA256 == "" {

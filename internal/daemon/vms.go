@@ -168,6 +168,18 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 		imageRef = d.cfg.DefaultImageName
 	}
 
+	// The kernel is resolved (and, missing, may be pulled) before the
+	// create lock is taken: a long pull must not hold image and kernel rm
+	// back. usableImage finds it again under the lock.
+	kernelID := ""
+	if p.Kernel != "" {
+		k, err := d.kernelForCreate(ctx, p.Kernel)
+		if err != nil {
+			return v, err
+		}
+		kernelID = k.ID
+	}
+
 	d.create.RLock()
 	defer d.create.RUnlock()
 	im, err := d.store.GetImage(ctx, imageRef)
@@ -176,14 +188,6 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 			return v, fmt.Errorf("image %s not found: list images with banger image ls, or register one with banger image register: %w", errdefs.Quote(imageRef), errdefs.ErrNotFound)
 		}
 		return v, err
-	}
-	kernelID := ""
-	if p.Kernel != "" {
-		k, err := d.kernelForCreate(ctx, p.Kernel)
-		if err != nil {
-			return v, err
-		}
-		kernelID = k.ID
 	}
 	bootK, err := d.usableImage(ctx, im, kernelID)
 	if err != nil {

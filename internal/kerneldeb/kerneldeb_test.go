@@ -299,3 +299,15 @@ func TestExtractHostile(t *testing.T) {
 		t.Errorf("into a non-empty directory: %v", err)
 	}
 }
+
+// BenchmarkExtractDebianPackage: Debian's cloud kernel package to a
+// kernel and an indexed modules tree (compare: dpkg-deb -x + depmod -b).
+func BenchmarkExtractDebianPackage(b *testing.B) {
+	deb := kerneldebtest.Deb(b)
+	for i := 0; i < b.N; i++ {
+		dir := filepath.Join(b.TempDir(), "k")
+		if _, err := Extract(context.Background(), deb, dir); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
