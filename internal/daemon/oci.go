@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
@@ -52,6 +53,11 @@ func (d *Daemon) pullOCI(ctx context.Context, p api.PullParams, progress func(ap
 	}
 	defer src.Close()
 	name := cmp.Or(p.Name, src.Name)
+	if p.Name == "" && name == d.cfg.DefaultImageName {
+		// debian:bookworm would take the name of the default (golden)
+		// image that vm run boots when no image is named.
+		name = strings.TrimSuffix(name[:min(len(name), vmname.MaxLen-4)], "-") + "-oci"
+	}
 	if err := vmname.ValidateKind(vmname.KindImage, name); err != nil {
 		return im, fmt.Errorf("image name derived from %s: %w; choose one with --name: %w", p.Ref, err, errdefs.ErrInvalid)
 	}

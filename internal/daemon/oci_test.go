@@ -164,6 +164,12 @@ func TestPullOCI(t *testing.T) {
 		t.Errorf("image dir of an archive pull holds %v, want only the rootfs", entries)
 	}
 
+	// A derived name that is the default image's gets "-oci".
+	pushOCI(t, reg+"/library/default:latest", ociTestImage(t, map[string]string{"d": "d"}))
+	if di, err := dd.pullOCI(ctx, api.PullParams{Ref: reg + "/library/default", Kernel: kernel}, nil); err != nil || di.Name != "default-oci" {
+		t.Errorf("pull of an image named like the default image: %+v, %v", di, err)
+	}
+
 	// Failures register nothing and leave no staging directory.
 	var hostile bytes.Buffer
 	tw := tar.NewWriter(&hostile)
@@ -190,8 +196,8 @@ func TestPullOCI(t *testing.T) {
 		}
 	}
 	ims, _ := dd.store.ListImages(ctx)
-	if len(ims) != 4 {
-		t.Errorf("%d images after the failed pulls, want 4 (default, app-1-0, app-v2, saved-3)", len(ims))
+	if len(ims) != 5 {
+		t.Errorf("%d images after the failed pulls, want 5 (default, app-1-0, app-v2, saved-3, default-oci)", len(ims))
 	}
 	// Flattened trees are removed in the background.
 	waitFor(ctx, t, "no staging directory left", func() bool {
