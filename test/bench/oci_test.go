@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"testing"
@@ -38,7 +39,9 @@ import (
 // root file system (290 MB, ~9500 entries) in four gzip layers: /usr/lib,
 // the rest of /usr, the rest, and a layer of whiteouts and an opaque
 // directory. Also reported: `tar -xzf` of each compressed layer in turn
-// (the same decompression work as the import) plus mkfs.
+// (the same decompression work as the import) plus mkfs, and the CPU
+// time of each (the machines are shared: wall times swing with the load).
+// BANGER_OCI_CPUPROFILE=FILE writes a CPU profile of the first import.
 func BenchmarkOCIImport(b *testing.B) {
 	_, imageDir, err := harness.Locate()
 	if err != nil {
@@ -102,6 +105,11 @@ func BenchmarkOCIImport(b *testing.B) {
 		cpu0 := cpuTime(syscall.RUSAGE_SELF) + cpuTime(syscall.RUSAGE_CHILDREN)
 		dir := filepath.Join(work, fmt.Sprintf("import%d", i))
 		must(b, os.Mkdir(dir, 0o700))
+		if prof := os.Getenv("BANGER_OCI_CPUPROFILE"); prof != "" && i == 0 {
+			f, err := os.Create(prof)
+			must(b, err)
+			must(b, pprof.StartCPUProfile(f))
+		}
 		start := time.Now()
 		s, err := ociimport.Resolve(context.Background(), ref, ociimport.Options{})
 		if err != nil {
@@ -122,6 +130,9 @@ func BenchmarkOCIImport(b *testing.B) {
 		}
 		imports = append(imports, time.Since(start))
 		importCPU = append(importCPU, cpuTime(syscall.RUSAGE_SELF)+cpuTime(syscall.RUSAGE_CHILDREN)-cpu0)
+		if os.Getenv("BANGER_OCI_CPUPROFILE") != "" && i == 0 {
+			pprof.StopCPUProfile()
+		}
 		<-removed
 		st, _ := os.Stat(built.Rootfs)
 		size := st.Size()
