@@ -159,8 +159,10 @@ func (d *Daemon) kernelImport(ctx context.Context, call *rpc.Call) (any, error) 
 			d.discardStaging(dir)
 			return nil, fmt.Errorf("import kernel %q: %w: %w", p.Name, err, errdefs.ErrInvalid)
 		}
-		call.Progress(api.Progress{Phase: "extract " + filepath.Base(p.Deb)})
-		res, err := kerneldeb.Extract(ctx, p.Deb, filepath.Join(dir, "deb"))
+		phase := "extract " + filepath.Base(p.Deb)
+		res, err := kerneldeb.ExtractWith(ctx, p.Deb, filepath.Join(dir, "deb"), kerneldeb.Options{Progress: func(done, total int64) {
+			call.Progress(api.Progress{Phase: phase, Done: done, Total: total, Unit: "bytes"})
+		}})
 		if err != nil {
 			d.discardStaging(dir)
 			if errors.Is(err, kerneldeb.ErrNotKernelPackage) || errors.Is(err, kerneldeb.ErrUnsafe) {
@@ -169,6 +171,7 @@ func (d *Daemon) kernelImport(ctx context.Context, call *rpc.Call) (any, error) 
 			return nil, fmt.Errorf("import kernel %q: %w", p.Name, err)
 		}
 		s.Kernel, s.ModulesDir, s.Release, s.Ref = res.Kernel, res.ModulesDir, res.Release, p.Deb
+		s.Version, s.Digest = res.Version, "sha256:"+res.SHA256
 	} else {
 		src := imagefile.Artifacts{Kernel: p.Kernel, Initrd: p.Initrd, ModulesDir: p.ModulesDir}
 		if err := imagefile.ValidateParts(src); err != nil {

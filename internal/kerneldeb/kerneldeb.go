@@ -19,7 +19,9 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"crypto/sha256"
 	"debug/elf"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -50,6 +52,18 @@ type Result struct {
 	Release string
 	// Modules is how many modules the tree holds.
 	Modules int
+	// Package and Version are the package's name and Debian version
+	// (its control file's Package and Version; "" when it has none).
+	Package, Version string
+	// SHA256 is the hex sha256 of the .deb file.
+	SHA256 string
+}
+
+// Options tune ExtractWith.
+type Options struct {
+	// Progress, when not nil, is called with the bytes of the .deb read
+	// so far and its size, at most every 8 MiB and at the end.
+	Progress func(done, total int64)
 }
 
 // ErrNotKernelPackage marks a file that is not a Debian kernel package
@@ -71,6 +85,11 @@ const (
 // writes the module index (modules.dep). On error dir may hold part of
 // the package: the caller removes it (a staging directory).
 func Extract(ctx context.Context, deb, dir string) (Result, error) {
+	return ExtractWith(ctx, deb, dir, Options{})
+}
+
+// ExtractWith is Extract with options.
+func ExtractWith(ctx context.Context, deb, dir string, o Options) (Result, error) {
 	if err := emptyDir(dir); err != nil {
 		return Result{}, fmt.Errorf("extract %s: %w", deb, err)
 	}
@@ -79,7 +98,13 @@ func Extract(ctx context.Context, deb, dir string) (Result, error) {
 		return Result{}, fmt.Errorf("extract kernel package: %w", err)
 	}
 	defer f.Close()
-	data, name, err := dataMember(f)
+	st, err := f.Stat()
+	if err != nil {
+		return Result{}, fmt.Errorf("extract kernel package: %w", err)
+	}
+	sum := sha256.New()
+	cr := &countingReader{r: io.TeeReader(f, sum), total: st.Size(), progress: o.Progress}
+	data, name, control, err := dataMember(cr)
 	if err != nil {
 		return Result{}, fmt.Errorf("extract %s: %w", deb, err)
 	}
@@ -96,6 +121,12 @@ func Extract(ctx context.Context, deb, dir string) (Result, error) {
 	if err != nil {
 		return Result{}, fmt.Errorf("extract %s: %w", deb, err)
 	}
+	if _, err := io.Copy(io.Discard, cr); err != nil { // the rest, for the sum
+		return Result{}, fmt.Errorf("extract %s: %w", deb, err)
+	}
+	cr.report()
+	res.SHA256 = hex.EncodeToString(sum.Sum(nil))
+	res.Package, res.Version = control["Package"], control["Version"]
 	relDir := filepath.Join(res.ModulesDir, "lib", "modules", res.Release)
 	n, err := WriteModulesDep(ctx, relDir)
 	if err != nil {
@@ -125,37 +156,101 @@ func emptyDir(dir string) error {
 }
 
 // dataMember finds the data.tar* member of the ar archive r and returns
-// a reader of its bytes and its name.
-func dataMember(r io.Reader) (io.Reader, string, error) {
+// a reader of its bytes, its name, and the fields of the control file of
+// the control.tar* member before it (when readable).
+func dataMember(r io.Reader) (io.Reader, string, map[string]string, error) {
 	br := bufio.NewReader(r)
 	magic := make([]byte, 8)
 	if _, err := io.ReadFull(br, magic); err != nil || string(magic) != "!<arch>\n" {
-		return nil, "", fmt.Errorf("no ar archive header: %w", ErrNotKernelPackage)
+		return nil, "", nil, fmt.Errorf("no ar archive header: %w", ErrNotKernelPackage)
 	}
+	control := map[string]string{}
 	for i := 0; i < 16; i++ {
 		hdr := make([]byte, 60)
 		if _, err := io.ReadFull(br, hdr); err != nil {
 			if errors.Is(err, io.EOF) {
 				break
 			}
-			return nil, "", fmt.Errorf("read ar member header: %w", err)
+			return nil, "", nil, fmt.Errorf("read ar member header: %w", err)
 		}
 		if string(hdr[58:60]) != "`\n" {
-			return nil, "", fmt.Errorf("bad ar member header: %w", ErrNotKernelPackage)
+			return nil, "", nil, fmt.Errorf("bad ar member header: %w", ErrNotKernelPackage)
 		}
 		name := strings.TrimRight(strings.TrimSpace(string(hdr[0:16])), "/")
 		size, err := strconv.ParseInt(strings.TrimSpace(string(hdr[48:58])), 10, 64)
 		if err != nil || size < 0 {
-			return nil, "", fmt.Errorf("bad ar member size %q: %w", hdr[48:58], ErrNotKernelPackage)
+			return nil, "", nil, fmt.Errorf("bad ar member size %q: %w", hdr[48:58], ErrNotKernelPackage)
 		}
 		if strings.HasPrefix(name, "data.tar") {
-			return io.LimitReader(br, size), name, nil
+			return io.LimitReader(br, size), name, control, nil
 		}
-		if _, err := br.Discard(int(size + size%2)); err != nil {
-			return nil, "", fmt.Errorf("read ar member %s: %w", name, err)
+		member := io.LimitReader(br, size)
+		if strings.HasPrefix(name, "control.tar") && size < 16<<20 {
+			control = controlFields(name, member) // best effort: the package's name and version
+		}
+		if _, err := io.Copy(io.Discard, member); err != nil {
+			return nil, "", nil, fmt.Errorf("read ar member %s: %w", name, err)
+		}
+		if size%2 == 1 {
+			if _, err := br.Discard(1); err != nil {
+				return nil, "", nil, fmt.Errorf("read ar member %s: %w", name, err)
+			}
 		}
 	}
-	return nil, "", fmt.Errorf("no data.tar member: %w", ErrNotKernelPackage)
+	return nil, "", nil, fmt.Errorf("no data.tar member: %w", ErrNotKernelPackage)
+}
+
+// controlFields reads the "control" file of a control.tar* member
+// ("Field: value" lines; continuation lines ignored).
+func controlFields(name string, r io.Reader) map[string]string {
+	out := map[string]string{}
+	rd, closeRd, err := decompressor(name, r)
+	if err != nil {
+		return out
+	}
+	defer closeRd()
+	tr := tar.NewReader(rd)
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			return out
+		}
+		if strings.TrimPrefix(h.Name, "./") != "control" || h.Typeflag != tar.TypeReg {
+			continue
+		}
+		sc := bufio.NewScanner(io.LimitReader(tr, 1<<20))
+		for sc.Scan() {
+			l := sc.Text()
+			if k, v, ok := strings.Cut(l, ":"); ok && l != "" && l[0] != ' ' && l[0] != '\t' {
+				out[k] = strings.TrimSpace(v)
+			}
+		}
+		return out
+	}
+}
+
+// countingReader counts what is read and reports it.
+type countingReader struct {
+	r           io.Reader
+	done, total int64
+	reported    int64
+	progress    func(done, total int64)
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.done += int64(n)
+	if c.progress != nil && c.done-c.reported >= 8<<20 {
+		c.report()
+	}
+	return n, err
+}
+
+func (c *countingReader) report() {
+	if c.progress != nil {
+		c.reported = c.done
+		c.progress(c.done, c.total)
+	}
 }
 
 // decompressor reads a data.tar member by its name's compression.

@@ -4,6 +4,8 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -27,12 +29,19 @@ import (
 func TestExtractDebianPackage(t *testing.T) {
 	deb := kerneldebtest.Deb(t)
 	dir := filepath.Join(t.TempDir(), "k")
-	res, err := Extract(context.Background(), deb, dir)
+	var done, total int64
+	res, err := ExtractWith(context.Background(), deb, dir, Options{Progress: func(d, t int64) { done, total = d, t }})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !regexp.MustCompile(`^6\.1\.0-[0-9]+-cloud-amd64$`).MatchString(res.Release) || !strings.Contains(deb, res.Release) {
 		t.Errorf("release %q of %s", res.Release, deb)
+	}
+	if st, _ := os.Stat(deb); done != st.Size() || total != st.Size() {
+		t.Errorf("progress ended at %d/%d, want %d", done, total, st.Size())
+	}
+	if res.Package != "linux-image-"+res.Release || !strings.Contains(deb, "_"+res.Version+"_") || len(res.SHA256) != 64 {
+		t.Errorf("package %q version %q sha256 %q of %s", res.Package, res.Version, res.SHA256, deb)
 	}
 	if res.Kernel != filepath.Join(dir, "vmlinuz") || res.ModulesDir != filepath.Join(dir, "modules") || res.Modules < 500 {
 		t.Errorf("result %+v", res)
@@ -158,12 +167,18 @@ func makeDeb(t *testing.T, entries []entry) string {
 	}
 	tw.Close()
 	xw.Close()
+	var control bytes.Buffer
+	cw := tar.NewWriter(&control)
+	cf := []byte("Package: linux-image-test\nVersion: 6.1.9-1\nDescription: a test\n continued: not a field\n")
+	cw.WriteHeader(&tar.Header{Name: "./control", Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(cf))})
+	cw.Write(cf)
+	cw.Close()
 	var ar bytes.Buffer
 	ar.WriteString("!<arch>\n")
 	for _, m := range []struct {
 		name string
 		b    []byte
-	}{{"debian-binary", []byte("2.0\n")}, {"control.tar", make([]byte, 1024)}, {"data.tar.xz", data.Bytes()}} {
+	}{{"debian-binary", []byte("2.0\n")}, {"control.tar", control.Bytes()}, {"data.tar.xz", data.Bytes()}} {
 		fmt.Fprintf(&ar, "%-16s%-12d%-6d%-6d%-8s%-10d`\n", m.name, 0, 0, 0, "100644", len(m.b))
 		ar.Write(m.b)
 		if len(m.b)%2 == 1 {
@@ -206,8 +221,12 @@ func TestExtractSmallPackage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.Release != rel || res.Modules != 3 {
+	if res.Release != rel || res.Modules != 3 || res.Package != "linux-image-test" || res.Version != "6.1.9-1" {
 		t.Errorf("result %+v", res)
+	}
+	b, _ := os.ReadFile(deb)
+	if sum := sha256.Sum256(b); res.SHA256 != hex.EncodeToString(sum[:]) {
+		t.Errorf("sha256 %s, want %x", res.SHA256, sum)
 	}
 	relDir := filepath.Join(dir, "modules", "lib", "modules", rel)
 	dep, _ := os.ReadFile(filepath.Join(relDir, "modules.dep"))

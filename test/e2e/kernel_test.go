@@ -26,6 +26,7 @@ func TestKernelImportDeb(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !k.Managed || k.Source != api.SourceImported || k.Release == "" || !strings.Contains(out, k.Release) ||
+		!strings.Contains(deb, "_"+k.Version+"_") || !strings.HasPrefix(k.Digest, "sha256:") ||
 		!strings.HasPrefix(k.Kernel, filepath.Join(e.StateDir(), "kernels")) {
 		t.Fatalf("imported kernel: %+v (import said %q)", k, out)
 	}
