@@ -24,8 +24,9 @@ import (
 )
 
 // Source is where a bundle is read from: Open returns its bytes from
-// offset on (an HTTP Range request, a file's seek); Size is its length
-// (-1 when unknown).
+// offset on, exactly (an HTTP Range request, a file's seek; a server that
+// ignores the range must be caught by the Source, not passed on); Size is
+// its length (-1 when unknown).
 type Source interface {
 	Open(ctx context.Context, offset int64) (io.ReadCloser, error)
 	Size() int64
@@ -160,8 +161,12 @@ func (in *installer) loadCheckpoint() (*checkpoint, error) {
 		return nil, fmt.Errorf("install bundle: checkpoint: %w", err)
 	}
 	var old checkpoint
-	if err := json.Unmarshal(data, &old); err != nil || old.Manifest == nil {
-		return nil, fmt.Errorf("install bundle: unreadable checkpoint %s (%v); remove the directory and start again: %w", checkpointName, err, errdefs.ErrFailedPrecondition)
+	err = json.Unmarshal(data, &old)
+	if err == nil && old.Manifest == nil {
+		err = errors.New("no manifest")
+	}
+	if err != nil {
+		return nil, fmt.Errorf("install bundle: unreadable checkpoint %s; remove the directory and start again: %w: %w", checkpointName, err, errdefs.ErrFailedPrecondition)
 	}
 	if old.Bundle != ck.Bundle || old.Size != ck.Size {
 		return nil, fmt.Errorf("install bundle: the directory holds a partial install of another bundle (sha256 %q, %d bytes); remove it and start again: %w", old.Bundle, old.Size, errdefs.ErrFailedPrecondition)
