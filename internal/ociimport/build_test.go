@@ -2,11 +2,15 @@ package ociimport
 
 import (
 	"archive/tar"
+	"bytes"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/testenv"
@@ -128,5 +132,83 @@ func TestBuildScratchGetsEtc(t *testing.T) {
 	}
 	if out := debugfs(t, b.Rootfs, "ls -l /"); !strings.Contains(out, " etc") || !strings.Contains(out, " app") {
 		t.Errorf("root of a scratch image:\n%s", out)
+	}
+}
+
+// A sparse file (a layer claiming a huge file of zeros, as lastlog is)
+// stays sparse in the tree and the ext4 stays small.
+func TestBuildSparseFile(t *testing.T) {
+	requireRoot(t)
+	if _, err := exec.LookPath("debugfs"); err != nil {
+		testenv.Missing(t, "debugfs (e2fsprogs)")
+	}
+	big := strings.Repeat("\x00", 8<<20) + "end" + strings.Repeat("\x00", 4<<20)
+	img := testImage(t, "amd64", []ent{dir("var/"), file("var/lastlog", big), file("var/small", "x\x00\x00y")})
+	reg := startRegistry(t, nil)
+	push(t, reg+"/sparse/x:1", img)
+	s, err := Resolve(t.Context(), reg+"/sparse/x:1", Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tree string
+	b, err := s.Build(t.Context(), t.TempDir(), BuildOptions{DiscardTree: func(p string) {
+		tree = filepath.Join(t.TempDir(), "tree")
+		if err := os.Rename(p, tree); err != nil {
+			t.Fatal(err)
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(filepath.Join(tree, "root/var/lastlog"))
+	if string(got) != big {
+		t.Fatalf("lastlog content differs (%d bytes, want %d)", len(got), len(big))
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(tree, "root/var/lastlog"), &st); err != nil || st.Blocks*512 > 1<<20 {
+		t.Errorf("lastlog uses %d bytes on disk, want a sparse file: %v", st.Blocks*512, err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(tree, "root/var/small")); string(b) != "x\x00\x00y" {
+		t.Errorf("small: %q", b)
+	}
+	if stat := debugfs(t, b.Rootfs, "stat /var/lastlog"); !strings.Contains(stat, "Size: 12582915") {
+		t.Errorf("lastlog in the ext4:\n%s", stat)
+	}
+}
+
+func TestHoleWriter(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 50; i++ {
+		var want []byte
+		for len(want) < 1<<20 {
+			n := rng.IntN(3 * holeBlock)
+			chunk := make([]byte, n)
+			if rng.IntN(2) == 0 {
+				for j := range chunk {
+					chunk[j] = byte(rng.IntN(3)) // zeros inside data too
+				}
+			}
+			want = append(want, chunk...)
+		}
+		f, err := os.Create(filepath.Join(t.TempDir(), "f"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		w := &holeWriter{f: f}
+		for p := want; len(p) > 0; {
+			n := min(len(p), 1+rng.IntN(200<<10))
+			if _, err := w.Write(p[:n]); err != nil {
+				t.Fatal(err)
+			}
+			p = p[n:]
+		}
+		if err := w.finish(); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		got, _ := os.ReadFile(f.Name())
+		if !bytes.Equal(got, want) {
+			t.Fatalf("round %d: content differs (%d bytes, want %d)", i, len(got), len(want))
+		}
 	}
 }

@@ -2,6 +2,7 @@ package ociimport
 
 import (
 	"archive/tar"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -285,8 +286,12 @@ func (a *applier) regular(pfd int, base string, hdr *tar.Header, r io.Reader) er
 	}
 	f := os.NewFile(uintptr(fd), base)
 	defer f.Close()
-	n, err := io.CopyBuffer(fileWriter{f}, r, a.buf)
+	w := &holeWriter{f: f}
+	n, err := io.CopyBuffer(w, r, a.buf)
 	a.stats.Bytes += n
+	if err == nil {
+		err = w.finish()
+	}
 	if err != nil {
 		return fmt.Errorf("write: %w", err)
 	}
@@ -305,11 +310,51 @@ func (a *applier) regular(pfd int, base string, hdr *tar.Header, r io.Reader) er
 	return nil
 }
 
-// fileWriter hides os.File's ReadFrom, so io.CopyBuffer uses the buffer
-// instead of trying copy_file_range/splice from a tar reader.
-type fileWriter struct{ f *os.File }
+// holeWriter writes a file, leaving runs of zeros (whole 64 KiB blocks
+// at 64 KiB offsets) as holes: a layer's sparse file (a huge
+// /var/log/lastlog) stays sparse, and mkfs.ext4 -d copies it so.
+type holeWriter struct {
+	f   *os.File
+	off int64
+}
 
-func (w fileWriter) Write(p []byte) (int, error) { return w.f.Write(p) }
+const holeBlock = 64 << 10
+
+var zeroBlock [holeBlock]byte
+
+func (w *holeWriter) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		// Up to the next block boundary.
+		k := min(len(p), holeBlock-int(w.off%holeBlock))
+		if k == holeBlock && bytes.Equal(p[:k], zeroBlock[:]) {
+			w.off += int64(k)
+			p = p[k:]
+			continue
+		}
+		// Write this piece and what follows until the next all-zero
+		// block, in one call.
+		end := k
+		for end < len(p) {
+			next := min(len(p), end+holeBlock)
+			if next-end == holeBlock && bytes.Equal(p[end:next], zeroBlock[:]) {
+				break
+			}
+			end = next
+		}
+		if _, err := w.f.WriteAt(p[:end], w.off); err != nil {
+			return n - len(p), err
+		}
+		w.off += int64(end)
+		p = p[end:]
+	}
+	return n, nil
+}
+
+// finish sets the file's size (a trailing hole has no write).
+func (w *holeWriter) finish() error {
+	return w.f.Truncate(w.off)
+}
 
 func (a *applier) hardlink(pfd int, base string, hdr *tar.Header) error {
 	target, err := cleanName(hdr.Linkname)

@@ -63,8 +63,13 @@ func MeasureTree(root string) (TreeUsage, error) {
 		u.Inodes++
 		switch {
 		case info.Mode().IsRegular():
-			// Data blocks plus ~1/256 for extent blocks of large files.
-			u.Bytes += roundUp(info.Size()) + info.Size()/256
+			// Data blocks (sparse files: what they use) plus ~1/256 for
+			// extent blocks of large files.
+			size := info.Size()
+			if st != nil && st.Blocks*512 < size {
+				size = st.Blocks * 512
+			}
+			u.Bytes += roundUp(size) + size/256
 		case info.IsDir():
 			u.Bytes += max(blockSize, roundUp(info.Size()))
 		case info.Mode()&fs.ModeSymlink != 0:
