@@ -41,6 +41,9 @@ type InstallOptions struct {
 	// SHA256 of the compressed bundle (a catalog entry's sha256); checked
 	// when set.
 	SHA256 string
+	// MaxBytes, when positive, bounds the total size of the files the
+	// manifest lists (a small bundle can expand to a huge file of zeros).
+	MaxBytes int64
 	// Progress, when set, is called with the compressed bytes read so far
 	// and Source.Size().
 	Progress func(done, total int64)
@@ -193,6 +196,15 @@ func (in *installer) setManifest(m *Manifest) error {
 		wantName := cmpOr(o.Name, "NAME") + "@" + cmpOr(o.Version, "VERSION")
 		return fmt.Errorf("bundle holds %s %s@%s for %s, want %s %s for %s: %w",
 			m.Kind, m.Name, m.Version, m.Arch, cmpOr(o.Kind, "a bundle"), wantName, arch, errdefs.ErrInvalid)
+	}
+	if o.MaxBytes > 0 {
+		var total int64
+		for _, f := range m.Files {
+			if f.Size > o.MaxBytes-total {
+				return fmt.Errorf("bundle %s@%s holds more than the %d bytes of files allowed: %w", m.Name, m.Version, o.MaxBytes, errdefs.ErrInvalid)
+			}
+			total += f.Size
+		}
 	}
 	in.m = m
 	in.files = map[string]*File{}

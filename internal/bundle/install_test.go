@@ -158,6 +158,7 @@ func TestInstallRefuses(t *testing.T) {
 		{"kind", goodData, InstallOptions{Kind: KindKernel}, "bundle holds image deb@1 for " + runtime.GOARCH + ", want kernel NAME@VERSION"},
 		{"name", goodData, InstallOptions{Name: "other"}, "want a bundle other@VERSION"},
 		{"arch", goodData, InstallOptions{Arch: "riscv64"}, "for riscv64"},
+		{"too big", goodData, InstallOptions{MaxBytes: 10}, "holds more than the 10 bytes of files allowed"},
 		{"schema", craft(t, bad(func(m *Manifest) { m.Schema = 2 })), InstallOptions{}, "manifest schema 2"},
 		{"no manifest", craft(t, reg("rootfs.ext4", rootfs)), InstallOptions{}, `first entry is "rootfs.ext4", not manifest.json`},
 		{"bundle sum", goodData, InstallOptions{SHA256: sha([]byte("x"))}, "the bundle's sha256 is " + sha(goodData)},
