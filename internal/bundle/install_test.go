@@ -360,3 +360,36 @@ func TestWriteRefuses(t *testing.T) {
 		}
 	}
 }
+
+// A bundle made by hand with GNU tar and the zstd program installs.
+func TestInstallGNUTarBundle(t *testing.T) {
+	for _, tool := range []string{"tar", "zstd"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			testenv.Missing(t, "%s not installed", tool)
+		}
+	}
+	src := t.TempDir()
+	rootfs := append(random(10000), make([]byte, 100000)...)
+	writeFile(t, filepath.Join(src, "rootfs.ext4"), rootfs)
+	data, err := json.Marshal(imageManifest(fileOf("rootfs.ext4", RoleRootfs, rootfs)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(src, ManifestName), data)
+	out := filepath.Join(t.TempDir(), "b.tar.zst")
+	cmd := exec.Command("tar", "--zstd", "-cf", out, "-C", src, ManifestName, "rootfs.ext4")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("tar: %v: %s", err, b)
+	}
+	bundle, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, _, err := installIn(t, bundle, InstallOptions{SHA256: sha(bundle)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "rootfs.ext4")); !bytes.Equal(b, rootfs) {
+		t.Error("rootfs differs")
+	}
+}
