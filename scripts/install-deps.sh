@@ -31,6 +31,8 @@ test_deps=(
   nft:nftables
   iptables:iptables
   ssh:openssh-client
+  zstd:zstd
+  curl:curl
 )
 
 deps=("${run_deps[@]}")
