@@ -128,3 +128,24 @@ func TestNetColumns(t *testing.T) {
 		}
 	}
 }
+
+func TestImageColumns(t *testing.T) {
+	for in, want := range map[string]string{
+		"sha256:0123456789abcdef0123": "sha256:0123456789ab",
+		"0123456789abcdef":            "sha256:0123456789ab",
+		"sha256:abc":                  "sha256:abc",
+		"":                            "-",
+	} {
+		if got := shortDigest(in); got != want {
+			t.Errorf("shortDigest(%q) = %q, want %q", in, got, want)
+		}
+	}
+	if sourceText("registered", true) != "promoted" || sourceText("registered", false) != "registered" || sourceText("", false) != "-" {
+		t.Error("sourceText")
+	}
+	for in, want := range map[string]bool{"generic-6.1": true, "debcloud": true, "a..b": false, "vmlinuz.": false, "./vmlinuz": false, "/boot/vmlinuz": false, "Bad": false, "": false} {
+		if got := isKernelName(in); got != want {
+			t.Errorf("isKernelName(%q) = %v, want %v", in, got, want)
+		}
+	}
+}

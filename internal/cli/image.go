@@ -72,9 +72,10 @@ func (a *app) imageRegisterCmd() *cobra.Command {
 }
 
 // isKernelName reports whether s can be a kernel object's name (a DNS
-// label) rather than a path.
+// label that may hold dots: generic-6.1) rather than a path.
 func isKernelName(s string) bool {
-	return s != "" && !strings.ContainsAny(s, "/.") && vmname.ValidateKind("kernel", s) == nil
+	return s != "" && !strings.Contains(s, "/") && !strings.HasSuffix(s, ".") && !strings.Contains(s, "..") &&
+		vmname.ValidateKind("kernel", strings.ReplaceAll(s, ".", "-")) == nil
 }
 
 func (a *app) imagePromoteCmd() *cobra.Command {

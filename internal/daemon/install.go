@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/catalog"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/imagefile"
 	"github.com/bangerdev/banger/internal/kernelimage"
@@ -279,8 +280,8 @@ func (d *Daemon) installKernel(ctx context.Context, s stagedKernel) (k store.Ker
 			_ = steps.Run(ctx)
 		}
 	}()
-	if err := vmname.ValidateKind("kernel", s.Name); err != nil {
-		return k, fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
+	if err := catalog.ValidateName(catalog.Kernels, s.Name); err != nil {
+		return k, err
 	}
 	if _, err := d.store.GetKernel(ctx, s.Name); err == nil {
 		return k, fmt.Errorf("kernel %q already exists: remove it first (banger kernel rm %s) or choose another name: %w", s.Name, s.Name, errdefs.ErrAlreadyExists)

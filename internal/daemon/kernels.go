@@ -10,12 +10,12 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/api"
+	"github.com/bangerdev/banger/internal/catalog"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/imagefile"
 	"github.com/bangerdev/banger/internal/kerneldeb"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
-	"github.com/bangerdev/banger/internal/vmname"
 )
 
 // Kernels are objects of their own (a kernel image, an optional initrd
@@ -132,8 +132,8 @@ func (d *Daemon) kernelImport(ctx context.Context, call *rpc.Call) (any, error) 
 	if err := call.Decode(&p); err != nil {
 		return nil, err
 	}
-	if err := vmname.ValidateKind("kernel", p.Name); err != nil {
-		return nil, fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
+	if err := catalog.ValidateName(catalog.Kernels, p.Name); err != nil { // kernel names may hold dots: generic-6.1
+		return nil, err
 	}
 	switch {
 	case p.Deb != "" && (p.Kernel != "" || p.Initrd != "" || p.ModulesDir != ""):

@@ -305,6 +305,20 @@ func TestKernelImport(t *testing.T) {
 	kmodtest.WriteRelease(t, filepath.Join(mods, "6.1.0-test"), "6.1.0-test")
 	kernel := writeFile(t, filepath.Join(e.dir, "src", "vmlinuz"), kmodtest.Kernel("6.1.0-test"))
 	var ph phases
+	// Kernel names may hold dots, as the catalogs' do (generic-6.1).
+	dotted, err := d.c.KernelImport(ctx, api.KernelImportParams{Name: "generic-6.1", Kernel: e.kernel}, nil)
+	if err != nil || dotted.Name != "generic-6.1" {
+		t.Fatalf("import generic-6.1: %+v, %v", dotted, err)
+	}
+	if _, err := d.c.VMCreate(ctx, api.VMCreateParams{Name: "dotted", Kernel: "generic-6.1"}, nil); err != nil {
+		t.Fatalf("create with kernel generic-6.1: %v", err)
+	}
+	if err := d.c.VMRemove(ctx, api.VMRemoveParams{Name: "dotted"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.c.KernelRemove(ctx, "generic-6.1"); err != nil {
+		t.Fatal(err)
+	}
 	k, err := d.c.KernelImport(ctx, api.KernelImportParams{Name: "files", Kernel: kernel, Initrd: e.initrd, ModulesDir: mods}, ph.add)
 	if err != nil {
 		t.Fatal(err)
@@ -342,6 +356,7 @@ func TestKernelImport(t *testing.T) {
 		{"not a deb", api.KernelImportParams{Name: "x", Deb: kernel}, errdefs.ErrInvalid},
 		{"missing deb", api.KernelImportParams{Name: "x", Deb: "/nonexistent.deb"}, errdefs.ErrInvalid},
 		{"bad name", api.KernelImportParams{Name: "X Y", Kernel: kernel}, errdefs.ErrInvalid},
+		{"dots", api.KernelImportParams{Name: "a..b", Kernel: kernel}, errdefs.ErrInvalid},
 	} {
 		_, err := d.c.KernelImport(ctx, tc.p, nil)
 		wireErr(t, tc.name, err, tc.kind)
