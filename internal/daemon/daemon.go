@@ -388,7 +388,7 @@ func (d *Daemon) authorize(peer rpc.Peer, perm rpc.Perm) error {
 	case perm == rpc.PermRead, privileged:
 		return nil
 	case perm == rpc.PermAdmin:
-		return fmt.Errorf("uid %d may not manage images (image register, promote and rm need root): use sudo: %w", peer.UID, errdefs.ErrPermissionDenied)
+		return fmt.Errorf("uid %d may not manage images and kernels (image register, promote, prune and rm, kernel import and rm need root): use sudo: %w", peer.UID, errdefs.ErrPermissionDenied)
 	case d.socketGID >= 0 && peer.InGroup(uint32(d.socketGID)):
 		return nil
 	}
