@@ -119,3 +119,21 @@ func TestRoundTrip(t *testing.T) {
 		t.Errorf("initrd mode %v", st.Mode())
 	}
 }
+
+type failWriter struct{ n int }
+
+func (w *failWriter) Write(p []byte) (int, error) {
+	if w.n += len(p); w.n > 100<<10 {
+		return 0, errNetwork
+	}
+	return len(p), nil
+}
+
+func TestWriteReportsWriterErrors(t *testing.T) {
+	src := t.TempDir()
+	writeFile(t, filepath.Join(src, "rootfs.ext4"), random(1<<20))
+	m := &Manifest{Schema: 1, Kind: KindImage, Name: "x", Version: "1", Arch: runtime.GOARCH, Files: []File{{Path: "rootfs.ext4", Role: RoleRootfs}}}
+	if err := writeDir(context.Background(), &failWriter{}, m, src, 64<<10); !errors.Is(err, errNetwork) {
+		t.Fatalf("error %v, want the writer's", err)
+	}
+}

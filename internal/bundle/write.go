@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -75,11 +76,17 @@ func write(ctx context.Context, w io.Writer, m *Manifest, open opener, frameSize
 	if err != nil {
 		return err
 	}
-	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBetterCompression), zstd.WithEncoderConcurrency(1))
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBetterCompression), zstd.WithEncoderConcurrency(encodeWorkers))
 	if err != nil {
 		return err
 	}
-	fw := &frameWriter{w: w, enc: enc, buf: make([]byte, 0, frameSize+64<<10)}
+	fw := newFrameWriter(w, enc, frameSize+64<<10)
+	closed := false
+	defer func() {
+		if !closed {
+			_ = fw.close()
+		}
+	}()
 	tw := tar.NewWriter(fw)
 	epoch := time.Unix(0, 0)
 	header := func(name string, size int64, mode uint32) error {
@@ -111,7 +118,11 @@ func write(ctx context.Context, w io.Writer, m *Manifest, open opener, frameSize
 	if err := tw.Close(); err != nil {
 		return err
 	}
-	return fw.endFrame()
+	if err := fw.endFrame(); err != nil {
+		return err
+	}
+	closed = true
+	return fw.close()
 }
 
 // sumFile fills f's size, sha256 and mode from the file.
@@ -184,13 +195,48 @@ func copyFile(ctx context.Context, open opener, f *File, tw *tar.Writer, fw *fra
 	return nil
 }
 
+// encodeWorkers is how many frames Write compresses at once.
+const encodeWorkers = 2
+
 // frameWriter gathers the tar stream and compresses it as one zstd frame
-// per endFrame (and whenever it holds a full buffer).
+// per endFrame (and whenever it holds a full buffer). Frames are
+// compressed in parallel and written in order by a goroutine of their own.
 type frameWriter struct {
-	w   io.Writer
-	enc *zstd.Encoder
-	buf []byte
-	out []byte
+	w     io.Writer
+	enc   *zstd.Encoder
+	size  int
+	buf   []byte
+	free  chan []byte      // buffers back from the encoders
+	order chan chan []byte // each frame's result, in the stream's order
+	done  chan struct{}
+
+	mu   sync.Mutex
+	werr error
+}
+
+func newFrameWriter(w io.Writer, enc *zstd.Encoder, size int) *frameWriter {
+	fw := &frameWriter{w: w, enc: enc, size: size, buf: make([]byte, 0, size),
+		free: make(chan []byte, encodeWorkers+2), order: make(chan chan []byte, encodeWorkers), done: make(chan struct{})}
+	go func() {
+		defer close(fw.done)
+		for r := range fw.order {
+			out := <-r
+			if fw.err() == nil {
+				if _, err := fw.w.Write(out); err != nil {
+					fw.mu.Lock()
+					fw.werr = err
+					fw.mu.Unlock()
+				}
+			}
+		}
+	}()
+	return fw
+}
+
+func (fw *frameWriter) err() error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	return fw.werr
 }
 
 func (fw *frameWriter) Write(p []byte) (int, error) {
@@ -210,12 +256,31 @@ func (fw *frameWriter) Write(p []byte) (int, error) {
 
 func (fw *frameWriter) endFrame() error {
 	if len(fw.buf) == 0 {
-		return nil
+		return fw.err()
 	}
-	fw.out = fw.enc.EncodeAll(fw.buf, fw.out[:0])
-	fw.buf = fw.buf[:0]
-	_, err := fw.w.Write(fw.out)
-	return err
+	src := fw.buf
+	select {
+	case fw.buf = <-fw.free:
+	default:
+		fw.buf = make([]byte, 0, fw.size)
+	}
+	r := make(chan []byte, 1)
+	fw.order <- r // waits while encodeWorkers frames are queued
+	go func() {
+		r <- fw.enc.EncodeAll(src, nil)
+		select {
+		case fw.free <- src[:0]:
+		default:
+		}
+	}()
+	return fw.err()
+}
+
+// close waits for every frame to be written.
+func (fw *frameWriter) close() error {
+	close(fw.order)
+	<-fw.done
+	return fw.err()
 }
 
 type ctxReader struct {
