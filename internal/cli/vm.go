@@ -280,7 +280,12 @@ func (a *app) vmLsCmd() *cobra.Command {
 					accel = "-"
 				}
 				ip, ports := netColumns(v.Network)
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d MiB\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.State, v.Image, v.CPUs, v.MemoryMiB,
+				state := v.State
+				if v.State == api.StateStopped && v.MainExitCode != nil {
+					// Stopped with its main process: its exit code.
+					state = fmt.Sprintf("%s (exit %d)", v.State, *v.MainExitCode)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d MiB\t%s\t%s\t%s\t%s\t%s\n", v.Name, state, v.Image, v.CPUs, v.MemoryMiB,
 					humanBytes(v.DiskBytes), accel, ip, ports, ago(v.CreatedAt))
 			}
 			return tw.Flush()

@@ -86,6 +86,9 @@ func TestMainProcessEnv(t *testing.T) {
 	if vm.State != api.StateStopped || vm.MainExitCode == nil || *vm.MainExitCode != 143 {
 		t.Errorf("after vm stop: state %s main exit code %v; want stopped, 143 (sleep killed by SIGTERM)", vm.State, vm.MainExitCode)
 	}
+	if ls := e.Must("vm", "ls"); !strings.Contains(ls, "stopped (exit 143)") {
+		t.Errorf("vm ls lacks the main process's exit code:\n%s", ls)
+	}
 	if logs := e.Must("vm", "logs", "envbg"); !strings.Contains(logs, "stopping the main process") || !strings.Contains(logs, "main process exited with code 143") {
 		t.Errorf("vm logs lacks the main process's stop:\n%s", logs)
 	}
