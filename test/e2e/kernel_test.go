@@ -15,7 +15,8 @@ import (
 // TestKernelImportDeb: Debian's cloud kernel package imported as a
 // kernel object boots an image registered with it (its virtio modules
 // resolved through the module index banger wrote); kernel rm is refused
-// while an image or a VM uses it, and works after.
+// while an image or a VM uses it, and works after; image prune --all
+// removes an unused imported kernel.
 func TestKernelImportDeb(t *testing.T) {
 	deb := kerneldebtest.Deb(t)
 	e := newEnv(t)
@@ -55,5 +56,22 @@ func TestKernelImportDeb(t *testing.T) {
 	}
 	if dirs, _ := filepath.Glob(filepath.Join(e.StateDir(), "kernels", "*")); len(dirs) != 0 {
 		t.Errorf("kernel files left: %v", dirs)
+	}
+
+	// image prune keeps imported kernels and registered images; --all
+	// removes unused imported kernels, never registered images.
+	e.Must("kernel", "import", "again", "--deb", deb)
+	if out := e.Must("image", "prune"); strings.Contains(out, "again") || !strings.Contains(out, "reclaimed") {
+		t.Errorf("image prune:\n%s", out)
+	}
+	out = e.Must("image", "prune", "--all")
+	if !strings.Contains(out, "removed kernel again") || strings.Contains(out, "removed image") || !strings.Contains(out, "reclaimed") {
+		t.Errorf("image prune --all:\n%s", out)
+	}
+	if ls := e.Must("image", "ls"); !strings.Contains(ls, "tiny") || !strings.Contains(ls, "debian") {
+		t.Errorf("registered images after prune --all:\n%s", ls)
+	}
+	if dirs, _ := filepath.Glob(filepath.Join(e.StateDir(), "kernels", "*")); len(dirs) != 0 {
+		t.Errorf("kernel files left after prune: %v", dirs)
 	}
 }
