@@ -3,6 +3,8 @@ package ociimport
 import (
 	"archive/tar"
 	"bytes"
+	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -210,5 +212,32 @@ func TestHoleWriter(t *testing.T) {
 		if !bytes.Equal(got, want) {
 			t.Fatalf("round %d: content differs (%d bytes, want %d)", i, len(got), len(want))
 		}
+	}
+}
+
+// A cancelled import stops, its goroutines end, and nothing stays in its
+// directory.
+func TestBuildCancelled(t *testing.T) {
+	requireRoot(t)
+	img := testImage(t, "amd64", []ent{file("a", strings.Repeat("a", 4<<20))}, []ent{file("b", strings.Repeat("b", 4<<20))})
+	reg := startRegistry(t, nil)
+	push(t, reg+"/cancel/x:1", img)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	s, err := Resolve(ctx, reg+"/cancel/x:1", Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	_, err = s.Build(ctx, dir, BuildOptions{Progress: func(p api.Progress) {
+		if p.Phase == PhaseLayers {
+			cancel()
+		}
+	}})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled build: %v", err)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("left in the directory: %v", entries)
 	}
 }

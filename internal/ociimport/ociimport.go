@@ -56,7 +56,8 @@ type Built struct {
 const RootfsName = "rootfs.ext4"
 
 // Build flattens the image's layers into a work tree inside dir and makes
-// dir/rootfs.ext4 from it. dir must exist (the caller's staging
+// dir/rootfs.ext4 from it. Registry downloads run under the context given
+// to Resolve (go-containerregistry binds it then): cancel both. dir must exist (the caller's staging
 // directory); the work tree is removed before Build returns, and so is
 // rootfs.ext4 when Build fails.
 func (s *Source) Build(ctx context.Context, dir string, opts BuildOptions) (b Built, err error) {
