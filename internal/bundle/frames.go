@@ -51,6 +51,9 @@ type frame struct {
 	remain      int // payload bytes of the current block not yet passed on
 	last        bool
 	done        bool
+	zeroRLE     bool  // every block so far is an RLE block of zeros
+	rleByte     bool  // the next payload byte is an RLE block's
+	rleSize     int64 // the content of the RLE blocks
 }
 
 // errTruncated is wrapped by every error of a stream that ends inside a
@@ -107,7 +110,7 @@ func (s *splitter) next() (*frame, error) {
 		if m != zstdMagic {
 			return nil, corrupt("not a zstd frame at offset %d (magic %#08x)", start, m)
 		}
-		f := &frame{s: s, start: start, contentSize: -1}
+		f := &frame{s: s, start: start, contentSize: -1, zeroRLE: true}
 		copy(f.hdr[:], magic[:])
 		if err := s.read(f.hdr[4:5]); err != nil {
 			return nil, err
@@ -164,6 +167,10 @@ func (f *frame) Read(p []byte) (int, error) {
 			n, err := f.s.r.Read(p)
 			f.s.consumed(p[:n])
 			f.remain -= n
+			if f.rleByte && n > 0 {
+				f.zeroRLE = f.zeroRLE && p[0] == 0
+				f.rleByte = false
+			}
 			if n > 0 {
 				return n, nil
 			}
@@ -194,8 +201,11 @@ func (f *frame) Read(p []byte) (int, error) {
 		switch (h >> 1) & 3 {
 		case 0, 2: // raw, compressed
 			f.remain = size
+			f.zeroRLE = false
 		case 1: // RLE: one byte repeated size times
 			f.remain = 1
+			f.rleByte = true
+			f.rleSize += int64(size)
 		default:
 			return 0, corrupt("zstd frame at offset %d: reserved block type", f.start)
 		}

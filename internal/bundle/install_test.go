@@ -291,6 +291,41 @@ func TestSparseRootfs(t *testing.T) {
 	if buf.Len() > 1<<20 {
 		t.Errorf("a mostly-zero 64 MiB rootfs compressed to %d bytes", buf.Len())
 	}
+	// Its runs of zeros are frames of zero RLE blocks, which Install doesn't
+	// decode, and which the zstd program reads as well.
+	sp := newSplitter(bytes.NewReader(buf.Bytes()), 0, nil)
+	zeroFrames := 0
+	for {
+		f, err := sp.next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.readAll(nil); err != nil {
+			t.Fatal(err)
+		}
+		if f.zeroRLE && f.rleSize == f.contentSize {
+			zeroFrames++
+		}
+	}
+	if zeroFrames < 6 {
+		t.Errorf("%d frames of zeros, want at least 6", zeroFrames)
+	}
+	if _, err := exec.LookPath("zstd"); err == nil {
+		cmd := exec.Command("zstd", "-q", "-d", "-c")
+		cmd.Stdin = bytes.NewReader(buf.Bytes())
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("zstd -d: %v", err)
+		}
+		dec, _ := zstd.NewReader(nil)
+		want, err := dec.DecodeAll(buf.Bytes(), nil)
+		if err != nil || !bytes.Equal(out, want) {
+			t.Fatalf("zstd -d and DecodeAll differ (%v)", err)
+		}
+	}
 	dst := t.TempDir()
 	if _, err := Install(context.Background(), &memSource{data: buf.Bytes()}, dst, InstallOptions{}); err != nil {
 		t.Fatal(err)

@@ -147,6 +147,12 @@ func (s *stream) split(r io.Reader, off int64, jobs chan<- job) {
 			if !queue(out) {
 				return
 			}
+			if f.zeroRLE && f.rleSize == f.contentSize {
+				// Zeros: nothing to decode.
+				putBuf(raw)
+				out <- chunk{data: zeros[:f.contentSize], frameEnd: true, off: sp.off, sum: s.sumState()}
+				continue
+			}
 			j := job{raw: raw, size: f.contentSize, out: out, c: chunk{frameEnd: true, off: sp.off, sum: s.sumState()}}
 			select {
 			case jobs <- j:

@@ -2,8 +2,10 @@ package bundle
 
 import (
 	"archive/tar"
+	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -179,8 +181,19 @@ func copyFile(ctx context.Context, open opener, f *File, tw *tar.Writer, fw *fra
 			return fmt.Errorf("read %s: %w (did it change while the bundle was written?)", f.Path, err)
 		}
 		h.Write(buf[:n])
-		if _, err := tw.Write(buf[:n]); err != nil {
-			return err
+		// Runs of zeros go in frames of their own, made of RLE blocks that
+		// decode as fast as memset (and that Install doesn't even decode).
+		for b := buf[:n]; len(b) > 0; {
+			u := b[:min(len(b), zeroUnit)]
+			if isZero(u) != fw.zero && len(fw.buf) > 0 {
+				if err := fw.endFrame(); err != nil {
+					return err
+				}
+			}
+			if _, err := tw.Write(u); err != nil {
+				return err
+			}
+			b = b[len(u):]
 		}
 		off += int64(n)
 		if off < f.Size && off%int64(len(buf)) == 0 {
@@ -195,6 +208,33 @@ func copyFile(ctx context.Context, open opener, f *File, tw *tar.Writer, fw *fra
 	return nil
 }
 
+// zeroUnit is the granularity at which Write finds runs of zeros.
+const zeroUnit = 1 << 20
+
+// zeros is read only: compared with, and handed out as decoded zeros.
+var zeros [maxBufferedFrame]byte
+
+// isZero reports whether b (at most maxBufferedFrame long) is all zeros.
+func isZero(b []byte) bool { return bytes.Equal(b, zeros[:len(b)]) }
+
+// zeroFrame is a zstd frame of n zero bytes (n <= maxBufferedFrame): a
+// single-segment frame header with the content size, then RLE blocks.
+func zeroFrame(n int) []byte {
+	out := binary.LittleEndian.AppendUint32(nil, zstdMagic)
+	out = append(out, 0xa0) // 4-byte content size, single segment, no checksum
+	out = binary.LittleEndian.AppendUint32(out, uint32(n))
+	for n > 0 {
+		k := min(n, maxBlockSize)
+		n -= k
+		h := uint32(k)<<3 | 1<<1 // RLE
+		if n == 0 {
+			h |= 1 // last block
+		}
+		out = append(out, byte(h), byte(h>>8), byte(h>>16), 0)
+	}
+	return out
+}
+
 // encodeWorkers is how many frames Write compresses at once.
 const encodeWorkers = 2
 
@@ -206,6 +246,7 @@ type frameWriter struct {
 	enc   *zstd.Encoder
 	size  int
 	buf   []byte
+	zero  bool             // buf holds only zeros
 	free  chan []byte      // buffers back from the encoders
 	order chan chan []byte // each frame's result, in the stream's order
 	done  chan struct{}
@@ -215,7 +256,7 @@ type frameWriter struct {
 }
 
 func newFrameWriter(w io.Writer, enc *zstd.Encoder, size int) *frameWriter {
-	fw := &frameWriter{w: w, enc: enc, size: size, buf: make([]byte, 0, size),
+	fw := &frameWriter{w: w, enc: enc, size: size, buf: make([]byte, 0, size), zero: true,
 		free: make(chan []byte, encodeWorkers+2), order: make(chan chan []byte, encodeWorkers), done: make(chan struct{})}
 	go func() {
 		defer close(fw.done)
@@ -248,6 +289,9 @@ func (fw *frameWriter) Write(p []byte) (int, error) {
 			}
 		}
 		k := copy(fw.buf[len(fw.buf):cap(fw.buf)], p)
+		if fw.zero && !isZero(p[:k]) {
+			fw.zero = false
+		}
 		fw.buf = fw.buf[:len(fw.buf)+k]
 		p = p[k:]
 	}
@@ -258,6 +302,14 @@ func (fw *frameWriter) endFrame() error {
 	if len(fw.buf) == 0 {
 		return fw.err()
 	}
+	if fw.zero {
+		r := make(chan []byte, 1)
+		r <- zeroFrame(len(fw.buf))
+		fw.order <- r
+		fw.buf = fw.buf[:0]
+		return fw.err()
+	}
+	fw.zero = true
 	src := fw.buf
 	select {
 	case fw.buf = <-fw.free:
