@@ -86,6 +86,11 @@ type PingResult struct {
 	APIVersion int    `json:"api_version"`
 	PID        int    `json:"pid"`
 	StateDir   string `json:"state_dir"`
+	// DefaultImage and DefaultKernel are the daemon's default_image_name
+	// and default_kernel_name; CatalogURLs its catalog_urls (doctor).
+	DefaultImage  string   `json:"default_image,omitempty"`
+	DefaultKernel string   `json:"default_kernel,omitempty"`
+	CatalogURLs   []string `json:"catalog_urls,omitempty"`
 }
 
 // Image is an image as the daemon reports it.
