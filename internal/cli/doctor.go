@@ -9,6 +9,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/config"
 	"github.com/bangerdev/banger/internal/doctor"
+	"github.com/bangerdev/banger/internal/imagecat"
 )
 
 func (a *app) doctorCmd() *cobra.Command {
@@ -38,10 +39,14 @@ func (a *app) doctorCmd() *cobra.Command {
 			}
 			// bangerd's network, from its config file (defaults when it
 			// can't be read: doctor checks the host, not the file).
-			if dc, err := config.LoadDaemon(config.DefaultDaemonConfigPath, false); err == nil {
+			dc, err := config.LoadDaemon(config.DefaultDaemonConfigPath, false)
+			if err == nil {
 				opts.Bridge = dc.BridgeName
 				opts.Subnet, _ = dc.SubnetPrefix()
+			} else {
+				dc = config.DefaultDaemon()
 			}
+			opts.DefaultImage = func(ctx context.Context) (doctor.DefaultImage, error) { return a.defaultImage(ctx, dc) }
 			checks := doctor.Run(cmd.Context(), opts)
 			checks = append(checks, a.sshChecks()...)
 			for _, c := range checks {
@@ -58,6 +63,36 @@ func (a *app) doctorCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&stateDir, "state-dir", "", "state directory to check (default: the daemon's, else /var/lib/banger)")
 	return cmd
+}
+
+// defaultImage finds where vm run's default image comes from: the CLI's
+// default_image_name, else the daemon's (asked, else from its config
+// file); local if the daemon has it, else the catalog entry that has it.
+func (a *app) defaultImage(ctx context.Context, dc config.Daemon) (doctor.DefaultImage, error) {
+	name, catalogs := dc.DefaultImageName, dc.CatalogURLs
+	p, pingErr := a.client().Ping(ctx)
+	if pingErr == nil && p.DefaultImage != "" {
+		name, catalogs = p.DefaultImage, p.CatalogURLs
+	}
+	if a.cfg.DefaultImageName != "" {
+		name = a.cfg.DefaultImageName
+	}
+	im := doctor.DefaultImage{Name: name}
+	if pingErr == nil {
+		if _, err := a.client().ImageInspect(ctx, name); err == nil {
+			im.Local = true
+			return im, nil
+		}
+	}
+	cat, err := imagecat.Load(ctx, catalogs, nil)
+	if err != nil {
+		return im, err
+	}
+	im.Searched = cat.Sources()
+	if e, err := cat.Resolve(name); err == nil {
+		im.Entry, im.Build, im.URL = e.Ref(), e.Build, e.URL
+	}
+	return im, nil
 }
 
 // sshChecks are the user's side of SSH: the ssh client, banger's key,

@@ -14,8 +14,8 @@ import (
 )
 
 func (a *app) imageCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "image", Short: "Register, promote and manage images"}
-	cmd.AddCommand(a.imageRegisterCmd(), a.imagePromoteCmd(), a.imageLsCmd(), a.imageInspectCmd(), a.imageRmCmd(), a.imagePruneCmd())
+	cmd := &cobra.Command{Use: "image", Short: "Pull, register, promote and manage images"}
+	cmd.AddCommand(a.imagePullCmd(), a.imageRegisterCmd(), a.imagePromoteCmd(), a.imageLsCmd(), a.imageInspectCmd(), a.imageRmCmd(), a.imagePruneCmd())
 	cmd.AddCommand(a.imageBundleCmd())
 	return cmd
 }

@@ -11,8 +11,8 @@ import (
 )
 
 func (a *app) kernelCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "kernel", Short: "Import and manage kernels (shared by images)"}
-	cmd.AddCommand(a.kernelLsCmd(), a.kernelInspectCmd(), a.kernelRmCmd(), a.kernelImportCmd())
+	cmd := &cobra.Command{Use: "kernel", Short: "Pull, import and manage kernels (shared by images)"}
+	cmd.AddCommand(a.kernelPullCmd(), a.kernelLsCmd(), a.kernelInspectCmd(), a.kernelRmCmd(), a.kernelImportCmd())
 	return cmd
 }
 

@@ -149,8 +149,10 @@ type Daemon struct {
 	// checked holds, by "image id/kernel id", a checkedImage: the files a
 	// boot set was last found usable with (see usableImage).
 	checked sync.Map
-	// pulls holds the running image and kernel pulls (pullops.go).
-	pulls pullRegistry
+	// pulls holds the running image and kernel pulls (pullops.go), and
+	// catalogCache the catalogs they last loaded (pulls.go).
+	pulls        pullRegistry
+	catalogCache catalogCache
 	// staging holds the staging directories handed out and not yet
 	// installed or discarded (install.go): image prune leaves them.
 	stagingMu sync.Mutex
@@ -272,7 +274,10 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 	}
 	defer func() {
 		stopMonitors()
-		d.pulls.wait() // cancelled with the daemon's context: they unwind
+		// Pulls are cancelled with the daemon's context: they unwind.
+		if !d.pulls.wait(20 * time.Second) {
+			log.Warn("pulls still running at exit: their staging directories are removed at the next start", "pulls", d.pulls.running())
+		}
 		d.stopRemovals()
 		d.monitors.Wait()
 		// The services stop; the bridge, rules and TAPs of running VMs stay.
@@ -407,6 +412,9 @@ func (d *Daemon) register(s *rpc.Server) {
 	s.Handle(api.MethodKernelRemove, rpc.PermAdmin, d.kernelRemove)
 	s.Handle(api.MethodKernelImport, rpc.PermAdmin, d.kernelImport)
 	s.Handle(api.MethodImagePrune, rpc.PermAdmin, d.imagePrune)
+	s.Handle(api.MethodImagePull, rpc.PermAdmin, d.imagePull)
+	s.Handle(api.MethodKernelPull, rpc.PermAdmin, d.kernelPull)
+	s.Handle(api.MethodPullCancel, rpc.PermAdmin, d.pullCancel)
 	s.Handle(api.MethodVMCreate, rpc.PermWrite, d.vmCreate)
 	s.Handle(api.MethodVMStart, rpc.PermWrite, d.vmStart)
 	s.Handle(api.MethodVMStop, rpc.PermWrite, d.vmStop)
@@ -425,7 +433,8 @@ func (d *Daemon) register(s *rpc.Server) {
 }
 
 func (d *Daemon) ping(ctx context.Context, call *rpc.Call) (any, error) {
-	return api.PingResult{Version: Version, APIVersion: api.Version, PID: os.Getpid(), StateDir: d.cfg.StateDir}, nil
+	return api.PingResult{Version: Version, APIVersion: api.Version, PID: os.Getpid(), StateDir: d.cfg.StateDir,
+		DefaultImage: d.cfg.DefaultImageName, DefaultKernel: d.cfg.DefaultKernelName, CatalogURLs: d.cfg.CatalogURLs}, nil
 }
 
 // vmLock returns the lifecycle lock of a VM.

@@ -37,15 +37,11 @@ func (d *Daemon) kernelAPI(ctx context.Context, k store.Kernel) api.Kernel {
 	}
 }
 
-// kernelForCreate resolves vm create's --kernel NAME. It is the one place
-// a create looks a kernel up: auto-pull on miss (ensureKernel) plugs in
-// here. createVM calls it before taking the create lock.
-func (d *Daemon) kernelForCreate(ctx context.Context, name string) (store.Kernel, error) {
-	k, err := d.store.GetKernel(ctx, name)
-	if errors.Is(err, errdefs.ErrNotFound) {
-		return k, fmt.Errorf("kernel %s not found: list kernels with banger kernel ls, or import one with banger kernel import: %w", errdefs.Quote(name), errdefs.ErrNotFound)
-	}
-	return k, err
+// kernelForCreate resolves vm create's --kernel NAME (or NAME@VERSION),
+// pulling it from the kernel catalog when it is not local (ensureKernel,
+// pulls.go). createVM calls it before taking the create lock.
+func (d *Daemon) kernelForCreate(ctx context.Context, name string, progress func(api.Progress)) (store.Kernel, error) {
+	return d.ensureKernel(ctx, name, progress)
 }
 
 func (d *Daemon) kernelList(ctx context.Context, call *rpc.Call) (any, error) {

@@ -163,8 +163,8 @@ func (d *Daemon) ociUpToDate(ctx context.Context, name string, named bool, src *
 	return store.Image{}, false, nil
 }
 
-// ociKernel is the kernel an OCI image boots with.
-// TODO(pull): d.ensureKernel once it lands (pulls a catalog kernel when missing).
-func (d *Daemon) ociKernel(ctx context.Context, name string, _ func(api.Progress)) (store.Kernel, error) {
-	return d.store.GetKernel(ctx, name)
+// ociKernel is the kernel an OCI image boots with, pulled from the kernel
+// catalog when it is not local.
+func (d *Daemon) ociKernel(ctx context.Context, name string, progress func(api.Progress)) (store.Kernel, error) {
+	return d.ensureKernel(ctx, name, progress)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
@@ -112,8 +113,23 @@ func (r *pullRegistry) running() []string {
 }
 
 // wait waits for the running pulls to end (after the daemon's context,
-// their parent, ended).
-func (r *pullRegistry) wait() { r.wg.Wait() }
+// their parent, ended: they unwind), at most timeout; it reports whether
+// they all ended.
+func (r *pullRegistry) wait(timeout time.Duration) bool {
+	done := make(chan struct{})
+	go func() {
+		r.wg.Wait()
+		close(done)
+	}()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+		return false
+	}
+}
 
 // publish records a progress frame and hands it to the watchers. It
 // never blocks on a watcher: each keeps what it hasn't sent yet,

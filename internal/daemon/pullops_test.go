@@ -104,7 +104,9 @@ func TestPullRegistryWatcherLeaves(t *testing.T) {
 	if err != nil || res != 1 {
 		t.Fatalf("after the pull: %v, %v", res, err)
 	}
-	r.wait()
+	if !r.wait(10 * time.Second) {
+		t.Fatal("the pull did not end")
+	}
 }
 
 // cancelPull cancels the op's context, waits until it returned, and its

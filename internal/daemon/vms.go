@@ -167,13 +167,20 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	if imageRef == "" {
 		imageRef = d.cfg.DefaultImageName
 	}
+	// Pulled first when not local (from a catalog, or an OCI reference's
+	// registry), before the create lock: a pull may take minutes.
+	pulled, err := d.ensureImage(ctx, imageRef, call.Progress)
+	if err != nil {
+		return v, err
+	}
+	imageRef = pulled.ID
 
 	// The kernel is resolved (and, missing, may be pulled) before the
 	// create lock is taken: a long pull must not hold image and kernel rm
 	// back. usableImage finds it again under the lock.
 	kernelID := ""
 	if p.Kernel != "" {
-		k, err := d.kernelForCreate(ctx, p.Kernel)
+		k, err := d.kernelForCreate(ctx, p.Kernel, call.Progress)
 		if err != nil {
 			return v, err
 		}

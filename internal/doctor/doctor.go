@@ -107,6 +107,21 @@ type Options struct {
 	// Default banger0 and 10.77.0.0/24.
 	Bridge string
 	Subnet netip.Prefix
+	// DefaultImage looks up the default image (vm create/run's when none
+	// is named): whether it is local, else which catalog entry vm run
+	// would pull. Nil skips the check.
+	DefaultImage func(ctx context.Context) (DefaultImage, error)
+}
+
+// DefaultImage is where the default image would come from.
+type DefaultImage struct {
+	Name  string
+	Local bool // an image of that name is registered
+	// Entry is the catalog entry that has it (NAME@VERSION; "" when no
+	// catalog has it), Build its local build recipe, URL its bundle.
+	Entry, Build, URL string
+	// Searched are the catalogs searched.
+	Searched []string
 }
 
 func (o *Options) defaults() {
@@ -185,7 +200,39 @@ func (r runner) run(ctx context.Context) []Check {
 	if r.opts.Ping != nil {
 		checks = append(checks, r.checkDaemon(ctx))
 	}
+	if r.opts.DefaultImage != nil {
+		checks = append(checks, r.checkDefaultImage(ctx))
+	}
 	return checks
+}
+
+// checkDefaultImage passes when the default image is local, or in a
+// catalog (vm run pulls it); it fails only when it is neither.
+func (r runner) checkDefaultImage(ctx context.Context) Check {
+	c := Check{Name: "default image"}
+	im, err := r.opts.DefaultImage(ctx)
+	switch {
+	case err != nil:
+		c.Status = Warn
+		c.Detail = fmt.Sprintf("default image %q: %v", im.Name, err)
+		c.Fix = "check catalog_urls in bangerd's config, and that bangerd runs"
+	case im.Local:
+		c.Status, c.Detail = OK, fmt.Sprintf("%s is local", im.Name)
+	case im.Entry != "":
+		from := "its bundle " + im.URL
+		if im.URL == "" {
+			from = "a local build (" + im.Build + ")"
+		} else if im.Build != "" {
+			from += ", or a local build (" + im.Build + ") if it can't be fetched"
+		}
+		c.Status = OK
+		c.Detail = fmt.Sprintf("%s is not local: vm run pulls %s from the catalog (%s)", im.Name, im.Entry, from)
+	default:
+		c.Status = Fail
+		c.Detail = fmt.Sprintf("%s is neither local nor in the catalogs searched (%s): vm create and vm run without --image fail", im.Name, strings.Join(im.Searched, ", "))
+		c.Fix = "pull or register an image (banger image pull, banger image register) and name it in default_image_name (bangerd's config) or the CLI's config"
+	}
+	return c
 }
 
 func (r runner) checkKVM(p kvmcheck.Result) Check {

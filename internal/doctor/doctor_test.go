@@ -34,15 +34,16 @@ var (
 // fakeEnv is a host where the listed binaries exist and the listed device
 // nodes (relative to /dev) exist.
 type fakeEnv struct {
-	bins    map[string]string // name -> --version output
-	devs    []string
-	kvm     kvmcheck.Result
-	ping    func(context.Context) (string, error)
-	free    uint64 // bytes available in the state dir
-	fsType  int64
-	reflink bool
-	cgroups cgroup.Info
-	users   map[string]*user.User
+	defaultImage func(context.Context) (DefaultImage, error)
+	bins         map[string]string // name -> --version output
+	devs         []string
+	kvm          kvmcheck.Result
+	ping         func(context.Context) (string, error)
+	free         uint64 // bytes available in the state dir
+	fsType       int64
+	reflink      bool
+	cgroups      cgroup.Info
+	users        map[string]*user.User
 	// Network.
 	nftErr     error
 	conflicts  []string
@@ -62,9 +63,10 @@ func (e fakeEnv) run(t *testing.T) map[string]Check {
 		}
 	}
 	opts := Options{
-		StateDir:   t.TempDir(),
-		SocketPath: "/run/banger/bangerd.sock",
-		Ping:       e.ping,
+		StateDir:     t.TempDir(),
+		SocketPath:   "/run/banger/bangerd.sock",
+		Ping:         e.ping,
+		DefaultImage: e.defaultImage,
 		LookPath: func(f string) (string, error) {
 			if _, ok := e.bins[f]; ok {
 				return "/usr/bin/" + f, nil
@@ -483,5 +485,31 @@ func TestLocalBuildTools(t *testing.T) {
 	if c.Status != Warn || !strings.Contains(c.Detail, "mmdebstrap") || !strings.Contains(c.Detail, archiveKeyring) ||
 		c.Fix != "sudo apt-get install mmdebstrap debian-archive-keyring" {
 		t.Errorf("local image builds: %+v", c)
+	}
+}
+
+func TestDefaultImage(t *testing.T) {
+	e := allGood()
+	run := func(im DefaultImage, err error) Check {
+		e.defaultImage = func(context.Context) (DefaultImage, error) { return im, err }
+		c, ok := e.run(t)["default image"]
+		if !ok {
+			t.Fatal("no default image check")
+		}
+		return c
+	}
+	if c := run(DefaultImage{Name: "debian-bookworm", Local: true}, nil); c.Status != OK {
+		t.Errorf("local: %+v", c)
+	}
+	c := run(DefaultImage{Name: "debian-bookworm", Entry: "debian-bookworm@2026.12.06", Build: "golden"}, nil)
+	if c.Status != OK || !strings.Contains(c.Detail, "local build (golden)") {
+		t.Errorf("in a catalog: %+v", c)
+	}
+	c = run(DefaultImage{Name: "mine", Searched: []string{"embedded", "https://x/c.json"}}, nil)
+	if c.Status != Fail || !strings.Contains(c.Detail, "https://x/c.json") || c.Fix == "" {
+		t.Errorf("neither: %+v", c)
+	}
+	if c := run(DefaultImage{Name: "x"}, errors.New("catalog https://x/c.json: 404")); c.Status != Warn {
+		t.Errorf("catalogs unreadable: %+v", c)
 	}
 }

@@ -166,6 +166,10 @@ func (f *file) Open(ctx context.Context, offset int64) (io.ReadCloser, error) {
 		fh.Close()
 		return nil, fmt.Errorf("%s is not a regular file: %w", f.path, errdefs.ErrInvalid)
 	}
+	if want := f.size.Load(); want >= 0 && st.Size() != want {
+		fh.Close()
+		return nil, fmt.Errorf("%s has %d bytes, %d were expected (a truncated or replaced file?): %w", f.path, st.Size(), want, errdefs.ErrInvalid)
+	}
 	if offset < 0 || offset > st.Size() {
 		fh.Close()
 		return nil, fmt.Errorf("%s: offset %d is outside the file (%d bytes): %w", f.path, offset, st.Size(), errdefs.ErrInvalid)
@@ -185,6 +189,8 @@ type httpSource struct {
 	idle    time.Duration
 	log     *slog.Logger
 	size    atomic.Int64
+
+	expected int64 // Options.Size (0: none)
 
 	mu        sync.Mutex
 	validator string // the first answer's strong ETag (or Last-Modified), for If-Range
@@ -217,7 +223,7 @@ func checkRedirect(req *http.Request, via []*http.Request) error {
 }
 
 func newHTTP(u *url.URL, o Options) *httpSource {
-	s := &httpSource{url: u, client: o.Client, retries: o.Retries, idle: o.IdleTimeout, log: o.Log}
+	s := &httpSource{url: u, client: o.Client, retries: o.Retries, idle: o.IdleTimeout, log: o.Log, expected: max(o.Size, 0)}
 	if s.client == nil {
 		s.client = defaultClient
 	} else if s.client.CheckRedirect == nil {
@@ -298,11 +304,15 @@ func (s *httpSource) get(ctx context.Context, offset int64) (io.ReadCloser, erro
 			}
 			return nil, fmt.Errorf("GET %s from byte %d: bad Content-Range %q: %w", name, offset, resp.Header.Get("Content-Range"), err)
 		}
-		s.learnSize(total)
+		if err := s.learnSize(total); err != nil {
+			resp.Body.Close()
+			return nil, err
+		}
 		return resp.Body, nil
 	case resp.StatusCode == http.StatusOK:
-		if resp.ContentLength >= 0 {
-			s.learnSize(resp.ContentLength)
+		if err := s.learnSize(resp.ContentLength); err != nil {
+			resp.Body.Close()
+			return nil, err
 		}
 		v := validatorOf(resp.Header)
 		if offset == 0 {
@@ -339,10 +349,18 @@ func (s *httpSource) get(ctx context.Context, offset int64) (io.ReadCloser, erro
 	}
 }
 
-func (s *httpSource) learnSize(n int64) {
-	if n > 0 {
-		s.size.CompareAndSwap(-1, n)
+// learnSize records the size the server reports (n < 0: unknown); one
+// that differs from the expected size is an error: the file is not the
+// one the caller was promised.
+func (s *httpSource) learnSize(n int64) error {
+	if n < 0 {
+		return nil
 	}
+	if s.expected > 0 && n != s.expected {
+		return fmt.Errorf("GET %s: the server has %d bytes, %d were expected (a truncated or replaced file?): %w", s.url.Redacted(), n, s.expected, errdefs.ErrInvalid)
+	}
+	s.size.CompareAndSwap(-1, n)
+	return nil
 }
 
 // validatorOf returns what If-Range may carry: a strong ETag, else

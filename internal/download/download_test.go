@@ -410,3 +410,24 @@ func TestParseContentRange(t *testing.T) {
 		}
 	}
 }
+
+// A file whose size is not the expected one is refused at once, not read
+// and retried.
+func TestSizeMismatch(t *testing.T) {
+	data := payload(64 << 10)
+	s := newServer(t, data)
+	src, _ := New(s.URL+"/f", Options{Size: int64(len(data)) * 2})
+	_, err := readAll(t, src, 0)
+	if !errors.Is(err, errdefs.ErrInvalid) || errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), "expected") {
+		t.Fatalf("err = %v, want a size mismatch", err)
+	}
+	if r := s.requests(); len(r) != 1 {
+		t.Errorf("%d requests, want 1", len(r))
+	}
+	p := filepath.Join(t.TempDir(), "f")
+	os.WriteFile(p, data, 0o644)
+	fsrc, _ := New(p, Options{Size: 10})
+	if _, err := readAll(t, fsrc, 0); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("file: err = %v, want a size mismatch", err)
+	}
+}
