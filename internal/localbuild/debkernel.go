@@ -141,7 +141,7 @@ func releaseSum(release []byte, name string) (string, int64, error) {
 			return f[0], size, nil
 		}
 	}
-	return "", 0, fmt.Errorf("Release has no SHA256 for %s", name)
+	return "", 0, fmt.Errorf("no SHA256 for %s in the Release file", name)
 }
 
 // stanza is what FetchDebianKernel reads of a Packages entry.
