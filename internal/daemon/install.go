@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/imagefile"
 	"github.com/bangerdev/banger/internal/kernelimage"
+	"github.com/bangerdev/banger/internal/localbuild"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/undo"
 	"github.com/bangerdev/banger/internal/vmname"
@@ -66,14 +68,27 @@ func (d *Daemon) stagingDir(kind string) (string, error) {
 	return dir, nil
 }
 
-// discardStaging removes a staging directory that won't be installed.
+// discardStaging removes a staging directory that won't be installed
+// (unmounting first what a killed build left mounted in it: see
+// removeStaging). If a mount can't be undone the directory stays, and
+// daemon start or image prune try again.
 func (d *Daemon) discardStaging(dir string) {
-	if err := os.RemoveAll(dir); err != nil {
-		d.log.Warn("remove a staging directory", "dir", dir, "err", err)
+	if err := removeStaging(dir, d.log); err != nil {
+		d.log.Error("remove a staging directory", "dir", dir, "err", err)
 	}
 	d.stagingMu.Lock()
 	delete(d.staging, dir)
 	d.stagingMu.Unlock()
+}
+
+// removeStaging removes a staging directory. Every removal of one goes
+// through it, never os.RemoveAll: a local build killed in the middle
+// (mmdebstrap) leaves /proc, /sys and /dev bind mounts in its chroot,
+// and removing through those would delete the host's files.
+// localbuild.RemoveAll unmounts what is mounted under dir first and
+// removes nothing when a mount stays.
+func removeStaging(dir string, log *slog.Logger) error {
+	return localbuild.RemoveAll(dir, log)
 }
 
 // removePartials removes the *.partial staging directories no running
@@ -100,7 +115,7 @@ func (d *Daemon) removePartials() (removed []string, bytes int64, err error) {
 			continue
 		}
 		n, _ := treeSize(p)
-		if err := os.RemoveAll(p); err != nil {
+		if err := removeStaging(p, d.log); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -243,7 +258,7 @@ func (d *Daemon) installImage(ctx context.Context, s stagedImage) (im store.Imag
 	if err := d.moveStaged(s.Dir, dest); err != nil {
 		return im, fmt.Errorf("install image %q: %w", s.Name, err)
 	}
-	steps.Push("remove the image's files", func(context.Context) error { return os.RemoveAll(dest) })
+	steps.Push("remove the image's files", func(context.Context) error { return removeStaging(dest, d.log) })
 	if err := imagefile.ValidateParts(imagefile.Artifacts{Rootfs: rootfs}); err != nil {
 		return im, fmt.Errorf("install image %q: %w", s.Name, artifactErr(err))
 	}
@@ -307,7 +322,7 @@ func (d *Daemon) installKernel(ctx context.Context, s stagedKernel) (k store.Ker
 	if err := d.moveStaged(s.Dir, dest); err != nil {
 		return k, fmt.Errorf("install kernel %q: %w", s.Name, err)
 	}
-	steps.Push("remove the kernel's files", func(context.Context) error { return os.RemoveAll(dest) })
+	steps.Push("remove the kernel's files", func(context.Context) error { return removeStaging(dest, d.log) })
 	if err := imagefile.ValidateParts(a); err != nil {
 		return k, fmt.Errorf("install kernel %q: %w", s.Name, artifactErr(err))
 	}
