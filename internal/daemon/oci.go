@@ -19,7 +19,8 @@ import (
 // pullOCI imports an OCI image (a registry reference, an OCI layout, a
 // `docker save` tarball, docker-daemon:IMAGE; docs/oci-import.md) as a
 // managed image: resolved (manifest and config), its kernel ensured
-// (p.Kernel, else default_kernel_name), its layers flattened into an
+// (p.Kernel, else default_kernel_name; pulled from the kernel catalog when
+// missing), its layers flattened into an
 // ext4 in a staging directory, installed. The same reference at the same
 // digest already installed is returned as it is, like `docker pull` when
 // up to date. On any failure nothing is registered and the staging
@@ -69,7 +70,7 @@ func (d *Daemon) pullOCI(ctx context.Context, p api.PullParams, progress func(ap
 	}
 
 	kernelName := cmp.Or(p.Kernel, d.cfg.DefaultKernelName)
-	k, err := d.ociKernel(ctx, kernelName, progress)
+	k, err := d.ensureKernel(ctx, kernelName, progress)
 	if err != nil {
 		return im, fmt.Errorf("image %s: kernel %s: %w", name, kernelName, err)
 	}
@@ -161,10 +162,4 @@ func (d *Daemon) ociUpToDate(ctx context.Context, name string, named bool, src *
 		}
 	}
 	return store.Image{}, false, nil
-}
-
-// ociKernel is the kernel an OCI image boots with, pulled from the kernel
-// catalog when it is not local.
-func (d *Daemon) ociKernel(ctx context.Context, name string, progress func(api.Progress)) (store.Kernel, error) {
-	return d.ensureKernel(ctx, name, progress)
 }
