@@ -205,3 +205,17 @@ func TestPullOCI(t *testing.T) {
 		return len(entries) == 0
 	})
 }
+
+// vm create (not an admin method) pulls registry references only: a
+// local path would be read by bangerd as root.
+func TestAutoPullRegistryRefsOnly(t *testing.T) {
+	for ref, want := range map[string]bool{
+		"nginx:1.27": true, "ghcr.io/x/y": true, "reg:5000/x@sha256:ab": true, "debian": false,
+		"/root/secret.tar": false, "oci:/srv/layout": false, "docker-archive:/x.tar": false,
+		"docker-daemon:nginx": false, "oci-archive:/x.tar": false, "./x.tar": false,
+	} {
+		if got := isOCIRef(ref); got != want {
+			t.Errorf("isOCIRef(%q) = %v, want %v", ref, got, want)
+		}
+	}
+}

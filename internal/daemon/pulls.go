@@ -18,6 +18,7 @@ import (
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/imagecat"
 	"github.com/bangerdev/banger/internal/kernelcat"
+	"github.com/bangerdev/banger/internal/ociimport"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/undo"
@@ -492,7 +493,11 @@ func (d *Daemon) ensureImage(ctx context.Context, ref string, progress func(api.
 // registry or path ('/'), a tag (':') or a digest ('@'). A bare name is
 // not pulled from a registry by vm create: it may be a typo of a local
 // image.
-func isOCIRef(ref string) bool { return strings.ContainsAny(ref, "/:@") }
+//
+// Local sources (a path, oci:DIR, docker-archive:, docker-daemon:) are
+// not: bangerd reads them as root, and vm create is not an admin method
+// (image pull, which is, takes them).
+func isOCIRef(ref string) bool { return strings.ContainsAny(ref, "/:@") && !ociimport.IsLocalRef(ref) }
 
 // imageByRef finds the image pulled from an OCI reference.
 func (d *Daemon) imageByRef(ctx context.Context, ref string) (store.Image, bool, error) {
@@ -500,8 +505,11 @@ func (d *Daemon) imageByRef(ctx context.Context, ref string) (store.Image, bool,
 	if err != nil {
 		return store.Image{}, false, err
 	}
+	// An import records the canonical reference: nginx:1.27 is
+	// docker.io/library/nginx:1.27.
+	recorded, _ := ociimport.RecordedRef(ref)
 	for _, im := range ims {
-		if im.Source == api.SourceOCI && im.Ref == ref {
+		if im.Source == api.SourceOCI && (im.Ref == ref || im.Ref == recorded) {
 			return im, true, nil
 		}
 	}
