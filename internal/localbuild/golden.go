@@ -60,10 +60,11 @@ type GoldenOptions struct {
 	// host's, DefaultCABundle; "-" none): hosts behind a TLS-intercepting
 	// proxy trust its CA there. It is not kept in the image.
 	CABundle string
-	// Mmdebstrap and Mkfs are the programs run ("mmdebstrap", "mkfs.ext4").
-	Mmdebstrap, Mkfs string
-	Progress         Progress
-	Log              *slog.Logger
+	// Mmdebstrap, Mkfs and Chroot are the programs run ("mmdebstrap",
+	// "mkfs.ext4", "chroot").
+	Mmdebstrap, Mkfs, Chroot string
+	Progress                 Progress
+	Log                      *slog.Logger
 	// LogFile, when set, receives the build's full output.
 	LogFile io.Writer
 }
@@ -101,6 +102,9 @@ func (o *GoldenOptions) defaults() {
 	}
 	if o.Mkfs == "" {
 		o.Mkfs = "mkfs.ext4"
+	}
+	if o.Chroot == "" {
+		o.Chroot = "chroot"
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
@@ -192,6 +196,20 @@ func BuildGolden(ctx context.Context, work, out string, o GoldenOptions) error {
 		if err := (command{name: "cp", args: []string{"-a", "--reflink=auto", "--", o.Modules, dst}, log: o.LogFile}).run(ctx); err != nil {
 			return fmt.Errorf("golden build: copy the kernel's modules: %w", err)
 		}
+		// The guest's modprobe (kmod) reads depmod's binary indexes
+		// (modules.dep.bin, modules.alias.bin, ...), not only modules.dep:
+		// the image's own depmod makes them.
+		if depmod := imageDepmod(root); depmod != "" {
+			err := command{
+				name: o.Chroot, args: []string{root, depmod, o.Release},
+				env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}, log: o.LogFile,
+			}.run(ctx)
+			if err != nil {
+				return fmt.Errorf("golden build: index the kernel's modules: %w", err)
+			}
+		} else {
+			o.Log.Warn("golden build: the image has no depmod: its modprobe won't find the kernel's modules")
+		}
 	}
 
 	content, err := treeSize(root)
@@ -206,6 +224,16 @@ func BuildGolden(ctx context.Context, work, out string, o GoldenOptions) error {
 	}
 	o.Progress.send(PhaseMkfs, sizeMiB<<20, sizeMiB<<20, "bytes")
 	return nil
+}
+
+// imageDepmod is the image's depmod, as a path inside it ("" if none).
+func imageDepmod(root string) string {
+	for _, p := range []string{"/usr/sbin/depmod", "/sbin/depmod"} {
+		if _, err := os.Lstat(filepath.Join(root, p)); err == nil {
+			return p
+		}
+	}
+	return ""
 }
 
 // provisionHook is the mmdebstrap hook running provision.sh in the chroot

@@ -335,7 +335,8 @@ func TestBuildGolden(t *testing.T) {
 	os.WriteFile(fake, []byte(`#!/bin/sh
 for a; do case "$a" in --customize-hook=copy-in*provision.sh*) script=$(echo "$a" | cut -d' ' -f2);; esac; done
 root=$(eval echo \${$(($#-1))})
-mkdir -p "$root/etc" "$root/usr/bin"
+mkdir -p "$root/etc" "$root/usr/bin" "$root/usr/sbin"
+: >"$root/usr/sbin/depmod"
 echo host >"$root/etc/hostname"
 echo "nameserver 1.1.1.1" >"$root/etc/resolv.conf"
 cp "$script" "$root/provision-seen"
@@ -347,9 +348,12 @@ echo "[provision] done"
 	os.WriteFile(filepath.Join(mods, "modules.dep"), []byte("kernel/overlay.ko:\n"), 0o644)
 	os.WriteFile(filepath.Join(mods, "kernel", "overlay.ko"), []byte("ko"), 0o644)
 	out := filepath.Join(work, "rootfs.ext4")
+	// A stand-in for chroot: records the depmod run in the root.
+	chroot := filepath.Join(t.TempDir(), "chroot")
+	os.WriteFile(chroot, []byte("#!/bin/sh\nroot=$1; shift\necho \"$@\" >\"$root/depmod-ran\"\n"), 0o755)
 	var phases []string
 	err := BuildGolden(context.Background(), work, out, GoldenOptions{
-		Mmdebstrap: fake, Script: []byte("#!/bin/sh\necho provisioned\n"), HeadroomMiB: 16,
+		Mmdebstrap: fake, Chroot: chroot, Script: []byte("#!/bin/sh\necho provisioned\n"), HeadroomMiB: 16,
 		Modules: mods, Release: "6.1.0-9-cloud-amd64",
 		Progress: func(p api.Progress) { phases = append(phases, p.Phase) },
 	})
@@ -368,6 +372,9 @@ echo "[provision] done"
 	}
 	if got := cat("/lib/modules/6.1.0-9-cloud-amd64/modules.dep"); got != "kernel/overlay.ko:\n" {
 		t.Errorf("modules.dep in the image: %q", got)
+	}
+	if got := cat("/depmod-ran"); got != "/usr/sbin/depmod 6.1.0-9-cloud-amd64\n" {
+		t.Errorf("depmod in the image: %q", got)
 	}
 	if got := cat("/etc/hostname"); got != "debian\n" {
 		t.Errorf("hostname %q", got)
