@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -34,7 +36,11 @@ func (a *app) imagePullCmd() *cobra.Command {
 			"shares it. Ctrl-C cancels it; --cancel cancels the running pull of REF from another terminal.",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			p := api.PullParams{Ref: args[0], Name: f.name, Platform: f.platform, Insecure: f.insecure, Kernel: f.kernel}
+			ref, err := localPullRef(args[0])
+			if err != nil {
+				return err
+			}
+			p := api.PullParams{Ref: ref, Name: f.name, Platform: f.platform, Insecure: f.insecure, Kernel: f.kernel}
 			return a.runPull(cmd.Context(), "image", p, f, func(ctx context.Context, progress client.ProgressFunc) (any, string, error) {
 				im, err := a.client().ImagePull(ctx, p, progress)
 				return im, im.Name, err
@@ -47,6 +53,23 @@ func (a *app) imagePullCmd() *cobra.Command {
 	cmd.Flags().StringVar(&f.kernel, "kernel", "", "kernel an OCI image boots with (default: the daemon's default_kernel_name, pulled when missing)")
 	f.addCommon(cmd)
 	return cmd
+}
+
+// localPullRef makes the path of a local OCI source absolute (bangerd
+// reads it, from another directory): oci:DIR, oci-archive:FILE,
+// docker-archive:FILE, ./PATH, ../PATH. Registry references and
+// docker-daemon:IMAGE are unchanged.
+func localPullRef(ref string) (string, error) {
+	for _, prefix := range []string{"oci:", "oci-archive:", "docker-archive:"} {
+		if rest, ok := strings.CutPrefix(ref, prefix); ok && rest != "" && !filepath.IsAbs(rest) {
+			abs, err := filepath.Abs(rest)
+			return prefix + abs, err
+		}
+	}
+	if strings.HasPrefix(ref, "./") || strings.HasPrefix(ref, "../") {
+		return filepath.Abs(ref)
+	}
+	return ref, nil
 }
 
 func (a *app) kernelPullCmd() *cobra.Command {

@@ -156,3 +156,27 @@ func TestImagePullCancelFlag(t *testing.T) {
 		t.Fatalf("cancels %+v", f.cancels)
 	}
 }
+
+// Local OCI sources reach the daemon as absolute paths.
+func TestImagePullLocalPaths(t *testing.T) {
+	f := newFakePullDaemon(t, false)
+	wd, _ := os.Getwd()
+	for ref, want := range map[string]string{
+		"oci:rel/layout":         "oci:" + filepath.Join(wd, "rel/layout"),
+		"oci:rel/layout:web":     "oci:" + filepath.Join(wd, "rel/layout:web"),
+		"docker-archive:app.tar": "docker-archive:" + filepath.Join(wd, "app.tar"),
+		"oci-archive:/abs/a.tar": "oci-archive:/abs/a.tar",
+		"./app.tar":              filepath.Join(wd, "app.tar"),
+		"nginx:1.27":             "nginx:1.27",
+		"docker-daemon:app:1":    "docker-daemon:app:1",
+	} {
+		var stdout, stderr bytes.Buffer
+		a := &app{stdout: &stdout, stderr: &stderr}
+		if code := a.main(context.Background(), []string{"banger", "--config", f.cfg, "--socket", f.sock, "image", "pull", ref}); code != 0 {
+			t.Fatalf("%s: exit %d: %s", ref, code, stderr.String())
+		}
+		if got := strings.TrimSpace(stdout.String()); got != want {
+			t.Errorf("image pull %s sent %q, want %q", ref, got, want)
+		}
+	}
+}
