@@ -190,6 +190,11 @@ func TestMainProcessScratch(t *testing.T) {
 	if ls := strings.TrimSpace(e.Must("vm", "ls", "-q")); ls != "" {
 		t.Errorf("vms left after vm run --rm: %q", ls)
 	}
+	// -d --rm: the VM goes once its main process has ended.
+	bg := strings.TrimSpace(e.Must("vm", "run", "-d", "--rm", "--image", "hello", "--", "0"))
+	harness.WaitFor(t, 60*time.Second, "vm "+bg+" removed after its main process ended", func() bool {
+		return strings.TrimSpace(e.Must("vm", "ls", "-q")) == ""
+	})
 
 	// Without --rm the VM stays, stopped, its exit code in vm inspect and
 	// its output in vm logs.
