@@ -344,7 +344,11 @@ func (d *Daemon) installCatalogImage(ctx context.Context, e imagecat.Entry, name
 			_ = steps.Run(context.WithoutCancel(ctx))
 			d.log.Warn("image bundle unavailable: building locally", "image", e.Ref(), "url", e.URL, "recipe", e.Build, "err", err)
 			progress(api.Progress{Phase: fmt.Sprintf("bundle unavailable (%v): building %s locally (%s)", err, e.Ref(), e.Build)})
-			return d.buildImageLocally(ctx, e, name, progress)
+			im, berr := d.buildImageLocally(ctx, e, name, progress)
+			if berr != nil {
+				return im, fmt.Errorf("%w (after the bundle was unavailable: %w)", berr, err)
+			}
+			return im, nil
 		}
 		return im, err
 	}
@@ -387,7 +391,11 @@ func (d *Daemon) installCatalogKernel(ctx context.Context, e kernelcat.Entry, na
 			_ = steps.Run(context.WithoutCancel(ctx))
 			d.log.Warn("kernel bundle unavailable: building locally", "kernel", e.Ref(), "url", e.URL, "recipe", e.Build, "err", err)
 			progress(api.Progress{Phase: fmt.Sprintf("bundle unavailable (%v): building %s locally (%s)", err, e.Ref(), e.Build)})
-			return d.buildKernelLocally(ctx, e, name, progress)
+			k, berr := d.buildKernelLocally(ctx, e, name, progress)
+			if berr != nil {
+				return k, fmt.Errorf("%w (after the bundle was unavailable: %w)", berr, err)
+			}
+			return k, nil
 		}
 		return k, err
 	}

@@ -443,6 +443,10 @@ func TestPullFailures(t *testing.T) {
 		entry("gone", "/gone.tar.zst", sz, f.image.SHA256),
 		entry("broken", "/broken.tar.zst", sz, f.image.SHA256),
 		entry("lacking", "/lacking.tar.zst", int64(missing.Len()), sha(missing.Bytes())),
+		// A bundle that can't be fetched, with a recipe: the local build
+		// is tried (one this banger doesn't have: no build runs here).
+		withBuild(entry("fallback", "/gone.tar.zst", sz, f.image.SHA256), "no-such-recipe"),
+		withBuild(catalog.Entry{Name: "buildonly", Version: "1", Arch: runtime.GOARCH, Kernel: "tk"}, "no-such-recipe"),
 	)
 	// The kernel is pulled first, and kept: the cases are the image's.
 	d := e.start()
@@ -458,6 +462,8 @@ func TestPullFailures(t *testing.T) {
 		{"gone", "404"},
 		{"broken", "500"},
 		{"lacking", "seed.img"},
+		{"fallback", `no local build recipe "no-such-recipe" (this banger builds "golden"): invalid argument (after the bundle was unavailable: `},
+		{"buildonly", `no local build recipe "no-such-recipe"`},
 	} {
 		t.Run(tc.ref, func(t *testing.T) {
 			_, err := d.c.ImagePull(testCtx(t), api.PullParams{Ref: tc.ref}, nil)
@@ -480,6 +486,11 @@ func TestPullFailures(t *testing.T) {
 		t.Fatalf("pull with a bad catalog: %v, want the catalog and the entry named", err)
 	}
 	assertNothingPulled(t, e, d, "tk")
+}
+
+func withBuild(e catalog.Entry, recipe string) catalog.Entry {
+	e.Build = recipe
+	return e
 }
 
 // A download cut short resumes with a Range request; the bytes served
