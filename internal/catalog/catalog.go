@@ -290,7 +290,8 @@ type Catalog struct {
 // Load parses the embedded catalog and each of urls in order (a path,
 // file://, https://, or http:// on a loopback host), fetching http(s)
 // ones with fetch (nil: a plain GET bound by ctx); a later catalog's entry
-// overrides an earlier one of the same name, version and arch.
+// overrides an earlier one of the same name, version and arch. A nil
+// embedded leaves the embedded catalog out (embedded_catalogs = false).
 func Load(ctx context.Context, kind Kind, embedded []byte, urls []string, fetch Fetch) (*Catalog, error) {
 	c := &Catalog{kind: kind, arch: runtime.GOARCH}
 	add := func(name string, data []byte) error {
@@ -314,8 +315,10 @@ func Load(ctx context.Context, kind Kind, embedded []byte, urls []string, fetch 
 		}
 		return nil
 	}
-	if err := add(EmbeddedName, embedded); err != nil {
-		return nil, err
+	if embedded != nil {
+		if err := add(EmbeddedName, embedded); err != nil {
+			return nil, err
+		}
 	}
 	for _, u := range urls {
 		data, err := read(ctx, u, fetch)

@@ -97,6 +97,16 @@ type Daemon struct {
 	// absolute file paths, file:// URLs, https:// URLs, or http:// URLs of
 	// a loopback host. Default none.
 	CatalogURLs []string `toml:"catalog_urls"`
+	// EmbeddedCatalogs: the image and kernel catalogs compiled into
+	// banger are read before catalog_urls. false: only catalog_urls are
+	// (test set-ups, machines that must only pull from their own
+	// catalogs). Default true.
+	EmbeddedCatalogs bool `toml:"embedded_catalogs"`
+	// LocalBuilds: a catalog entry whose bundle can't be fetched (or that
+	// has none) and that names a build recipe is built on this machine
+	// (debootstrap, Debian's archive, npm). false: such a pull fails
+	// instead. Default true.
+	LocalBuilds bool `toml:"local_builds"`
 	// DefaultCPUs for new VMs. Default 2.
 	DefaultCPUs int `toml:"default_cpus"`
 	// DefaultMemoryMiB for new VMs. Default 1024.
@@ -183,6 +193,8 @@ func DefaultDaemon() Daemon {
 		DefaultImageName:     DefaultImageName,
 		DefaultKernelName:    DefaultKernelName,
 		CatalogURLs:          []string{},
+		EmbeddedCatalogs:     true,
+		LocalBuilds:          true,
 		DefaultCPUs:          2,
 		DefaultMemoryMiB:     1024,
 		ReadyTimeout:         Duration{120 * time.Second},

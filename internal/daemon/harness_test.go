@@ -88,10 +88,16 @@ func newEnv(t testing.TB, mod func(*config.Daemon)) *testEnv {
 	// No network unless a test asks: a bridged VM's host side is faked by
 	// the test (see fakeHostNet); the host's own namespace is never touched.
 	cfg.Network = api.NetworkNone
-	// The image the tests register, and no catalog but the embedded one:
+	// The image the tests register, and no catalog:
 	// no test pulls anything unless it serves its own catalog.
 	cfg.DefaultImageName = "default"
 	cfg.CatalogURLs = nil
+	// Nor the embedded catalogs (whose entries download from the internet
+	// or build locally), nor local builds, nor a default kernel a catalog
+	// has: a test that wants them turns them on.
+	cfg.EmbeddedCatalogs = false
+	cfg.LocalBuilds = false
+	cfg.DefaultKernelName = "test-no-such-kernel"
 	if mod != nil {
 		mod(&cfg)
 	}

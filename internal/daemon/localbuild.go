@@ -45,8 +45,21 @@ const (
 	RecipeDebianCloud = "debian-cloud"
 )
 
+// localBuildsAllowed refuses local builds when the config turns them
+// off (local_builds = false: test set-ups, machines that must only
+// install prebuilt bundles).
+func (d *Daemon) localBuildsAllowed(kind, ref string) error {
+	if d.cfg.LocalBuilds {
+		return nil
+	}
+	return fmt.Errorf("%s %s: its bundle can't be fetched and local builds are off (local_builds = false in bangerd's config): %w", kind, ref, errdefs.ErrFailedPrecondition)
+}
+
 // buildImageLocally builds catalog image e under name.
 func (d *Daemon) buildImageLocally(ctx context.Context, e imagecat.Entry, name string, progress func(api.Progress)) (store.Image, error) {
+	if err := d.localBuildsAllowed("image", e.Ref()); err != nil {
+		return store.Image{}, err
+	}
 	if e.Build != RecipeGolden {
 		return store.Image{}, fmt.Errorf("image %s: no local build recipe %q (this banger builds %q): %w", e.Ref(), e.Build, RecipeGolden, errdefs.ErrInvalid)
 	}
@@ -124,6 +137,9 @@ func (d *Daemon) buildImageLocally(ctx context.Context, e imagecat.Entry, name s
 
 // buildKernelLocally builds catalog kernel e under name.
 func (d *Daemon) buildKernelLocally(ctx context.Context, e kernelcat.Entry, name string, progress func(api.Progress)) (store.Kernel, error) {
+	if err := d.localBuildsAllowed("kernel", e.Ref()); err != nil {
+		return store.Kernel{}, err
+	}
 	if e.Build != RecipeDebianCloud {
 		return store.Kernel{}, fmt.Errorf("kernel %s: no local build recipe %q (this banger builds %q): %w", e.Ref(), e.Build, RecipeDebianCloud, errdefs.ErrInvalid)
 	}

@@ -47,7 +47,7 @@ type catalogCache struct {
 }
 
 // catalogs returns the image and kernel catalogs: the embedded ones
-// merged with catalog_urls, loaded at most every catalogTTL.
+// (unless embedded_catalogs = false) merged with catalog_urls, loaded at most every catalogTTL.
 func (d *Daemon) catalogs(ctx context.Context) (*imagecat.Catalog, *kernelcat.Catalog, error) {
 	c := &d.catalogCache
 	c.mu.Lock()
@@ -69,11 +69,15 @@ func (d *Daemon) catalogs(ctx context.Context) (*imagecat.Catalog, *kernelcat.Ca
 		}
 		return b, err
 	}
-	ims, err := imagecat.Load(ctx, d.cfg.CatalogURLs, fetch)
+	loadImages, loadKernels := imagecat.Load, kernelcat.Load
+	if !d.cfg.EmbeddedCatalogs {
+		loadImages, loadKernels = imagecat.LoadURLs, kernelcat.LoadURLs
+	}
+	ims, err := loadImages(ctx, d.cfg.CatalogURLs, fetch)
 	if err != nil {
 		return nil, nil, fmt.Errorf("load the image catalogs (catalog_urls): %w", err)
 	}
-	ks, err := kernelcat.Load(ctx, d.cfg.CatalogURLs, fetch)
+	ks, err := loadKernels(ctx, d.cfg.CatalogURLs, fetch)
 	if err != nil {
 		return nil, nil, fmt.Errorf("load the kernel catalogs (catalog_urls): %w", err)
 	}

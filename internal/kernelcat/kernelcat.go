@@ -28,6 +28,12 @@ func Load(ctx context.Context, urls []string, fetch catalog.Fetch) (*Catalog, er
 	return catalog.Load(ctx, catalog.Kernels, embedded, urls, fetch)
 }
 
+// LoadURLs reads urls alone, without the embedded catalog
+// (embedded_catalogs = false).
+func LoadURLs(ctx context.Context, urls []string, fetch catalog.Fetch) (*Catalog, error) {
+	return catalog.Load(ctx, catalog.Kernels, nil, urls, fetch)
+}
+
 // Embedded is the catalog compiled into banger alone.
 func Embedded() (*Catalog, error) {
 	return Load(context.Background(), nil, nil)

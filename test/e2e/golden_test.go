@@ -30,7 +30,9 @@ func TestGoldenLocalBuild(t *testing.T) {
 	if os.Getenv("CI") != "1" && os.Getenv("BANGER_E2E_GOLDEN") != "1" {
 		t.Skip("long (builds the golden image from Debian's archive and npm): set BANGER_E2E_GOLDEN=1 (CI=1 runs it)")
 	}
-	e := newEnv(t)
+	// The test harness turns the embedded catalogs and local builds off
+	// (no test builds or downloads by accident): this one needs both.
+	e := harness.NewWithConfig(t, binDir, imageDir, "embedded_catalogs = true\nlocal_builds = true\ndefault_kernel_name = \"generic-6.1\"\n")
 
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 75*time.Minute)

@@ -112,11 +112,23 @@ func NewWithOptions(t testing.TB, binDir, imageDir string, o Options) *Env {
 // image unless config names one: a test that names no image never pulls
 // the catalogs' default image (catalog_urls is empty unless the test sets
 // it and serves its own catalog).
+//
+// Likewise, unless config sets them: default_kernel_name is a name no
+// catalog has, the embedded catalogs are off and so are local builds, so
+// that no test reaches a non-loopback URL or builds an image by accident
+// (TestGoldenLocalBuild turns them back on).
 func testImageDefault(config string) string {
-	if strings.Contains(config, "default_image") {
-		return config
+	for _, d := range []struct{ key, line string }{
+		{"default_image", "default_image_name = \"default\"\n"},
+		{"default_kernel_name", "default_kernel_name = \"test-no-such-kernel\"\n"},
+		{"embedded_catalogs", "embedded_catalogs = false\n"},
+		{"local_builds", "local_builds = false\n"},
+	} {
+		if !strings.Contains(config, d.key) {
+			config = d.line + config
+		}
 	}
-	return "default_image_name = \"default\"\n" + config
+	return config
 }
 
 func (e *Env) StartDaemon() {
