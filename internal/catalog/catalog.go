@@ -209,7 +209,10 @@ func IsSHA256(s string) bool {
 }
 
 // ResolveURL checks a bundle URL of the given catalog and makes a relative
-// one absolute against the catalog's location ("" stays "").
+// one absolute against the catalog's location ("" stays ""). Bundles of a
+// remote (http(s)) catalog and of the embedded one are fetched over
+// https, or http on a loopback host; file URLs come only from catalogs
+// that are local files.
 func ResolveURL(catalog, ref string) (string, error) {
 	if ref == "" {
 		return "", nil
@@ -228,7 +231,29 @@ func ResolveURL(catalog, ref string) (string, error) {
 		}
 		u = base.ResolveReference(u)
 	}
-	return u.String(), CheckURL(u)
+	if err := CheckURL(u); err != nil {
+		return "", err
+	}
+	// A file URL only from a catalog that is itself a local file: a
+	// catalog fetched over http(s) (or the embedded one) must not make the
+	// daemon, running as root, read local files as bundles.
+	if u.Scheme == "file" && !isFileCatalog(catalog) {
+		return "", fmt.Errorf("url %s: a file url is only accepted in a catalog that is a local file, not in %s: %w", errdefs.Quote(u.String()), errdefs.Quote(catalog), errdefs.ErrInvalid)
+	}
+	return u.String(), nil
+}
+
+// isFileCatalog reports whether a catalog location is a local file (a
+// path or a file:// URL).
+func isFileCatalog(loc string) bool {
+	if loc == EmbeddedName {
+		return false
+	}
+	if !strings.Contains(loc, "://") {
+		return true
+	}
+	u, err := url.Parse(loc)
+	return err == nil && u.Scheme == "file"
 }
 
 // locationURL is a catalog's location as a URL (a path becomes file://).

@@ -161,3 +161,40 @@ func TestSetEntry(t *testing.T) {
 		t.Fatalf("catalog after update: %s", data)
 	}
 }
+
+// A catalog fetched over http(s), or the embedded one, can't point the
+// daemon at local files (absolute or relative file URLs); a catalog that
+// is a local file may.
+func TestFileURLsOnlyFromFileCatalogs(t *testing.T) {
+	for _, tc := range []struct {
+		catalog, url string
+		ok           bool
+	}{
+		{"https://cat.example.test/catalog.json", "file:///etc/shadow", false},
+		{"http://127.0.0.1:8080/catalog.json", "file:///root/x.tar.zst", false},
+		{EmbeddedName, "file:///etc/shadow", false},
+		{"https://cat.example.test/catalog.json", "b.tar.zst", true},
+		{"https://cat.example.test/catalog.json", "https://other.example.test/b.tar.zst", true},
+		{"https://cat.example.test/catalog.json", "http://cdn.example.test/b.tar.zst", false},
+		{"http://127.0.0.1:8080/catalog.json", "http://127.0.0.1:8080/b.tar.zst", true},
+		{"/srv/catalog.json", "file:///srv/b.tar.zst", true},
+		{"/srv/catalog.json", "b.tar.zst", true},
+		{"file:///srv/catalog.json", "file:///srv/b.tar.zst", true},
+	} {
+		got, err := ResolveURL(tc.catalog, tc.url)
+		if tc.ok && err != nil {
+			t.Errorf("%s in %s: %v", tc.url, tc.catalog, err)
+		}
+		if !tc.ok && (err == nil || !errors.Is(err, errdefs.ErrInvalid)) {
+			t.Errorf("%s in %s: accepted as %q (%v)", tc.url, tc.catalog, got, err)
+		}
+	}
+	// Through Load too: a remote catalog with a file entry is an error.
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write(catalogJSON(strings.Replace(entryJSON("deb", "1", ""), "https://example.test/", "file:///etc/", 1)))
+	}))
+	defer srv.Close()
+	if _, err := Load(context.Background(), Images, nil, []string{srv.URL + "/catalog.json"}, nil); err == nil || !strings.Contains(err.Error(), "file url") {
+		t.Errorf("a remote catalog with a file url loaded: %v", err)
+	}
+}
