@@ -27,10 +27,9 @@ type progress struct {
 
 	// Terminal mode: the bar of the current phase, in a container of its
 	// own (so that lines printed between bars never cross a redraw).
-	bars   *mpb.Progress
-	bar    *mpb.Bar
-	total  int64
-	lastAt time.Time
+	bars  *mpb.Progress
+	bar   *mpb.Bar
+	total int64
 }
 
 func (a *app) progress() *progress {
@@ -70,31 +69,32 @@ func amount(n int64, unit string) string {
 }
 
 func (p *progress) updateBar(pr api.Progress) {
-	now := time.Now()
 	if p.bar == nil {
 		p.bars = mpb.New(mpb.WithOutput(p.w), mpb.ForceTTY(), mpb.WithAutoRefresh(), mpb.WithWidth(100), mpb.WithRefreshRate(200*time.Millisecond))
 		counters := decor.Counters(decor.SizeB1024(0), "% .1f / % .1f", decor.WCSyncSpace)
-		speed := decor.EwmaSpeed(decor.SizeB1024(0), "% .1f", 30, decor.WCSyncSpace)
+		// Rate and ETA over the whole phase: frames come in bursts (a
+		// bundle's frame, a layer), which a moving average of the gaps
+		// turns into nonsense.
+		speed := decor.AverageSpeed(decor.SizeB1024(0), "% .1f", decor.WCSyncSpace)
 		if pr.Unit != "" && pr.Unit != "bytes" {
 			counters = decor.CountersNoUnit("%d / %d "+pr.Unit, decor.WCSyncSpace)
-			speed = decor.EwmaSpeed(nil, "%.0f/s", 30, decor.WCSyncSpace)
+			speed = decor.AverageSpeed(nil, "%.0f/s", decor.WCSyncSpace)
 		}
 		p.bar = p.bars.AddBar(pr.Total,
 			mpb.PrependDecorators(decor.Name("==> "+pr.Phase, decor.WCSyncSpaceR), counters),
 			mpb.AppendDecorators(
 				decor.Percentage(decor.WCSyncSpace),
 				speed,
-				decor.OnComplete(decor.EwmaETA(decor.ET_STYLE_GO, 30, decor.WCSyncSpace), "done"),
+				decor.OnComplete(decor.AverageETA(decor.ET_STYLE_GO, decor.WCSyncSpace), "done"),
 			),
 		)
-		p.total, p.lastAt = pr.Total, now
+		p.total = pr.Total
 	}
 	if pr.Total != p.total {
 		p.bar.SetTotal(pr.Total, false)
 		p.total = pr.Total
 	}
-	p.bar.EwmaSetCurrent(min(pr.Done, pr.Total), now.Sub(p.lastAt))
-	p.lastAt = now
+	p.bar.SetCurrent(min(pr.Done, pr.Total))
 }
 
 // done ends the current phase's bar or line; calling it again is
