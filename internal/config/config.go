@@ -107,6 +107,11 @@ type Daemon struct {
 	// (debootstrap, Debian's archive, npm). false: such a pull fails
 	// instead. Default true.
 	LocalBuilds bool `toml:"local_builds"`
+	// RegistryFallback: vm create/run of a bare image name (nginx) that is
+	// neither local nor in a catalog pulls it from Docker Hub
+	// (docker.io/library/nginx:latest), as docker run does. false: such a
+	// name is not found. Default true.
+	RegistryFallback bool `toml:"registry_fallback"`
 	// DefaultCPUs for new VMs. Default 2.
 	DefaultCPUs int `toml:"default_cpus"`
 	// DefaultMemoryMiB for new VMs. Default 1024.
@@ -195,6 +200,7 @@ func DefaultDaemon() Daemon {
 		CatalogURLs:          []string{},
 		EmbeddedCatalogs:     true,
 		LocalBuilds:          true,
+		RegistryFallback:     true,
 		DefaultCPUs:          2,
 		DefaultMemoryMiB:     1024,
 		ReadyTimeout:         Duration{120 * time.Second},

@@ -98,6 +98,7 @@ func newEnv(t testing.TB, mod func(*config.Daemon)) *testEnv {
 	cfg.EmbeddedCatalogs = false
 	cfg.LocalBuilds = false
 	cfg.DefaultKernelName = "test-no-such-kernel"
+	cfg.RegistryFallback = false
 	if mod != nil {
 		mod(&cfg)
 	}

@@ -57,11 +57,11 @@ func (d *Daemon) localBuildsAllowed(kind, ref string) error {
 
 // buildImageLocally builds catalog image e under name.
 func (d *Daemon) buildImageLocally(ctx context.Context, e imagecat.Entry, name string, progress func(api.Progress)) (store.Image, error) {
-	if err := d.localBuildsAllowed("image", e.Ref()); err != nil {
-		return store.Image{}, err
-	}
 	if e.Build != RecipeGolden {
 		return store.Image{}, fmt.Errorf("image %s: no local build recipe %q (this banger builds %q): %w", e.Ref(), e.Build, RecipeGolden, errdefs.ErrInvalid)
+	}
+	if err := d.localBuildsAllowed("image", e.Ref()); err != nil {
+		return store.Image{}, err
 	}
 	kernelName := e.Kernel
 	if kernelName == "" {
@@ -137,11 +137,11 @@ func (d *Daemon) buildImageLocally(ctx context.Context, e imagecat.Entry, name s
 
 // buildKernelLocally builds catalog kernel e under name.
 func (d *Daemon) buildKernelLocally(ctx context.Context, e kernelcat.Entry, name string, progress func(api.Progress)) (store.Kernel, error) {
-	if err := d.localBuildsAllowed("kernel", e.Ref()); err != nil {
-		return store.Kernel{}, err
-	}
 	if e.Build != RecipeDebianCloud {
 		return store.Kernel{}, fmt.Errorf("kernel %s: no local build recipe %q (this banger builds %q): %w", e.Ref(), e.Build, RecipeDebianCloud, errdefs.ErrInvalid)
+	}
+	if err := d.localBuildsAllowed("kernel", e.Ref()); err != nil {
+		return store.Kernel{}, err
 	}
 	release, err := d.localBuildTurn(ctx)
 	if err != nil {

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -254,7 +255,13 @@ func (d *Daemon) pullKernelEntry(ctx context.Context, e kernelcat.Entry, name, a
 // pullOCIShared runs pullOCI in the registry (one pull per reference,
 // platform and name).
 func (d *Daemon) pullOCIShared(ctx context.Context, p api.PullParams, progress func(api.Progress)) (store.Image, error) {
-	key := "image:oci:" + p.Ref + ">" + p.Name + "/" + p.Platform + "/" + p.Kernel
+	// One key for the spellings of a reference (nginx, docker.io/library/
+	// nginx:latest): they pull the same image.
+	ref := p.Ref
+	if r, ok := ociimport.RecordedRef(ref); ok {
+		ref = r
+	}
+	key := "image:oci:" + ref + ">" + p.Name + "/" + p.Platform + "/" + p.Kernel
 	refs := []string{p.Ref}
 	if p.Name != "" {
 		refs = append(refs, p.Name)
@@ -489,6 +496,11 @@ func (d *Daemon) ensureImage(ctx context.Context, ref string, progress func(api.
 		progress(api.Progress{Phase: fmt.Sprintf("image %s is not local: pulling %s from the catalog", name, e.Ref())})
 		return d.pullImageEntry(ctx, e, name, ref, progress)
 	}
+	if ociimport.IsLocalRef(ref) {
+		// bangerd would read it as root: image pull (admin) only.
+		return im, fmt.Errorf("image %s is a local OCI source: vm create does not import those (bangerd reads them as root); import it first with sudo banger image pull %s: %w",
+			errdefs.Quote(ref), ref, errdefs.ErrPermissionDenied)
+	}
 	if isOCIRef(ref) {
 		if im, ok, err := d.imageByRef(ctx, ref); err != nil || ok {
 			return im, err
@@ -496,15 +508,32 @@ func (d *Daemon) ensureImage(ctx context.Context, ref string, progress func(api.
 		progress(api.Progress{Phase: fmt.Sprintf("image %s is not local: pulling it from its registry", ref)})
 		return d.pullOCIShared(ctx, api.PullParams{Ref: ref}, progress)
 	}
-	return im, fmt.Errorf("image %s not found: it is not local (banger image ls) and not in the catalogs searched (%s); "+
-		"pull an OCI image with banger image pull REF, or register one with banger image register: %w",
-		errdefs.Quote(ref), strings.Join(images.Sources(), ", "), errdefs.ErrNotFound)
+	notFound := fmt.Sprintf("image %s not found: it is not local (banger image ls) and not in the catalogs searched (%s)",
+		errdefs.Quote(ref), strings.Join(images.Sources(), ", "))
+	if !d.cfg.RegistryFallback {
+		return im, fmt.Errorf("%s (registry_fallback = false: a bare name is not pulled from Docker Hub); "+
+			"pull an OCI image with banger image pull REF, or register one with banger image register: %w", notFound, errdefs.ErrNotFound)
+	}
+	// A bare name (nginx) is an image of Docker Hub's library, as for
+	// docker run: pulled when the catalogs don't have it.
+	if im, ok, err := d.imageByRef(ctx, ref); err != nil || ok {
+		return im, err
+	}
+	progress(api.Progress{Phase: fmt.Sprintf("image %s is neither local nor in a catalog: pulling it from Docker Hub", ref)})
+	im, err = d.pullOCIShared(ctx, api.PullParams{Ref: ref}, progress)
+	if err != nil {
+		if ctx.Err() != nil || errors.Is(err, context.Canceled) {
+			return im, err
+		}
+		return im, fmt.Errorf("%s, and the registry pull of it failed (%v); "+
+			"pull an OCI image with banger image pull REF, or register one with banger image register: %w", notFound, err, errdefs.ErrNotFound)
+	}
+	return im, nil
 }
 
 // isOCIRef reports whether ref is explicitly an OCI reference: it has a
 // registry or path ('/'), a tag (':') or a digest ('@'). A bare name is
-// not pulled from a registry by vm create: it may be a typo of a local
-// image.
+// pulled from Docker Hub only after the catalogs (registry_fallback).
 //
 // Local sources (a path, oci:DIR, docker-archive:, docker-daemon:) are
 // not: bangerd reads them as root, and vm create is not an admin method
@@ -531,8 +560,14 @@ func (d *Daemon) imageByRef(ctx context.Context, ref string) (store.Image, bool,
 // ensureKernel returns the local kernel ref (NAME, NAME@VERSION or an
 // id), pulling it from the kernel catalog first when it is not local.
 func (d *Daemon) ensureKernel(ctx context.Context, ref string, progress func(api.Progress)) (store.Kernel, error) {
-	name, _, _ := strings.Cut(ref, "@")
+	name, version, pinned := strings.Cut(ref, "@")
 	k, err := d.store.GetKernel(ctx, name)
+	if err == nil && pinned && k.Version != version {
+		// NAME@VERSION whose NAME is local at another version (as
+		// ensureImage).
+		return k, fmt.Errorf("kernel %s is local at version %s, not %s: remove it first (banger kernel rm %s) to pull that one: %w",
+			errdefs.Quote(name), cmp.Or(k.Version, "(none)"), version, name, errdefs.ErrFailedPrecondition)
+	}
 	if !errors.Is(err, errdefs.ErrNotFound) {
 		return k, err
 	}

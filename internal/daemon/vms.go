@@ -163,6 +163,15 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	if err != nil {
 		return v, err
 	}
+	if p.Name != "" {
+		// Checked again under the create lock; here so that a taken name
+		// fails before a pull that may take minutes.
+		if taken, err := d.store.VMNameTaken(ctx, p.Name); err != nil {
+			return v, fmt.Errorf("check vm name: %w", err)
+		} else if taken {
+			return v, fmt.Errorf("vm %q already exists (as a name or another VM's id): choose another name: %w", p.Name, errdefs.ErrAlreadyExists)
+		}
+	}
 	imageRef := p.Image
 	if imageRef == "" {
 		imageRef = d.cfg.DefaultImageName

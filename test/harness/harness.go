@@ -114,7 +114,8 @@ func NewWithOptions(t testing.TB, binDir, imageDir string, o Options) *Env {
 // it and serves its own catalog).
 //
 // Likewise, unless config sets them: default_kernel_name is a name no
-// catalog has, the embedded catalogs are off and so are local builds, so
+// catalog has, the embedded catalogs are off and so are local builds and
+// Docker Hub pulls of bare names (vm create --image nosuch), so
 // that no test reaches a non-loopback URL or builds an image by accident
 // (TestGoldenLocalBuild turns them back on).
 func testImageDefault(config string) string {
@@ -123,6 +124,7 @@ func testImageDefault(config string) string {
 		{"default_kernel_name", "default_kernel_name = \"test-no-such-kernel\"\n"},
 		{"embedded_catalogs", "embedded_catalogs = false\n"},
 		{"local_builds", "local_builds = false\n"},
+		{"registry_fallback", "registry_fallback = false\n"},
 	} {
 		if !strings.Contains(config, d.key) {
 			config = d.line + config
