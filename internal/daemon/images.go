@@ -426,16 +426,30 @@ func (d *Daemon) imageInspect(ctx context.Context, call *rpc.Call) (any, error) 
 		}
 		files = append(files, kfiles...)
 	}
+	out.Files, out.ModulesFiles = fileViews(files, imagefile.FieldRootfs, imagefile.FieldKernel, imagefile.FieldInitrd)
+	return out, nil
+}
+
+// fileViews returns an image's or kernel's files as inspect shows them,
+// sorted by role in the order given (a role not given sorts with the
+// first), and the count of the modules tree's files, which it leaves out
+// (a modules tree has thousands of files: counted in SizeBytes).
+func fileViews(files []store.ImageFile, roles ...string) ([]api.ImageFile, int) {
+	var out []api.ImageFile
+	modules := 0
 	for _, f := range files {
 		if f.Role == imagefile.FieldModules {
-			out.ModulesFiles++
+			modules++
 			continue
 		}
-		out.Files = append(out.Files, api.ImageFile{Role: f.Role, Path: f.Path, Size: f.Size, ModTime: time.Unix(0, f.MTimeNS).UTC(), Inode: f.Inode, SHA256: f.SHA256})
+		out = append(out, api.ImageFile{Role: f.Role, Path: f.Path, Size: f.Size, ModTime: time.Unix(0, f.MTimeNS).UTC(), Inode: f.Inode, SHA256: f.SHA256})
 	}
-	order := map[string]int{imagefile.FieldRootfs: 0, imagefile.FieldKernel: 1, imagefile.FieldInitrd: 2}
-	slices.SortStableFunc(out.Files, func(a, b api.ImageFile) int { return order[a.Role] - order[b.Role] })
-	return out, nil
+	order := make(map[string]int, len(roles))
+	for i, r := range roles {
+		order[r] = i
+	}
+	slices.SortStableFunc(out, func(a, b api.ImageFile) int { return order[a.Role] - order[b.Role] })
+	return out, modules
 }
 
 func (d *Daemon) imageRemove(ctx context.Context, call *rpc.Call) (any, error) {

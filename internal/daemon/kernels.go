@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
-	"time"
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/catalog"
@@ -70,14 +68,7 @@ func (d *Daemon) kernelInspect(ctx context.Context, call *rpc.Call) (any, error)
 	if err != nil {
 		return nil, err
 	}
-	for _, f := range files {
-		if f.Role == imagefile.FieldModules {
-			continue // a modules tree has thousands of files: counted in SizeBytes
-		}
-		out.Files = append(out.Files, api.ImageFile{Role: f.Role, Path: f.Path, Size: f.Size, ModTime: time.Unix(0, f.MTimeNS).UTC(), Inode: f.Inode, SHA256: f.SHA256})
-	}
-	order := map[string]int{imagefile.FieldKernel: 0, imagefile.FieldInitrd: 1}
-	slices.SortStableFunc(out.Files, func(a, b api.ImageFile) int { return order[a.Role] - order[b.Role] })
+	out.Files, _ = fileViews(files, imagefile.FieldKernel, imagefile.FieldInitrd)
 	return out, nil
 }
 
