@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"sync"
 	"time"
 
 	"github.com/bangerdev/banger/internal/agentproto"
@@ -60,34 +59,8 @@ func (c *Client) Attach(ctx context.Context, opts AttachOptions) (int, error) {
 	}
 	ch.CloseWrite()
 
-	var (
-		output sync.WaitGroup
-		errMu  sync.Mutex
-		outErr error
-	)
-	setErr := func(err error) {
-		errMu.Lock()
-		if outErr == nil {
-			outErr = err
-		}
-		errMu.Unlock()
-	}
-	output.Go(func() {
-		if err := drainTo(opts.Stdout, ch); err != nil {
-			setErr(fmt.Errorf("write stdout: %w", err))
-		}
-	})
-	output.Go(func() {
-		if err := drainTo(opts.Stderr, ch.Stderr()); err != nil {
-			setErr(fmt.Errorf("write stderr: %w", err))
-		}
-	})
-	resc := make(chan exitResult, 1)
-	go func() {
-		output.Wait()
-		resc <- <-exitc
-	}()
-	var res exitResult
+	resc := drainSession(ch, opts.Stdout, opts.Stderr, exitc)
+	var res sessionEnd
 	select {
 	case res = <-resc:
 	case <-ctx.Done():
@@ -111,8 +84,8 @@ func (c *Client) Attach(ctx context.Context, opts AttachOptions) (int, error) {
 		}
 		return -1, fmt.Errorf("attach: no exit status: %w", ErrConnectionLost)
 	}
-	if outErr != nil {
-		return res.code, fmt.Errorf("attach: %w", outErr)
+	if res.outErr != nil {
+		return res.code, fmt.Errorf("attach: %w", res.outErr)
 	}
 	return res.code, nil
 }

@@ -132,28 +132,7 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 		return -1, fmt.Errorf("exec %s: %w", name, ErrRefused)
 	}
 
-	var (
-		output  sync.WaitGroup
-		errMu   sync.Mutex
-		outErr  error
-		setOutE = func(err error) {
-			errMu.Lock()
-			if outErr == nil {
-				outErr = err
-			}
-			errMu.Unlock()
-		}
-	)
-	output.Go(func() {
-		if err := drainTo(opts.Stdout, ch); err != nil {
-			setOutE(fmt.Errorf("write stdout: %w", err))
-		}
-	})
-	output.Go(func() {
-		if err := drainTo(opts.Stderr, ch.Stderr()); err != nil {
-			setOutE(fmt.Errorf("write stderr: %w", err))
-		}
-	})
+	resc := drainSession(ch, opts.Stdout, opts.Stderr, exitc)
 	if opts.Stdin != nil {
 		go func() {
 			io.Copy(ch, opts.Stdin)
@@ -168,12 +147,7 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 		go forwardResizes(ch, opts.Resize, finished)
 	}
 
-	resc := make(chan exitResult, 1)
-	go func() {
-		output.Wait()
-		resc <- <-exitc
-	}()
-	var res exitResult
+	var res sessionEnd
 	select {
 	case res = <-resc:
 	case <-ctx.Done():
@@ -193,10 +167,52 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 		}
 		return -1, fmt.Errorf("exec %s: no exit status: %w", name, ErrConnectionLost)
 	}
-	if outErr != nil {
-		return res.code, fmt.Errorf("exec %s: %w", name, outErr)
+	if res.outErr != nil {
+		return res.code, fmt.Errorf("exec %s: %w", name, res.outErr)
 	}
 	return res.code, nil
+}
+
+// sessionEnd is how a session channel ended: its exit status and the
+// first error writing its output.
+type sessionEnd struct {
+	exitResult
+	outErr error
+}
+
+// drainSession copies a session channel's stdout and stderr to the writers
+// (discarded when nil) and returns a channel that receives the exit status
+// from exitc once both are drained, with the first write error.
+func drainSession(ch ssh.Channel, stdout, stderr io.Writer, exitc <-chan exitResult) <-chan sessionEnd {
+	var (
+		output sync.WaitGroup
+		errMu  sync.Mutex
+		outErr error
+	)
+	setErr := func(err error) {
+		errMu.Lock()
+		if outErr == nil {
+			outErr = err
+		}
+		errMu.Unlock()
+	}
+	output.Go(func() {
+		if err := drainTo(stdout, ch); err != nil {
+			setErr(fmt.Errorf("write stdout: %w", err))
+		}
+	})
+	output.Go(func() {
+		if err := drainTo(stderr, ch.Stderr()); err != nil {
+			setErr(fmt.Errorf("write stderr: %w", err))
+		}
+	})
+	resc := make(chan sessionEnd, 1)
+	go func() {
+		output.Wait()
+		res := <-exitc
+		resc <- sessionEnd{exitResult: res, outErr: outErr}
+	}()
+	return resc
 }
 
 type exitResult struct {
