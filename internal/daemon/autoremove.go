@@ -6,7 +6,9 @@ import (
 	"errors"
 	"time"
 
+	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/vmm"
 )
@@ -58,6 +60,20 @@ func (d *Daemon) attach(v store.VM) (detach func(now bool)) {
 		}
 		d.scheduleRemovalLocked(v.ID, a, delay)
 	}
+}
+
+// attachCall attaches a call to the VM it names (api.NameParams), as
+// attach does; the caller defers detach.
+func (d *Daemon) attachCall(ctx context.Context, call *rpc.Call) (v store.VM, detach func(now bool), err error) {
+	var p api.NameParams
+	if err := call.Decode(&p); err != nil {
+		return store.VM{}, nil, err
+	}
+	v, err = d.store.GetVM(ctx, p.Name)
+	if err != nil {
+		return store.VM{}, nil, err
+	}
+	return v, d.attach(v), nil
 }
 
 // autoRemoveIfIdle removes an auto-remove VM whose VMM exited, unless a

@@ -324,15 +324,11 @@ func (d *Daemon) followMain(v store.VM, r *runningVM, w *mainWatch) (int, error)
 // restarted since) and its recorded code. An auto-remove VM goes when the
 // call ends.
 func (d *Daemon) vmAttach(ctx context.Context, call *rpc.Call) (any, error) {
-	var p api.NameParams
-	if err := call.Decode(&p); err != nil {
-		return nil, err
-	}
-	v, err := d.store.GetVM(ctx, p.Name)
+	v, detach, err := d.attachCall(ctx, call)
 	if err != nil {
 		return nil, err
 	}
-	defer d.attach(v)(true)
+	defer detach(true)
 	d.mu.Lock()
 	w := d.mainWatches[v.ID]
 	d.mu.Unlock()

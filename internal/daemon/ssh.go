@@ -173,15 +173,11 @@ func relayTunnel(ctx context.Context, call *rpc.Call, conn io.ReadWriteCloser) e
 // run --rm, while the user's ssh session runs) is removed when it ends,
 // however it ends. It returns when the client goes away or the VM stops.
 func (d *Daemon) vmHold(ctx context.Context, call *rpc.Call) (any, error) {
-	var p api.NameParams
-	if err := call.Decode(&p); err != nil {
-		return nil, err
-	}
-	v, err := d.store.GetVM(ctx, p.Name)
+	v, detach, err := d.attachCall(ctx, call)
 	if err != nil {
 		return nil, err
 	}
-	defer d.attach(v)(true)
+	defer detach(true)
 	d.mu.Lock()
 	r := d.running[v.ID]
 	d.mu.Unlock()
