@@ -84,7 +84,7 @@ func (a *app) defaultImage(ctx context.Context, dc config.Daemon) (doctor.Defaul
 			return im, nil
 		}
 	}
-	cat, err := imagecat.Load(ctx, catalogs, nil)
+	cat, err := imagecat.Builtin().Load(ctx, catalogs, nil)
 	if err != nil {
 		return im, err
 	}

@@ -70,9 +70,9 @@ func (d *Daemon) catalogs(ctx context.Context) (*imagecat.Catalog, *kernelcat.Ca
 		}
 		return b, err
 	}
-	loadImages, loadKernels := imagecat.Load, kernelcat.Load
+	loadImages, loadKernels := imagecat.Builtin().Load, kernelcat.Builtin().Load
 	if !d.cfg.EmbeddedCatalogs {
-		loadImages, loadKernels = imagecat.LoadURLs, kernelcat.LoadURLs
+		loadImages, loadKernels = imagecat.Builtin().LoadURLs, kernelcat.Builtin().LoadURLs
 	}
 	ims, err := loadImages(ctx, d.cfg.CatalogURLs, fetch)
 	if err != nil {

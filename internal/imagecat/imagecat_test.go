@@ -6,7 +6,7 @@ import (
 )
 
 func TestEmbedded(t *testing.T) {
-	c, err := Embedded()
+	c, err := Builtin().Embedded()
 	if err != nil {
 		t.Fatal(err)
 	}

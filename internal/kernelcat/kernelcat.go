@@ -5,7 +5,6 @@
 package kernelcat
 
 import (
-	"context"
 	_ "embed"
 
 	"github.com/bangerdev/banger/internal/catalog"
@@ -21,20 +20,8 @@ type Entry = catalog.Entry
 // Catalog is the merged kernel catalog; Resolve("NAME" | "NAME@VERSION").
 type Catalog = catalog.Catalog
 
-// Load merges the embedded catalog with urls (paths, file://, https://,
-// http:// on loopback), a later one overriding the same NAME@VERSION;
-// fetch reads http(s) URLs (nil: a plain GET bound by ctx).
-func Load(ctx context.Context, urls []string, fetch catalog.Fetch) (*Catalog, error) {
-	return catalog.Load(ctx, catalog.Kernels, embedded, urls, fetch)
-}
-
-// LoadURLs reads urls alone, without the embedded catalog
-// (embedded_catalogs = false).
-func LoadURLs(ctx context.Context, urls []string, fetch catalog.Fetch) (*Catalog, error) {
-	return catalog.Load(ctx, catalog.Kernels, nil, urls, fetch)
-}
-
-// Embedded is the catalog compiled into banger alone.
-func Embedded() (*Catalog, error) {
-	return Load(context.Background(), nil, nil)
+// Builtin is the kernel catalog compiled into banger: Builtin().Load
+// merges it with the catalog_urls, Builtin().LoadURLs reads them alone.
+func Builtin() catalog.Builtin {
+	return catalog.Builtin{Kind: catalog.Kernels, Data: embedded}
 }
