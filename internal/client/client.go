@@ -31,42 +31,39 @@ func (c *Client) call(ctx context.Context, method string, params, result any, pr
 	})
 }
 
+// callFor calls method and returns its decoded result.
+func callFor[R any](ctx context.Context, c *Client, method string, params any, progress ProgressFunc) (R, error) {
+	var r R
+	err := c.call(ctx, method, params, &r, progress)
+	return r, err
+}
+
 // IsUnreachable reports whether err means the daemon could not be reached.
 func IsUnreachable(err error) bool { return errors.Is(err, rpc.ErrDaemonUnreachable) }
 
 // Ping checks the daemon.
 func (c *Client) Ping(ctx context.Context) (api.PingResult, error) {
-	var r api.PingResult
-	err := c.call(ctx, api.MethodPing, struct{}{}, &r, nil)
-	return r, err
+	return callFor[api.PingResult](ctx, c, api.MethodPing, struct{}{}, nil)
 }
 
 // ImageRegister registers host files as an image.
 func (c *Client) ImageRegister(ctx context.Context, p api.ImageRegisterParams) (api.Image, error) {
-	var r api.Image
-	err := c.call(ctx, api.MethodImageRegister, p, &r, nil)
-	return r, err
+	return callFor[api.Image](ctx, c, api.MethodImageRegister, p, nil)
 }
 
 // ImagePromote copies an image into daemon-managed storage.
 func (c *Client) ImagePromote(ctx context.Context, name string, progress ProgressFunc) (api.Image, error) {
-	var r api.Image
-	err := c.call(ctx, api.MethodImagePromote, api.NameParams{Name: name}, &r, progress)
-	return r, err
+	return callFor[api.Image](ctx, c, api.MethodImagePromote, api.NameParams{Name: name}, progress)
 }
 
 // ImageList lists images.
 func (c *Client) ImageList(ctx context.Context) ([]api.Image, error) {
-	var r []api.Image
-	err := c.call(ctx, api.MethodImageList, struct{}{}, &r, nil)
-	return r, err
+	return callFor[[]api.Image](ctx, c, api.MethodImageList, struct{}{}, nil)
 }
 
 // ImageInspect describes one image.
 func (c *Client) ImageInspect(ctx context.Context, name string) (api.Image, error) {
-	var r api.Image
-	err := c.call(ctx, api.MethodImageInspect, api.NameParams{Name: name}, &r, nil)
-	return r, err
+	return callFor[api.Image](ctx, c, api.MethodImageInspect, api.NameParams{Name: name}, nil)
 }
 
 // ImageRemove removes an image.
@@ -76,30 +73,22 @@ func (c *Client) ImageRemove(ctx context.Context, name string) error {
 
 // VMCreate creates (and with p.Start, starts) a VM.
 func (c *Client) VMCreate(ctx context.Context, p api.VMCreateParams, progress ProgressFunc) (api.VM, error) {
-	var r api.VM
-	err := c.call(ctx, api.MethodVMCreate, p, &r, progress)
-	return r, err
+	return callFor[api.VM](ctx, c, api.MethodVMCreate, p, progress)
 }
 
 // VMStart starts a VM and waits until its agent is ready.
 func (c *Client) VMStart(ctx context.Context, p api.VMStartParams, progress ProgressFunc) (api.VM, error) {
-	var r api.VM
-	err := c.call(ctx, api.MethodVMStart, p, &r, progress)
-	return r, err
+	return callFor[api.VM](ctx, c, api.MethodVMStart, p, progress)
 }
 
 // VMStop stops a VM gracefully (then kills it after the timeout).
 func (c *Client) VMStop(ctx context.Context, p api.VMStopParams, progress ProgressFunc) (api.VM, error) {
-	var r api.VM
-	err := c.call(ctx, api.MethodVMStop, p, &r, progress)
-	return r, err
+	return callFor[api.VM](ctx, c, api.MethodVMStop, p, progress)
 }
 
 // VMKill stops a VM immediately.
 func (c *Client) VMKill(ctx context.Context, name string) (api.VM, error) {
-	var r api.VM
-	err := c.call(ctx, api.MethodVMKill, api.NameParams{Name: name}, &r, nil)
-	return r, err
+	return callFor[api.VM](ctx, c, api.MethodVMKill, api.NameParams{Name: name}, nil)
 }
 
 // VMRemove removes a VM.
@@ -109,16 +98,12 @@ func (c *Client) VMRemove(ctx context.Context, p api.VMRemoveParams) error {
 
 // VMList lists VMs.
 func (c *Client) VMList(ctx context.Context) ([]api.VM, error) {
-	var r []api.VM
-	err := c.call(ctx, api.MethodVMList, struct{}{}, &r, nil)
-	return r, err
+	return callFor[[]api.VM](ctx, c, api.MethodVMList, struct{}{}, nil)
 }
 
 // VMInspect describes one VM.
 func (c *Client) VMInspect(ctx context.Context, name string) (api.VM, error) {
-	var r api.VM
-	err := c.call(ctx, api.MethodVMInspect, api.NameParams{Name: name}, &r, nil)
-	return r, err
+	return callFor[api.VM](ctx, c, api.MethodVMInspect, api.NameParams{Name: name}, nil)
 }
 
 // VMLogs copies a VM's serial console to w (following it with p.Follow

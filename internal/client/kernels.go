@@ -8,16 +8,12 @@ import (
 
 // KernelList lists kernels.
 func (c *Client) KernelList(ctx context.Context) ([]api.Kernel, error) {
-	var r []api.Kernel
-	err := c.call(ctx, api.MethodKernelList, struct{}{}, &r, nil)
-	return r, err
+	return callFor[[]api.Kernel](ctx, c, api.MethodKernelList, struct{}{}, nil)
 }
 
 // KernelInspect describes one kernel.
 func (c *Client) KernelInspect(ctx context.Context, name string) (api.Kernel, error) {
-	var r api.Kernel
-	err := c.call(ctx, api.MethodKernelInspect, api.NameParams{Name: name}, &r, nil)
-	return r, err
+	return callFor[api.Kernel](ctx, c, api.MethodKernelInspect, api.NameParams{Name: name}, nil)
 }
 
 // KernelRemove removes a kernel no image or VM uses.
@@ -28,15 +24,11 @@ func (c *Client) KernelRemove(ctx context.Context, name string) error {
 // KernelImport copies a kernel (files or a Debian package) into
 // daemon-managed storage.
 func (c *Client) KernelImport(ctx context.Context, p api.KernelImportParams, progress ProgressFunc) (api.Kernel, error) {
-	var r api.Kernel
-	err := c.call(ctx, api.MethodKernelImport, p, &r, progress)
-	return r, err
+	return callFor[api.Kernel](ctx, c, api.MethodKernelImport, p, progress)
 }
 
 // ImagePrune removes unused managed images and kernels and leftovers of
 // interrupted pulls.
 func (c *Client) ImagePrune(ctx context.Context, p api.PruneParams) (api.PruneResult, error) {
-	var r api.PruneResult
-	err := c.call(ctx, api.MethodImagePrune, p, &r, nil)
-	return r, err
+	return callFor[api.PruneResult](ctx, c, api.MethodImagePrune, p, nil)
 }

@@ -10,16 +10,12 @@ import (
 // pull runs in the daemon: if ctx ends first, it goes on there (cancel it
 // with PullCancel).
 func (c *Client) ImagePull(ctx context.Context, p api.PullParams, progress ProgressFunc) (api.Image, error) {
-	var r api.Image
-	err := c.call(ctx, api.MethodImagePull, p, &r, progress)
-	return r, err
+	return callFor[api.Image](ctx, c, api.MethodImagePull, p, progress)
 }
 
 // KernelPull pulls a kernel of the kernel catalog (as ImagePull).
 func (c *Client) KernelPull(ctx context.Context, p api.PullParams, progress ProgressFunc) (api.Kernel, error) {
-	var r api.Kernel
-	err := c.call(ctx, api.MethodKernelPull, p, &r, progress)
-	return r, err
+	return callFor[api.Kernel](ctx, c, api.MethodKernelPull, p, progress)
 }
 
 // PullCancel cancels the running pull of kind ("image" or "kernel") that

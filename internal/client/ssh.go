@@ -12,9 +12,7 @@ import (
 // default user, its host keys and, when it can be reached straight over
 // the network, its address.
 func (c *Client) VMSSHInfo(ctx context.Context, name string) (api.SSHInfo, error) {
-	var r api.SSHInfo
-	err := c.call(ctx, api.MethodVMSSHInfo, api.NameParams{Name: name}, &r, nil)
-	return r, err
+	return callFor[api.SSHInfo](ctx, c, api.MethodVMSSHInfo, api.NameParams{Name: name}, nil)
 }
 
 // VMTunnel relays a byte stream to the guest (p.SSH: its SSH service, else
