@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/bangerdev/banger/internal/api"
@@ -349,9 +350,9 @@ func (d *Daemon) installCatalogImage(ctx context.Context, e imagecat.Entry, name
 			_ = steps.Run(context.WithoutCancel(ctx))
 		}
 	}()
-	m, err := d.fetchBundle(ctx, e, bundle.KindImage, dir, progress)
+	m, unavailable, err := d.fetchBundle(ctx, e, bundle.KindImage, dir, progress)
 	if err != nil {
-		if e.Build != "" && errors.Is(err, download.ErrUnreachable) {
+		if e.Build != "" && unavailable {
 			_ = steps.Run(context.WithoutCancel(ctx))
 			d.log.Warn("image bundle unavailable: building locally", "image", e.Ref(), "url", e.URL, "recipe", e.Build, "err", err)
 			progress(api.Progress{Phase: fmt.Sprintf("bundle unavailable (%v): building %s locally (%s)", err, e.Ref(), e.Build)})
@@ -396,9 +397,9 @@ func (d *Daemon) installCatalogKernel(ctx context.Context, e kernelcat.Entry, na
 			_ = steps.Run(context.WithoutCancel(ctx))
 		}
 	}()
-	m, err := d.fetchBundle(ctx, e, bundle.KindKernel, dir, progress)
+	m, unavailable, err := d.fetchBundle(ctx, e, bundle.KindKernel, dir, progress)
 	if err != nil {
-		if e.Build != "" && errors.Is(err, download.ErrUnreachable) {
+		if e.Build != "" && unavailable {
 			_ = steps.Run(context.WithoutCancel(ctx))
 			d.log.Warn("kernel bundle unavailable: building locally", "kernel", e.Ref(), "url", e.URL, "recipe", e.Build, "err", err)
 			progress(api.Progress{Phase: fmt.Sprintf("bundle unavailable (%v): building %s locally (%s)", err, e.Ref(), e.Build)})
@@ -437,27 +438,40 @@ func (d *Daemon) installCatalogKernel(ctx context.Context, e kernelcat.Entry, na
 // fetchBundle installs the bundle of e into dir: streamed from its URL,
 // every file's size and sha256 checked against the manifest, the bundle's
 // own sha256 against the catalog's.
-func (d *Daemon) fetchBundle(ctx context.Context, e catalog.Entry, kind, dir string, progress func(api.Progress)) (*bundle.Manifest, error) {
+//
+// unavailable reports that the bundle could not be had at all (no
+// connection, 404, no such file: download.ErrUnreachable before any byte
+// arrived): only then may the caller build the entry locally instead. A
+// download that failed after bytes arrived is an error of the pull, not
+// a reason to start a local build over.
+func (d *Daemon) fetchBundle(ctx context.Context, e catalog.Entry, kind, dir string, progress func(api.Progress)) (m *bundle.Manifest, unavailable bool, err error) {
 	src, err := download.New(e.URL, download.Options{Size: e.Size, Log: d.log.With("op", "download", kind, e.Ref())})
 	if err != nil {
-		return nil, fmt.Errorf("%s %s: %w", kind, e.Ref(), err)
+		return nil, false, fmt.Errorf("%s %s: %w", kind, e.Ref(), err)
 	}
 	start := time.Now()
 	update, stop := bundleProgress(fmt.Sprintf("download %s %s", kind, e.Ref()), progress)
-	m, err := bundle.Install(ctx, src, dir, bundle.InstallOptions{
-		Kind: kind, Name: e.Name, Version: e.Version, SHA256: e.SHA256, Progress: update,
+	var received atomic.Bool
+	m, err = bundle.Install(ctx, src, dir, bundle.InstallOptions{
+		Kind: kind, Name: e.Name, Version: e.Version, SHA256: e.SHA256, Progress: func(done, total int64) {
+			if done > 0 {
+				received.Store(true)
+			}
+			update(done, total)
+		},
 	})
 	stop()
 	if err != nil {
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("pull %s %s: %w", kind, e.Ref(), context.Cause(ctx))
+			return nil, false, fmt.Errorf("pull %s %s: %w", kind, e.Ref(), context.Cause(ctx))
 		}
-		return nil, fmt.Errorf("pull %s %s from %s: %w", kind, e.Ref(), e.URL, err)
+		unavailable = errors.Is(err, download.ErrUnreachable) && !received.Load()
+		return nil, unavailable, fmt.Errorf("pull %s %s from %s: %w", kind, e.Ref(), e.URL, err)
 	}
 	secs := time.Since(start).Seconds()
 	d.log.Info("bundle installed", "kind", kind, "entry", e.Ref(), "bytes", e.Size, "seconds", fmt.Sprintf("%.1f", secs),
 		"mb_per_s", fmt.Sprintf("%.1f", float64(e.Size)/1e6/max(secs, 1e-3)))
-	return m, nil
+	return m, false, nil
 }
 
 // manifestSums maps the files of a manifest (paths relative to the

@@ -43,6 +43,9 @@ type bundleServer struct {
 	// cutAfter cuts the first response of a path after that many body
 	// bytes (the connection is dropped).
 	cutAfter map[string]int64
+	// downAfterCut: once a path's response was cut, the path answers 503
+	// (the server went down mid-download).
+	downAfterCut map[string]bool
 	// gate, when set, holds a path's body after its first gateAt bytes
 	// until it is closed.
 	gate   chan struct{}
@@ -51,7 +54,7 @@ type bundleServer struct {
 }
 
 func newBundleServer(t testing.TB) *bundleServer {
-	s := &bundleServer{t: t, files: map[string][]byte{}, reqs: map[string][]string{}, status: map[string]int{}, cutAfter: map[string]int64{}}
+	s := &bundleServer{t: t, files: map[string][]byte{}, reqs: map[string][]string{}, status: map[string]int{}, cutAfter: map[string]int64{}, downAfterCut: map[string]bool{}}
 	s.Server = httptest.NewServer(http.HandlerFunc(s.serve))
 	t.Cleanup(s.Close)
 	return s
@@ -144,6 +147,11 @@ func (s *bundleServer) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	http.ServeContent(lw, r, filepath.Base(r.URL.Path), time.Unix(0, 0), bytes.NewReader(b))
 	if lw.stopped {
+		s.mu.Lock()
+		if s.downAfterCut[r.URL.Path] {
+			s.status[r.URL.Path] = http.StatusServiceUnavailable
+		}
+		s.mu.Unlock()
 		if hj, ok := w.(http.Hijacker); ok {
 			if c, _, err := hj.Hijack(); err == nil {
 				c.Close()
@@ -431,6 +439,10 @@ func TestPullFailures(t *testing.T) {
 	f.srv.put("/truncated.tar.zst", truncated)
 	f.srv.put("/short.tar.zst", short[:len(short)/2])
 	f.srv.status["/gone.tar.zst"] = http.StatusNotFound
+	midway := img("midway")
+	f.srv.put("/midway.tar.zst", midway)
+	f.srv.cutAfter["/midway.tar.zst"] = int64(len(midway) / 2)
+	f.srv.downAfterCut["/midway.tar.zst"] = true
 	f.srv.status["/broken.tar.zst"] = http.StatusInternalServerError
 	entry := func(name, path string, size int64, sum string) catalog.Entry {
 		return catalog.Entry{Name: name, Version: "1", Arch: runtime.GOARCH, URL: f.srv.url(path), Size: size, SHA256: sum, Kernel: "tk"}
@@ -446,6 +458,9 @@ func TestPullFailures(t *testing.T) {
 		// A bundle that can't be fetched, with a recipe: the local build
 		// is tried (one this banger doesn't have: no build runs here).
 		withBuild(entry("fallback", "/gone.tar.zst", sz, f.image.SHA256), "no-such-recipe"),
+		// One whose server goes down after part of the bundle arrived:
+		// an error of the pull, no local build started over.
+		withBuild(entry("midway", "/midway.tar.zst", int64(len(midway)), sha(midway)), "no-such-recipe"),
 		withBuild(catalog.Entry{Name: "buildonly", Version: "1", Arch: runtime.GOARCH, Kernel: "tk"}, "no-such-recipe"),
 	)
 	// The kernel is pulled first, and kept: the cases are the image's.
@@ -464,6 +479,7 @@ func TestPullFailures(t *testing.T) {
 		{"lacking", "seed.img"},
 		{"fallback", `no local build recipe "no-such-recipe" (this banger builds "golden"): invalid argument (after the bundle was unavailable: `},
 		{"buildonly", `no local build recipe "no-such-recipe"`},
+		{"midway", "503"},
 	} {
 		t.Run(tc.ref, func(t *testing.T) {
 			_, err := d.c.ImagePull(testCtx(t), api.PullParams{Ref: tc.ref}, nil)
@@ -471,6 +487,9 @@ func TestPullFailures(t *testing.T) {
 				t.Fatalf("pull %s: %v, want an error mentioning %q", tc.ref, err, tc.want)
 			}
 			t.Logf("pull %s: %v", tc.ref, err)
+			if tc.ref == "midway" && strings.Contains(err.Error(), "local build") {
+				t.Errorf("pull midway: a local build was tried after part of the bundle arrived: %v", err)
+			}
 			assertNothingPulled(t, e, d, "tk")
 		})
 	}
