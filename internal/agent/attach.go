@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"time"
 
 	"github.com/bangerdev/banger/internal/agentproto"
 )
@@ -60,21 +59,13 @@ func (c *Client) Attach(ctx context.Context, opts AttachOptions) (int, error) {
 	ch.CloseWrite()
 
 	resc := drainSession(ch, opts.Stdout, opts.Stderr, exitc)
-	var res sessionEnd
-	select {
-	case res = <-resc:
-	case <-ctx.Done():
+	res, cancelled := waitSession(ctx, resc)
+	if cancelled {
 		// The channel is being closed; an exit status that arrived
 		// meanwhile still counts (the VM powering off right after it
 		// ends the caller's context).
-		t := time.NewTimer(cancelGrace)
-		defer t.Stop()
-		select {
-		case res = <-resc:
-			if res.ok {
-				return res.code, nil
-			}
-		case <-t.C:
+		if res.ok {
+			return res.code, nil
 		}
 		return -1, fmt.Errorf("attach: %w", ctx.Err())
 	}

@@ -147,18 +147,11 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 		go forwardResizes(ch, opts.Resize, finished)
 	}
 
-	var res sessionEnd
-	select {
-	case res = <-resc:
-	case <-ctx.Done():
-		// The kill and close were sent by the AfterFunc; give the agent a
-		// moment to confirm, so the command is gone when Exec returns.
-		t := time.NewTimer(cancelGrace)
-		defer t.Stop()
-		select {
-		case <-resc:
-		case <-t.C:
-		}
+	// When ctx ends, the kill and close were sent by the AfterFunc;
+	// waitSession gives the agent a moment to confirm, so the command is
+	// gone when Exec returns.
+	res, cancelled := waitSession(ctx, resc)
+	if cancelled {
 		return ctxErr()
 	}
 	if !res.ok {
@@ -213,6 +206,24 @@ func drainSession(ch ssh.Channel, stdout, stderr io.Writer, exitc <-chan exitRes
 		resc <- sessionEnd{exitResult: res, outErr: outErr}
 	}()
 	return resc
+}
+
+// waitSession waits for the session's end. When ctx ends first it waits
+// up to cancelGrace more and reports cancelled, with the end if it came
+// meanwhile (else the zero sessionEnd).
+func waitSession(ctx context.Context, resc <-chan sessionEnd) (res sessionEnd, cancelled bool) {
+	select {
+	case res = <-resc:
+		return res, false
+	case <-ctx.Done():
+	}
+	t := time.NewTimer(cancelGrace)
+	defer t.Stop()
+	select {
+	case res = <-resc:
+	case <-t.C:
+	}
+	return res, true
 }
 
 type exitResult struct {
