@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/tarcopy"
 )
 
 // Whiteout names of the OCI image spec (and AUFS before it).
@@ -249,16 +250,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 	case tar.TypeLink:
 		return a.hardlink(pfd, base, hdr)
 	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
-		mode := uint32(hdr.Mode & 0o7777)
-		switch hdr.Typeflag {
-		case tar.TypeChar:
-			mode |= unix.S_IFCHR
-		case tar.TypeBlock:
-			mode |= unix.S_IFBLK
-		default:
-			mode |= unix.S_IFIFO
-		}
-		dev := unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))
+		mode, dev := tarcopy.NodeMode(hdr)
 		if err := unix.Mknodat(pfd, base, mode, int(dev)); err != nil {
 			return fmt.Errorf("mknod: %w", err)
 		}

@@ -252,16 +252,7 @@ func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
 			return nil
 		})
 	default: // special files, root with Archive only
-		mode := uint32(hdr.Mode & 0o7777)
-		switch hdr.Typeflag {
-		case tar.TypeChar:
-			mode |= unix.S_IFCHR
-		case tar.TypeBlock:
-			mode |= unix.S_IFBLK
-		default:
-			mode |= unix.S_IFIFO
-		}
-		dev := unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))
+		mode, dev := NodeMode(hdr)
 		return x.create(parent, name, leaf, func(tmp string) error {
 			if err := unix.Mknodat(parent, tmp, mode, int(dev)); err != nil {
 				return fmt.Errorf("create special file: %w", err)
@@ -676,4 +667,20 @@ func ExtractFrom(stream func(io.Writer) error, dest string, opts ExtractOptions)
 		return fmt.Errorf("%w (the copy may be incomplete)", err)
 	}
 	return nil
+}
+
+// NodeMode is the mknod mode (permission bits and file type) and device
+// number of a tar header for a character or block device or a FIFO (any
+// other type flag is taken as a FIFO).
+func NodeMode(hdr *tar.Header) (mode uint32, dev uint64) {
+	mode = uint32(hdr.Mode & 0o7777)
+	switch hdr.Typeflag {
+	case tar.TypeChar:
+		mode |= unix.S_IFCHR
+	case tar.TypeBlock:
+		mode |= unix.S_IFBLK
+	default:
+		mode |= unix.S_IFIFO
+	}
+	return mode, unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))
 }
