@@ -49,7 +49,18 @@ type pullOp struct {
 	mu   sync.Mutex
 	last *api.Progress // the latest frame, for watchers that come later
 	subs map[*pullWatcher]struct{}
+	// wanted: a client asked for this pull itself (image pull, kernel
+	// pull, vm create), not only another pull (an image's kernel); it
+	// then runs to its end whoever leaves. nested counts the other pulls
+	// waiting for it: when the last one is cancelled and nobody wanted
+	// it, it is cancelled too.
+	wanted bool
+	nested int
 }
+
+// pullCtxKey marks the context of a running pull (its op), so that a pull
+// started inside it (an image's kernel) knows it is nested.
+type pullCtxKey struct{}
 
 // start returns the running pull of key (adding refs to the ones it
 // answers to), or starts fn as a new one with a context derived from
@@ -74,7 +85,7 @@ func (r *pullRegistry) start(parent context.Context, kind, key string, refs []st
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
-		res, err := fn(ctx, op.publish)
+		res, err := fn(context.WithValue(ctx, pullCtxKey{}, op), op.publish)
 		if err != nil && errors.Is(context.Cause(ctx), errPullCancelled) {
 			err = fmt.Errorf("%s pull of %s cancelled: %w", kind, errdefs.Quote(refs[0]), context.Canceled)
 		}
@@ -153,11 +164,27 @@ func (op *pullOp) watch(ctx context.Context, progress func(api.Progress)) (any, 
 		w.push(*op.last)
 	}
 	op.subs[w] = struct{}{}
+	_, nested := ctx.Value(pullCtxKey{}).(*pullOp)
+	if nested {
+		op.nested++
+	} else {
+		op.wanted = true
+	}
 	op.mu.Unlock()
 	defer func() {
 		op.mu.Lock()
 		delete(op.subs, w)
+		orphan := false
+		if nested {
+			op.nested--
+			orphan = op.nested == 0 && !op.wanted && ctx.Err() != nil
+		}
 		op.mu.Unlock()
+		if orphan {
+			// The pulls that needed it were cancelled and no client
+			// asked for it: stop it too.
+			op.cancel(errPullCancelled)
+		}
 	}()
 	flush := func() {
 		for _, p := range w.take() {

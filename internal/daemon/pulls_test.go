@@ -663,3 +663,32 @@ func TestCreateAutoPulls(t *testing.T) {
 	}
 	_ = fmt.Sprint()
 }
+
+// Cancelling an image pull cancels the pull of its kernel that it started
+// (nothing else waits for it), instead of leaving it running.
+func TestPullCancelNestedKernel(t *testing.T) {
+	e, d, f := setupPull(t, 1<<20)
+	gate := make(chan struct{})
+	f.srv.mu.Lock()
+	f.srv.gate, f.srv.gateAt = gate, 100 // every bundle, the kernel's too, stalls
+	f.srv.mu.Unlock()
+	var once sync.Once
+	release := func() { once.Do(func() { close(gate) }) }
+	t.Cleanup(release)
+	done := make(chan error, 1)
+	go func() {
+		_, err := d.c.ImagePull(testCtx(t), api.PullParams{Ref: "timg"}, nil)
+		done <- err
+	}()
+	dm := e.daemon.Load()
+	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+	defer cancel()
+	waitFor(ctx, t, "the image's kernel pull", func() bool { return dm.pulls.find("kernel", "tk") != nil })
+	if err := d.c.PullCancel(testCtx(t), "image", "timg"); err != nil {
+		t.Fatal(err)
+	}
+	wireErr(t, "cancelled pull", <-done, context.Canceled)
+	waitFor(ctx, t, "the nested kernel pull to stop", func() bool { return dm.pulls.find("kernel", "tk") == nil })
+	release()
+	assertNothingPulled(t, e, d)
+}
