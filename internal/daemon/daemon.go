@@ -288,7 +288,7 @@ func run(ctx context.Context, cfg config.Daemon, log *slog.Logger, dp deps) erro
 	} else if len(removed) > 0 {
 		log.Info("removed interrupted image promotions", "dirs", removed)
 	}
-	if removed, _, err := d.removePartials(); err != nil {
+	if removed, _, err := d.removePartials(resumableMaxAge); err != nil {
 		log.Warn("remove interrupted pulls and builds", "err", err)
 	} else if len(removed) > 0 {
 		log.Info("removed interrupted pulls and builds", "dirs", removed)

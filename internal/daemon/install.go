@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -68,6 +69,67 @@ func (d *Daemon) stagingDir(kind string) (string, error) {
 	return dir, nil
 }
 
+// resumableInfix marks the staging directories of catalog bundles:
+// <kind>-sha256-<first 16 hex digits of the bundle's sha256>.partial. A
+// pull that failed on the network keeps its directory (with the bundle's
+// checkpoint) and the next pull of the same bundle resumes from it.
+const resumableInfix = "-sha256-"
+
+// resumableMaxAge: daemon start removes resumable staging directories
+// untouched for longer than this (image prune removes them all).
+const resumableMaxAge = 24 * time.Hour
+
+// bundleStagingDir returns the staging directory of the bundle whose
+// sha256 is sum, made or, left by an earlier failed pull, reused. When
+// another running pull holds it (the same bundle under another name),
+// or sum is not a sha256, a fresh one is made instead.
+func (d *Daemon) bundleStagingDir(kind, sum string) (string, error) {
+	if !catalog.IsSHA256(sum) {
+		return d.stagingDir(kind)
+	}
+	if err := vmname.ValidateKind("staging kind", kind); err != nil {
+		return "", fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
+	}
+	if err := os.MkdirAll(d.stagingRoot(), 0o700); err != nil {
+		return "", fmt.Errorf("make staging directory: %w", err)
+	}
+	dir := filepath.Join(d.stagingRoot(), kind+resumableInfix+sum[:16]+partialSuffix)
+	d.stagingMu.Lock()
+	busy := d.staging[dir]
+	if !busy {
+		if d.staging == nil {
+			d.staging = map[string]bool{}
+		}
+		d.staging[dir] = true
+	}
+	d.stagingMu.Unlock()
+	if busy {
+		return d.stagingDir(kind)
+	}
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		st, lerr := os.Lstat(dir)
+		if !errors.Is(err, fs.ErrExist) || lerr != nil || !st.IsDir() {
+			d.stagingMu.Lock()
+			delete(d.staging, dir)
+			d.stagingMu.Unlock()
+			return "", fmt.Errorf("make staging directory: %w", err)
+		}
+		d.log.Info("resuming from an earlier pull's staging directory", "dir", dir)
+	}
+	return dir, nil
+}
+
+// keepStaging releases a resumable staging directory without removing
+// it: a later pull of the same bundle resumes from it (image prune, or
+// daemon start after resumableMaxAge, removes it).
+func (d *Daemon) keepStaging(dir string) {
+	now := time.Now()
+	_ = os.Chtimes(dir, now, now) // its age counts from the last failure
+	d.stagingMu.Lock()
+	delete(d.staging, dir)
+	d.stagingMu.Unlock()
+}
+
 // discardStaging removes a staging directory that won't be installed
 // (unmounting first what a killed build left mounted in it: see
 // removeStaging). If a mount can't be undone the directory stays, and
@@ -92,9 +154,10 @@ func removeStaging(dir string, log *slog.Logger) error {
 }
 
 // removePartials removes the *.partial staging directories no running
-// operation holds (all of them at daemon start), returning them and the
-// bytes they held.
-func (d *Daemon) removePartials() (removed []string, bytes int64, err error) {
+// operation holds, returning them and the bytes they held. Resumable
+// ones (a catalog bundle's, kept for a resume) are removed only when
+// untouched for keepResumable (0: all of them, as image prune does).
+func (d *Daemon) removePartials(keepResumable time.Duration) (removed []string, bytes int64, err error) {
 	entries, err := os.ReadDir(d.stagingRoot())
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, 0, nil
@@ -108,6 +171,14 @@ func (d *Daemon) removePartials() (removed []string, bytes int64, err error) {
 			continue
 		}
 		p := filepath.Join(d.stagingRoot(), e.Name())
+		if keepResumable > 0 && strings.Contains(e.Name(), resumableInfix) {
+			// Kept unless old, or last written before the machine booted:
+			// checkpoints are not fsynced, so after a crash of the machine
+			// one may be ahead of the data that reached the disk.
+			if st, err := e.Info(); err == nil && time.Since(st.ModTime()) < keepResumable && st.ModTime().After(bootTime()) {
+				continue
+			}
+		}
 		d.stagingMu.Lock()
 		busy := d.staging[p]
 		d.stagingMu.Unlock()
@@ -122,6 +193,22 @@ func (d *Daemon) removePartials() (removed []string, bytes int64, err error) {
 		removed, bytes = append(removed, p), bytes+n
 	}
 	return removed, bytes, errors.Join(errs...)
+}
+
+// bootTime is when the machine booted (/proc/stat btime); when
+// unknown, now (nothing written before counts as safe to resume).
+func bootTime() time.Time {
+	data, err := os.ReadFile("/proc/stat")
+	if err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			if v, ok := strings.CutPrefix(line, "btime "); ok {
+				if secs, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil {
+					return time.Unix(secs, 0)
+				}
+			}
+		}
+	}
+	return time.Now()
 }
 
 // treeSize is the bytes allocated to the files under p (sparse files

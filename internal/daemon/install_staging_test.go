@@ -6,7 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -55,7 +57,7 @@ func TestRemovePartialsUnmounts(t *testing.T) {
 			return
 		}
 		var err error
-		removed, _, err = d.removePartials()
+		removed, _, err = d.removePartials(0)
 		errc <- err
 	}()
 	if err := <-errc; err != nil {
@@ -69,5 +71,41 @@ func TestRemovePartialsUnmounts(t *testing.T) {
 	}
 	if len(removed) != 1 || removed[0] != partial {
 		t.Fatalf("removed %v, want [%s]", removed, partial)
+	}
+}
+
+// Daemon start (removePartials(resumableMaxAge)) removes interrupted
+// pulls' and builds' staging dirs, but keeps a catalog bundle's resumable
+// one younger than resumableMaxAge and written since the machine booted;
+// image prune (0) removes them all.
+func TestRemovePartialsKeepsRecentResumable(t *testing.T) {
+	d := &Daemon{cfg: config.Daemon{StateDir: t.TempDir()}, log: testLogger(t)}
+	mk := func(name string, age time.Duration) string {
+		p := filepath.Join(d.stagingRoot(), name)
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		when := time.Now().Add(-age)
+		if err := os.Chtimes(p, when, when); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	fresh := mk("image-sha256-0123456789abcdef.partial", 0) // written after this boot
+	old := mk("kernel-sha256-0123456789abcdef.partial", 2*resumableMaxAge)
+	build := mk("build-123.partial", time.Minute)
+	removed, _, err := d.removePartials(resumableMaxAge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(removed)
+	if want := []string{build, old}; !slices.Equal(removed, want) {
+		t.Errorf("daemon start removed %v, want %v", removed, want)
+	}
+	if _, err := os.Stat(fresh); err != nil {
+		t.Errorf("recent resumable staging dir removed at start: %v", err)
+	}
+	if removed, _, err := d.removePartials(0); err != nil || len(removed) != 1 || removed[0] != fresh {
+		t.Errorf("prune removed %v (%v), want %s", removed, err, fresh)
 	}
 }

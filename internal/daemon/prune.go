@@ -71,7 +71,7 @@ func (d *Daemon) imagePrune(ctx context.Context, call *rpc.Call) (any, error) {
 		res.Kernels = append(res.Kernels, k.Name)
 		res.ReclaimedBytes += freed
 	}
-	partial, freed, err := d.removePartials()
+	partial, freed, err := d.removePartials(0)
 	res.PartialFiles = partial
 	res.ReclaimedBytes += freed
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path"
 	"path/filepath"
 	"strings"
@@ -339,12 +340,22 @@ func (d *Daemon) installCatalogImage(ctx context.Context, e imagecat.Entry, name
 		progress(api.Progress{Phase: fmt.Sprintf("image %s has no prebuilt bundle: building it locally (%s)", e.Ref(), e.Build)})
 		return d.buildImageLocally(ctx, e, name, progress)
 	}
-	dir, err := d.stagingDir("image")
+	// Keyed by the bundle: a pull that failed on the network leaves its
+	// checkpoint there, and this one resumes from it.
+	dir, err := d.bundleStagingDir("image", e.SHA256)
 	if err != nil {
 		return im, err
 	}
+	keep := false
 	steps := undo.New(d.log.With("op", "pull image", "image", name))
-	steps.Push("remove the staging directory", func(context.Context) error { d.discardStaging(dir); return nil })
+	steps.Push("remove the staging directory", func(context.Context) error {
+		if keep {
+			d.keepStaging(dir)
+		} else {
+			d.discardStaging(dir)
+		}
+		return nil
+	})
 	defer func() {
 		if err != nil {
 			_ = steps.Run(context.WithoutCancel(ctx))
@@ -352,6 +363,9 @@ func (d *Daemon) installCatalogImage(ctx context.Context, e imagecat.Entry, name
 	}()
 	m, unavailable, err := d.fetchBundle(ctx, e, bundle.KindImage, dir, progress)
 	if err != nil {
+		// Kept for a resume after a network failure; not after a cancel
+		// or a bundle that doesn't match its sums.
+		keep = ctx.Err() == nil && errors.Is(err, download.ErrUnreachable) && !unavailable
 		if e.Build != "" && unavailable {
 			_ = steps.Run(context.WithoutCancel(ctx))
 			d.log.Warn("image bundle unavailable: building locally", "image", e.Ref(), "url", e.URL, "recipe", e.Build, "err", err)
@@ -386,12 +400,22 @@ func (d *Daemon) installCatalogKernel(ctx context.Context, e kernelcat.Entry, na
 		progress(api.Progress{Phase: fmt.Sprintf("kernel %s has no prebuilt bundle: building it locally (%s)", e.Ref(), e.Build)})
 		return d.buildKernelLocally(ctx, e, name, progress)
 	}
-	dir, err := d.stagingDir("kernel")
+	// Keyed by the bundle: a pull that failed on the network leaves its
+	// checkpoint there, and this one resumes from it.
+	dir, err := d.bundleStagingDir("kernel", e.SHA256)
 	if err != nil {
 		return k, err
 	}
+	keep := false
 	steps := undo.New(d.log.With("op", "pull kernel", "kernel", name))
-	steps.Push("remove the staging directory", func(context.Context) error { d.discardStaging(dir); return nil })
+	steps.Push("remove the staging directory", func(context.Context) error {
+		if keep {
+			d.keepStaging(dir)
+		} else {
+			d.discardStaging(dir)
+		}
+		return nil
+	})
 	defer func() {
 		if err != nil {
 			_ = steps.Run(context.WithoutCancel(ctx))
@@ -399,6 +423,9 @@ func (d *Daemon) installCatalogKernel(ctx context.Context, e kernelcat.Entry, na
 	}()
 	m, unavailable, err := d.fetchBundle(ctx, e, bundle.KindKernel, dir, progress)
 	if err != nil {
+		// Kept for a resume after a network failure; not after a cancel
+		// or a bundle that doesn't match its sums.
+		keep = ctx.Err() == nil && errors.Is(err, download.ErrUnreachable) && !unavailable
 		if e.Build != "" && unavailable {
 			_ = steps.Run(context.WithoutCancel(ctx))
 			d.log.Warn("kernel bundle unavailable: building locally", "kernel", e.Ref(), "url", e.URL, "recipe", e.Build, "err", err)
@@ -441,7 +468,7 @@ func (d *Daemon) installCatalogKernel(ctx context.Context, e kernelcat.Entry, na
 //
 // unavailable reports that the bundle could not be had at all (no
 // connection, 404, no such file: download.ErrUnreachable before any byte
-// arrived): only then may the caller build the entry locally instead. A
+// arrived, in this pull or an earlier one whose staging dir it resumes): only then may the caller build the entry locally instead. A
 // download that failed after bytes arrived is an error of the pull, not
 // a reason to start a local build over.
 func (d *Daemon) fetchBundle(ctx context.Context, e catalog.Entry, kind, dir string, progress func(api.Progress)) (m *bundle.Manifest, unavailable bool, err error) {
@@ -452,6 +479,9 @@ func (d *Daemon) fetchBundle(ctx context.Context, e catalog.Entry, kind, dir str
 	start := time.Now()
 	update, stop := bundleProgress(fmt.Sprintf("download %s %s", kind, e.Ref()), progress)
 	var received atomic.Bool
+	if ents, _ := os.ReadDir(dir); len(ents) > 0 {
+		received.Store(true) // resuming: bytes arrived before
+	}
 	m, err = bundle.Install(ctx, src, dir, bundle.InstallOptions{
 		Kind: kind, Name: e.Name, Version: e.Version, SHA256: e.SHA256, Progress: func(done, total int64) {
 			if done > 0 {

@@ -487,8 +487,17 @@ func TestPullFailures(t *testing.T) {
 				t.Fatalf("pull %s: %v, want an error mentioning %q", tc.ref, err, tc.want)
 			}
 			t.Logf("pull %s: %v", tc.ref, err)
-			if tc.ref == "midway" && strings.Contains(err.Error(), "local build") {
-				t.Errorf("pull midway: a local build was tried after part of the bundle arrived: %v", err)
+			if tc.ref == "midway" {
+				if strings.Contains(err.Error(), "local build") {
+					t.Errorf("pull midway: a local build was tried after part of the bundle arrived: %v", err)
+				}
+				// Kept for a resume (TestPullResumesAcrossPulls); removed here so the
+				// next cases start clean.
+				kept := filepath.Join(e.cfg.StateDir, "tmp", "image-sha256-"+sha(midway)[:16]+".partial")
+				if _, err := os.Stat(kept); err != nil {
+					t.Errorf("the staging dir of a pull that failed on the network was not kept: %v", err)
+				}
+				os.RemoveAll(kept)
 			}
 			assertNothingPulled(t, e, d, "tk")
 		})
@@ -691,4 +700,56 @@ func TestPullCancelNestedKernel(t *testing.T) {
 	waitFor(ctx, t, "the nested kernel pull to stop", func() bool { return dm.pulls.find("kernel", "tk") == nil })
 	release()
 	assertNothingPulled(t, e, d)
+}
+
+// A pull that fails on the network after part of the bundle arrived keeps
+// its staging dir (keyed by the bundle's sha256) with the bundle's
+// checkpoint; the next pull of the same entry resumes from it with a Range
+// request instead of downloading it all again. Checksum failures and
+// cancels don't keep it (TestPullFailures, TestPullCancel); image prune
+// removes it.
+func TestPullResumesAcrossPulls(t *testing.T) {
+	e, d, f := setupPull(t, 4*bundle.FrameSize)
+	ctx := testCtx(t)
+	if _, err := d.c.KernelPull(ctx, api.PullParams{Ref: "tk"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	size := int64(len(f.imageBundle))
+	f.srv.mu.Lock()
+	f.srv.cutAfter["/timg.tar.zst"] = size * 3 / 4
+	f.srv.downAfterCut["/timg.tar.zst"] = true
+	f.srv.mu.Unlock()
+	before := f.srv.served.Load()
+	_, err := d.c.ImagePull(ctx, api.PullParams{Ref: "timg"}, nil)
+	if err == nil {
+		t.Fatal("pull with the server down midway succeeded")
+	}
+	kept := filepath.Join(e.cfg.StateDir, "tmp", "image-sha256-"+f.image.SHA256[:16]+".partial")
+	if _, err := os.Stat(kept); err != nil {
+		t.Fatalf("staging dir not kept after a network failure (%v): %v", err, partials(t, e))
+	}
+	// The server is back: the pull resumes.
+	f.srv.mu.Lock()
+	delete(f.srv.status, "/timg.tar.zst")
+	f.srv.mu.Unlock()
+	firstReqs := len(f.srv.requests("/timg.tar.zst"))
+	im, err := d.c.ImagePull(ctx, api.PullParams{Ref: "timg"}, nil)
+	if err != nil {
+		t.Fatalf("pull after the server came back: %v", err)
+	}
+	if im.Name != "timg" {
+		t.Fatalf("pulled %+v", im)
+	}
+	reqs := f.srv.requests("/timg.tar.zst")[firstReqs:]
+	if len(reqs) == 0 || !strings.HasPrefix(reqs[0], "bytes=") || strings.HasPrefix(reqs[0], "bytes=0-") {
+		t.Errorf("the second pull's requests %q: want a Range request from past the start", reqs)
+	}
+	served := f.srv.served.Load() - before
+	if served >= size*3/2 {
+		t.Errorf("%d bytes served for a %d-byte bundle: no resume", served, size)
+	}
+	t.Logf("bundle %d bytes, served %d over both pulls (%.2fx), second pull's requests %q", size, served, float64(served)/float64(size), reqs)
+	if p := partials(t, e); len(p) != 0 {
+		t.Errorf("staging directories left after the install: %v", p)
+	}
 }
