@@ -222,3 +222,20 @@ func TestDaemonImageKeys(t *testing.T) {
 		t.Fatalf("CLI default_image_name: %+v, %v", cl, err)
 	}
 }
+
+// embedded_catalogs, local_builds and registry_fallback default to true
+// and can be turned off (the test harnesses do, with a default kernel no
+// catalog has).
+func TestDaemonPullSafetySwitches(t *testing.T) {
+	d := DefaultDaemon()
+	if !d.EmbeddedCatalogs || !d.LocalBuilds || !d.RegistryFallback {
+		t.Fatalf("defaults: embedded_catalogs %v local_builds %v registry_fallback %v", d.EmbeddedCatalogs, d.LocalBuilds, d.RegistryFallback)
+	}
+	c, err := LoadDaemon(write(t, "embedded_catalogs = false\nlocal_builds = false\nregistry_fallback = false\ndefault_kernel_name = \"test-no-such-kernel\"\n"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.EmbeddedCatalogs || c.LocalBuilds || c.RegistryFallback || c.DefaultKernelName != "test-no-such-kernel" {
+		t.Fatalf("got %+v", c)
+	}
+}
