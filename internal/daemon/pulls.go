@@ -518,7 +518,11 @@ func manifestSums(m *bundle.Manifest) map[string]string {
 // first when it is not local: from the image catalog, or, for an
 // explicit OCI reference (with a registry, tag or digest), from its
 // registry. Not found only when it is neither.
-func (d *Daemon) ensureImage(ctx context.Context, ref string, progress func(api.Progress)) (store.Image, error) {
+//
+// admin: the caller may call admin methods (root); only then is a local
+// OCI source (a path, oci:DIR, docker-archive:, docker-daemon:) imported,
+// as image pull would.
+func (d *Daemon) ensureImage(ctx context.Context, ref string, admin bool, progress func(api.Progress)) (store.Image, error) {
 	im, err := d.store.GetImage(ctx, ref)
 	if !errors.Is(err, errdefs.ErrNotFound) {
 		return im, err
@@ -540,8 +544,12 @@ func (d *Daemon) ensureImage(ctx context.Context, ref string, progress func(api.
 		progress(api.Progress{Phase: fmt.Sprintf("image %s is not local: pulling %s from the catalog", name, e.Ref())})
 		return d.pullImageEntry(ctx, e, name, ref, progress)
 	}
+	if ociimport.IsLocalRef(ref) && admin {
+		progress(api.Progress{Phase: fmt.Sprintf("image %s is not local: importing it", ref)})
+		return d.pullOCIShared(ctx, api.PullParams{Ref: ref}, progress)
+	}
 	if ociimport.IsLocalRef(ref) {
-		// bangerd would read it as root: image pull (admin) only.
+		// bangerd would read it as root: admins only.
 		return im, fmt.Errorf("image %s is a local OCI source: vm create does not import those (bangerd reads them as root); import it first with sudo banger image pull %s: %w",
 			errdefs.Quote(ref), ref, errdefs.ErrPermissionDenied)
 	}

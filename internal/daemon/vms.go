@@ -178,7 +178,9 @@ func (d *Daemon) createVM(ctx context.Context, call *rpc.Call, p api.VMCreatePar
 	}
 	// Pulled first when not local (from a catalog, or an OCI reference's
 	// registry), before the create lock: a pull may take minutes.
-	pulled, err := d.ensureImage(ctx, imageRef, call.Progress)
+	// Local OCI sources are read as root: imported for admins only.
+	admin := d.authorize(call.Peer, rpc.PermAdmin) == nil
+	pulled, err := d.ensureImage(ctx, imageRef, admin, call.Progress)
 	if err != nil {
 		return v, err
 	}
