@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # banger's main job on a fresh Debian 12 machine, as root: install what banger
-# needs, build it, start bangerd, and run a command in a VM of the default
-# image (debian-bookworm, the golden development image), with nothing
-# prepared by hand: `vm run` pulls the image and its kernel from banger's
+# needs, build it, start bangerd, run a command in a VM of the default image
+# (debian-bookworm, the golden development image) and, on a terminal, end in
+# a shell of a new VM of that image, with nothing prepared by hand: `vm run` pulls the image and its kernel from banger's
 # catalogs, and where their bundles can't be downloaded (machines that reach
 # only Debian's archive and npm) bangerd builds both from Debian's archive
 # (docs/golden-image.md; the first run takes several minutes, with progress).
@@ -47,3 +47,8 @@ fi
   echo "opencode: $(opencode --version)"
   echo "sshd:     $(systemctl is-active ssh)"
   echo "user:     $(id dev)"'
+# On a terminal, end where a user starts: a shell in a new VM of the golden
+# image (removed when the shell exits).
+if [ -t 0 ] && [ -t 1 ]; then
+  exec "$banger" vm run --rm
+fi
