@@ -2,11 +2,12 @@
 # banger's main job on a fresh Debian 12 machine, as root: install what banger
 # needs, build it, start bangerd, run a command in a VM of the default image
 # (debian-bookworm, the golden development image) and, on a terminal, end in
-# a shell of a new VM of that image, with nothing prepared by hand: `vm run`
-# pulls the image and its kernel from banger's catalogs, and where their bundles can't be downloaded (machines that reach
-# only Debian's archive and npm) bangerd builds both from Debian's archive
-# (docs/golden-image.md; the first run takes several minutes, with progress).
-# Re-running it reuses what the first run made.
+# a shell of a new VM of that image. Nothing is prepared by hand: `vm run`
+# pulls the image and its kernel from banger's catalogs, and where their
+# bundles can't be downloaded (machines that reach only Debian's archive and
+# npm) bangerd builds both from Debian's archive (docs/golden-image.md; the
+# first run takes several minutes, with progress). Re-running it reuses what
+# the first run made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
