@@ -38,7 +38,7 @@ testimage:
 
 # End-to-end tests: the real bangerd and banger binaries booting real VMs.
 e2e: build testimage
-	$(GO) test -count=1 -tags e2e -timeout 40m -v ./test/e2e/
+	$(GO) test -count=1 -tags e2e -timeout 70m -v ./test/e2e/
 
 # Benchmarks: boot-to-ready against bare QEMU, vm create for 1 GiB vs
 # 20 GiB images, bangerd's resident memory; networking (in namespaces):
