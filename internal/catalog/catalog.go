@@ -20,7 +20,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -30,6 +29,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/bangerdev/banger/internal/download"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/vmname"
 )
@@ -268,36 +268,17 @@ func locationURL(loc string) (*url.URL, error) {
 	return &url.URL{Scheme: "file", Path: abs}, nil
 }
 
-// CheckURL accepts https URLs, http URLs whose host is a loopback address
-// or localhost, and file URLs with an absolute path.
+// CheckURL accepts what download accepts (https URLs, and http URLs whose
+// host is a loopback address or localhost) and file URLs with an absolute
+// path.
 func CheckURL(u *url.URL) error {
-	switch u.Scheme {
-	case "https":
-		if u.Host == "" {
-			return fmt.Errorf("url %s has no host: %w", errdefs.Quote(u.String()), errdefs.ErrInvalid)
-		}
-		return nil
-	case "http":
-		if !IsLoopback(u.Hostname()) {
-			return fmt.Errorf("url %s: plain http only for a loopback host; use https: %w", errdefs.Quote(u.String()), errdefs.ErrInvalid)
-		}
-		return nil
-	case "file":
-		if u.Host != "" && u.Host != "localhost" || !filepath.IsAbs(u.Path) {
-			return fmt.Errorf("url %s: a file url needs an absolute path (file:///...): %w", errdefs.Quote(u.String()), errdefs.ErrInvalid)
-		}
-		return nil
+	if u.Scheme != "file" {
+		return download.CheckURL(u)
 	}
-	return fmt.Errorf("url %s: scheme %s not supported (https, file, or http on a loopback host): %w", errdefs.Quote(u.String()), errdefs.Quote(u.Scheme), errdefs.ErrInvalid)
-}
-
-// IsLoopback reports whether host is "localhost" or a loopback IP.
-func IsLoopback(host string) bool {
-	if host == "localhost" {
-		return true
+	if u.Host != "" && u.Host != "localhost" || !filepath.IsAbs(u.Path) {
+		return fmt.Errorf("url %s: a file url needs an absolute path (file:///...): %w", errdefs.Quote(u.String()), errdefs.ErrInvalid)
 	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
+	return nil
 }
 
 // Fetch reads the catalog at an http(s) URL.

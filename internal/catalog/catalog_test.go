@@ -97,7 +97,7 @@ func TestLoadMergesURLs(t *testing.T) {
 		t.Errorf("404: %v", err)
 	}
 	_, err = Load(context.Background(), Images, catalogJSON(), []string{"http://example.test/c.json", "ftp://x/y"}, nil)
-	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "only for a loopback host") {
+	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "only to a loopback host") {
 		t.Errorf("non-loopback http: %v", err)
 	}
 }
