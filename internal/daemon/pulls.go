@@ -327,87 +327,79 @@ func bundleProgress(phase string, progress func(api.Progress)) (update func(done
 // installCatalogImage makes the image of a catalog entry: its kernel
 // first, then its bundle, or a local build when the bundle can't be had
 // and the entry has a recipe.
-func (d *Daemon) installCatalogImage(ctx context.Context, e imagecat.Entry, name string, progress func(api.Progress)) (im store.Image, err error) {
+func (d *Daemon) installCatalogImage(ctx context.Context, e imagecat.Entry, name string, progress func(api.Progress)) (store.Image, error) {
 	kref := e.Kernel
 	if kref == "" {
 		kref = d.cfg.DefaultKernelName
 	}
 	k, err := d.ensureKernel(ctx, kref, progress)
 	if err != nil {
-		return im, fmt.Errorf("pull image %s: its kernel: %w", e.Ref(), err)
+		return store.Image{}, fmt.Errorf("pull image %s: its kernel: %w", e.Ref(), err)
 	}
-	if e.URL == "" {
-		progress(api.Progress{Phase: fmt.Sprintf("image %s has no prebuilt bundle: building it locally (%s)", e.Ref(), e.Build)})
-		return d.buildImageLocally(ctx, e, name, progress)
-	}
-	// Keyed by the bundle: a pull that failed on the network leaves its
-	// checkpoint there, and this one resumes from it.
-	dir, err := d.bundleStagingDir("image", e.SHA256)
-	if err != nil {
-		return im, err
-	}
-	keep := false
-	steps := undo.New(d.log.With("op", "pull image", "image", name))
-	steps.Push("remove the staging directory", func(context.Context) error {
-		if keep {
-			d.keepStaging(dir)
-		} else {
-			d.discardStaging(dir)
+	build := func() (store.Image, error) { return d.buildImageLocally(ctx, e, name, progress) }
+	return installFromCatalog(ctx, d, bundle.KindImage, e, name, progress, build, func(dir string, m *bundle.Manifest) (store.Image, error) {
+		rootfs := m.File(bundle.RoleRootfs)
+		user := m.User
+		if user == "" {
+			user = e.User
 		}
-		return nil
-	})
-	defer func() {
-		if err != nil {
-			_ = steps.Run(context.WithoutCancel(ctx))
-		}
-	}()
-	m, unavailable, err := d.fetchBundle(ctx, e, bundle.KindImage, dir, progress)
-	if err != nil {
-		// Kept for a resume after a network failure; not after a cancel
-		// or a bundle that doesn't match its sums.
-		keep = ctx.Err() == nil && errors.Is(err, download.ErrUnreachable) && !unavailable
-		if e.Build != "" && unavailable {
-			_ = steps.Run(context.WithoutCancel(ctx))
-			d.log.Warn("image bundle unavailable: building locally", "image", e.Ref(), "url", e.URL, "recipe", e.Build, "err", err)
-			progress(api.Progress{Phase: fmt.Sprintf("bundle unavailable (%v): building %s locally (%s)", err, e.Ref(), e.Build)})
-			im, berr := d.buildImageLocally(ctx, e, name, progress)
-			if berr != nil {
-				return im, fmt.Errorf("%w (after the bundle was unavailable: %w)", berr, err)
-			}
-			return im, nil
-		}
-		return im, err
-	}
-	rootfs := m.File(bundle.RoleRootfs)
-	user := m.User
-	if user == "" {
-		user = e.User
-	}
-	progress(api.Progress{Phase: "install image " + name})
-	steps.Release() // installImage owns the staging directory now
-	return d.installImage(ctx, stagedImage{
-		Name: name, Source: api.SourceCatalog, Version: e.Version, Ref: e.URL, Digest: "sha256:" + e.SHA256,
-		Dir: dir, Rootfs: filepath.Join(dir, filepath.FromSlash(rootfs.Path)), KernelID: k.ID, User: user,
-		Config: m.Config, SHA256: manifestSums(m),
+		return d.installImage(ctx, stagedImage{
+			Name: name, Source: api.SourceCatalog, Version: e.Version, Ref: e.URL, Digest: "sha256:" + e.SHA256,
+			Dir: dir, Rootfs: filepath.Join(dir, filepath.FromSlash(rootfs.Path)), KernelID: k.ID, User: user,
+			Config: m.Config, SHA256: manifestSums(m),
+		})
 	})
 }
 
 // installCatalogKernel makes the kernel of a catalog entry from its
 // bundle, or a local build when the bundle can't be had and the entry
 // has a recipe.
-func (d *Daemon) installCatalogKernel(ctx context.Context, e kernelcat.Entry, name string, progress func(api.Progress)) (k store.Kernel, err error) {
+func (d *Daemon) installCatalogKernel(ctx context.Context, e kernelcat.Entry, name string, progress func(api.Progress)) (store.Kernel, error) {
+	build := func() (store.Kernel, error) { return d.buildKernelLocally(ctx, e, name, progress) }
+	return installFromCatalog(ctx, d, bundle.KindKernel, e, name, progress, build, func(dir string, m *bundle.Manifest) (store.Kernel, error) {
+		sk := stagedKernel{
+			Name: name, Source: api.SourceCatalog, Version: e.Version, Ref: e.URL, Digest: "sha256:" + e.SHA256,
+			Release: m.Release, Dir: dir, SHA256: manifestSums(m),
+		}
+		sk.Kernel = filepath.Join(dir, filepath.FromSlash(m.File(bundle.RoleKernel).Path))
+		if f := m.File(bundle.RoleInitrd); f != nil {
+			sk.Initrd = filepath.Join(dir, filepath.FromSlash(f.Path))
+		}
+		if f := m.File(bundle.RoleModules); f != nil {
+			// The modules tree is the top directory of the modules files
+			// ("modules/lib/modules/<release>/...": "modules").
+			top, _, _ := strings.Cut(f.Path, "/")
+			for _, o := range m.Files {
+				if o.Role == bundle.RoleModules && !strings.HasPrefix(o.Path, top+"/") {
+					d.discardStaging(dir)
+					return store.Kernel{}, fmt.Errorf("kernel bundle %s: the modules files are not under one directory (%s, %s): %w", e.Ref(), f.Path, o.Path, errdefs.ErrInvalid)
+				}
+			}
+			sk.ModulesDir = filepath.Join(dir, top)
+		}
+		return d.installKernel(ctx, sk)
+	})
+}
+
+// installFromCatalog is the part of a catalog pull that images and
+// kernels share: the entry's bundle is fetched into its staging directory
+// (keyed by the bundle, so a pull that failed on the network leaves its
+// checkpoint there and the next one resumes from it) and handed to
+// install, which owns the directory from then on; build runs instead when
+// the entry has no bundle, or when its bundle can't be had at all and the
+// entry has a recipe.
+func installFromCatalog[T any](ctx context.Context, d *Daemon, kind string, e catalog.Entry, name string, progress func(api.Progress),
+	build func() (T, error), install func(dir string, m *bundle.Manifest) (T, error)) (out T, err error) {
 	if e.URL == "" {
-		progress(api.Progress{Phase: fmt.Sprintf("kernel %s has no prebuilt bundle: building it locally (%s)", e.Ref(), e.Build)})
-		return d.buildKernelLocally(ctx, e, name, progress)
+		progress(api.Progress{Phase: fmt.Sprintf("%s %s has no prebuilt bundle: building it locally (%s)", kind, e.Ref(), e.Build)})
+		return build()
 	}
-	// Keyed by the bundle: a pull that failed on the network leaves its
-	// checkpoint there, and this one resumes from it.
-	dir, err := d.bundleStagingDir("kernel", e.SHA256)
+	dir, err := d.bundleStagingDir(kind, e.SHA256)
 	if err != nil {
-		return k, err
+		return out, err
 	}
 	keep := false
-	steps := undo.New(d.log.With("op", "pull kernel", "kernel", name))
+	steps := undo.New(d.log.With("op", "pull "+kind, kind, name))
 	steps.Push("remove the staging directory", func(context.Context) error {
 		if keep {
 			d.keepStaging(dir)
@@ -421,45 +413,26 @@ func (d *Daemon) installCatalogKernel(ctx context.Context, e kernelcat.Entry, na
 			_ = steps.Run(context.WithoutCancel(ctx))
 		}
 	}()
-	m, unavailable, err := d.fetchBundle(ctx, e, bundle.KindKernel, dir, progress)
+	m, unavailable, err := d.fetchBundle(ctx, e, kind, dir, progress)
 	if err != nil {
 		// Kept for a resume after a network failure; not after a cancel
 		// or a bundle that doesn't match its sums.
 		keep = ctx.Err() == nil && errors.Is(err, download.ErrUnreachable) && !unavailable
 		if e.Build != "" && unavailable {
 			_ = steps.Run(context.WithoutCancel(ctx))
-			d.log.Warn("kernel bundle unavailable: building locally", "kernel", e.Ref(), "url", e.URL, "recipe", e.Build, "err", err)
+			d.log.Warn(kind+" bundle unavailable: building locally", kind, e.Ref(), "url", e.URL, "recipe", e.Build, "err", err)
 			progress(api.Progress{Phase: fmt.Sprintf("bundle unavailable (%v): building %s locally (%s)", err, e.Ref(), e.Build)})
-			k, berr := d.buildKernelLocally(ctx, e, name, progress)
+			out, berr := build()
 			if berr != nil {
-				return k, fmt.Errorf("%w (after the bundle was unavailable: %w)", berr, err)
+				return out, fmt.Errorf("%w (after the bundle was unavailable: %w)", berr, err)
 			}
-			return k, nil
+			return out, nil
 		}
-		return k, err
+		return out, err
 	}
-	sk := stagedKernel{
-		Name: name, Source: api.SourceCatalog, Version: e.Version, Ref: e.URL, Digest: "sha256:" + e.SHA256,
-		Release: m.Release, Dir: dir, SHA256: manifestSums(m),
-	}
-	sk.Kernel = filepath.Join(dir, filepath.FromSlash(m.File(bundle.RoleKernel).Path))
-	if f := m.File(bundle.RoleInitrd); f != nil {
-		sk.Initrd = filepath.Join(dir, filepath.FromSlash(f.Path))
-	}
-	if f := m.File(bundle.RoleModules); f != nil {
-		// The modules tree is the top directory of the modules files
-		// ("modules/lib/modules/<release>/...": "modules").
-		top, _, _ := strings.Cut(f.Path, "/")
-		for _, o := range m.Files {
-			if o.Role == bundle.RoleModules && !strings.HasPrefix(o.Path, top+"/") {
-				return k, fmt.Errorf("kernel bundle %s: the modules files are not under one directory (%s, %s): %w", e.Ref(), f.Path, o.Path, errdefs.ErrInvalid)
-			}
-		}
-		sk.ModulesDir = filepath.Join(dir, top)
-	}
-	progress(api.Progress{Phase: "install kernel " + name})
-	steps.Release() // installKernel owns the staging directory now
-	return d.installKernel(ctx, sk)
+	progress(api.Progress{Phase: "install " + kind + " " + name})
+	steps.Release() // install owns the staging directory now
+	return install(dir, m)
 }
 
 // fetchBundle installs the bundle of e into dir: streamed from its URL,
