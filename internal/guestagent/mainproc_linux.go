@@ -38,7 +38,15 @@ type mainProc struct {
 
 	ackOnce sync.Once
 	acked   chan struct{} // closed when an agent sent the final exit to a client
+
+	// output is the current run's output pumps: a run's end is logged
+	// after its last output (drainOutput).
+	output *sync.WaitGroup
 }
+
+// outputDrainMax bounds how long a run's end waits for its output pumps:
+// a child that outlives the run may hold the pipes open.
+const outputDrainMax = 2 * time.Second
 
 func newMainProc(c *initConsole, spec *agentproto.Process, hostname string) *mainProc {
 	return &mainProc{
@@ -136,13 +144,16 @@ func (m *mainProc) start() (int, error) {
 	m.pid = p.Pid
 	// PID 1 reaps with wait4(-1); the handle is not needed.
 	_ = p.Release()
-	go m.pump(outR, entryStdout, m.console[0])
-	go m.pump(errR, entryStderr, m.console[1])
+	m.output = &sync.WaitGroup{}
+	m.output.Add(2)
+	go m.pump(outR, entryStdout, m.console[0], m.output)
+	go m.pump(errR, entryStderr, m.console[1], m.output)
 	return 0, nil
 }
 
 // pump copies one output stream of a run to the console and the log.
-func (m *mainProc) pump(r *os.File, kind byte, console io.Writer) {
+func (m *mainProc) pump(r *os.File, kind byte, console io.Writer, wg *sync.WaitGroup) {
+	defer wg.Done()
 	defer r.Close()
 	buf := make([]byte, 32<<10)
 	for {
@@ -160,6 +171,7 @@ func (m *mainProc) pump(r *os.File, kind byte, console io.Writer) {
 // ended handles the end of a run with code: a restart per the policy, or
 // the final exit (it reports true).
 func (m *mainProc) ended(code int) (final bool) {
+	m.drainOutput()
 	m.pid = 0
 	m.state.PID = 0
 	m.state.ExitCode = &code
@@ -185,6 +197,23 @@ func (m *mainProc) ended(code int) (final bool) {
 	m.c.logf("main process ended with code %d after %s; restarting in %s (restart policy %s)", code, ran.Round(time.Millisecond), d, m.spec.Restart)
 	m.restart = time.After(d)
 	return false
+}
+
+// drainOutput waits until the last run's output is in the log (its pumps
+// read EOF), at most outputDrainMax, so that what the process wrote just
+// before it exited reaches attached clients before its exit status.
+func (m *mainProc) drainOutput() {
+	wg := m.output
+	if wg == nil {
+		return
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(outputDrainMax):
+		m.c.logf("the main process's output is still open %s after it exited (a child holds it?): its exit is reported now", outputDrainMax)
+	}
 }
 
 // run launches the process until a run starts or the policy gives up;
