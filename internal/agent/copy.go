@@ -88,6 +88,18 @@ func (c *Client) CopyIn(ctx context.Context, tarStream io.Reader, destDir string
 // part of the stream (with tarcopy.ExtractFrom, the partial copy is
 // removed).
 func (c *Client) CopyOut(ctx context.Context, srcPath string, w io.Writer) error {
+	return c.CopyOutWith(ctx, srcPath, w, CopyOutOptions{})
+}
+
+// CopyOutOptions tune CopyOutWith.
+type CopyOutOptions struct {
+	// OnHeader, when set, is called with the size and number of entries
+	// the guest announced, before the first byte is passed to w.
+	OnHeader func(size, entries int64)
+}
+
+// CopyOutWith is CopyOut with options.
+func (c *Client) CopyOutWith(ctx context.Context, srcPath string, w io.Writer, opts CopyOutOptions) error {
 	if !path.IsAbs(srcPath) {
 		return fmt.Errorf("copy out of %q: source must be an absolute path", srcPath)
 	}
@@ -130,6 +142,9 @@ func (c *Client) CopyOut(ctx context.Context, srcPath string, w io.Writer) error
 	if hdr.Size < 0 || hdr.Entries < 0 {
 		return fmt.Errorf("copy out of %s: the guest announced %d bytes in %d entries: %w",
 			srcPath, hdr.Size, hdr.Entries, ErrCopyFailed)
+	}
+	if opts.OnHeader != nil {
+		opts.OnHeader(hdr.Size, hdr.Entries)
 	}
 
 	copied := make(chan error, 1)

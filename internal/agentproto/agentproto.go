@@ -22,7 +22,9 @@ import (
 // Info.Network, Info.SSHHostKeys, Info.SSHD, Info.Listening, ChanSSH,
 // ChanDirectTCPIP. 1.4: Config.Process (the VM's main process),
 // Config.ExecDefaults, ExecRequest.User, ReqAttach, Info.MainProcess.
-const Version = "1.4"
+// 1.5: data ports (datastream.go): ExecRequest.Data, CopyRequest.Data,
+// Info.DataPorts.
+const Version = "1.5"
 
 // VirtioPortName is the name of the virtio-serial port carrying the agent
 // connection (/sys/class/virtio-ports/*/name in the guest).
@@ -298,6 +300,10 @@ type ExecRequest struct {
 	// User runs the command as this user (a name or a uid, optionally
 	// ":group"; since 1.4, before only root was accepted).
 	User string `json:"user,omitempty"`
+	// Data, since 1.5, moves the command's stdin, stdout and stderr to a
+	// data port (see DataStream); the session channel then carries none
+	// of them, only requests and the exit status. Not with a PTY.
+	Data *DataStream `json:"data,omitempty"`
 }
 
 // CopyRequest is the extra data of ChanCopyIn and ChanCopyOut channels.
@@ -307,6 +313,10 @@ type CopyRequest struct {
 	// setuid/setgid/sticky bits and lets device nodes and FIFOs be created;
 	// without it they are dropped or refused and files belong to root.
 	Archive bool `json:"archive,omitempty"`
+	// Data, since 1.5, moves the tar stream to a data port (see
+	// DataStream); the channel then carries no data, only the copy's
+	// header and status.
+	Data *DataStream `json:"data,omitempty"`
 }
 
 // CopyHeader is the payload of ReqCopyHeader.
@@ -373,6 +383,9 @@ type Info struct {
 	// MainProcess is the main process's state when the agent runs one
 	// (Config.Process, agent as PID 1); nil otherwise. Since 1.4.
 	MainProcess *MainProcessState `json:"main_process,omitempty"`
+	// DataPorts is how many data ports (DataPortName 0..n-1, all present)
+	// the agent serves transfers on. Since 1.5.
+	DataPorts int `json:"data_ports,omitempty"`
 }
 
 // MaxListening bounds Info.Listening.

@@ -108,8 +108,13 @@ type Handle struct {
 	StartTime     uint64 `json:"start_time"` // process start time in clock ticks, guards against pid reuse
 	ControlSocket string `json:"control_socket"`
 	AgentSocket   string `json:"agent_socket"`
-	PIDFile       string `json:"pid_file,omitempty"`
-	Accel         string `json:"accel"`
+	// DataSockets are the host ends of the guest's data ports, port i's
+	// at index i (agentproto.DataPortName; what DataDialer.DialData
+	// connects to). Empty for a VMM without data ports (one started by
+	// an older banger).
+	DataSockets []string `json:"data_sockets,omitempty"`
+	PIDFile     string   `json:"pid_file,omitempty"`
+	Accel       string   `json:"accel"`
 	// Confinement is how the VMM process is confined; nil when it is not
 	// (confinement turned off). Cleanup removes its cgroups.
 	Confinement *Confinement `json:"confinement,omitempty"`
@@ -160,6 +165,17 @@ type Driver interface {
 type Recoverer interface {
 	// Recover returns the Handle of the VMM running in dir, if any.
 	Recover(dir string) (Handle, bool)
+}
+
+// DataDialer is an optional Driver ability, found by type assertion: the
+// VMM gives the guest data ports beside the agent's transport, raw byte
+// channels for bulk streams (agentproto's datastream.go).
+type DataDialer interface {
+	// DialData connects to data port port (0 <= port <
+	// len(h.DataSockets)). A port serves one connection at a time: a
+	// second dial waits until the first is closed. On a VM that is not
+	// running: an error wrapping ErrNotRunning.
+	DialData(ctx context.Context, h Handle, port int) (net.Conn, error)
 }
 
 // Releaser is an optional Driver ability, found by type assertion: the

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -89,7 +90,7 @@ func TestBootQEMU(t *testing.T) {
 		t.Errorf("handle %+v does not use the paths of PathsFor(%s)", h, spec.Dir)
 	}
 	// A daemon that died before recording h finds the same VMM again.
-	if r, ok := d.Recover(spec.Dir); !ok || r != h {
+	if r, ok := d.Recover(spec.Dir); !ok || !reflect.DeepEqual(r, h) {
 		t.Errorf("Recover(%s) = %+v, %v; want %+v", spec.Dir, r, ok, h)
 	}
 	if _, ok := d.Recover(t.TempDir()); ok {

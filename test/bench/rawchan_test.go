@@ -1,0 +1,141 @@
+//go:build e2e
+
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agent"
+	"github.com/bangerdev/banger/internal/agentproto"
+)
+
+// rawPortName is the extra virtio-serial port of the bare QEMU that
+// measures the raw channel.
+const rawPortName = "org.banger.bench.raw"
+
+// bareVM is a QEMU started by hand with banger's kernel, initrd and
+// command line, its agent reachable (for running the guest side of a
+// measurement) and one more virtio-serial port whose host side is a unix
+// socket: the raw channel.
+type bareVM struct {
+	agent   *agent.Client
+	rawSock string
+	rawDev  string // the raw port's device in the guest
+}
+
+// bootBare boots a bare QEMU like bareBoot, with the raw port added, and
+// returns once its agent answers.
+func bootBare(b *testing.B, imageDir, vmDir, initrd, cmdline string) *bareVM {
+	dir, err := os.MkdirTemp("/tmp", "bare")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	overlay := filepath.Join(dir, "root.qcow2")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+		filepath.Join(imageDir, "rootfs.ext4"), overlay, "4G").CombinedOutput(); err != nil {
+		b.Fatalf("qemu-img: %v: %s", err, out)
+	}
+	sock := filepath.Join(dir, "agent.sock")
+	raw := filepath.Join(dir, "raw.sock")
+	hostPub, _ := os.ReadFile(filepath.Join(vmDir, "agent-host-key.pub"))
+	clientKey, _ := os.ReadFile(filepath.Join(vmDir, "agent-client-key"))
+	keys, err := agent.ParseKeys(string(hostPub), string(clientKey))
+	if err != nil {
+		b.Fatal(err)
+	}
+	cmd := exec.Command("qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-kernel", filepath.Join(imageDir, "vmlinuz"), "-initrd", initrd,
+		"-append", cmdline,
+		"-chardev", "file,id=console,path="+filepath.Join(dir, "console.log"), "-serial", "chardev:console",
+		"-drive", "id=root,file="+overlay+",format=qcow2,if=none", "-device", "virtio-blk-device,drive=root",
+		"-device", "virtio-serial-device", "-chardev", "socket,id=agent,path="+sock+",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name="+agentproto.VirtioPortName,
+		"-chardev", "socket,id=raw,path="+raw+",server=on,wait=off",
+		"-device", "virtserialport,chardev=raw,name="+rawPortName)
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	dial := func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	}
+	ac, err := agent.WaitReady(ctx, dial, keys, nil)
+	if err != nil {
+		b.Fatalf("bare boot: %v", err)
+	}
+	b.Cleanup(func() { ac.Close() })
+	vm := &bareVM{agent: ac, rawSock: raw}
+	vm.rawDev = strings.TrimSpace(vm.sh(b, `for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name)" = `+rawPortName+` ] && echo /dev/${p##*/}; done`))
+	if vm.rawDev == "" {
+		b.Fatal("bare boot: the raw port is not in the guest")
+	}
+	return vm
+}
+
+// sh runs a shell command in the bare guest and returns its output.
+func (vm *bareVM) sh(b *testing.B, script string) string {
+	var out, errOut strings.Builder
+	code, err := vm.agent.Exec(context.Background(), agent.ExecOptions{Argv: []string{"sh", "-c", script}, Stdout: &out, Stderr: &errOut})
+	if err != nil || code != 0 {
+		b.Fatalf("bare guest: %s: %d %v: %s", script, code, err, errOut.String())
+	}
+	return out.String()
+}
+
+// rawOut runs script in the guest, which writes size bytes into the raw
+// port (script sees the port's device as $PORT), reads them from the
+// socket, and returns how long the bytes took to arrive, from the
+// command's start.
+func (vm *bareVM) rawOut(b *testing.B, script string, size int64) time.Duration {
+	conn, err := net.Dial("unix", vm.rawSock)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	got := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		n, err := io.CopyN(io.Discard, conn, size)
+		if err == nil && n != size {
+			err = fmt.Errorf("read %d of %d bytes", n, size)
+		}
+		got <- err
+	}()
+	vm.sh(b, "PORT="+vm.rawDev+"; "+script)
+	if err := <-got; err != nil {
+		b.Fatalf("raw channel out: %v", err)
+	}
+	return time.Since(start)
+}
+
+// rawIn writes src into the raw port's socket while script reads it in the
+// guest (from $PORT), and returns how long until the script ended.
+func (vm *bareVM) rawIn(b *testing.B, script string, src func(w io.Writer) error) time.Duration {
+	conn, err := net.Dial("unix", vm.rawSock)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	start := time.Now()
+	sent := make(chan error, 1)
+	go func() { sent <- src(conn) }()
+	vm.sh(b, "PORT="+vm.rawDev+"; "+script)
+	if err := <-sent; err != nil {
+		b.Fatalf("raw channel in: %v", err)
+	}
+	return time.Since(start)
+}
