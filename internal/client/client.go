@@ -143,7 +143,14 @@ func (c *Client) VMCopyIn(ctx context.Context, p api.VMCopyParams, tarStream io.
 
 // VMCopyOut writes a tar stream of p.Path in the guest to w.
 func (c *Client) VMCopyOut(ctx context.Context, p api.VMCopyParams, w io.Writer) error {
-	return c.stream(ctx, api.MethodVMCopyOut, p, nil, w, nil, nil, false, nil)
+	return c.VMCopyOutProgress(ctx, p, w, nil)
+}
+
+// VMCopyOutProgress is VMCopyOut that passes the daemon's progress frames
+// to progress (may be nil): before the stream, the size the guest
+// announced (Phase "copy", Total in bytes, Done 0).
+func (c *Client) VMCopyOutProgress(ctx context.Context, p api.VMCopyParams, w io.Writer, progress ProgressFunc) error {
+	return c.stream(ctx, api.MethodVMCopyOut, p, nil, w, nil, nil, false, nil, progress)
 }
 
 // stdinChunk is the most input one frame carries (about 44 KiB of JSON).
@@ -152,8 +159,9 @@ const stdinChunk = 32 << 10
 // stream runs a call whose output comes as frames. A method that takes
 // input (input: registered with rpc.TakesInput) gets stdin as frames of at
 // most 32 KiB (well under rpc.MaxFrameBytes), or an EOF at once when stdin
-// is nil; the daemon refuses frames sent to any other method.
-func (c *Client) stream(ctx context.Context, method string, params, result any, stdout, stderr io.Writer, stdin io.Reader, input bool, resize <-chan [2]int) error {
+// is nil; the daemon refuses frames sent to any other method. Progress
+// frames go to progress, when given.
+func (c *Client) stream(ctx context.Context, method string, params, result any, stdout, stderr io.Writer, stdin io.Reader, input bool, resize <-chan [2]int, progress ...ProgressFunc) error {
 	s, err := rpc.Open(ctx, c.Socket, method, params)
 	if err != nil {
 		return err
@@ -205,6 +213,10 @@ func (c *Client) stream(ctx context.Context, method string, params, result any, 
 		}
 		var w io.Writer
 		switch f.Type {
+		case api.FrameProgress:
+			if f.Progress != nil && len(progress) > 0 && progress[0] != nil {
+				progress[0](*f.Progress)
+			}
 		case api.FrameStdout:
 			w = stdout
 		case api.FrameStderr:

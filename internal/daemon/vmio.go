@@ -133,13 +133,16 @@ func (d *Daemon) vmCopyIn(ctx context.Context, call *rpc.Call) (any, error) {
 
 // vmCopyOut relays the guest's tar stream to the client, which extracts
 // it as the invoking user. The agent client passes on no more than the
-// size the guest announced.
+// size the guest announced; that size goes to the client first, as a
+// progress frame (phase "copy", Total in bytes), for its progress bar.
 func (d *Daemon) vmCopyOut(ctx context.Context, call *rpc.Call) (any, error) {
 	p, v, c, err := d.copyTarget(ctx, call)
 	if err != nil {
 		return nil, err
 	}
-	if err := c.CopyOut(ctx, p.Path, frameWriter{call, api.FrameStdout}); err != nil {
+	announce := func(size, _ int64) { call.Progress(api.Progress{Phase: "copy", Total: size, Unit: "bytes"}) }
+	err = c.CopyOutWith(ctx, p.Path, frameWriter{call, api.FrameStdout}, agent.CopyOutOptions{OnHeader: announce})
+	if err != nil {
 		return nil, fmt.Errorf("copy from vm %q: %w", v.Name, err)
 	}
 	return nil, nil
