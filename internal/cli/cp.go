@@ -27,7 +27,7 @@ func splitRemote(s string) (name, path string, ok bool) {
 }
 
 func (a *app) vmCpCmd() *cobra.Command {
-	var archive bool
+	var archive, quiet bool
 	var maxFileSize string
 	cmd := &cobra.Command{
 		Use:   "cp [-a] SRC DST",
@@ -40,7 +40,9 @@ func (a *app) vmCpCmd() *cobra.Command {
 			"and copies belong to the invoking user (under sudo, SUDO_UID/SUDO_GID)\n" +
 			"unless -a keeps them with the original ownership, like cp -a.\n" +
 			"A copy out of a VM takes nothing but SRC's tree from the guest; if the guest\n" +
-			"sends anything else, the copy stops and what it wrote is removed.",
+			"sends anything else, the copy stops and what it wrote is removed.\n" +
+			"On a terminal, a copy of more than 4 MiB shows a progress bar on stderr (bytes,\n" +
+			"rate, ETA; --quiet hides it); piped or redirected, only errors go to stderr.",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			srcVM, src, srcRemote := splitRemote(args[0])
@@ -59,9 +61,18 @@ func (a *app) vmCpCmd() *cobra.Command {
 				if _, err := os.Lstat(src); err != nil {
 					return err
 				}
+				meter := newCopyMeter(a.progress(), "copy "+filepath.Base(src), quiet)
+				defer meter.finish()
+				var wopts tarcopy.WriteOptions
+				if meter.active() {
+					// The stream's size first, from a walk of the tree that
+					// reads no file; the stream then fails rather than grow
+					// past it (a file grew during the copy).
+					wopts.Announce = func(size, _ int64) error { meter.start(size); return nil }
+				}
 				pr, pw := io.Pipe()
-				go func() { pw.CloseWithError(tarcopy.Write(pw, src, tarcopy.WriteOptions{})) }()
-				err = a.client().VMCopyIn(cmd.Context(), api.VMCopyParams{Name: dstVM, Path: dst, Archive: archive}, pr)
+				go func() { pw.CloseWithError(tarcopy.Write(pw, src, wopts)) }()
+				err = a.client().VMCopyIn(cmd.Context(), api.VMCopyParams{Name: dstVM, Path: dst, Archive: archive}, meter.Reader(pr))
 				pr.Close()
 				return err
 			default:
@@ -83,8 +94,18 @@ func (a *app) vmCpCmd() *cobra.Command {
 						return err
 					}
 				}
+				meter := newCopyMeter(a.progress(), "copy "+guestBase(src), quiet)
+				defer meter.finish()
+				// The daemon sends the size the guest announced before the
+				// stream (a progress frame); the bar counts the bytes handed
+				// to the extractor.
+				onSize := func(pr api.Progress) {
+					if pr.Total > 0 && (pr.Unit == "" || pr.Unit == "bytes") {
+						meter.start(pr.Total)
+					}
+				}
 				return tarcopy.ExtractFrom(func(w io.Writer) error {
-					return a.client().VMCopyOut(cmd.Context(), api.VMCopyParams{Name: srcVM, Path: src}, w)
+					return a.client().VMCopyOutProgress(cmd.Context(), api.VMCopyParams{Name: srcVM, Path: src}, meter.Writer(w), onSize)
 				}, dst, opts)
 			}
 		},
@@ -93,6 +114,7 @@ func (a *app) vmCpCmd() *cobra.Command {
 		"keep ownership, setuid/setgid/sticky bits and (as root) device nodes and FIFOs")
 	cmd.Flags().StringVar(&maxFileSize, "max-file-size", "",
 		"copy out: refuse files larger than this, holes included, e.g. 200G (default 64G)")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
 	return cmd
 }
 

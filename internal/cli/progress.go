@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/vbauerster/mpb/v8"
@@ -75,10 +76,10 @@ func (p *progress) updateBar(pr api.Progress) {
 		// Rate and ETA over the whole phase: frames come in bursts (a
 		// bundle's frame, a layer), which a moving average of the gaps
 		// turns into nonsense.
-		speed := decor.AverageSpeed(decor.SizeB1024(0), "% .1f", decor.WCSyncSpace)
+		var speed decor.Decorator = finalSpeed{decor.AverageSpeed(decor.SizeB1024(0), "% .1f", decor.WCSyncSpace)}
 		if pr.Unit != "" && pr.Unit != "bytes" {
 			counters = decor.CountersNoUnit("%d / %d "+pr.Unit, decor.WCSyncSpace)
-			speed = decor.AverageSpeed(nil, "%.0f/s", decor.WCSyncSpace)
+			speed = finalSpeed{decor.AverageSpeed(nil, "%.0f/s", decor.WCSyncSpace)}
 		}
 		p.bar = p.bars.AddBar(pr.Total,
 			mpb.PrependDecorators(decor.Name("==> "+pr.Phase, decor.WCSyncSpaceR), counters),
@@ -97,6 +98,16 @@ func (p *progress) updateBar(pr api.Progress) {
 	p.bar.SetCurrent(min(pr.Done, pr.Total))
 }
 
+// finalSpeed is an average speed decorator that also shows the rate of
+// a bar completed before its first redraw (a fast copy): mpb's keeps the
+// rate of the last redraw before completion, none in that case.
+type finalSpeed struct{ decor.Decorator }
+
+func (d finalSpeed) Decor(s decor.Statistics) (string, int) {
+	s.Completed = false // the rate over the whole phase, to its end
+	return d.Decorator.Decor(s)
+}
+
 // done ends the current phase's bar or line; calling it again is
 // harmless.
 func (p *progress) done() {
@@ -110,4 +121,105 @@ func (p *progress) done() {
 		p.bar, p.bars = nil, nil
 	}
 	p.phase = ""
+}
+
+// copyBarMin is the smallest transfer `vm cp` shows a progress bar for.
+const copyBarMin = 4 << 20
+
+// showCopyBar decides whether `vm cp` shows a transfer of total bytes:
+// only on a terminal, without --quiet, from copyBarMin up.
+func showCopyBar(tty, quiet bool, total int64) bool {
+	return tty && !quiet && total >= copyBarMin
+}
+
+// copyMeter shows a `vm cp` transfer on a progress bar: start sets its
+// size (the tar stream's, known before the first byte), count adds the
+// bytes as they pass, finish ends the bar. A meter made with a nil
+// progress, or started under copyBarMin, shows nothing. Its methods may be
+// called from different goroutines.
+type copyMeter struct {
+	mu    sync.Mutex
+	p     *progress // nil: show nothing
+	label string
+	quiet bool
+	total int64 // 0: not started, or not shown
+	done  int64
+	last  int64 // done at the last update of the bar
+}
+
+// newCopyMeter returns a meter for a copy named label ("copy syslog") on
+// p's terminal; on anything but a terminal, or with quiet, it shows
+// nothing.
+func newCopyMeter(p *progress, label string, quiet bool) *copyMeter {
+	if !p.tty || quiet {
+		p = nil
+	}
+	return &copyMeter{p: p, label: label, quiet: quiet}
+}
+
+// active reports whether the meter may show a bar: worth counting the
+// stream's size for.
+func (m *copyMeter) active() bool { return m.p != nil }
+
+func (m *copyMeter) start(total int64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.p == nil || !showCopyBar(m.p.tty, m.quiet, total) {
+		return
+	}
+	m.total = total
+	m.p.update(api.Progress{Phase: m.label, Total: total, Unit: "bytes"})
+}
+
+// copyBarStep is how many bytes pass between two updates of the bar
+// (and at the end of the stream).
+const copyBarStep = 256 << 10
+
+func (m *copyMeter) count(n int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.done += int64(n)
+	if m.total > 0 && m.done != m.last && (m.done-m.last >= copyBarStep || m.done >= m.total) {
+		m.last = m.done
+		m.p.update(api.Progress{Phase: m.label, Done: m.done, Total: max(m.total, m.done), Unit: "bytes"})
+	}
+}
+
+// finish ends the bar: complete when every byte passed, else kept where
+// it stopped. Bytes counted afterwards show nothing.
+func (m *copyMeter) finish() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.p != nil {
+		m.p.done()
+	}
+	m.total = 0
+}
+
+// Writer counts what passes through it to w.
+func (m *copyMeter) Writer(w io.Writer) io.Writer { return meterWriter{w, m} }
+
+// Reader counts what is read through it from r.
+func (m *copyMeter) Reader(r io.Reader) io.Reader { return meterReader{r, m} }
+
+type meterWriter struct {
+	w io.Writer
+	m *copyMeter
+}
+
+func (w meterWriter) Write(p []byte) (int, error) {
+	n, err := w.w.Write(p)
+	w.m.count(n)
+	return n, err
+}
+
+type meterReader struct {
+	r io.Reader
+	m *copyMeter
+}
+
+func (r meterReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	r.m.count(n)
+	return n, err
 }
