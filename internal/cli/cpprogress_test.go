@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/creack/pty"
+	"github.com/vbauerster/mpb/v8/decor"
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/rpc"
@@ -259,4 +261,35 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.String()
+}
+
+// countingDecor renders how many times it was asked, and whether the bar
+// was complete.
+type countingDecor struct {
+	decor.Decorator
+	calls int
+}
+
+func (d *countingDecor) Decor(s decor.Statistics) (string, int) {
+	d.calls++
+	str := fmt.Sprintf("call %d complete %v", d.calls, s.Completed)
+	return str, len(str)
+}
+
+// The rate shown is computed, as for a bar still running, at its
+// completion, then kept: later redraws don't dilute it with time spent
+// after the last byte.
+func TestFinalSpeed(t *testing.T) {
+	inner := &countingDecor{Decorator: decor.Name("")}
+	d := &finalSpeed{Decorator: inner}
+	for i, want := range []string{"call 1 complete false", "call 2 complete false"} {
+		if got, _ := d.Decor(decor.Statistics{Current: int64(i)}); got != want {
+			t.Errorf("running: %q, want %q", got, want)
+		}
+	}
+	for range 3 {
+		if got, _ := d.Decor(decor.Statistics{Current: 9, Total: 9, Completed: true}); got != "call 3 complete false" {
+			t.Errorf("completed: %q, want the rate computed once, at completion", got)
+		}
+	}
 }

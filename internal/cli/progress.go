@@ -76,10 +76,10 @@ func (p *progress) updateBar(pr api.Progress) {
 		// Rate and ETA over the whole phase: frames come in bursts (a
 		// bundle's frame, a layer), which a moving average of the gaps
 		// turns into nonsense.
-		var speed decor.Decorator = finalSpeed{decor.AverageSpeed(decor.SizeB1024(0), "% .1f", decor.WCSyncSpace)}
+		var speed decor.Decorator = &finalSpeed{Decorator: decor.AverageSpeed(decor.SizeB1024(0), "% .1f", decor.WCSyncSpace)}
 		if pr.Unit != "" && pr.Unit != "bytes" {
 			counters = decor.CountersNoUnit("%d / %d "+pr.Unit, decor.WCSyncSpace)
-			speed = finalSpeed{decor.AverageSpeed(nil, "%.0f/s", decor.WCSyncSpace)}
+			speed = &finalSpeed{Decorator: decor.AverageSpeed(nil, "%.0f/s", decor.WCSyncSpace)}
 		}
 		p.bar = p.bars.AddBar(pr.Total,
 			mpb.PrependDecorators(decor.Name("==> "+pr.Phase, decor.WCSyncSpaceR), counters),
@@ -98,14 +98,27 @@ func (p *progress) updateBar(pr api.Progress) {
 	p.bar.SetCurrent(min(pr.Done, pr.Total))
 }
 
-// finalSpeed is an average speed decorator that also shows the rate of
-// a bar completed before its first redraw (a fast copy): mpb's keeps the
-// rate of the last redraw before completion, none in that case.
-type finalSpeed struct{ decor.Decorator }
+// finalSpeed is an average speed decorator that shows the rate over the
+// whole phase, frozen when the bar completes: mpb's keeps the rate of the
+// last redraw before completion, none for a bar completed before its
+// first redraw (a fast copy).
+type finalSpeed struct {
+	decor.Decorator
+	final bool // str and width hold the rate at completion
+	str   string
+	width int
+}
 
-func (d finalSpeed) Decor(s decor.Statistics) (string, int) {
-	s.Completed = false // the rate over the whole phase, to its end
-	return d.Decorator.Decor(s)
+func (d *finalSpeed) Decor(s decor.Statistics) (string, int) {
+	if !s.Completed {
+		return d.Decorator.Decor(s)
+	}
+	if !d.final {
+		s.Completed = false // the rate up to now: the end
+		d.str, d.width = d.Decorator.Decor(s)
+		d.final = true
+	}
+	return d.str, d.width
 }
 
 // done ends the current phase's bar or line; calling it again is
