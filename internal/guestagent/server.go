@@ -69,6 +69,13 @@ type Hooks struct {
 	// Main is the link to the main process's supervisor (PID 1) when there
 	// is a main process: ReqAttach and Info.MainProcess. nil: none.
 	Main *MainLink
+	// OpenDataPort opens data port i (agentproto.DataPortName) for one
+	// transfer and returns it once the host is connected (bounded by
+	// ctx); closing it must interrupt a blocked Read or Write. When nil,
+	// the agent opens the virtio-serial port itself and counts the ports
+	// under /sys; when set (tests), DataPorts is the count.
+	OpenDataPort func(ctx context.Context, port int) (io.ReadWriteCloser, error)
+	DataPorts    int
 }
 
 // server holds what every connection of one agent shares.
@@ -79,6 +86,7 @@ type server struct {
 	hooks   Hooks
 	log     *slog.Logger
 	guest   guestReport // Info's network and SSH fields
+	data    *dataPorts
 }
 
 func newServer(cfg agentproto.Config, hooks Hooks, log *slog.Logger) (*server, error) {
@@ -111,7 +119,7 @@ func newServer(cfg agentproto.Config, hooks Hooks, log *slog.Logger) (*server, e
 	}
 	sc.AddHostKey(signer)
 	return &server{config: sc, cfg: cfg, hostKey: signer, hooks: hooks, log: log,
-		guest: newGuestReport(cfg, signer.PublicKey(), hooks)}, nil
+		guest: newGuestReport(cfg, signer.PublicKey(), hooks), data: newDataPorts(hooks)}, nil
 }
 
 // Serve opens the transport named by cfg.Transport and serves SSH
@@ -269,6 +277,7 @@ func (s *server) info() agentproto.Info {
 	if s.hooks.Main != nil {
 		inf.MainProcess = s.hooks.Main.State()
 	}
+	inf.DataPorts = s.data.count()
 	if ms, err := readUptimeMS("/proc/uptime"); err == nil {
 		inf.UptimeMS = ms
 	} else {

@@ -3,6 +3,7 @@ package guestagent_test
 import (
 	"context"
 	"errors"
+	"io"
 	"os"
 	"reflect"
 	"sync/atomic"
@@ -219,5 +220,18 @@ func TestInfoEarlyBoot(t *testing.T) {
 	c2, _ := connect(t, guestagent.Hooks{})
 	if info, err := c2.Info(testCtx(t)); err != nil || !info.EarlyBootDone {
 		t.Errorf("no hook: EarlyBootDone %v, err %v", info.EarlyBootDone, err)
+	}
+}
+
+func TestInfoDataPorts(t *testing.T) {
+	c, _ := connect(t, guestagent.Hooks{DataPorts: 3, OpenDataPort: func(ctx context.Context, port int) (io.ReadWriteCloser, error) {
+		return nil, errors.New("not used")
+	}})
+	info, err := c.Info(testCtx(t))
+	if err != nil {
+		t.Fatalf("info: %v", err)
+	}
+	if info.DataPorts != 3 {
+		t.Errorf("DataPorts = %d, want 3", info.DataPorts)
 	}
 }
