@@ -30,7 +30,7 @@ func (a *app) vmCpCmd() *cobra.Command {
 	var archive, quiet bool
 	var maxFileSize string
 	cmd := &cobra.Command{
-		Use:   "cp [-a] SRC DST",
+		Use:   "cp [-a] [-q] SRC DST",
 		Short: "Copy files or directories between the host and a VM",
 		Long: "Copy SRC into the directory DST. One side names a VM as NAME:/path.\n" +
 			"  banger vm cp ./project dev:/root        → /root/project in the guest\n" +
@@ -41,8 +41,8 @@ func (a *app) vmCpCmd() *cobra.Command {
 			"unless -a keeps them with the original ownership, like cp -a.\n" +
 			"A copy out of a VM takes nothing but SRC's tree from the guest; if the guest\n" +
 			"sends anything else, the copy stops and what it wrote is removed.\n" +
-			"On a terminal, a copy of more than 4 MiB shows a progress bar on stderr (bytes,\n" +
-			"rate, ETA; --quiet hides it); piped or redirected, only errors go to stderr.",
+			"On a terminal, a copy of 4 MiB or more shows a progress bar on stderr (bytes,\n" +
+			"rate, ETA; -q hides it); piped or redirected, only errors go to stderr.",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			srcVM, src, srcRemote := splitRemote(args[0])
@@ -114,7 +114,7 @@ func (a *app) vmCpCmd() *cobra.Command {
 		"keep ownership, setuid/setgid/sticky bits and (as root) device nodes and FIFOs")
 	cmd.Flags().StringVar(&maxFileSize, "max-file-size", "",
 		"copy out: refuse files larger than this, holes included, e.g. 200G (default 64G)")
-	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "show no progress bar: only errors on stderr")
 	return cmd
 }
 

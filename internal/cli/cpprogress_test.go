@@ -293,3 +293,34 @@ func TestFinalSpeed(t *testing.T) {
 		}
 	}
 }
+
+// Bars are drawn on a terminal with a size only: mpb draws nothing on one
+// of 0 rows.
+func TestProgressDrawable(t *testing.T) {
+	ptmx, tty, err := pty.Open()
+	if err != nil {
+		t.Skipf("no pseudo-terminal: %v", err)
+	}
+	defer ptmx.Close()
+	defer tty.Close()
+	if err := pty.Setsize(ptmx, &pty.Winsize{}); err != nil {
+		t.Fatal(err)
+	}
+	if (&app{stderr: tty}).progress().tty {
+		t.Error("a terminal of 0x0 is taken for a terminal to draw bars on")
+	}
+	if err := pty.Setsize(ptmx, &pty.Winsize{Rows: 24, Cols: 80}); err != nil {
+		t.Fatal(err)
+	}
+	if !(&app{stderr: tty}).progress().tty {
+		t.Error("a terminal of 80x24 is not taken for a terminal")
+	}
+	f, err := os.Create(filepath.Join(t.TempDir(), "log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if (&app{stderr: f}).progress().tty || (&app{stderr: &bytes.Buffer{}}).progress().tty {
+		t.Error("a file or a buffer is taken for a terminal")
+	}
+}

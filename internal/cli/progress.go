@@ -35,7 +35,15 @@ type progress struct {
 
 func (a *app) progress() *progress {
 	f, ok := a.stderr.(*os.File)
-	return &progress{w: a.stderr, tty: ok && term.IsTerminal(int(f.Fd()))}
+	return &progress{w: a.stderr, tty: ok && drawable(f)}
+}
+
+// drawable reports whether f is a terminal mpb can draw bars on: one with
+// a size. mpb draws nothing on a terminal of 0 rows (a pseudo-terminal
+// nobody sized, some serial consoles), where plain lines are better.
+func drawable(f *os.File) bool {
+	cols, rows, err := term.GetSize(int(f.Fd()))
+	return err == nil && cols > 0 && rows > 0
 }
 
 func (p *progress) update(pr api.Progress) {
