@@ -72,15 +72,46 @@ type Client struct {
 	done  chan struct{}
 	proto string // the agent's protocol version
 
+	data dataPool // the data ports (UseDataPorts)
+
 	closeOnce sync.Once
 	closeErr  error
 }
+
+// DialOption tunes Dial and WaitReady.
+type DialOption func(*dialConfig)
+
+type dialConfig struct {
+	ciphers []string
+}
+
+// WithCiphers sets the SSH ciphers the client offers, preferred first
+// (ssh.Cipher* names; the agent's choice follows the client's order).
+// Without it, x/crypto/ssh's default order (AES-GCM first).
+func WithCiphers(ciphers ...string) DialOption {
+	return func(c *dialConfig) { c.ciphers = ciphers }
+}
+
+// Cipher preferences for WithCiphers.
+var (
+	// CiphersSoftware puts ChaCha20-Poly1305 first: without AES
+	// instructions (a guest under TCG, whose CPU is emulated) it is
+	// about 2.6 times as fast as AES-GCM.
+	CiphersSoftware = []string{ssh.CipherChaCha20Poly1305, ssh.CipherAES128GCM, ssh.CipherAES256GCM}
+	// CiphersAESNI puts AES-128-GCM first, the fastest with AES
+	// instructions (a guest under KVM on a host that has them).
+	CiphersAESNI = []string{ssh.CipherAES128GCM, ssh.CipherAES256GCM, ssh.CipherChaCha20Poly1305}
+)
 
 // Dial opens a connection with dial, runs the SSH handshake (bounded by
 // ctx), checks that the agent presents keys.HostPublic and that its
 // protocol major version matches agentproto.Version. On success ctx no
 // longer governs the connection; Close it when done.
-func Dial(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger) (*Client, error) {
+func Dial(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger, opts ...DialOption) (*Client, error) {
+	var dc dialConfig
+	for _, o := range opts {
+		o(&dc)
+	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -108,6 +139,7 @@ func Dial(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger) (*Cli
 		},
 		ClientVersion: "SSH-2.0-banger",
 	}
+	cfg.Ciphers = dc.ciphers
 	sc, chans, reqs, err := ssh.NewClientConn(conn, "agent", cfg)
 	if err != nil {
 		stop()
@@ -138,7 +170,7 @@ func Dial(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger) (*Cli
 	}
 	c.proto = info.ProtoVersion
 	log.Debug("connected to agent", "agent_version", info.AgentVersion,
-		"proto_version", info.ProtoVersion, "kernel", info.KernelRelease)
+		"proto_version", info.ProtoVersion, "kernel", info.KernelRelease, "cipher", c.cipher())
 	go c.keepalive()
 	return c, nil
 }
@@ -183,7 +215,7 @@ func (c *Client) protoAtLeast(maj, min int) bool {
 // by 2 s and separated by 50 ms, since the guest may not be listening yet
 // (dial fails) or not answering yet (the handshake hangs). A host key
 // mismatch or an incompatible agent ends the wait at once.
-func WaitReady(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger) (*Client, error) {
+func WaitReady(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger, opts ...DialOption) (*Client, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -193,7 +225,7 @@ func WaitReady(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger) 
 	var lastErr error
 	for attempt := 1; ; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, readyAttemptTimeout)
-		c, err := Dial(actx, dial, keys, log)
+		c, err := Dial(actx, dial, keys, log, opts...)
 		cancel()
 		if err == nil {
 			return c, nil
@@ -211,6 +243,14 @@ func WaitReady(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger) 
 		case <-t.C:
 		}
 	}
+}
+
+// cipher is the negotiated cipher of the host's writes.
+func (c *Client) cipher() string {
+	if m, ok := c.ssh.Conn.(ssh.AlgorithmsConnMetadata); ok {
+		return m.Algorithms().Write.Cipher
+	}
+	return ""
 }
 
 // Close closes the connection; running operations fail.

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"path"
 	"strconv"
+	"syscall"
 
 	"golang.org/x/crypto/ssh"
 
@@ -43,24 +45,45 @@ func (c *Client) CopyIn(ctx context.Context, tarStream io.Reader, destDir string
 		return fmt.Errorf("copy in to %s: the VM's agent (protocol %s) can't keep ownership; restart the VM to update it: %w",
 			destDir, c.proto, ErrIncompatibleAgent)
 	}
-	ch, reqs, err := c.openCopy(ctx, agentproto.ChanCopyIn, agentproto.CopyRequest{Path: destDir, Archive: opts.Archive})
+	d := c.openData(ctx, "copy in")
+	defer d.abort()
+	ch, reqs, err := c.openCopy(ctx, agentproto.ChanCopyIn, agentproto.CopyRequest{Path: destDir, Archive: opts.Archive, Data: d.stream()}, d)
 	if err != nil {
 		return fmt.Errorf("copy in to %s: %w", destDir, err)
 	}
 	defer ch.Close()
 	statusc := make(chan copyStatus, 1)
-	go func() { statusc <- collectCopyStatus(reqs, nil) }()
+	chClosed := make(chan struct{})
+	go func() {
+		statusc <- collectCopyStatus(reqs, nil)
+		close(chClosed)
+	}()
 	go io.Copy(io.Discard, ch)
 
 	sent := make(chan error, 1)
-	go func() {
-		src := &stickyReader{r: tarStream}
-		io.Copy(ch, src)
-		if src.err == nil {
-			ch.CloseWrite()
-		}
-		sent <- src.err
-	}()
+	var datac chan error // the guest's side of the port: its answer and End
+	if d == nil {
+		go func() {
+			src := &stickyReader{r: tarStream}
+			io.Copy(ch, src)
+			if src.err == nil {
+				ch.CloseWrite()
+			}
+			sent <- src.err
+		}()
+	} else {
+		d.releaseAfter(chClosed)
+		ch.CloseWrite()
+		datac = make(chan error, 1)
+		go func() {
+			err := d.readAck()
+			if err == nil {
+				go func() { sent <- d.send(tarStream) }()
+				err = d.frames(false, false, nil)
+			}
+			datac <- err
+		}()
+	}
 	for {
 		select {
 		case st := <-statusc:
@@ -73,10 +96,23 @@ func (c *Client) CopyIn(ctx context.Context, tarStream io.Reader, destDir string
 				return fmt.Errorf("copy in to %s: read tar stream: %w", destDir, err)
 			}
 			sent = nil
+		case err := <-datac:
+			datac = nil
+			if err != nil && !streamCut(err) {
+				return fmt.Errorf("copy in to %s: %w", destDir, err)
+			}
+			// Else the guest went from the port: its status tells why.
 		case <-ctx.Done():
 			return fmt.Errorf("copy in to %s: %w", destDir, ctx.Err())
 		}
 	}
+}
+
+// streamCut reports whether err is a data port that ended without its End
+// frame (rather than a guest breaking its rules): the SSH side's status
+// says why.
+func streamCut(err error) bool {
+	return errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // CopyOut writes to w a tar stream of the file or directory at srcPath (an
@@ -107,7 +143,9 @@ func (c *Client) CopyOutWith(ctx context.Context, srcPath string, w io.Writer, o
 		return fmt.Errorf("copy out of %s: the VM's agent (protocol %s) doesn't announce copy sizes; restart the VM to update it: %w",
 			srcPath, c.proto, ErrIncompatibleAgent)
 	}
-	ch, reqs, err := c.openCopy(ctx, agentproto.ChanCopyOut, agentproto.CopyRequest{Path: srcPath})
+	d := c.openData(ctx, "copy out")
+	defer d.abort()
+	ch, reqs, err := c.openCopy(ctx, agentproto.ChanCopyOut, agentproto.CopyRequest{Path: srcPath, Data: d.stream()}, d)
 	if err != nil {
 		return fmt.Errorf("copy out of %s: %w", srcPath, err)
 	}
@@ -115,7 +153,18 @@ func (c *Client) CopyOutWith(ctx context.Context, srcPath string, w io.Writer, o
 	ch.CloseWrite()
 	headerc := make(chan agentproto.CopyHeader, 1)
 	statusc := make(chan copyStatus, 1)
-	go func() { statusc <- collectCopyStatus(reqs, headerc) }()
+	chClosed := make(chan struct{})
+	go func() {
+		statusc <- collectCopyStatus(reqs, headerc)
+		close(chClosed)
+	}()
+	var src io.Reader = ch
+	if d != nil {
+		d.releaseAfter(chClosed)
+		// The channel carries no data: what the guest sends there is
+		// dropped.
+		go io.Copy(io.Discard, ch)
+	}
 
 	// The header comes before the stream; the channel's window holds
 	// what the guest sends meanwhile.
@@ -149,11 +198,19 @@ func (c *Client) CopyOutWith(ctx context.Context, srcPath string, w io.Writer, o
 
 	copied := make(chan error, 1)
 	go func() {
+		if d != nil {
+			if err := d.readAck(); err != nil {
+				copied <- err
+				return
+			}
+			go d.send(nil) // the host's End: it sends nothing
+			src = d.reader()
+		}
 		// The stream goes through an entry counter before w: past the
 		// announced number of entries, writes fail. The first error
 		// stops the copy (the channel is closed on return).
 		entries := newEntryCounter(hdr.Entries)
-		_, err := io.Copy(io.MultiWriter(entries, w), io.LimitReader(ch, hdr.Size))
+		_, err := io.Copy(io.MultiWriter(entries, w), io.LimitReader(src, hdr.Size))
 		if cerr := entries.close(); cerr != nil {
 			err = cerr
 		}
@@ -163,26 +220,44 @@ func (c *Client) CopyOutWith(ctx context.Context, srcPath string, w io.Writer, o
 		}
 		// Anything past the announced size stops the copy.
 		var b [1]byte
-		if n, _ := io.ReadFull(ch, b[:]); n > 0 {
+		n, err := io.ReadFull(src, b[:])
+		switch {
+		case n > 0:
 			copied <- fmt.Errorf("the copy was stopped after the %d bytes the guest announced: %w", hdr.Size, ErrCopyTooLarge)
-			return
+		case d != nil && !errors.Is(err, io.EOF):
+			copied <- err // the stream didn't end with its End frame
+		default:
+			copied <- nil
 		}
-		copied <- nil
 	}()
 
-	var st *copyStatus
+	var (
+		st      *copyStatus
+		dataErr error
+	)
 	for copied != nil || st == nil {
 		select {
 		case err := <-copied:
-			if errors.Is(err, ErrCopyTooLarge) {
+			copied = nil
+			switch {
+			case errors.Is(err, ErrCopyTooLarge):
 				return fmt.Errorf("copy out of %s: %w", srcPath, err)
-			}
-			if err != nil {
+			case errors.Is(err, ErrDataStream) && st != nil && st.err() != nil:
+				// The guest failed and said why.
+				return fmt.Errorf("copy out of %s: %w", srcPath, st.err())
+			case errors.Is(err, ErrDataStream) && streamCut(err) && st == nil:
+				// The guest went from the port: its status tells why.
+				dataErr = err
+			case errors.Is(err, ErrDataStream):
+				return fmt.Errorf("copy out of %s: %w", srcPath, err)
+			case err != nil:
 				return fmt.Errorf("copy out of %s: write tar stream: %w", srcPath, err)
 			}
-			copied = nil
 		case s := <-statusc:
 			st = &s
+			if d != nil {
+				d.channelClosed()
+			}
 		case <-ctx.Done():
 			return fmt.Errorf("copy out of %s: %w", srcPath, ctx.Err())
 		}
@@ -190,16 +265,23 @@ func (c *Client) CopyOutWith(ctx context.Context, srcPath string, w io.Writer, o
 	if err := st.err(); err != nil {
 		return fmt.Errorf("copy out of %s: %w", srcPath, err)
 	}
+	if dataErr != nil {
+		return fmt.Errorf("copy out of %s: %w", srcPath, dataErr)
+	}
 	return nil
 }
 
-// openCopy opens a copy channel; ctx bounds the opening.
-func (c *Client) openCopy(ctx context.Context, chanType string, req agentproto.CopyRequest) (ssh.Channel, <-chan *ssh.Request, error) {
+// openCopy opens a copy channel; ctx bounds the opening. The transfer's
+// data port d (nil: none) is given back when no channel carries the
+// request.
+func (c *Client) openCopy(ctx context.Context, chanType string, req agentproto.CopyRequest, d *dataConn) (ssh.Channel, <-chan *ssh.Request, error) {
 	if err := ctx.Err(); err != nil {
+		d.drop()
 		return nil, nil, err
 	}
 	payload, err := agentproto.MarshalPayload(req)
 	if err != nil {
+		d.drop()
 		return nil, nil, err
 	}
 	type opened struct {
@@ -215,6 +297,7 @@ func (c *Client) openCopy(ctx context.Context, chanType string, req agentproto.C
 	select {
 	case o := <-oc:
 		if o.err != nil {
+			d.drop()
 			var oce *ssh.OpenChannelError
 			if errors.As(o.err, &oce) {
 				return nil, nil, fmt.Errorf("%w: %s", ErrRefused, oce.Message)
@@ -226,7 +309,9 @@ func (c *Client) openCopy(ctx context.Context, chanType string, req agentproto.C
 		go func() {
 			if o := <-oc; o.err == nil {
 				o.ch.Close()
+				ssh.DiscardRequests(o.reqs) // until the guest closed it
 			}
+			d.drop()
 		}()
 		return nil, nil, ctx.Err()
 	}

@@ -72,6 +72,11 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 	if err := ctx.Err(); err != nil {
 		return -1, fmt.Errorf("exec %s: %w", name, err)
 	}
+	if len(opts.Argv) > 0 && !opts.TTY {
+		if d := c.openData(ctx, "exec "+name); d != nil {
+			return c.execData(ctx, name, opts, d)
+		}
+	}
 	ch, reqs, err := c.ssh.OpenChannel("session", nil)
 	if err != nil {
 		return -1, fmt.Errorf("exec %s: open session: %w", name, err)
@@ -164,6 +169,140 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 		return res.code, fmt.Errorf("exec %s: %w", name, res.outErr)
 	}
 	return res.code, nil
+}
+
+// execData is Exec of a command without a terminal whose stdin, stdout
+// and stderr travel on data port d.
+func (c *Client) execData(ctx context.Context, name string, opts ExecOptions, d *dataConn) (int, error) {
+	defer d.abort()
+	ch, reqs, err := c.ssh.OpenChannel("session", nil)
+	if err != nil {
+		d.drop()
+		return -1, fmt.Errorf("exec %s: open session: %w", name, err)
+	}
+	defer ch.Close()
+	exitc := make(chan exitResult, 1)
+	chClosed := make(chan struct{})
+	go func() {
+		exitc <- collectExit(reqs)
+		close(chClosed)
+	}()
+	d.releaseAfter(chClosed)
+	// The session carries no data: what the guest sends there is dropped.
+	go io.Copy(io.Discard, ch)
+	go io.Copy(io.Discard, ch.Stderr())
+	ch.CloseWrite()
+
+	kill := func() {
+		ch.SendRequest("signal", false, ssh.Marshal(agentproto.SignalMsg{Signal: "KILL"}))
+		ch.Close()
+		d.abort()
+	}
+	stop := context.AfterFunc(ctx, kill)
+	defer stop()
+	ctxErr := func() (int, error) {
+		return -1, fmt.Errorf("exec %s: %w", name, ctx.Err())
+	}
+
+	payload, err := agentproto.MarshalPayload(agentproto.ExecRequest{Argv: opts.Argv, Env: opts.Env, Dir: opts.Dir, User: opts.User, Data: d.stream()})
+	if err != nil {
+		return -1, fmt.Errorf("exec %s: %w", name, err)
+	}
+	ok, err := ch.SendRequest(agentproto.ReqExecArgv, true, payload)
+	if ctx.Err() != nil {
+		return ctxErr()
+	}
+	if err != nil {
+		return -1, fmt.Errorf("exec %s: %w: %w", name, ErrConnectionLost, err)
+	}
+	if !ok {
+		return -1, fmt.Errorf("exec %s: %w", name, ErrRefused)
+	}
+
+	// One goroutine reads the port: the answer, then the output frames
+	// until the guest's End. stdin is sent once the answer is checked.
+	stdout := &stickyWriter{w: orDiscard(opts.Stdout)}
+	stderr := &stickyWriter{w: orDiscard(opts.Stderr)}
+	readc := make(chan error, 1)
+	go func() {
+		err := d.readAck()
+		if err == nil {
+			go d.send(opts.Stdin)
+			err = d.frames(true, true, func(kind byte, p []byte) {
+				if kind == agentproto.DataFrameStderr {
+					stderr.Write(p)
+				} else {
+					stdout.Write(p)
+				}
+			})
+		}
+		readc <- err
+	}()
+
+	var (
+		res          exitResult
+		exited, read bool
+		readErr      error
+		graceC       <-chan time.Time
+	)
+	for !exited || !read {
+		select {
+		case res = <-exitc:
+			exited = true
+			d.channelClosed()
+		case readErr = <-readc:
+			read = true
+			if readErr != nil && ctx.Err() == nil && !exited {
+				// The guest broke the port's protocol: the command is
+				// killed; give the agent a moment to confirm.
+				kill()
+				t := time.NewTimer(cancelGrace)
+				defer t.Stop()
+				graceC = t.C
+			}
+		case <-ctx.Done():
+			// The AfterFunc killed the command and closed the channel:
+			// give the agent a moment to confirm, so the command is
+			// gone when Exec returns.
+			if !exited {
+				t := time.NewTimer(cancelGrace)
+				defer t.Stop()
+				select {
+				case <-exitc:
+				case <-t.C:
+				}
+			}
+			return ctxErr()
+		case <-graceC:
+			exited = true
+		}
+	}
+	if readErr != nil {
+		if ctx.Err() != nil {
+			return ctxErr()
+		}
+		return -1, fmt.Errorf("exec %s: %w", name, readErr)
+	}
+	if !res.ok {
+		if ctx.Err() != nil {
+			return ctxErr()
+		}
+		return -1, fmt.Errorf("exec %s: no exit status: %w", name, ErrConnectionLost)
+	}
+	if stdout.err != nil {
+		return res.code, fmt.Errorf("exec %s: write stdout: %w", name, stdout.err)
+	}
+	if stderr.err != nil {
+		return res.code, fmt.Errorf("exec %s: write stderr: %w", name, stderr.err)
+	}
+	return res.code, nil
+}
+
+func orDiscard(w io.Writer) io.Writer {
+	if w == nil {
+		return io.Discard
+	}
+	return w
 }
 
 // sessionEnd is how a session channel ended: its exit status and the

@@ -8,3 +8,9 @@ func SetKeepalive(interval, timeout time.Duration) func() {
 	keepaliveInterval, keepaliveTimeout = interval, timeout
 	return func() { keepaliveInterval, keepaliveTimeout = oi, ot }
 }
+
+// FreeDataPorts is the number of data ports free for a transfer.
+func (c *Client) FreeDataPorts() int { return c.data.freePorts() }
+
+// Cipher is the negotiated cipher of the host's writes.
+func (c *Client) Cipher() string { return c.cipher() }

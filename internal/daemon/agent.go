@@ -6,9 +6,11 @@ import (
 	"net"
 
 	"github.com/bangerdev/banger/internal/agent"
+	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/vmm"
 )
 
 func (d *Daemon) connectAgent(ctx context.Context, r *runningVM, keys agent.Keys) (*agent.Client, error) {
@@ -30,7 +32,7 @@ func (d *Daemon) connectAgent(ctx context.Context, r *runningVM, keys agent.Keys
 	dial := func(ctx context.Context) (net.Conn, error) { return d.driver.DialAgent(ctx, r.handle) }
 	ctx, cancel := r.untilExit(ctx)
 	defer cancel()
-	c, err := agent.WaitReady(ctx, dial, keys, d.log)
+	c, err := agent.WaitReady(ctx, dial, keys, d.log, agent.WithCiphers(agentCiphers(r.handle.Accel)...))
 	if err != nil {
 		if r.hasExited() {
 			return nil, errExitedDuringBoot
@@ -42,10 +44,35 @@ func (d *Daemon) connectAgent(ctx context.Context, r *runningVM, keys agent.Keys
 		c.Close()
 		return nil, err // already "agent info: ..."
 	}
+	d.useDataPorts(c, r.handle, info)
 	r.mu.Lock()
 	r.agent, r.info = c, &info
 	r.mu.Unlock()
 	return c, nil
+}
+
+// agentCiphers is the SSH cipher preference of the agent connection: the
+// guest's CPU, emulated under TCG, has no AES instructions.
+func agentCiphers(accel string) []string {
+	if accel == vmm.AccelKVM {
+		return agent.CiphersAESNI
+	}
+	return agent.CiphersSoftware
+}
+
+// useDataPorts moves the agent's bulk streams to the VM's data ports when
+// the driver, the VMM and the agent all have them (else they stay on SSH).
+func (d *Daemon) useDataPorts(c *agent.Client, h vmm.Handle, info agentproto.Info) {
+	dd, ok := d.driver.(vmm.DataDialer)
+	n := min(len(h.DataSockets), info.DataPorts)
+	if !ok || n <= 0 {
+		d.log.Debug("agent transfers over SSH only", "driver_data_ports", ok,
+			"vmm_data_ports", len(h.DataSockets), "agent_data_ports", info.DataPorts)
+		return
+	}
+	c.UseDataPorts(n, func(ctx context.Context, port int) (net.Conn, error) {
+		return dd.DialData(ctx, h, port)
+	})
 }
 
 // agentFor returns the agent client of a running VM.
