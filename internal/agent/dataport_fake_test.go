@@ -213,7 +213,8 @@ func echoExec(t *testing.T) func(g *guestTransfer) {
 			for len(p) > 0 {
 				n := min(len(p), agentproto.GuestDataChunk)
 				if err := g.frame(agentproto.DataFrameData, p[:n]); err != nil {
-					t.Errorf("guest: write stdout: %v", err)
+					g.exit(97) // the host went (cancelled)
+					return
 				}
 				p = p[n:]
 			}
