@@ -19,22 +19,52 @@ const (
 	PIDFileName     = "qemu.pid"
 )
 
+// DataPorts is the number of data ports every VM gets beside the agent's
+// port (agentproto.DataPortName(0..DataPorts-1)): raw virtio-serial
+// channels for bulk streams (agentproto's datastream.go), reached with
+// DialData.
+const DataPorts = 4
+
+// The number of data ports fits the agent protocol's limit.
+var _ [agentproto.MaxDataPorts - DataPorts]struct{}
+
+// DataSocketName is the name, inside Spec.Dir, of data port i's socket.
+func DataSocketName(i int) string { return "data" + strconv.Itoa(i) + ".sock" }
+
 // Paths are the runtime files of one QEMU process.
 type Paths struct {
 	QMPSocket   string
 	AgentSocket string
+	// DataSockets are the host ends of the data ports, port i's at
+	// index i.
+	DataSockets []string
 	PIDFile     string
 	Log         string // a confined QEMU's stderr
 }
 
 // PathsFor returns the runtime files QEMU uses in the VM directory dir.
 func PathsFor(dir string) Paths {
-	return Paths{
+	p := Paths{
 		QMPSocket:   filepath.Join(dir, QMPSocketName),
 		AgentSocket: filepath.Join(dir, AgentSocketName),
 		PIDFile:     filepath.Join(dir, PIDFileName),
 		Log:         filepath.Join(dir, LogFileName),
 	}
+	for i := range DataPorts {
+		p.DataSockets = append(p.DataSockets, filepath.Join(dir, DataSocketName(i)))
+	}
+	return p
+}
+
+// sockets returns every unix socket of p.
+func (p Paths) sockets() []string {
+	return append([]string{p.QMPSocket, p.AgentSocket}, p.DataSockets...)
+}
+
+// files returns the runtime files QEMU's start creates in the VM
+// directory (not the log, which a confined QEMU's Cleanup removes).
+func (p Paths) files() []string {
+	return append(p.sockets(), p.PIDFile)
 }
 
 // ChooseAccel picks the accelerator for a requested one ("", "auto", "kvm"
@@ -145,6 +175,9 @@ func BuildArgs(spec vmm.Spec, accel string, paths Paths) []string {
 		"-chardev", "socket,id=agent,path="+escape(paths.AgentSocket)+",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name="+agentproto.VirtioPortName,
 	)
+	for i, sock := range paths.DataSockets {
+		args = append(args, dataPortArgs(i, "path="+escape(sock))...)
+	}
 	args = append(args, netArgs(spec.Net, unconfinedTAPFD)...)
 	args = append(args,
 		// Same as -qmp unix:PATH,server=on,wait=off, but the path can hold
@@ -155,6 +188,17 @@ func BuildArgs(spec vmm.Spec, accel string, paths Paths) []string {
 		"-daemonize",
 	)
 	return args
+}
+
+// dataPortArgs are the arguments of data port i, a virtio-serial port on
+// the VM's virtio-serial device whose host end is the listening socket
+// addr ("path=P" or "fd=N").
+func dataPortArgs(i int, addr string) []string {
+	id := "data" + strconv.Itoa(i)
+	return []string{
+		"-chardev", "socket,id=" + id + "," + addr + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=" + id + ",name=" + agentproto.DataPortName(i),
+	}
 }
 
 // unconfinedTAPFD is the descriptor of the TAP device in an unconfined

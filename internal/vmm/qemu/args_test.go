@@ -1,10 +1,17 @@
 package qemu
 
 import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/kvmcheck"
 	"github.com/bangerdev/banger/internal/vmm"
 )
@@ -41,6 +48,14 @@ func TestBuildArgsTCG(t *testing.T) {
 		"-device", "virtio-serial-device",
 		"-chardev", "socket,id=agent,path=/run/banger/vms/0123abcd/agent.sock,server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=org.banger.agent.0",
+		"-chardev", "socket,id=data0,path=/run/banger/vms/0123abcd/data0.sock,server=on,wait=off",
+		"-device", "virtserialport,chardev=data0,name=org.banger.data.0",
+		"-chardev", "socket,id=data1,path=/run/banger/vms/0123abcd/data1.sock,server=on,wait=off",
+		"-device", "virtserialport,chardev=data1,name=org.banger.data.1",
+		"-chardev", "socket,id=data2,path=/run/banger/vms/0123abcd/data2.sock,server=on,wait=off",
+		"-device", "virtserialport,chardev=data2,name=org.banger.data.2",
+		"-chardev", "socket,id=data3,path=/run/banger/vms/0123abcd/data3.sock,server=on,wait=off",
+		"-device", "virtserialport,chardev=data3,name=org.banger.data.3",
 		"-chardev", "socket,id=qmp,path=/run/banger/vms/0123abcd/qmp.sock,server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
 		"-pidfile", "/run/banger/vms/0123abcd/qemu.pid",
@@ -65,6 +80,7 @@ func TestBuildArgsKVMNoInitrdEscapes(t *testing.T) {
 		"file=/d,,isk.raw,format=raw",
 		"path=/tmp/x,,y/agent.sock,server=on",
 		"path=/tmp/x,,y/qmp.sock,server=on",
+		"path=/tmp/x,,y/data3.sock,server=on",
 		"path=/tmp/x,,y/console.log,append=on",                // default console log
 		"-append console=ttyS0,115200 root=/dev/vda -chardev", // console not added twice
 		"-pidfile /tmp/x,y/qemu.pid",                          // plain argument, not escaped
@@ -146,5 +162,66 @@ func TestChooseAccel(t *testing.T) {
 				t.Errorf("warning %q lacks %q", warn, tt.wantWarn)
 			}
 		})
+	}
+}
+
+// TestConfinedArgsDataPorts: a confined QEMU gets each data port as a
+// listening socket it inherits (fd=N), bound to the port's path in the VM
+// directory, reachable by root only.
+func TestConfinedArgsDataPorts(t *testing.T) {
+	assets := t.TempDir()
+	kernel := filepath.Join(assets, "vmlinuz")
+	disk := filepath.Join(assets, "root.raw")
+	for _, p := range []string{kernel, disk} {
+		if err := os.WriteFile(p, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dir := t.TempDir()
+	spec := vmm.Spec{ID: "v", Name: "v", Dir: dir, CPUs: 1, MemoryMiB: 128, Kernel: kernel,
+		RootDisk: vmm.Disk{Path: disk, Format: vmm.FormatRaw}}
+	paths := PathsFor(dir)
+	cf, err := New(Config{}, nil).prepareConfined(spec, paths, 65534, 65534)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cf.close()
+	joined := strings.Join(buildConfinedArgs(spec, vmm.AccelTCG, cf), " ")
+	if len(cf.dataFDs) != DataPorts {
+		t.Fatalf("%d data port descriptors, want %d", len(cf.dataFDs), DataPorts)
+	}
+	for i, fd := range cf.dataFDs {
+		want := fmt.Sprintf("-chardev socket,id=data%d,fd=%d,server=on,wait=off -device virtserialport,chardev=data%d,name=%s",
+			i, fd, i, agentproto.DataPortName(i))
+		if !strings.Contains(joined, want) {
+			t.Errorf("confined args lack %q:\n%s", want, joined)
+		}
+		// QEMU's fd N is ExtraFiles[N-3]: the listening socket of the port.
+		sa, err := unix.Getsockname(int(cf.files[fd-3].Fd()))
+		if su, ok := sa.(*unix.SockaddrUnix); err != nil || !ok || su.Name != paths.DataSockets[i] {
+			t.Errorf("fd %d of data port %d is bound to %+v (%v), want %s", fd, i, sa, err, paths.DataSockets[i])
+		}
+		if fi, err := os.Stat(paths.DataSockets[i]); err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 {
+			t.Errorf("data socket %s: %v, %v; want a socket of mode 0600", paths.DataSockets[i], fi.Mode(), err)
+		}
+	}
+	if strings.Contains(joined, "data0.sock") {
+		t.Errorf("confined args name a data socket path:\n%s", joined)
+	}
+}
+
+// TestRecoverDataSockets: Recover gives a VM the data sockets its QEMU
+// has on its command line, none to a QEMU an older banger started.
+func TestRecoverDataSockets(t *testing.T) {
+	paths := PathsFor("/run/banger/vms/x")
+	spec := vmm.Spec{ID: "x", Name: "x", Dir: "/run/banger/vms/x", CPUs: 1, MemoryMiB: 128, Kernel: "/k",
+		RootDisk: vmm.Disk{Path: "/d", Format: vmm.FormatRaw}}
+	cmdline := []byte("qemu-system-x86_64\x00" + strings.Join(BuildArgs(spec, vmm.AccelTCG, paths), "\x00") + "\x00")
+	if got := recoverDataSockets(cmdline, paths); !slices.Equal(got, paths.DataSockets) {
+		t.Errorf("recovered %q, want %q", got, paths.DataSockets)
+	}
+	old := bytes.ReplaceAll(cmdline, []byte(agentproto.DataPortPrefix), []byte("org.example.other."))
+	if got := recoverDataSockets(old, paths); len(got) != 0 {
+		t.Errorf("recovered %q from a QEMU without data ports", got)
 	}
 }

@@ -49,7 +49,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 func assertNoRuntimeFiles(t *testing.T, d *Driver, dir string) {
 	t.Helper()
 	paths := PathsFor(dir)
-	for _, p := range []string{paths.QMPSocket, paths.AgentSocket, paths.PIDFile} {
+	for _, p := range paths.files() {
 		if _, err := os.Lstat(p); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("runtime file %s left behind (%v)", p, err)
 		}
@@ -75,7 +75,7 @@ func TestBootQEMU(t *testing.T) {
 		t.Fatal(err)
 	}
 	stale := PathsFor(spec.Dir)
-	for _, p := range []string{stale.QMPSocket, stale.AgentSocket, stale.PIDFile} {
+	for _, p := range stale.files() {
 		if err := os.WriteFile(p, []byte("1\n"), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -86,7 +86,8 @@ func TestBootQEMU(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Kill(context.Background(), h)
-	if h.ControlSocket != stale.QMPSocket || h.AgentSocket != stale.AgentSocket || h.PIDFile != stale.PIDFile {
+	if h.ControlSocket != stale.QMPSocket || h.AgentSocket != stale.AgentSocket || h.PIDFile != stale.PIDFile ||
+		!slices.Equal(h.DataSockets, stale.DataSockets) || len(h.DataSockets) != DataPorts {
 		t.Errorf("handle %+v does not use the paths of PathsFor(%s)", h, spec.Dir)
 	}
 	// A daemon that died before recording h finds the same VMM again.

@@ -103,6 +103,7 @@ type confinedFiles struct {
 	sets  int
 	// Where each file is in QEMU.
 	qmpFD, agentFD  int
+	dataFDs         []int  // data port i's listening socket at index i
 	tapFD           int    // the TAP device (Spec.Net NetTAP)
 	kernel, initrd  string // /proc/self/fd/N
 	console         string // /dev/fdset/N
@@ -237,6 +238,13 @@ func (d *Driver) prepareConfined(spec vmm.Spec, paths Paths, uid, gid int) (_ *c
 	}
 	if cf.agentFD, err = cf.listen(paths.AgentSocket); err != nil {
 		return nil, err
+	}
+	for _, p := range paths.DataSockets {
+		fd, err := cf.listen(p)
+		if err != nil {
+			return nil, err
+		}
+		cf.dataFDs = append(cf.dataFDs, fd)
 	}
 	// The pid file is the driver's (QEMU can't write in Dir); its fd set
 	// names it on QEMU's command line, which is how findQEMU finds the
@@ -458,6 +466,9 @@ func buildConfinedArgs(spec vmm.Spec, accel string, cf *confinedFiles) []string 
 		"-chardev", "socket,id=agent,fd="+strconv.Itoa(cf.agentFD)+",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name="+agentproto.VirtioPortName,
 	)
+	for i, fd := range cf.dataFDs {
+		args = append(args, dataPortArgs(i, "fd="+strconv.Itoa(fd))...)
+	}
 	args = append(args, netArgs(spec.Net, cf.tapFD)...)
 	args = append(args,
 		"-chardev", "socket,id=qmp,fd="+strconv.Itoa(cf.qmpFD)+",server=on,wait=off",

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -91,30 +92,43 @@ func findTestImageWith(t *testing.T, mods []string) testImage {
 
 // guestInit returns the test guest's /init for b (see vmmtest.Behaviour).
 // The RunForever guest also prints "vmmtest-disk-sectors=N", the size of
-// the virtio-blk root disk it sees.
+// the virtio-blk root disk it sees, and "vmmtest-port NAME=DEVICE" for
+// each port it echoes on: the agent's and the DataPorts data ports.
 func guestInit(b vmmtest.Behaviour) string {
 	switch b {
 	case vmmtest.PowerOffAfterBoot:
 		return vmmtest.GuestPrelude + "echo " + vmmtest.Marker + "\n$bb poweroff -f\n"
 	case vmmtest.RunForever:
-		// A virtio-serial port can be opened once at a time, so the echo
+		// A virtio-serial port can be opened once at a time, so each echo
 		// reads and writes one read-write descriptor. Reading it returns
 		// EOF while no host client is connected: cat then ends, and runs
-		// again.
-		return vmmtest.GuestPrelude + strings.ReplaceAll(`port=
-for i in $($bb seq 100); do
+		// again. The port names are read with the shell's read (no fork:
+		// forks are slow under TCG).
+		return vmmtest.GuestPrelude + strings.NewReplacer(
+			"AGENTPORT", agentproto.VirtioPortName,
+			"DATAPREFIX", agentproto.DataPortPrefix,
+			"NPORTS", strconv.Itoa(1+DataPorts),
+			"MARKER", vmmtest.Marker,
+		).Replace(`for i in $($bb seq 100); do
+  ports=
   for p in /sys/class/virtio-ports/*; do
-    [ "$($bb cat $p/name 2>/dev/null)" = "PORTNAME" ] && port=/dev/$($bb basename $p)
+    [ -e $p/name ] && read -r name < $p/name || continue
+    case "$name" in
+      AGENTPORT|DATAPREFIX*) [ -e /dev/${p##*/} ] && ports="$ports $name=/dev/${p##*/}" ;;
+    esac
   done
-  [ -n "$port" ] && [ -e "$port" ] && [ -e /dev/vda ] && break
+  set -- $ports
+  [ $# -eq NPORTS ] && [ -e /dev/vda ] && break
   $bb sleep 0.1
 done
 echo "vmmtest-disk-sectors=$($bb cat /sys/block/vda/size)"
-echo "vmmtest-agent-port=$port"
-( exec 3<>$port && while :; do $bb cat <&3 >&3; $bb sleep 0.1; done ) &
-echo `+vmmtest.Marker+`
+for port in $ports; do
+  echo "vmmtest-port $port"
+  ( exec 3<>${port#*=} && while :; do $bb cat <&3 >&3; $bb sleep 0.1; done ) &
+done
+echo MARKER
 while :; do $bb sleep 3600; done
-`, "PORTNAME", agentproto.VirtioPortName)
+`)
 	}
 	panic("unknown vmmtest.Behaviour " + b.String())
 }

@@ -85,8 +85,9 @@ func TestAliveFakeProc(t *testing.T) {
 	}
 	// Cleanup refuses while alive, removes files when not.
 	dir := t.TempDir()
-	h := vmm.Handle{PID: 100, StartTime: 5000, ControlSocket: filepath.Join(dir, "qmp.sock"), AgentSocket: filepath.Join(dir, "agent.sock"), PIDFile: filepath.Join(dir, "qemu.pid")}
-	for _, p := range []string{h.ControlSocket, h.AgentSocket, h.PIDFile} {
+	h := vmm.Handle{PID: 100, StartTime: 5000, ControlSocket: filepath.Join(dir, "qmp.sock"), AgentSocket: filepath.Join(dir, "agent.sock"), PIDFile: filepath.Join(dir, "qemu.pid"),
+		DataSockets: []string{filepath.Join(dir, "data0.sock"), filepath.Join(dir, "data1.sock")}}
+	for _, p := range append([]string{h.ControlSocket, h.AgentSocket, h.PIDFile}, h.DataSockets...) {
 		os.WriteFile(p, nil, 0o600)
 	}
 	if err := d.Cleanup(h); err == nil {

@@ -7,7 +7,8 @@
 // restarted daemon adopts it from the recorded vmm.Handle (pid plus process
 // start time, which guards against pid reuse). The process is controlled over QMP
 // (<Dir>/qmp.sock); the guest agent's virtio-serial port is a unix socket
-// (<Dir>/agent.sock).
+// (<Dir>/agent.sock), and so is each of the guest's DataPorts data ports
+// (<Dir>/data<i>.sock, DialData).
 //
 // The accelerator is KVM when kvmcheck says the host's KVM runs stock guest
 // kernels, TCG otherwise (with a warning): on PVM-only hosts a stock kernel
@@ -33,12 +34,16 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/kvmcheck"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
-var _ vmm.Recoverer = (*Driver)(nil)
+var (
+	_ vmm.Recoverer  = (*Driver)(nil)
+	_ vmm.DataDialer = (*Driver)(nil)
+)
 
 // DriverName is the value of vmm.Handle.Driver for this backend.
 const DriverName = "qemu"
@@ -151,8 +156,10 @@ func (d *Driver) validate(spec vmm.Spec) error {
 	if err := validateNet(spec.Net); err != nil {
 		return err
 	}
-	if p := PathsFor(spec.Dir).AgentSocket; len(p) > maxSocketPath {
-		return fmt.Errorf("invalid spec: runtime directory %s too long for unix sockets (%d bytes, max %d)", spec.Dir, len(p), maxSocketPath)
+	for _, p := range PathsFor(spec.Dir).sockets() {
+		if len(p) > maxSocketPath {
+			return fmt.Errorf("invalid spec: runtime directory %s too long for unix sockets (%s: %d bytes, max %d)", spec.Dir, filepath.Base(p), len(p), maxSocketPath)
+		}
 	}
 	if err := regularFile(spec.Kernel); err != nil {
 		return fmt.Errorf("invalid spec: kernel: %w", err)
@@ -331,7 +338,7 @@ func (d *Driver) clearStale(paths Paths) error {
 	if pids := d.findQEMU(paths); len(pids) > 0 {
 		return fmt.Errorf("qemu already running for %s (pid %d)", filepath.Dir(paths.PIDFile), pids[0])
 	}
-	return removeFiles(paths.QMPSocket, paths.AgentSocket, paths.PIDFile)
+	return removeFiles(paths.files()...)
 }
 
 // abort kills every QEMU process started with these runtime paths
@@ -353,7 +360,7 @@ func (d *Driver) abort(paths Paths) error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	return removeFiles(paths.QMPSocket, paths.AgentSocket, paths.PIDFile, paths.Log)
+	return removeFiles(append(paths.files(), paths.Log)...)
 }
 
 // findQEMU returns the live (not zombie) processes whose command line has
@@ -395,14 +402,32 @@ func (d *Driver) Recover(dir string) (vmm.Handle, bool) {
 	if err != nil || st.exited() {
 		return vmm.Handle{}, false
 	}
+	cl, err := os.ReadFile(filepath.Join(d.procRoot, strconv.Itoa(pids[0]), "cmdline"))
+	if err != nil {
+		return vmm.Handle{}, false
+	}
 	accel := vmm.AccelTCG
-	if cl, err := os.ReadFile(filepath.Join(d.procRoot, strconv.Itoa(pids[0]), "cmdline")); err == nil &&
-		bytes.Contains(cl, []byte("\x00-accel\x00kvm\x00")) {
+	if bytes.Contains(cl, []byte("\x00-accel\x00kvm\x00")) {
 		accel = vmm.AccelKVM
 	}
 	h := newHandle(pids[0], st.StartTime, paths, accel)
+	h.DataSockets = recoverDataSockets(cl, paths)
 	h.Confinement = d.recoverConfinement(pids[0])
 	return h, true
+}
+
+// recoverDataSockets returns the data sockets of paths that the QEMU whose
+// command line is cmdline has (none when an older banger, without data
+// ports, started it).
+func recoverDataSockets(cmdline []byte, paths Paths) []string {
+	var socks []string
+	for i, p := range paths.DataSockets {
+		if !bytes.Contains(cmdline, []byte(",name="+agentproto.DataPortName(i)+"\x00")) {
+			break
+		}
+		socks = append(socks, p)
+	}
+	return socks
 }
 
 // newHandle is the handle of the QEMU process pid, started at startTime
@@ -410,7 +435,8 @@ func (d *Driver) Recover(dir string) (vmm.Handle, bool) {
 func newHandle(pid int, startTime uint64, paths Paths, accel string) vmm.Handle {
 	return vmm.Handle{
 		Driver: DriverName, PID: pid, StartTime: startTime,
-		ControlSocket: paths.QMPSocket, AgentSocket: paths.AgentSocket, PIDFile: paths.PIDFile, Accel: accel,
+		ControlSocket: paths.QMPSocket, AgentSocket: paths.AgentSocket,
+		DataSockets: slices.Clone(paths.DataSockets), PIDFile: paths.PIDFile, Accel: accel,
 	}
 }
 
@@ -589,7 +615,8 @@ func (d *Driver) Cleanup(h vmm.Handle) error {
 	if h.Confinement != nil && h.PIDFile != "" {
 		logFile = filepath.Join(filepath.Dir(h.PIDFile), LogFileName)
 	}
-	if err := removeFiles(h.ControlSocket, h.AgentSocket, h.PIDFile, logFile); err != nil {
+	files := append([]string{h.ControlSocket, h.AgentSocket, h.PIDFile, logFile}, h.DataSockets...)
+	if err := removeFiles(files...); err != nil {
 		return fmt.Errorf("cleanup: %w", err)
 	}
 	if err := d.removeCgroups(h); err != nil {
@@ -631,6 +658,24 @@ func (d *Driver) DialAgent(ctx context.Context, h vmm.Handle) (net.Conn, error) 
 	conn, err := dialer.DialContext(ctx, "unix", h.AgentSocket)
 	if err != nil {
 		return nil, fmt.Errorf("dial agent: %w", err)
+	}
+	return conn, nil
+}
+
+// DialData implements vmm.DataDialer: a connection to data port port's
+// socket. A port serves one connection at a time: a second dial waits
+// until the first is closed.
+func (d *Driver) DialData(ctx context.Context, h vmm.Handle, port int) (net.Conn, error) {
+	if !d.Alive(h) {
+		return nil, fmt.Errorf("dial data port %d: %w", port, vmm.ErrNotRunning)
+	}
+	if port < 0 || port >= len(h.DataSockets) {
+		return nil, fmt.Errorf("dial data port %d: the vm has %d data ports: %w", port, len(h.DataSockets), errdefs.ErrInvalid)
+	}
+	var dialer net.Dialer
+	conn, err := dialer.DialContext(ctx, "unix", h.DataSockets[port])
+	if err != nil {
+		return nil, fmt.Errorf("dial data port %d: %w", port, err)
 	}
 	return conn, nil
 }

@@ -23,6 +23,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -33,6 +35,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/initramfs"
 	"github.com/bangerdev/banger/internal/kmod"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -46,10 +49,11 @@ const (
 	// (Spec.ConsoleLog), then powers off by itself.
 	PowerOffAfterBoot Behaviour = iota + 1
 	// RunForever: the guest starts echoing every byte it reads on the
-	// agent transport (what DialAgent connects to) back to it, then prints
-	// Marker and runs until it is killed. It ignores the ACPI power button.
-	// The echo must survive the host closing its connection and dialing
-	// again.
+	// agent transport (what DialAgent connects to) back to it, and on
+	// each data port (what DialData connects to, for a driver that is a
+	// vmm.DataDialer), then prints Marker and runs until it is killed. It
+	// ignores the ACPI power button. The echo must survive the host
+	// closing its connection and dialing again.
 	RunForever
 )
 
@@ -109,6 +113,7 @@ func Run(t *testing.T, f Factory) {
 		{"StartInterrupted", testStartInterrupted},
 		{"Shutdown", testShutdown},
 		{"DialAgent", testDialAgent},
+		{"DialData", testDialData},
 		{"ConcurrentStart", testConcurrentStart},
 	}
 	for _, tc := range tests {
@@ -194,11 +199,18 @@ func checkHandle(t *testing.T, d vmm.Driver, spec vmm.Spec, h vmm.Handle) {
 	if _, err := os.Lstat(h.ControlSocket); err != nil {
 		t.Errorf("control socket after Start: %v", err)
 	}
+	if _, ok := d.(vmm.DataDialer); ok {
+		if n := len(h.DataSockets); n == 0 || n > agentproto.MaxDataPorts {
+			t.Errorf("a vmm.DataDialer's Handle has %d data sockets, want 1 to %d", n, agentproto.MaxDataPorts)
+		}
+	} else if len(h.DataSockets) > 0 {
+		t.Errorf("Handle has data sockets %v but the driver is no vmm.DataDialer", h.DataSockets)
+	}
 }
 
 func runtimeFiles(h vmm.Handle) []string {
 	var ps []string
-	for _, p := range []string{h.ControlSocket, h.AgentSocket, h.PIDFile} {
+	for _, p := range append([]string{h.ControlSocket, h.AgentSocket, h.PIDFile}, h.DataSockets...) {
 		if p != "" {
 			ps = append(ps, p)
 		}
@@ -361,21 +373,28 @@ func (e *env) echo(t *testing.T, d vmm.Driver, spec vmm.Spec, h vmm.Handle) {
 		t.Fatalf("DialAgent: %v", err)
 	}
 	defer conn.Close()
+	if err := echoLine(ctx, conn, "agent transport"); err != nil {
+		t.Fatalf("%v\n%s", err, consoleTail(spec.ConsoleLog))
+	}
+}
+
+// echoLine writes a random line on conn (what, in messages) and checks
+// that the same line comes back before ctx ends.
+func echoLine(ctx context.Context, conn net.Conn, what string) error {
 	deadline, _ := ctx.Deadline()
 	conn.SetDeadline(deadline)
-	line := "vmmtest-echo-" + randomHex(8)
-	t0 := time.Now()
-	if _, err := conn.Write([]byte(line + "\n")); err != nil {
-		t.Fatalf("write to agent transport: %v", err)
+	line := "vmmtest-echo-" + randomHex(8) + "\n"
+	if _, err := conn.Write([]byte(line)); err != nil {
+		return fmt.Errorf("write to the %s: %w", what, err)
 	}
 	got, err := bufio.NewReader(conn).ReadString('\n')
 	if err != nil {
-		t.Fatalf("read the echo from the agent transport: %v (got %q)\n%s", err, got, consoleTail(spec.ConsoleLog))
+		return fmt.Errorf("read the echo from the %s: %w (got %q)", what, err, got)
 	}
-	if got != line+"\n" {
-		t.Fatalf("agent transport echoed %q, want %q", got, line+"\n")
+	if got != line {
+		return fmt.Errorf("the %s echoed %q, want %q", what, got, line)
 	}
-	t.Logf("echo over the agent transport in %v", time.Since(t0).Round(time.Millisecond))
+	return nil
 }
 
 func randomHex(n int) string {
@@ -736,6 +755,117 @@ func testDialAgent(t *testing.T, e *env) {
 	e.echo(t, d, spec, h) // reconnect, as a restarted daemon does
 	if err := d.Kill(e.ctx, h); err != nil {
 		t.Fatalf("Kill: %v", err)
+	}
+}
+
+// dataEchoBytes is the size of the binary stream testDialData sends
+// through a data port and back.
+const dataEchoBytes = 1 << 20
+
+// testDialData: for a driver that is a vmm.DataDialer, every data port of
+// the handle carries bytes to the guest and back (the guest echoes), each
+// port on its own connection at the same time, again after a reconnect,
+// and a binary stream of dataEchoBytes unchanged; a port out of range is
+// an error; on a killed VM DialData fails with ErrNotRunning, promptly.
+func testDialData(t *testing.T, e *env) {
+	d := e.f.New(t)
+	dd, ok := d.(vmm.DataDialer)
+	if !ok {
+		t.Skipf("driver %s has no data ports (not a vmm.DataDialer)", d.Name())
+	}
+	spec := e.spec(t, "vm", RunForever)
+	h, _ := e.start(t, d, spec)
+	e.waitMarker(t, spec)
+	ports := len(h.DataSockets)
+	if ports == 0 {
+		t.Fatal("Handle.DataSockets is empty")
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
+	defer cancel()
+
+	// All ports at once, each its own line: no port carries another's
+	// bytes.
+	conns := make([]net.Conn, ports)
+	for i := range ports {
+		conn, err := dd.DialData(ctx, h, i)
+		if err != nil {
+			t.Fatalf("DialData(%d): %v", i, err)
+		}
+		defer conn.Close()
+		conns[i] = conn
+	}
+	errs := make([]error, ports)
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for i, conn := range conns {
+		wg.Go(func() { errs[i] = echoLine(ctx, conn, fmt.Sprintf("data port %d", i)) })
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	t.Logf("echo over %d data ports at once in %v", ports, time.Since(t0).Round(time.Millisecond))
+	for _, conn := range conns {
+		conn.Close()
+	}
+
+	// Reconnect to the last port, and send a binary stream through it.
+	conn, err := dd.DialData(ctx, h, ports-1)
+	if err != nil {
+		t.Fatalf("DialData(%d) again: %v", ports-1, err)
+	}
+	defer conn.Close()
+	deadline, _ := ctx.Deadline()
+	conn.SetDeadline(deadline)
+	want := make([]byte, dataEchoBytes)
+	rand.Read(want)
+	t0 = time.Now()
+	werr := make(chan error, 1)
+	go func() {
+		_, err := conn.Write(want)
+		werr <- err
+	}()
+	got := make([]byte, len(want))
+	n, err := io.ReadFull(conn, got)
+	if err != nil {
+		t.Fatalf("read the echo of %d bytes from data port %d: %v after %d bytes\n%s", len(want), ports-1, err, n, consoleTail(spec.ConsoleLog))
+	}
+	if err := <-werr; err != nil {
+		t.Fatalf("write %d bytes to data port %d: %v", len(want), ports-1, err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("data port %d echoed %d bytes that differ from those sent", ports-1, len(want))
+	}
+	t.Logf("%d bytes through data port %d and back in %v", len(want), ports-1, time.Since(t0).Round(time.Millisecond))
+	conn.Close()
+
+	for _, port := range []int{-1, ports} {
+		conn, err := dd.DialData(ctx, h, port)
+		if err == nil {
+			conn.Close()
+			t.Errorf("DialData(%d) of a VM with %d data ports succeeded", port, ports)
+		} else if errors.Is(err, vmm.ErrNotRunning) {
+			t.Errorf("DialData(%d) of a running VM = %v, want an error about the port", port, err)
+		}
+	}
+
+	if err := d.Kill(e.ctx, h); err != nil {
+		t.Fatalf("Kill: %v", err)
+	}
+	t0 = time.Now()
+	if conn, err := dd.DialData(e.ctx, h, 0); !errors.Is(err, vmm.ErrNotRunning) {
+		if conn != nil {
+			conn.Close()
+		}
+		t.Errorf("DialData on a killed VM = %v, want vmm.ErrNotRunning", err)
+	}
+	if el := time.Since(t0); el > promptly {
+		t.Errorf("DialData on a killed VM took %v", el)
 	}
 }
 
