@@ -1,6 +1,7 @@
 package rpc
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -34,14 +35,39 @@ func (e *RemoteError) Unwrap() error { return errdefs.FromCode(e.Code) }
 // Stream is an open call.
 type Stream struct {
 	conn net.Conn
-	dec  *json.Decoder
-	mu   sync.Mutex
-	enc  *json.Encoder
 	stop func() bool
+
+	// JSON lines (also the reading side of a binary call the daemon
+	// answered in JSON lines: see Next).
+	dec *json.Decoder
+	// Binary framing: r reads messages, buf holds Next's data.
+	r   *bufio.Reader
+	buf []byte
+	hdr [headerLen]byte
+
+	mu      sync.Mutex // guards writes and the fields below
+	enc     *json.Encoder
+	bin     *binOut // binary framing, nil in JSON lines
+	binary  bool    // reading binary messages (changed only by Next)
+	started bool    // a binary message was read (only Next)
 }
 
-// Open dials socketPath and sends the request.
+// maxReplyBytes bounds a daemon's KindMessage (a result: VM lists, ...):
+// a corrupt length fails the call instead of allocating gigabytes.
+const maxReplyBytes = 256 << 20
+
+// Open dials socketPath and sends the request; the call speaks JSON lines.
 func Open(ctx context.Context, socketPath, method string, params any) (*Stream, error) {
+	return open(ctx, socketPath, method, params, false)
+}
+
+// OpenBinary is Open for a call in binary framing: stream data travels as
+// raw bytes (SendData, Next), for bulk streams.
+func OpenBinary(ctx context.Context, socketPath, method string, params any) (*Stream, error) {
+	return open(ctx, socketPath, method, params, true)
+}
+
+func open(ctx context.Context, socketPath, method string, params any, binary bool) (*Stream, error) {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", socketPath)
 	if err != nil {
@@ -56,8 +82,15 @@ func Open(ctx context.Context, socketPath, method string, params any) (*Stream, 
 		conn.Close()
 		return nil, fmt.Errorf("%s request of %d bytes is larger than the daemon accepts (%d KiB): %w", method, len(raw), MaxRequestBytes>>10, errdefs.ErrInvalid)
 	}
-	s := &Stream{conn: conn, dec: json.NewDecoder(conn), enc: json.NewEncoder(conn)}
-	if err := s.enc.Encode(Request{Method: method, Params: raw}); err != nil {
+	s := &Stream{conn: conn, enc: json.NewEncoder(conn)}
+	if binary {
+		s.r = bufio.NewReaderSize(conn, 64<<10)
+		s.bin = &binOut{w: conn}
+		s.binary = true
+	} else {
+		s.dec = json.NewDecoder(conn)
+	}
+	if err := s.enc.Encode(Request{Method: method, Params: raw, Binary: binary}); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("send %s: %w", method, err)
 	}
@@ -65,23 +98,126 @@ func Open(ctx context.Context, socketPath, method string, params any) (*Stream, 
 	return s, nil
 }
 
-// Send sends a frame to the daemon.
+// Send sends a frame to the daemon. In binary framing a stdin frame goes
+// as data (SendData).
 func (s *Stream) Send(f api.Frame) error {
+	if f.Type == api.FrameStdin {
+		return s.SendData(KindStdin, f.Data)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.enc.Encode(Message{Frame: &f})
+	if s.bin == nil {
+		return s.enc.Encode(Message{Frame: &f})
+	}
+	raw, err := json.Marshal(Message{Frame: &f})
+	if err != nil {
+		return err
+	}
+	return s.bin.write(KindMessage, raw)
+}
+
+// SendData sends p as stdin data (kind KindStdin), in one frame: the
+// daemon ends a call whose frame is over MaxFrameBytes (in JSON lines:
+// whose JSON is; base64 makes data 4/3 larger). In binary framing p is
+// written as it is; it is not retained.
+func (s *Stream) SendData(kind Kind, p []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.bin == nil {
+		return s.enc.Encode(Message{Frame: &api.Frame{Type: kind.frameType(), Data: p}})
+	}
+	return s.bin.write(kind, p)
 }
 
 // Recv returns the next frame. When the call ends it decodes the result
 // into result (if non-nil) and returns io.EOF, or returns the call's error.
 func (s *Stream) Recv(result any) (api.Frame, error) {
-	var msg Message
-	if err := s.dec.Decode(&msg); err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
-			return api.Frame{}, errors.New("connection to bangerd closed before the call ended")
-		}
-		return api.Frame{}, fmt.Errorf("read from bangerd: %w", err)
+	f, err := s.Next(result)
+	if err == nil && s.r != nil && f.Data != nil {
+		f.Data = bytes.Clone(f.Data)
 	}
+	return f, err
+}
+
+// Next is Recv without a copy: a data frame's Data is valid only until the
+// next call of Next or Recv.
+//
+// A daemon from before binary framing ignores the request's flag and
+// answers in JSON lines: Next then reads JSON lines, and Send and SendData
+// write them. A call that sent input before the first answer fails with
+// that daemon's error.
+func (s *Stream) Next(result any) (api.Frame, error) {
+	if s.r == nil || !s.binary {
+		var msg Message
+		if err := s.dec.Decode(&msg); err != nil {
+			return api.Frame{}, readErr(err)
+		}
+		return reply(msg, result)
+	}
+	for {
+		kind, n, err := readHeader(s.r, &s.hdr)
+		if err != nil {
+			return api.Frame{}, readErr(err)
+		}
+		if !s.started && s.hdr[0] == '{' {
+			// JSON lines: a daemon from before binary framing.
+			s.fallBack()
+			return s.Next(result)
+		}
+		s.started = true
+		switch kind {
+		case KindStdout, KindStderr:
+			if n > MaxDataFrame {
+				return api.Frame{}, fmt.Errorf("read from bangerd: a data frame of %d KiB, over %d KiB", n>>10, MaxDataFrame>>10)
+			}
+			if cap(s.buf) < n {
+				s.buf = make([]byte, max(n, 64<<10))
+			}
+			data := s.buf[:n]
+			if _, err := io.ReadFull(s.r, data); err != nil {
+				return api.Frame{}, readErr(err)
+			}
+			return api.Frame{Type: kind.frameType(), Data: data}, nil
+		case KindMessage:
+			if n > maxReplyBytes {
+				return api.Frame{}, fmt.Errorf("read from bangerd: a message of %d MiB, over %d MiB", n>>20, maxReplyBytes>>20)
+			}
+			raw := make([]byte, n)
+			if _, err := io.ReadFull(s.r, raw); err != nil {
+				return api.Frame{}, readErr(err)
+			}
+			var msg Message
+			if err := json.Unmarshal(raw, &msg); err != nil {
+				return api.Frame{}, fmt.Errorf("read from bangerd: %w", err)
+			}
+			return reply(msg, result)
+		default:
+			return api.Frame{}, fmt.Errorf("read from bangerd: a message of unknown kind %d (client and daemon versions differ?)", kind)
+		}
+	}
+}
+
+// fallBack switches the stream to JSON lines, the header just read being
+// the start of the daemon's first line.
+func (s *Stream) fallBack() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.binary = false
+	s.bin = nil
+	s.dec = json.NewDecoder(io.MultiReader(bytes.NewReader(bytes.Clone(s.hdr[:])), s.r))
+}
+
+// readErr describes a failed read of the daemon's messages.
+func readErr(err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) {
+		return errors.New("connection to bangerd closed before the call ended")
+	}
+	return fmt.Errorf("read from bangerd: %w", err)
+}
+
+// reply returns the frame msg carries, or ends the call: the daemon's
+// error, or io.EOF with the result decoded into result (if non-nil).
+func reply(msg Message, result any) (api.Frame, error) {
 	switch {
 	case msg.Error != nil:
 		return api.Frame{}, &RemoteError{Code: msg.Error.Code, Message: msg.Error.Message}

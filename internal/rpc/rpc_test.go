@@ -23,7 +23,7 @@ type echoParams struct {
 	Text string `json:"text"`
 }
 
-func serve(t *testing.T, authorize Authorizer, register func(s *Server)) string {
+func serve(t testing.TB, authorize Authorizer, register func(s *Server)) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "s.sock")
 	l, err := net.Listen("unix", sock)

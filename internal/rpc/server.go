@@ -231,13 +231,28 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 		}
 		return
 	}
-	// Frames are read one line at a time (json.Encoder ends each message
-	// with a newline) through a buffer of MaxFrameBytes: a longer line is
-	// refused, and the request decoder's buffer, grown to the request's
-	// size, isn't kept for the call.
+	// What follows the request is read through a buffer that isn't the
+	// request decoder's (grown to the request's size, it isn't kept for the
+	// call). JSON lines are read one line at a time (json.Encoder ends each
+	// message with a newline) through a buffer of MaxFrameBytes: a longer
+	// line is refused. Binary messages are read header first: a payload
+	// over MaxFrameBytes is refused unread.
 	ahead, _ := io.ReadAll(dec.Buffered())
-	lines := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(ahead), conn), MaxFrameBytes)
-	call := &Call{Method: req.Method, Params: req.Params, enc: json.NewEncoder(conn), frames: make(chan api.Frame, frameQueue)}
+	rest := io.MultiReader(bytes.NewReader(ahead), conn)
+	call := &Call{Method: req.Method, Params: req.Params, frames: make(chan api.Frame, frameQueue)}
+	var next func() (*api.Frame, error)
+	if req.Binary {
+		call.bin = &binOut{w: conn}
+		call.free = make(chan []byte, frameQueue+2)
+		next = binaryFrames(bufio.NewReaderSize(rest, binaryReadBuffer), call.free)
+	} else {
+		call.enc = json.NewEncoder(conn)
+		lines := bufio.NewReaderSize(rest, MaxFrameBytes)
+		next = func() (*api.Frame, error) {
+			msg, err := readMessage(lines)
+			return msg.Frame, err
+		}
+	}
 	m, ok := s.methods[req.Method]
 	if !ok {
 		call.finish(nil, fmt.Errorf("method %s (client and daemon versions differ?): %w", errdefs.Quote(req.Method), errdefs.ErrUnknownMethod))
@@ -268,22 +283,22 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 		defer cancel()
 		defer close(call.frames)
 		for {
-			msg, err := readMessage(lines)
+			f, err := next()
 			if err != nil {
 				if errors.Is(err, errdefs.ErrInvalid) {
 					call.setInputErr(err)
 				}
 				return
 			}
-			if msg.Frame == nil {
+			if f == nil {
 				continue
 			}
 			if !m.input {
-				call.setInputErr(fmt.Errorf("%s takes no input frames (got a %s frame): %w", req.Method, errdefs.Quote(msg.Frame.Type), errdefs.ErrInvalid))
+				call.setInputErr(fmt.Errorf("%s takes no input frames (got a %s frame): %w", req.Method, errdefs.Quote(f.Type), errdefs.ErrInvalid))
 				return
 			}
 			select {
-			case call.frames <- *msg.Frame:
+			case call.frames <- *f:
 			case <-cctx.Done():
 				return
 			}
@@ -327,6 +342,73 @@ func readMessage(r *bufio.Reader) (Message, error) {
 	}
 }
 
+// binaryFrames returns a reader of the binary messages in r: each call
+// returns the next client frame (nil for a message that is no frame), an
+// ErrInvalid error for a message that breaks the rules (a payload over
+// MaxFrameBytes, refused unread; a kind a client doesn't send; a message
+// that isn't one), or the connection's error (io.EOF: the client closed
+// its side). A stdin frame's data is read straight into a slice of its
+// own, handed to the handler: one the handler gave back (Call.Release)
+// when there is one in free.
+func binaryFrames(r *bufio.Reader, free chan []byte) func() (*api.Frame, error) {
+	var hdr [headerLen]byte
+	first := true
+	return func() (*api.Frame, error) {
+		if first {
+			// The request line's end (its newline), which the request's
+			// decoder left unread: no kind is JSON white space.
+			first = false
+			for {
+				b, err := r.Peek(1)
+				if err != nil {
+					return nil, err
+				}
+				if b[0] != '\n' && b[0] != '\r' && b[0] != ' ' && b[0] != '\t' {
+					break
+				}
+				_, _ = r.Discard(1)
+			}
+		}
+		kind, n, err := readHeader(r, &hdr)
+		if err != nil {
+			return nil, err
+		}
+		if n > MaxFrameBytes {
+			return nil, fmt.Errorf("message of %d KiB larger than %d KiB: %w", n>>10, MaxFrameBytes>>10, errdefs.ErrInvalid)
+		}
+		switch kind {
+		case KindStdin:
+			var data []byte
+			switch {
+			case n < smallFrame:
+				data = make([]byte, n)
+			default:
+				select {
+				case b := <-free:
+					data = b[:n]
+				default:
+					data = make([]byte, n, MaxFrameBytes)
+				}
+			}
+			if _, err := io.ReadFull(r, data); err != nil {
+				return nil, err
+			}
+			return &api.Frame{Type: api.FrameStdin, Data: data}, nil
+		case KindMessage:
+			raw := make([]byte, n)
+			if _, err := io.ReadFull(r, raw); err != nil {
+				return nil, err
+			}
+			var msg Message
+			if err := json.Unmarshal(raw, &msg); err != nil {
+				return nil, fmt.Errorf("bad message: %w: %w", err, errdefs.ErrInvalid)
+			}
+			return msg.Frame, nil
+		}
+		return nil, fmt.Errorf("message of unknown kind %d (client and daemon versions differ?): %w", kind, errdefs.ErrInvalid)
+	}
+}
+
 // Call is one call being served.
 type Call struct {
 	Method string
@@ -334,9 +416,44 @@ type Call struct {
 	Peer   Peer
 
 	mu     sync.Mutex
-	enc    *json.Encoder
+	enc    *json.Encoder // JSON lines: writes messages; guarded by mu
+	bin    *binOut       // binary framing: writes messages; guarded by mu
 	frames chan api.Frame
-	inErr  error // a client frame broke the rules (too large); guarded by mu
+	free   chan []byte // binary framing: data buffers given back (Release)
+	inErr  error       // a client frame broke the rules (too large); guarded by mu
+}
+
+// smallFrame: stdin data shorter than this (typing) gets a slice of its
+// size; longer data gets one of MaxFrameBytes, reused once released.
+const smallFrame = 4 << 10
+
+// Release gives f's data back to the call once the handler is done with
+// it (it no longer reads or keeps f.Data): the next stdin frame may be read
+// into it, sparing an allocation per frame. Optional: a frame not released
+// is left to the garbage collector.
+func (c *Call) Release(f api.Frame) {
+	if c.free == nil || cap(f.Data) != MaxFrameBytes {
+		return
+	}
+	select {
+	case c.free <- f.Data[:0]:
+	default:
+	}
+}
+
+// Binary reports whether the call speaks binary framing.
+func (c *Call) Binary() bool { return c.bin != nil }
+
+// write sends msg; c.mu is held.
+func (c *Call) write(msg Message) error {
+	if c.bin == nil {
+		return c.enc.Encode(msg)
+	}
+	raw, err := json.Marshal(msg)
+	if err != nil {
+		return err
+	}
+	return c.bin.write(KindMessage, raw)
 }
 
 func (c *Call) setInputErr(err error) {
@@ -364,11 +481,37 @@ func (c *Call) Decode(v any) error {
 	return nil
 }
 
-// Send sends a frame to the client.
+// Send sends a frame to the client. In binary framing a stdout or stderr
+// frame goes as data (see SendData).
 func (c *Call) Send(f api.Frame) error {
+	if k := KindOf(f.Type); c.bin != nil && (k == KindStdout || k == KindStderr) {
+		return c.SendData(k, f.Data)
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.enc.Encode(Message{Frame: &f})
+	return c.write(Message{Frame: &f})
+}
+
+// SendData sends p as stream data of kind (KindStdout or KindStderr). In
+// binary framing it is written as it is, in frames of at most MaxDataFrame:
+// no encoding, no copy; in JSON lines as frames with p base64-encoded. p
+// is not retained: the caller may reuse it once SendData returns.
+func (c *Call) SendData(kind Kind, p []byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.bin == nil {
+		return c.enc.Encode(Message{Frame: &api.Frame{Type: kind.frameType(), Data: p}})
+	}
+	for {
+		n := min(len(p), MaxDataFrame)
+		if err := c.bin.write(kind, p[:n]); err != nil {
+			return err
+		}
+		p = p[n:]
+		if len(p) == 0 {
+			return nil
+		}
+	}
 }
 
 // Progress sends a progress frame; errors are ignored (the client may
@@ -388,13 +531,32 @@ func (c *Call) finish(res any, err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err != nil {
-		_ = c.enc.Encode(Message{Error: &WireError{Code: errdefs.Code(err), Message: err.Error()}})
+		_ = c.write(Message{Error: &WireError{Code: errdefs.Code(err), Message: err.Error()}})
 		return
 	}
 	raw, merr := json.Marshal(res)
 	if merr != nil {
-		_ = c.enc.Encode(Message{Error: &WireError{Code: api.CodeInternal, Message: "encode result: " + merr.Error()}})
+		_ = c.write(Message{Error: &WireError{Code: api.CodeInternal, Message: "encode result: " + merr.Error()}})
 		return
 	}
-	_ = c.enc.Encode(Message{Result: raw, Done: true})
+	_ = c.write(Message{Result: raw, Done: true})
+}
+
+// binOut writes binary messages; its user serializes the calls.
+type binOut struct {
+	w    io.Writer
+	hdr  [headerLen]byte
+	bufs [2][]byte
+	nb   net.Buffers
+}
+
+// write sends one message: header and payload in one writev, p unchanged
+// and not retained.
+func (o *binOut) write(kind Kind, p []byte) error {
+	putHeader(&o.hdr, kind, len(p))
+	o.bufs = [2][]byte{o.hdr[:], p}
+	o.nb = o.bufs[:]
+	_, err := o.nb.WriteTo(o.w)
+	o.bufs[1] = nil
+	return err
 }
