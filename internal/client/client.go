@@ -153,16 +153,19 @@ func (c *Client) VMCopyOutProgress(ctx context.Context, p api.VMCopyParams, w io
 	return c.stream(ctx, api.MethodVMCopyOut, p, nil, w, nil, nil, false, nil, progress)
 }
 
-// stdinChunk is the most input one frame carries (about 44 KiB of JSON).
-const stdinChunk = 32 << 10
+// stdinChunk is the most input one frame carries: a binary frame's
+// payload may be rpc.MaxFrameBytes.
+const stdinChunk = rpc.MaxFrameBytes
 
-// stream runs a call whose output comes as frames. A method that takes
-// input (input: registered with rpc.TakesInput) gets stdin as frames of at
-// most 32 KiB (well under rpc.MaxFrameBytes), or an EOF at once when stdin
-// is nil; the daemon refuses frames sent to any other method. Progress
-// frames go to progress, when given.
+// stream runs a call whose output comes as frames, in binary framing:
+// output is written to stdout and stderr as it comes, without decoding or
+// copies. A method that takes input (input: registered with
+// rpc.TakesInput) gets stdin as frames of at most stdinChunk (what one
+// read returns: an interactive stdin is sent as it is typed), or an EOF at
+// once when stdin is nil; the daemon refuses frames sent to any other
+// method. Progress frames go to progress, when given.
 func (c *Client) stream(ctx context.Context, method string, params, result any, stdout, stderr io.Writer, stdin io.Reader, input bool, resize <-chan [2]int, progress ...ProgressFunc) error {
-	s, err := rpc.Open(ctx, c.Socket, method, params)
+	s, err := rpc.OpenBinary(ctx, c.Socket, method, params)
 	if err != nil {
 		return err
 	}
@@ -175,7 +178,7 @@ func (c *Client) stream(ctx context.Context, method string, params, result any, 
 			for {
 				n, err := stdin.Read(buf)
 				if n > 0 {
-					if s.Send(api.Frame{Type: api.FrameStdin, Data: append([]byte(nil), buf[:n]...)}) != nil {
+					if s.SendData(rpc.KindStdin, buf[:n]) != nil {
 						return
 					}
 				}
@@ -201,7 +204,7 @@ func (c *Client) stream(ctx context.Context, method string, params, result any, 
 		}()
 	}
 	for {
-		f, err := s.Recv(result)
+		f, err := s.Next(result)
 		if errors.Is(err, io.EOF) {
 			return nil
 		}

@@ -16,14 +16,16 @@ import (
 	"github.com/bangerdev/banger/internal/store"
 )
 
-// frameWriter sends everything written to it as frames of one type.
+// frameWriter sends everything written to it as stream data of one frame
+// type (api.FrameStdout or api.FrameStderr): raw in a binary call, no
+// copy, no encoding (rpc.Call.SendData).
 type frameWriter struct {
 	call *rpc.Call
 	typ  string
 }
 
 func (w frameWriter) Write(p []byte) (int, error) {
-	if err := w.call.Send(api.Frame{Type: w.typ, Data: append([]byte(nil), p...)}); err != nil {
+	if err := w.call.SendData(rpc.KindOf(w.typ), p); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -50,6 +52,8 @@ func pumpInput(call *rpc.Call) (io.Reader, <-chan agent.WindowSize, func()) {
 						open = false
 					}
 				}
+				// The pipe's reader has copied it all out.
+				call.Release(f)
 			case api.FrameEOF:
 				if open {
 					pw.Close()

@@ -98,16 +98,17 @@ func open(ctx context.Context, socketPath, method string, params any, binary boo
 	return s, nil
 }
 
-// Send sends a frame to the daemon. In binary framing a stdin frame goes
-// as data (SendData).
+// Send sends a frame to the daemon, as one message: the daemon ends a
+// call whose message is over MaxFrameBytes (see SendData). In binary
+// framing a stdin frame goes as raw data.
 func (s *Stream) Send(f api.Frame) error {
-	if f.Type == api.FrameStdin {
-		return s.SendData(KindStdin, f.Data)
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.bin == nil {
+	switch {
+	case s.bin == nil:
 		return s.enc.Encode(Message{Frame: &f})
+	case f.Type == api.FrameStdin:
+		return s.bin.write(KindStdin, f.Data)
 	}
 	raw, err := json.Marshal(Message{Frame: &f})
 	if err != nil {
@@ -116,17 +117,34 @@ func (s *Stream) Send(f api.Frame) error {
 	return s.bin.write(KindMessage, raw)
 }
 
-// SendData sends p as stdin data (kind KindStdin), in one frame: the
-// daemon ends a call whose frame is over MaxFrameBytes (in JSON lines:
-// whose JSON is; base64 makes data 4/3 larger). In binary framing p is
-// written as it is; it is not retained.
+// jsonDataChunk is the most data SendData puts in one JSON-lines frame
+// (about 44 KiB of JSON, base64).
+const jsonDataChunk = 32 << 10
+
+// SendData sends p as stdin data (kind KindStdin), split into frames the
+// daemon accepts: in binary framing p is written as it is, in frames of
+// at most MaxFrameBytes; in JSON lines base64-encoded in frames of 32
+// KiB. p is not retained.
 func (s *Stream) SendData(kind Kind, p []byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.bin == nil {
-		return s.enc.Encode(Message{Frame: &api.Frame{Type: kind.frameType(), Data: p}})
+	for {
+		var err error
+		n := min(len(p), MaxFrameBytes)
+		if s.bin == nil {
+			n = min(len(p), jsonDataChunk)
+			err = s.enc.Encode(Message{Frame: &api.Frame{Type: kind.frameType(), Data: p[:n]}})
+		} else {
+			err = s.bin.write(kind, p[:n])
+		}
+		if err != nil {
+			return err
+		}
+		p = p[n:]
+		if len(p) == 0 {
+			return nil
+		}
 	}
-	return s.bin.write(kind, p)
 }
 
 // Recv returns the next frame. When the call ends it decodes the result

@@ -302,13 +302,14 @@ type feeder struct {
 	err    error         // why it stopped; set before done is closed
 }
 
-func feed(t *testing.T, sock, method string, line []byte) *feeder {
+func feed(t *testing.T, sock, method string, binary bool, line []byte) *feeder {
 	t.Helper()
 	conn, err := net.Dial("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := conn.Write([]byte(`{"method":"` + method + `"}` + "\n")); err != nil {
+	req, _ := json.Marshal(Request{Method: method, Binary: binary})
+	if _, err := conn.Write(append(req, '\n')); err != nil {
 		t.Fatal(err)
 	}
 	f := &feeder{conn: conn, done: make(chan struct{})}
@@ -378,9 +379,18 @@ func heapInUse() uint64 {
 }
 
 // What clients streaming input make the daemon hold is bounded per call,
-// whether the handler never reads its input or reads it slowly: the server
-// stops reading a connection whose handler doesn't keep up.
+// whether the handler never reads its input or reads it slowly, in either
+// framing: the server stops reading a connection whose handler doesn't
+// keep up, so the client's writes stop.
 func TestCallInputMemoryBounded(t *testing.T) {
+	t.Run("json", func(t *testing.T) { testCallInputMemoryBounded(t, false, frameLine(t)) })
+	// A binary stdin message as large as the server accepts.
+	t.Run("binary", func(t *testing.T) {
+		testCallInputMemoryBounded(t, true, binaryMessage(3, MaxFrameBytes, make([]byte, MaxFrameBytes)))
+	})
+}
+
+func testCallInputMemoryBounded(t *testing.T, binary bool, line []byte) {
 	const conns = 3
 	const bound = 8 << 20
 	tokens := make(chan struct{})
@@ -404,11 +414,10 @@ func TestCallInputMemoryBounded(t *testing.T) {
 			}
 		}, TakesInput())
 	})
-	line := frameLine(t)
 	base := heapInUse()
 	var fs []*feeder
 	for range conns {
-		fs = append(fs, feed(t, sock, "v1.stuck", line), feed(t, sock, "v1.slow", line))
+		fs = append(fs, feed(t, sock, "v1.stuck", binary, line), feed(t, sock, "v1.slow", binary, line))
 	}
 	defer func() {
 		for _, f := range fs {

@@ -405,7 +405,7 @@ func binaryFrames(r *bufio.Reader, free chan []byte) func() (*api.Frame, error) 
 			}
 			return msg.Frame, nil
 		}
-		return nil, fmt.Errorf("message of unknown kind %d (client and daemon versions differ?): %w", kind, errdefs.ErrInvalid)
+		return nil, fmt.Errorf("message of kind %d, not one a client sends (client and daemon versions differ?): %w", kind, errdefs.ErrInvalid)
 	}
 }
 
