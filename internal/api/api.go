@@ -573,7 +573,9 @@ type ExecResult struct {
 	ExitCode int `json:"exit_code"`
 }
 
-// Frame is one message of a streaming call after the request.
+// Frame is one message of a streaming call after the request. In a call
+// in binary framing (internal/rpc) stdout, stderr and stdin frames travel
+// as raw data messages, Data unencoded; the others as JSON.
 type Frame struct {
 	Type     string    `json:"type"`
 	Data     []byte    `json:"data,omitempty"`
