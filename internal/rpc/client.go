@@ -126,6 +126,9 @@ const jsonDataChunk = 32 << 10
 // at most MaxFrameBytes; in JSON lines base64-encoded in frames of 32
 // KiB. p is not retained.
 func (s *Stream) SendData(kind Kind, p []byte) error {
+	if kind != KindStdin {
+		return fmt.Errorf("rpc: a client sends no data of kind %d", kind)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {

@@ -497,6 +497,9 @@ func (c *Call) Send(f api.Frame) error {
 // no encoding, no copy; in JSON lines as frames with p base64-encoded. p
 // is not retained: the caller may reuse it once SendData returns.
 func (c *Call) SendData(kind Kind, p []byte) error {
+	if kind != KindStdout && kind != KindStderr {
+		return fmt.Errorf("rpc: a daemon sends no data of kind %d", kind)
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.bin == nil {
@@ -524,7 +527,7 @@ func (c *Call) Progress(p api.Progress) {
 // with TakesInput). The channel is closed when the client closes its side
 // or the call ends. The server reads a frame from the connection only when
 // the handler has room for it: a handler that stops taking frames stops the
-// client's writes.
+// client's writes. A handler done with a stdin frame's data may Release it.
 func (c *Call) Frames() <-chan api.Frame { return c.frames }
 
 func (c *Call) finish(res any, err error) {
