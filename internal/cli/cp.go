@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -8,6 +9,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -70,11 +73,11 @@ func (a *app) vmCpCmd() *cobra.Command {
 					// past it (a file grew during the copy).
 					wopts.Announce = func(size, _ int64) error { meter.start(size); return nil }
 				}
-				pr, pw := io.Pipe()
-				go func() { pw.CloseWithError(tarcopy.Write(pw, src, wopts)) }()
-				err = a.client().VMCopyIn(cmd.Context(), api.VMCopyParams{Name: dstVM, Path: dst, Archive: archive}, meter.Reader(pr))
-				pr.Close()
-				return err
+				return sendTar(cmd.Context(), func(w io.Writer) error {
+					return tarcopy.Write(w, src, wopts)
+				}, func(ctx context.Context, r io.Reader) error {
+					return a.client().VMCopyIn(ctx, api.VMCopyParams{Name: dstVM, Path: dst, Archive: archive}, meter.Reader(r))
+				})
 			default:
 				if !strings.HasPrefix(src, "/") {
 					return fmt.Errorf("guest path %q must be absolute: %w", src, errdefs.ErrInvalid)
@@ -116,6 +119,75 @@ func (a *app) vmCpCmd() *cobra.Command {
 		"copy out: refuse files larger than this, holes included, e.g. 200G (default 64G)")
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "show no progress bar: only errors on stderr")
 	return cmd
+}
+
+// sendTar runs send (a copy in) with the stream that write writes (a tar
+// of the source). When write fails (a file that can't be read, or that
+// changed during the copy), send's call is cancelled instead of seeing the
+// stream end: its end would look like a complete tar to the guest, which
+// takes a stream cut at an entry's boundary for a whole one. Write's error
+// is returned then, else send's.
+func sendTar(ctx context.Context, write func(io.Writer) error, send func(context.Context, io.Reader) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	pr, pw := io.Pipe()
+	written := make(chan struct{})
+	go func() {
+		defer close(written)
+		pw.CloseWithError(write(pw))
+	}()
+	sent := make(chan struct{})
+	src := &abortReader{r: pr, cancel: cancel, sent: sent}
+	err := send(ctx, src)
+	failed := src.end()
+	close(sent)
+	pr.Close() // a writer blocked on a call that ended returns
+	<-written
+	if failed != nil {
+		return fmt.Errorf("%w (the copy was stopped; the guest may hold part of it)", failed)
+	}
+	return err
+}
+
+// abortReader reads the tar stream for sendTar. A read error other than
+// the stream's end cancels the call and is returned only once the call
+// has ended, so the call never takes it for the end of its input.
+type abortReader struct {
+	r      io.Reader
+	cancel context.CancelFunc
+	sent   <-chan struct{} // closed when the call has ended
+
+	mu   sync.Mutex
+	err  error // the stream's failure while the call ran
+	over bool  // the call has ended
+}
+
+func (a *abortReader) Read(p []byte) (int, error) {
+	n, err := a.r.Read(p)
+	if err != nil && err != io.EOF {
+		a.mu.Lock()
+		if !a.over {
+			a.err = err
+		}
+		a.mu.Unlock()
+		a.cancel()
+		// The call ends once its connection closes, which the cancel
+		// does; the bound only keeps a client that waited for its input's
+		// reader from waiting forever.
+		select {
+		case <-a.sent:
+		case <-time.After(10 * time.Second):
+		}
+	}
+	return n, err
+}
+
+// end marks the call ended and returns the stream's failure, if any.
+func (a *abortReader) end() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.over = true
+	return a.err
 }
 
 // guestBase is the top-level name of the tar stream of guest path src, the

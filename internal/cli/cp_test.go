@@ -5,11 +5,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/bangerdev/banger/internal/api"
@@ -98,5 +101,84 @@ func TestCopyOutErrorAfterACompleteTar(t *testing.T) {
 	ents, err := os.ReadDir(filepath.Join(dest, "tree"))
 	if err != nil || len(ents) != 0 {
 		t.Errorf("dest/tree after the failed copy: %v, %v; want it there and empty, as it was", ents, err)
+	}
+}
+
+// fakeCopyIn reads its input as the client library does, in a reader of
+// its own: at the input's end (or a read error) it would send the daemon
+// an EOF, which ends the copy as a success; a cancelled call ends with the
+// context's error. eofs reports whether an EOF went out while the call ran.
+func fakeCopyIn(got *bytes.Buffer, eofs *atomic.Int32) func(context.Context, io.Reader) error {
+	return func(ctx context.Context, r io.Reader) error {
+		eof := make(chan struct{})
+		var mu sync.Mutex
+		go func() {
+			buf := make([]byte, 1000)
+			for {
+				n, err := r.Read(buf)
+				mu.Lock()
+				got.Write(buf[:n])
+				mu.Unlock()
+				if err != nil {
+					if ctx.Err() == nil {
+						eofs.Add(1)
+						close(eof)
+					}
+					return
+				}
+			}
+		}()
+		select {
+		case <-eof:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// A copy in whose tar writer fails (a file that can't be read) fails with
+// its error, and the call is cancelled rather than sent the end of its
+// input: the guest would take the cut stream for a whole one.
+func TestSendTarWriteFails(t *testing.T) {
+	broken := errors.New("read /src/f: input/output error")
+	var got bytes.Buffer
+	var eofs atomic.Int32
+	err := sendTar(context.Background(), func(w io.Writer) error {
+		w.Write(make([]byte, 5000))
+		return broken
+	}, fakeCopyIn(&got, &eofs))
+	if !errors.Is(err, broken) {
+		t.Errorf("sendTar: %v, want the writer's error", err)
+	}
+	if eofs.Load() != 0 {
+		t.Error("the call was sent the end of its input after the stream failed")
+	}
+
+	// The whole stream, when it is whole.
+	got.Reset()
+	err = sendTar(context.Background(), func(w io.Writer) error {
+		_, err := w.Write(make([]byte, 5000))
+		return err
+	}, fakeCopyIn(&got, &eofs))
+	if err != nil || got.Len() != 5000 || eofs.Load() != 1 {
+		t.Errorf("sendTar of a whole stream: %v, %d bytes, %d EOFs; want nil, 5000, 1", err, got.Len(), eofs.Load())
+	}
+
+	// A call that fails (the guest refused an entry) fails the copy with
+	// its error, and the writer, blocked on the pipe, returns.
+	refused := errors.New("copy in to /root: refused entry")
+	err = sendTar(context.Background(), func(w io.Writer) error {
+		for {
+			if _, err := w.Write(make([]byte, 1000)); err != nil {
+				return err
+			}
+		}
+	}, func(ctx context.Context, r io.Reader) error {
+		io.ReadFull(r, make([]byte, 100))
+		return refused
+	})
+	if !errors.Is(err, refused) {
+		t.Errorf("sendTar with a failing call: %v, want the call's error", err)
 	}
 }

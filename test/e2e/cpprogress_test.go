@@ -92,4 +92,17 @@ func TestCopyProgress(t *testing.T) {
 	if got, err := os.ReadFile(filepath.Join(dir, "out2", "big")); err != nil || !bytes.Equal(got, data) {
 		t.Errorf("the file copied piped differs from the original (%d bytes, %v)", len(got), err)
 	}
+
+	// A source that can't be read to its size (a sysfs file claims 4096
+	// bytes and has fewer) fails the copy in, with the reason.
+	const short = "/sys/kernel/mm/transparent_hugepage/enabled"
+	if _, err := os.Stat(short); err == nil {
+		_, stderr, code := e.Banger("vm", "cp", short, "cpbar:/root/sys")
+		if code == 0 || !strings.Contains(stderr, "the copy was stopped") {
+			t.Errorf("vm cp of a file shorter than its size: exit %d, stderr %q; want a failure saying the copy stopped", code, stderr)
+		}
+		if out, _, code := e.Exec("cpbar", "ls", "/root/sys/enabled"); code == 0 {
+			t.Errorf("the guest kept part of the failed copy: %s", out)
+		}
+	}
 }
