@@ -240,7 +240,7 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	ahead, _ := io.ReadAll(dec.Buffered())
 	rest := io.MultiReader(bytes.NewReader(ahead), conn)
 	call := &Call{Method: req.Method, Params: req.Params, frames: make(chan api.Frame, frameQueue)}
-	var next func() (*api.Frame, error)
+	var next func() (api.Frame, bool, error)
 	if req.Binary {
 		call.bin = &binOut{w: conn}
 		call.free = make(chan []byte, frameQueue+2)
@@ -248,9 +248,12 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	} else {
 		call.enc = json.NewEncoder(conn)
 		lines := bufio.NewReaderSize(rest, MaxFrameBytes)
-		next = func() (*api.Frame, error) {
+		next = func() (api.Frame, bool, error) {
 			msg, err := readMessage(lines)
-			return msg.Frame, err
+			if err != nil || msg.Frame == nil {
+				return api.Frame{}, false, err
+			}
+			return *msg.Frame, true, nil
 		}
 	}
 	m, ok := s.methods[req.Method]
@@ -283,14 +286,14 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 		defer cancel()
 		defer close(call.frames)
 		for {
-			f, err := next()
+			f, ok, err := next()
 			if err != nil {
 				if errors.Is(err, errdefs.ErrInvalid) {
 					call.setInputErr(err)
 				}
 				return
 			}
-			if f == nil {
+			if !ok {
 				continue
 			}
 			if !m.input {
@@ -298,7 +301,7 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 				return
 			}
 			select {
-			case call.frames <- *f:
+			case call.frames <- f:
 			case <-cctx.Done():
 				return
 			}
@@ -343,17 +346,17 @@ func readMessage(r *bufio.Reader) (Message, error) {
 }
 
 // binaryFrames returns a reader of the binary messages in r: each call
-// returns the next client frame (nil for a message that is no frame), an
+// returns the next client frame (ok false for a message that is no frame), an
 // ErrInvalid error for a message that breaks the rules (a payload over
 // MaxFrameBytes, refused unread; a kind a client doesn't send; a message
 // that isn't one), or the connection's error (io.EOF: the client closed
 // its side). A stdin frame's data is read straight into a slice of its
 // own, handed to the handler: one the handler gave back (Call.Release)
 // when there is one in free.
-func binaryFrames(r *bufio.Reader, free chan []byte) func() (*api.Frame, error) {
+func binaryFrames(r *bufio.Reader, free chan []byte) func() (api.Frame, bool, error) {
 	var hdr [headerLen]byte
 	first := true
-	return func() (*api.Frame, error) {
+	return func() (api.Frame, bool, error) {
 		if first {
 			// The request line's end (its newline), which the request's
 			// decoder left unread: no kind is JSON white space.
@@ -361,7 +364,7 @@ func binaryFrames(r *bufio.Reader, free chan []byte) func() (*api.Frame, error) 
 			for {
 				b, err := r.Peek(1)
 				if err != nil {
-					return nil, err
+					return api.Frame{}, false, err
 				}
 				if b[0] != '\n' && b[0] != '\r' && b[0] != ' ' && b[0] != '\t' {
 					break
@@ -371,10 +374,10 @@ func binaryFrames(r *bufio.Reader, free chan []byte) func() (*api.Frame, error) 
 		}
 		kind, n, err := readHeader(r, &hdr)
 		if err != nil {
-			return nil, err
+			return api.Frame{}, false, err
 		}
 		if n > MaxFrameBytes {
-			return nil, fmt.Errorf("message of %d KiB larger than %d KiB: %w", n>>10, MaxFrameBytes>>10, errdefs.ErrInvalid)
+			return api.Frame{}, false, fmt.Errorf("message of %d KiB larger than %d KiB: %w", n>>10, MaxFrameBytes>>10, errdefs.ErrInvalid)
 		}
 		switch kind {
 		case KindStdin:
@@ -391,21 +394,24 @@ func binaryFrames(r *bufio.Reader, free chan []byte) func() (*api.Frame, error) 
 				}
 			}
 			if _, err := io.ReadFull(r, data); err != nil {
-				return nil, err
+				return api.Frame{}, false, err
 			}
-			return &api.Frame{Type: api.FrameStdin, Data: data}, nil
+			return api.Frame{Type: api.FrameStdin, Data: data}, true, nil
 		case KindMessage:
 			raw := make([]byte, n)
 			if _, err := io.ReadFull(r, raw); err != nil {
-				return nil, err
+				return api.Frame{}, false, err
 			}
 			var msg Message
 			if err := json.Unmarshal(raw, &msg); err != nil {
-				return nil, fmt.Errorf("bad message: %w: %w", err, errdefs.ErrInvalid)
+				return api.Frame{}, false, fmt.Errorf("bad message: %w: %w", err, errdefs.ErrInvalid)
 			}
-			return msg.Frame, nil
+			if msg.Frame == nil {
+				return api.Frame{}, false, nil
+			}
+			return *msg.Frame, true, nil
 		}
-		return nil, fmt.Errorf("message of kind %d, not one a client sends (client and daemon versions differ?): %w", kind, errdefs.ErrInvalid)
+		return api.Frame{}, false, fmt.Errorf("message of kind %d, not one a client sends (client and daemon versions differ?): %w", kind, errdefs.ErrInvalid)
 	}
 }
 
