@@ -45,11 +45,12 @@ type Stream struct {
 	buf []byte
 	hdr [headerLen]byte
 
-	mu      sync.Mutex // guards writes and the fields below
-	enc     *json.Encoder
-	bin     *binOut // binary framing, nil in JSON lines
-	binary  bool    // reading binary messages (changed only by Next)
-	started bool    // a binary message was read (only Next)
+	mu  sync.Mutex // guards writes: enc, bin
+	enc *json.Encoder
+	bin *binOut // binary framing; nil in JSON lines (also after a fall back)
+
+	binary  bool // Next reads binary messages; Next's alone
+	started bool // Next has read a binary message; Next's alone
 }
 
 // maxReplyBytes bounds a daemon's KindMessage (a result: VM lists, ...):
