@@ -14,7 +14,9 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -97,7 +99,7 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 		opts.MaxFileSize = DefaultMaxFileSize
 	}
 	opts.Log = logger(opts.Log)
-	x := &extractor{opts: opts, files: map[string]bool{}, lastFD: -1}
+	x := &extractor{opts: opts, files: map[string]bool{}, deepFD: -1, umask: processUmask()}
 	firstNew, err := mkdirAllNew(filepath.Clean(dest))
 	if err != nil {
 		return err
@@ -120,7 +122,8 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 		}
 	}()
 
-	tr := tar.NewReader(r)
+	src := newTarSource(r)
+	tr := tar.NewReader(src)
 	for {
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
@@ -136,7 +139,7 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 	// Read r to its end: what follows the end marker is discarded, but
 	// an error there (a copy out of a VM that failed after a complete
 	// tar) fails the extraction and removes the partial copy.
-	if _, err := io.Copy(io.Discard, r); err != nil {
+	if _, err := io.Copy(io.Discard, src); err != nil {
 		return fmt.Errorf("read tar: %w", err)
 	}
 	// Past this point the copy stands: what it replaced goes (before
@@ -169,9 +172,14 @@ type extractor struct {
 	// files holds the regular files this copy wrote (hard link targets).
 	files map[string]bool
 	dirs  []dirMeta
-	// lastDir/lastFD cache the parent directory of the previous entry.
-	lastDir string
-	lastFD  int
+	// cache holds descriptors of the directories on the path of the
+	// previous entry; deepFD is a parent deeper than the cache keeps.
+	cache  dirCache
+	deepFD int
+	// buf is the copy buffer of every file.
+	buf []byte
+	// umask is the process's file mode creation mask, -1 if unknown.
+	umask int
 }
 
 func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
@@ -206,9 +214,6 @@ func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
 		x.opts.Log.Warn("copy: skipping unsupported entry", "name", name, "type", string(hdr.Typeflag))
 		return nil
 	}
-	if hdr.Typeflag != tar.TypeReg {
-		x.dropParent() // the tree's shape may change: walk again next time
-	}
 	dir, leaf := path.Split(name)
 	parent, err := x.parent(strings.TrimSuffix(dir, "/"))
 	if err != nil {
@@ -226,9 +231,9 @@ func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
 	case tar.TypeSymlink:
 		return x.create(parent, name, leaf, func(tmp string) error {
 			if err := unix.Symlinkat(hdr.Linkname, parent, tmp); err != nil {
-				return fmt.Errorf("create symlink: %w", err)
+				return notCreated{fmt.Errorf("create symlink: %w", err)}
 			}
-			return x.meta(parent, tmp, -1, hdr, true)
+			return x.meta(parent, tmp, -1, hdr, true, false)
 		})
 	case tar.TypeLink:
 		target, err := entryName(hdr.Linkname)
@@ -247,7 +252,7 @@ func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
 		defer unix.Close(tparent)
 		return x.create(parent, name, leaf, func(tmp string) error {
 			if err := unix.Linkat(tparent, tleaf, parent, tmp, 0); err != nil {
-				return fmt.Errorf("create hard link: %w", err)
+				return notCreated{fmt.Errorf("create hard link: %w", err)}
 			}
 			return nil
 		})
@@ -255,9 +260,9 @@ func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
 		mode, dev := NodeMode(hdr)
 		return x.create(parent, name, leaf, func(tmp string) error {
 			if err := unix.Mknodat(parent, tmp, mode, int(dev)); err != nil {
-				return fmt.Errorf("create special file: %w", err)
+				return notCreated{fmt.Errorf("create special file: %w", err)}
 			}
-			return x.meta(parent, tmp, -1, hdr, false)
+			return x.meta(parent, tmp, -1, hdr, false, true)
 		})
 	}
 }
@@ -271,27 +276,111 @@ func (x *extractor) underBase(name string) error {
 	return fmt.Errorf("tar entry %s: not under %s, the name asked for: %w", quote(name), quote(b), ErrUnsafePath)
 }
 
+// maxCachedDepth bounds the directory descriptors an extraction keeps
+// open: a path's first maxCachedDepth directories.
+const maxCachedDepth = 32
+
+// dirCache keeps the descriptors of a chain of directories below the
+// destination (comps[i] is the name of fds[i] in fds[i-1], the
+// destination's descriptor not included), each opened with O_NOFOLLOW.
+// Keeping them across entries is safe: a stream can't turn a directory
+// into anything else (an entry whose name is an existing directory is
+// merged into or refused, never replaces it), so a cached descriptor is
+// the directory a fresh walk would reach.
+type dirCache struct {
+	comps []string
+	fds   []int
+}
+
+// cut closes the cached directories from depth n on.
+func (c *dirCache) cut(n int) {
+	for _, fd := range c.fds[n:] {
+		unix.Close(fd)
+	}
+	c.fds, c.comps = c.fds[:n], c.comps[:n]
+}
+
+func (c *dirCache) close() { c.cut(0) }
+
 // parent returns a descriptor of directory dir (relative to the
-// destination; "" for the destination), creating missing components. The
-// descriptor is cached until the next call with another directory.
+// destination; "" for the destination), owned by the extractor: valid
+// until the next call. The directories on the way are walked from the
+// deepest cached ancestor, never following a symlink.
 func (x *extractor) parent(dir string) (int, error) {
-	if x.lastFD >= 0 && x.lastDir == dir {
-		return x.lastFD, nil
+	x.dropDeep()
+	if dir == "" || dir == "." {
+		return x.root, nil
 	}
-	x.dropParent()
-	fd, err := x.openDir(dir)
-	if err != nil {
-		return -1, err
+	depth := strings.Count(dir, "/") + 1
+	if depth > maxCachedDepth {
+		fd, err := x.openDir(dir)
+		if err != nil {
+			return -1, err
+		}
+		x.deepFD = fd
+		return fd, nil
 	}
-	x.lastDir, x.lastFD = dir, fd
+	c := &x.cache
+	n, i := 0, 0
+	for n < len(c.comps) && i <= len(dir) {
+		j := strings.IndexByte(dir[i:], '/')
+		if j < 0 {
+			j = len(dir) - i
+		}
+		if dir[i:i+j] != c.comps[n] {
+			break
+		}
+		n++
+		i += j + 1
+	}
+	c.cut(n)
+	fd := x.root
+	if n > 0 {
+		fd = c.fds[n-1]
+	}
+	for i < len(dir) {
+		j := strings.IndexByte(dir[i:], '/')
+		if j < 0 {
+			j = len(dir) - i
+		}
+		comp := dir[i : i+j]
+		next, err := openDirAt(fd, comp, dir[:i+j])
+		if err != nil {
+			return -1, err
+		}
+		c.comps, c.fds = append(c.comps, comp), append(c.fds, next)
+		fd = next
+		i += j + 1
+	}
 	return fd, nil
 }
 
+// dropParent closes the descriptors parent keeps.
 func (x *extractor) dropParent() {
-	if x.lastFD >= 0 {
-		unix.Close(x.lastFD)
+	x.dropDeep()
+	x.cache.close()
+}
+
+func (x *extractor) dropDeep() {
+	if x.deepFD >= 0 {
+		unix.Close(x.deepFD)
+		x.deepFD = -1
 	}
-	x.lastFD, x.lastDir = -1, ""
+}
+
+// openDirAt opens directory comp in fd without following a symlink;
+// walked names it in errors.
+func openDirAt(fd int, comp, walked string) (int, error) {
+	next, err := unix.Openat(fd, comp, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	switch {
+	case errors.Is(err, unix.ELOOP), errors.Is(err, unix.ENOTDIR):
+		return -1, fmt.Errorf("parent %s is a symlink or not a directory: %w", quote(walked), ErrUnsafePath)
+	case errors.Is(err, unix.ENOENT):
+		return -1, fmt.Errorf("parent directory %s is not in the stream before it: %w", quote(walked), ErrUnsafePath)
+	case err != nil:
+		return -1, fmt.Errorf("open %s: %w", quote(walked), err)
+	}
+	return next, nil
 }
 
 // openDir walks dir one component at a time from the destination, never
@@ -309,15 +398,10 @@ func (x *extractor) openDir(dir string) (int, error) {
 	walked := ""
 	for comp := range strings.SplitSeq(dir, "/") {
 		walked = path.Join(walked, comp)
-		next, err := unix.Openat(fd, comp, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		next, err := openDirAt(fd, comp, walked)
 		unix.Close(fd)
-		switch {
-		case errors.Is(err, unix.ELOOP), errors.Is(err, unix.ENOTDIR):
-			return -1, fmt.Errorf("parent %s is a symlink or not a directory: %w", quote(walked), ErrUnsafePath)
-		case errors.Is(err, unix.ENOENT):
-			return -1, fmt.Errorf("parent directory %s is not in the stream before it: %w", quote(walked), ErrUnsafePath)
-		case err != nil:
-			return -1, fmt.Errorf("open %s: %w", quote(walked), err)
+		if err != nil {
+			return -1, err
 		}
 		fd = next
 	}
@@ -350,23 +434,39 @@ func (x *extractor) mkdir(parent int, name, leaf string, hdr *tar.Header) error 
 	return nil
 }
 
+// notCreated is the error of a make function of create whose entry was
+// not created (the system call that creates it failed): nothing to undo.
+type notCreated struct{ err error }
+
+func (e notCreated) Error() string { return e.err.Error() }
+func (e notCreated) Unwrap() error { return e.err }
+
 // create makes a non-directory entry through make, which creates it under
-// the name it is given in parent. A new name is created in place; an
-// existing non-directory is replaced by exchanging a temporary entry with
-// it (the old entry stays under the temporary name until the copy ends).
+// the name it is given in parent, and returns a notCreated error when it
+// created nothing. A new name is created in place; an existing
+// non-directory is replaced by exchanging a temporary entry with it (the
+// old entry stays under the temporary name until the copy ends).
 func (x *extractor) create(parent int, name, leaf string, make func(string) error) error {
-	var st unix.Stat_t
-	err := unix.Fstatat(parent, leaf, &st, unix.AT_SYMLINK_NOFOLLOW)
-	switch {
-	case errors.Is(err, unix.ENOENT):
-		x.journal = append(x.journal, change{name: name})
-		if err := make(leaf); err != nil {
-			return fmt.Errorf("tar entry %s: %w", quote(name), err)
-		}
+	// Most names are new: try to create the entry, and look at what is
+	// there only when that fails because the name exists.
+	x.journal = append(x.journal, change{name: name})
+	err := make(leaf)
+	if err == nil {
 		return nil
-	case err != nil:
+	}
+	var nc notCreated
+	if !errors.As(err, &nc) {
 		return fmt.Errorf("tar entry %s: %w", quote(name), err)
-	case st.Mode&unix.S_IFMT == unix.S_IFDIR:
+	}
+	x.journal = x.journal[:len(x.journal)-1] // the name holds what it held
+	if !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("tar entry %s: %w", quote(name), err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstatat(parent, leaf, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("tar entry %s: %w", quote(name), err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
 		return fmt.Errorf("tar entry %s: a directory is in the way: %w", quote(name), fs.ErrExist)
 	}
 	tmp := tempName()
@@ -402,67 +502,117 @@ func tempName() string {
 // holeBlock is the granularity at which zeros become holes.
 const holeBlock = 4096
 
+// copyBufSize is the size of the buffer files are copied through.
+const copyBufSize = 32 * holeBlock
+
 var zeros [holeBlock]byte
 
-// writeFile creates file leaf in parent with hdr's content from tr,
-// leaving holes where the content is zero.
-func (x *extractor) writeFile(parent int, leaf, name string, hdr *tar.Header, tr io.Reader) error {
-	fd, err := unix.Openat(parent, leaf, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return fmt.Errorf("create: %w", err)
+// owner is the owner to give created entries, -1 to leave it.
+func (x *extractor) owner(hdr *tar.Header) (uid, gid int) {
+	switch {
+	case x.opts.Archive && os.Geteuid() == 0:
+		return hdr.Uid, hdr.Gid
+	case !x.opts.Archive && x.opts.Owner != nil:
+		return x.opts.Owner.UID, x.opts.Owner.GID
 	}
-	f := os.NewFile(uintptr(fd), leaf)
-	defer f.Close()
-	buf := make([]byte, 32*holeBlock)
-	var off int64
+	return -1, -1
+}
+
+// writeFile creates file leaf in parent with hdr's content from tr,
+// leaving holes where the content is zero. It makes as few system calls
+// as it can (a guest pays dearly for each): open, write, set times,
+// close; chown only to change the owner, chmod only when the mode isn't
+// the one the file was created with.
+func (x *extractor) writeFile(parent int, leaf, name string, hdr *tar.Header, tr io.Reader) error {
+	mode := x.mode(hdr)
+	uid, _ := x.owner(hdr)
+	// The file is created with its final permission bits when the umask
+	// keeps them (no chmod then); set-id bits come last, after chown.
+	createMode := mode & 0o777
+	needChmod := x.umask < 0 || createMode&^uint32(x.umask) != mode
+	if needChmod {
+		createMode = 0o600
+	}
+	fd, err := unix.Openat(parent, leaf, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, createMode)
+	if err != nil {
+		return notCreated{fmt.Errorf("create: %w", err)}
+	}
+	defer unix.Close(fd)
+	if x.buf == nil {
+		x.buf = make([]byte, copyBufSize)
+	}
+	buf := x.buf
+	var off, end int64 // end: the end of the last write
 	for off < hdr.Size {
 		n, rerr := io.ReadFull(tr, buf[:min(int64(len(buf)), hdr.Size-off)])
 		// Write each run of non-zero blocks at once; skip zero blocks.
 		run := -1
 		for i := 0; i < n; i += holeBlock {
-			end := min(i+holeBlock, n)
-			zero := bytes.Equal(buf[i:end], zeros[:end-i])
+			e := min(i+holeBlock, n)
+			zero := bytes.Equal(buf[i:e], zeros[:e-i])
 			if !zero && run < 0 {
 				run = i
 			}
 			if zero && run >= 0 {
-				if _, err := f.WriteAt(buf[run:i], off+int64(run)); err != nil {
+				if err := pwriteAll(fd, buf[run:i], off+int64(run)); err != nil {
 					return fmt.Errorf("write: %w", err)
 				}
+				end = off + int64(i)
 				run = -1
 			}
 		}
 		if run >= 0 {
-			if _, err := f.WriteAt(buf[run:n], off+int64(run)); err != nil {
+			if err := pwriteAll(fd, buf[run:n], off+int64(run)); err != nil {
 				return fmt.Errorf("write: %w", err)
 			}
+			end = off + int64(n)
 		}
 		off += int64(n)
 		if rerr != nil {
 			return fmt.Errorf("read tar: %w", rerr)
 		}
 	}
-	if err := f.Truncate(hdr.Size); err != nil {
-		return fmt.Errorf("write: %w", err)
+	if end < hdr.Size {
+		// The file ends with a hole.
+		if err := ignoringEINTR(func() error { return unix.Ftruncate(fd, hdr.Size) }); err != nil {
+			return fmt.Errorf("write: %w", err)
+		}
 	}
-	if err := x.meta(parent, leaf, fd, hdr, false); err != nil {
+	if err := x.meta(parent, leaf, fd, hdr, false, uid >= 0 || needChmod); err != nil {
 		return err
 	}
 	x.files[name] = true
 	return nil
 }
 
-// meta sets ownership, mode and times of leaf in parent (through fd when
-// it is open, >= 0). Ownership comes first: chown clears setuid bits.
-func (x *extractor) meta(parent int, leaf string, fd int, hdr *tar.Header, symlink bool) error {
-	uid, gid := -1, -1
-	switch {
-	case x.opts.Archive && os.Geteuid() == 0:
-		uid, gid = hdr.Uid, hdr.Gid
-	case !x.opts.Archive && x.opts.Owner != nil:
-		uid, gid = x.opts.Owner.UID, x.opts.Owner.GID
+// pwriteAll writes b at off in fd.
+func pwriteAll(fd int, b []byte, off int64) error {
+	for len(b) > 0 {
+		n, err := unix.Pwrite(fd, b, off)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		b, off = b[n:], off+int64(n)
 	}
-	if uid >= 0 {
+	return nil
+}
+
+func ignoringEINTR(f func() error) error {
+	for {
+		if err := f(); !errors.Is(err, unix.EINTR) {
+			return err
+		}
+	}
+}
+
+// meta sets ownership, mode (when chmod is set) and times of leaf in
+// parent (through fd when it is open, >= 0). Ownership comes first:
+// chown clears setuid bits.
+func (x *extractor) meta(parent int, leaf string, fd int, hdr *tar.Header, symlink, chmod bool) error {
+	if uid, gid := x.owner(hdr); uid >= 0 {
 		var err error
 		if fd >= 0 {
 			err = unix.Fchown(fd, uid, gid)
@@ -473,7 +623,7 @@ func (x *extractor) meta(parent int, leaf string, fd int, hdr *tar.Header, symli
 			return fmt.Errorf("chown: %w", err)
 		}
 	}
-	if !symlink {
+	if !symlink && chmod {
 		mode := x.mode(hdr)
 		var err error
 		if fd >= 0 {
@@ -489,18 +639,47 @@ func (x *extractor) meta(parent int, leaf string, fd int, hdr *tar.Header, symli
 	if atime.IsZero() {
 		atime = hdr.ModTime
 	}
-	ts := []unix.Timespec{unix.NsecToTimespec(atime.UnixNano()), unix.NsecToTimespec(hdr.ModTime.UnixNano())}
+	ts := [2]unix.Timespec{unix.NsecToTimespec(atime.UnixNano()), unix.NsecToTimespec(hdr.ModTime.UnixNano())}
+	var err error
 	if fd >= 0 {
-		tv := []unix.Timeval{unix.NsecToTimeval(atime.UnixNano()), unix.NsecToTimeval(hdr.ModTime.UnixNano())}
-		if err := unix.Futimes(fd, tv); err != nil {
-			return fmt.Errorf("set times: %w", err)
-		}
-		return nil
+		err = futimens(fd, &ts)
+	} else {
+		err = unix.UtimesNanoAt(parent, leaf, ts[:], unix.AT_SYMLINK_NOFOLLOW)
 	}
-	if err := unix.UtimesNanoAt(parent, leaf, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+	if err != nil {
 		return fmt.Errorf("set times: %w", err)
 	}
 	return nil
+}
+
+// futimens sets the times of fd (utimensat with a NULL path; x/sys has no
+// wrapper, and its Futimes goes through /proc).
+func futimens(fd int, ts *[2]unix.Timespec) error {
+	_, _, errno := unix.Syscall6(unix.SYS_UTIMENSAT, uintptr(fd), 0, uintptr(unsafe.Pointer(ts)), 0, 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// processUmask reads the process's umask from /proc (reading it with
+// umask(2) would change it for a moment under the other goroutines); -1
+// when it can't.
+func processUmask() int {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return -1
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, "Umask:"); ok {
+			m, err := strconv.ParseUint(strings.TrimSpace(v), 8, 32)
+			if err != nil {
+				return -1
+			}
+			return int(m)
+		}
+	}
+	return -1
 }
 
 // mode is hdr's permission bits, with setuid/setgid/sticky only under
@@ -552,7 +731,7 @@ func (x *extractor) finishDirs() error {
 		if err != nil {
 			return fmt.Errorf("tar entry %s: %w", quote(d.name), err)
 		}
-		err = x.meta(-1, "", fd, d.hdr, false)
+		err = x.meta(-1, "", fd, d.hdr, false, true)
 		unix.Close(fd)
 		if err != nil {
 			return fmt.Errorf("tar entry %s: %w", quote(d.name), err)

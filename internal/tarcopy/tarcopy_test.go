@@ -578,3 +578,78 @@ func TestExtractRollsBackAReplacedNewEntry(t *testing.T) {
 		t.Errorf("%d entries left in the destination: %v", len(ents), ents)
 	}
 }
+
+// TestExtractModesWithoutChmod: files are created with their final
+// permission bits when the umask keeps them (no chmod then), and get the
+// stream's mode whatever the umask strips.
+func TestExtractModesWithoutChmod(t *testing.T) {
+	modes := []int64{0o644, 0o640, 0o600, 0o444, 0o666, 0o777, 0o700, 0o000}
+	var ents []entry
+	for _, m := range modes {
+		ents = append(ents, entry{name: fmt.Sprintf("tree/f%o", m), body: "x", mode: m})
+		if m == 0 {
+			ents[len(ents)-1].mode = 0o1000 // tarOf's 0 means default; the sticky bit is dropped
+		}
+	}
+	dest := t.TempDir()
+	old := syscall.Umask(0o027)
+	defer syscall.Umask(old)
+	err := Extract(bytes.NewReader(tarOf(t, append([]entry{{name: "tree/", typ: tar.TypeDir}}, ents...)...)), dest, ExtractOptions{Base: "tree"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range modes {
+		fi, err := os.Lstat(filepath.Join(dest, "tree", fmt.Sprintf("f%o", m)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode() != fs.FileMode(m) {
+			t.Errorf("f%o: mode %v, want %v", m, fi.Mode(), fs.FileMode(m))
+		}
+	}
+}
+
+// TestExtractFailedCreateKeepsExistingEntry: an entry whose creation
+// fails for another reason than an existing name (a symlink with an empty
+// target) over an existing file leaves that file.
+func TestExtractFailedCreateKeepsExistingEntry(t *testing.T) {
+	dest := t.TempDir()
+	os.MkdirAll(filepath.Join(dest, "tree"), 0o755)
+	os.WriteFile(filepath.Join(dest, "tree", "f"), []byte("mine"), 0o644)
+	err := Extract(bytes.NewReader(tarOf(t,
+		entry{name: "tree/", typ: tar.TypeDir},
+		entry{name: "tree/f", typ: tar.TypeSymlink, link: ""},
+	)), dest, ExtractOptions{Base: "tree"})
+	if err == nil {
+		t.Fatal("extract of a symlink with an empty target succeeded")
+	}
+	if b, err := os.ReadFile(filepath.Join(dest, "tree", "f")); err != nil || string(b) != "mine" {
+		t.Errorf("tree/f = %q, %v after the failed copy; want it kept", b, err)
+	}
+}
+
+// TestExtractDeepTree: parents deeper than the descriptor cache keeps,
+// and moves between branches of the tree.
+func TestExtractDeepTree(t *testing.T) {
+	var ents []entry
+	dir := "tree"
+	ents = append(ents, entry{name: dir + "/", typ: tar.TypeDir})
+	for i := range maxCachedDepth + 5 {
+		dir += fmt.Sprintf("/d%d", i)
+		ents = append(ents, entry{name: dir + "/", typ: tar.TypeDir}, entry{name: dir + "/f", body: dir})
+	}
+	ents = append(ents, entry{name: "tree/d0/g", body: "g"}, entry{name: "tree/other/", typ: tar.TypeDir},
+		entry{name: "tree/other/h", body: "h"}, entry{name: dir + "/last", body: "last"})
+	dest := t.TempDir()
+	if err := Extract(bytes.NewReader(tarOf(t, ents...)), dest, ExtractOptions{Base: "tree"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if e.typ == tar.TypeDir {
+			continue
+		}
+		if b, err := os.ReadFile(filepath.Join(dest, e.name)); err != nil || string(b) != e.body {
+			t.Errorf("%s = %q, %v; want %q", e.name, b, err, e.body)
+		}
+	}
+}
