@@ -116,4 +116,3 @@ func benchExtract(b *testing.B, stream []byte, opts ExtractOptions) {
 		b.StartTimer()
 	}
 }
-
