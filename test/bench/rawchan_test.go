@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -30,6 +31,7 @@ type bareVM struct {
 	agent   *agent.Client
 	rawSock string
 	rawDev  string // the raw port's device in the guest
+	stop    func() // kills the VM (also at the benchmark's end)
 }
 
 // bootBare boots a bare QEMU like bareBoot, with the raw port added, and
@@ -66,7 +68,9 @@ func bootBare(b *testing.B, imageDir, vmDir, initrd, cmdline string) *bareVM {
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	var once sync.Once
+	stop := func() { once.Do(func() { cmd.Process.Kill(); cmd.Wait() }) }
+	b.Cleanup(stop)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	dial := func(ctx context.Context) (net.Conn, error) {
@@ -78,7 +82,7 @@ func bootBare(b *testing.B, imageDir, vmDir, initrd, cmdline string) *bareVM {
 		b.Fatalf("bare boot: %v", err)
 	}
 	b.Cleanup(func() { ac.Close() })
-	vm := &bareVM{agent: ac, rawSock: raw}
+	vm := &bareVM{agent: ac, rawSock: raw, stop: func() { ac.Close(); stop() }}
 	vm.rawDev = strings.TrimSpace(vm.sh(b, `for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name)" = `+rawPortName+` ] && echo /dev/${p##*/}; done`))
 	if vm.rawDev == "" {
 		b.Fatal("bare boot: the raw port is not in the guest")
