@@ -42,9 +42,13 @@ e2e: build testimage
 
 # Benchmarks: boot-to-ready against bare QEMU, vm create for 1 GiB vs
 # 20 GiB images, bangerd's resident memory; networking (in namespaces):
-# agent-ready to ssh-ready, forwarded vs direct throughput, parallel creates.
+# agent-ready to ssh-ready, forwarded vs direct throughput, parallel creates;
+# the data path (BenchmarkDataPath: vm exec and vm cp against the raw
+# virtio-serial channel of a bare QEMU, docs/dev/data-path.md). One of them:
+# make bench BENCH=DataPath.
+BENCH ?= .
 bench: build testimage
-	$(GO) test -tags e2e -run '^$$' -bench . -benchtime 1x -timeout 60m ./test/bench/
+	$(GO) test -tags e2e -run '^$$' -bench '$(BENCH)' -benchtime 1x -timeout 120m ./test/bench/
 
 # The host packages the tests need (apt-get, as root; a no-op when all are there).
 deps:
