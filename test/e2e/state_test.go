@@ -5,8 +5,10 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -143,9 +145,10 @@ func TestOversizedRequestBoundedRSS(t *testing.T) {
 }
 
 // TestStreamedInputBoundedRSS floods bangerd with input frames of the
-// largest size it accepts: three exec calls whose command never reads its
-// stdin, and three calls of a method that takes no input (vm logs
-// --follow). The exec calls are slowed down (bangerd stops reading them),
+// largest size it accepts, in JSON lines (old clients) and in binary
+// framing: exec calls whose command never reads its stdin, and calls of a
+// method that takes no input (vm logs --follow), three of each in each
+// framing. The exec calls are slowed down (bangerd stops reading them),
 // the others are refused, and bangerd's RSS stays bounded. (Before: every
 // call queued 64 frames of up to 1 MiB.)
 func TestStreamedInputBoundedRSS(t *testing.T) {
@@ -155,28 +158,37 @@ func TestStreamedInputBoundedRSS(t *testing.T) {
 	pid := e.DaemonPID()
 	before := rssKiB(t, pid)
 
-	line, err := json.Marshal(rpc.Message{Frame: &api.Frame{Type: api.FrameStdin, Data: make([]byte, (rpc.MaxFrameBytes-128)/4*3)}})
+	jsonLine, err := json.Marshal(rpc.Message{Frame: &api.Frame{Type: api.FrameStdin, Data: make([]byte, (rpc.MaxFrameBytes-128)/4*3)}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	line = append(line, '\n')
+	jsonLine = append(jsonLine, '\n')
+	// A binary stdin message: kind, length (big-endian), payload.
+	binLine := make([]byte, 5+rpc.MaxFrameBytes)
+	binLine[0] = byte(rpc.KindStdin)
+	binary.BigEndian.PutUint32(binLine[1:5], rpc.MaxFrameBytes)
 	type flood struct {
 		conn    net.Conn
+		binary  bool
 		written atomic.Int64
 		stalled atomic.Bool
 		done    chan struct{}
 	}
-	start := func(method string, params any) *flood {
+	start := func(method string, params any, bin bool) *flood {
 		conn, err := net.Dial("unix", e.Socket())
 		if err != nil {
 			t.Fatal(err)
 		}
 		raw, _ := json.Marshal(params)
-		req, _ := json.Marshal(rpc.Request{Method: method, Params: raw})
+		req, _ := json.Marshal(rpc.Request{Method: method, Params: raw, Binary: bin})
 		if _, err := conn.Write(append(req, '\n')); err != nil {
 			t.Fatal(err)
 		}
-		f := &flood{conn: conn, done: make(chan struct{})}
+		line := jsonLine
+		if bin {
+			line = binLine
+		}
+		f := &flood{conn: conn, binary: bin, done: make(chan struct{})}
 		go func() {
 			defer close(f.done)
 			off := 0
@@ -200,9 +212,11 @@ func TestStreamedInputBoundedRSS(t *testing.T) {
 		return f
 	}
 	var execs, logs []*flood
-	for range 3 {
-		execs = append(execs, start(api.MethodVMExec, api.VMExecParams{Name: "flood", Argv: []string{"sleep", "600"}}))
-		logs = append(logs, start(api.MethodVMLogs, api.VMLogsParams{Name: "flood", Follow: true}))
+	for _, bin := range []bool{false, true} {
+		for range 3 {
+			execs = append(execs, start(api.MethodVMExec, api.VMExecParams{Name: "flood", Argv: []string{"sleep", "600"}}, bin))
+			logs = append(logs, start(api.MethodVMLogs, api.VMLogsParams{Name: "flood", Follow: true}, bin))
+		}
 	}
 	defer func() {
 		for _, f := range append(execs, logs...) {
@@ -237,23 +251,49 @@ func TestStreamedInputBoundedRSS(t *testing.T) {
 	for _, f := range append(execs, logs...) {
 		written += f.written.Load()
 	}
-	t.Logf("bangerd RSS: %d KiB before, %d KiB after 6 calls sent %d MiB of input frames", before, after, written>>20)
+	t.Logf("bangerd RSS: %d KiB before, %d KiB after %d calls sent %d MiB of input frames", before, after, len(execs)+len(logs), written>>20)
 	if after-before > 16<<10 {
 		t.Errorf("bangerd RSS grew by %d KiB (from %d KiB)", after-before, before)
 	}
 	for i, f := range logs {
 		// Generous: the answer is already sent or never comes.
 		_ = f.conn.SetReadDeadline(time.Now().Add(time.Minute))
-		var msg rpc.Message
-		dec := json.NewDecoder(f.conn)
-		for msg.Error == nil {
-			msg = rpc.Message{}
-			if err := dec.Decode(&msg); err != nil {
-				t.Fatalf("logs call %d: %v, want an invalid-argument error for its input", i, err)
-			}
+		werr, err := callError(f.conn, f.binary)
+		if err != nil {
+			t.Fatalf("logs call %d (binary %v): %v, want an invalid-argument error for its input", i, f.binary, err)
 		}
-		if msg.Error.Code != api.CodeInvalid {
-			t.Fatalf("logs call %d sent input: %+v, want an invalid-argument error", i, msg.Error)
+		if werr.Code != api.CodeInvalid {
+			t.Fatalf("logs call %d (binary %v) sent input: %+v, want an invalid-argument error", i, f.binary, werr)
+		}
+	}
+}
+
+// callError reads a call's messages, in JSON lines or binary framing,
+// until its error.
+func callError(r io.Reader, bin bool) (*rpc.WireError, error) {
+	dec := json.NewDecoder(r)
+	for {
+		var msg rpc.Message
+		if bin {
+			var hdr [5]byte
+			if _, err := io.ReadFull(r, hdr[:]); err != nil {
+				return nil, err
+			}
+			payload := make([]byte, binary.BigEndian.Uint32(hdr[1:]))
+			if _, err := io.ReadFull(r, payload); err != nil {
+				return nil, err
+			}
+			if rpc.Kind(hdr[0]) != rpc.KindMessage {
+				continue // output
+			}
+			if err := json.Unmarshal(payload, &msg); err != nil {
+				return nil, err
+			}
+		} else if err := dec.Decode(&msg); err != nil {
+			return nil, err
+		}
+		if msg.Error != nil {
+			return msg.Error, nil
 		}
 	}
 }
