@@ -32,14 +32,15 @@ const (
 	dataDialTimeout = 5 * time.Second
 	// dataAckTimeout bounds the wait for the guest's answer on the port.
 	dataAckTimeout = 10 * time.Second
-	// dataDrainGrace is how long the stream may stay silent once the SSH
-	// channel has closed: the guest ended it before (End frame), what
-	// is left is in buffers on the way.
-	dataDrainGrace = 2 * time.Second
 	// hostDataChunk is the payload of the frames the host sends (the
 	// host's writes to the socket aren't limited like the guest's).
 	hostDataChunk = 256 << 10
 )
+
+// dataDrainGrace is how long the stream may stay silent once the SSH
+// channel has closed: the guest ended it before (End frame), what is left
+// is in buffers on the way.
+var dataDrainGrace = 2 * time.Second
 
 // ErrDataStream: the guest broke the data port's protocol (bad answer,
 // bad frame, a stream that doesn't end). The errors also wrap
@@ -214,8 +215,9 @@ func (d *dataConn) channelClosed() {
 	d.conn.SetReadDeadline(time.Now().Add(dataDrainGrace))
 }
 
-// progress re-arms the bound on silence after a frame (none while the
-// channel is open).
+// progress arms the bound on silence before a read (none while the
+// channel is open): it measures only the wait for the guest's bytes, not
+// the time the transfer took to pass the last frame on.
 func (d *dataConn) progress() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -274,11 +276,11 @@ func (d *dataConn) isAborted() bool {
 func (d *dataConn) frames(stdout, stderr bool, fn func(kind byte, p []byte)) error {
 	dr := agentproto.NewDataReader(d.conn, agentproto.MaxDataFrame)
 	for {
+		d.progress()
 		kind, p, err := dr.Next()
 		if err != nil {
 			return d.readErr("read frame", err)
 		}
-		d.progress()
 		switch {
 		case kind == agentproto.DataFrameEnd:
 			return nil
@@ -324,6 +326,7 @@ func (f *frameReader) Read(b []byte) (int, error) {
 		if f.err != nil {
 			return 0, f.err
 		}
+		f.d.progress()
 		kind, p, err := f.dr.Next()
 		switch {
 		case err != nil:
@@ -335,7 +338,6 @@ func (f *frameReader) Read(b []byte) (int, error) {
 		default:
 			f.err = fmt.Errorf("%w: data port %d: %w: unexpected frame of kind %d", ErrDataStream, f.d.port, agentproto.ErrDataFrame, kind)
 		}
-		f.d.progress()
 	}
 	n := copy(b, f.p)
 	f.p = f.p[n:]

@@ -492,3 +492,41 @@ func TestCipherFollowsTheOption(t *testing.T) {
 		c.Close()
 	}
 }
+
+// slowWriter blocks its first write until release is closed.
+type slowWriter struct {
+	release <-chan struct{}
+	buf     bytes.Buffer
+}
+
+func (w *slowWriter) Write(p []byte) (int, error) {
+	<-w.release
+	return w.buf.Write(p)
+}
+
+// TestFakeGuestSlowWriterAfterTheChannelClosed: the bound on a silent
+// stream after the channel closed counts only the wait for the guest's
+// bytes, not the time the writer takes.
+func TestFakeGuestSlowWriterAfterTheChannelClosed(t *testing.T) {
+	defer agent.SetDataDrainGrace(20 * time.Millisecond)()
+	exited := make(chan struct{})
+	c, _ := fakeDataGuest(t, 1, func(g *guestTransfer) {
+		g.ack(t)
+		g.frame(agentproto.DataFrameData, []byte("first"))
+		g.frame(agentproto.DataFrameData, []byte(" second"))
+		g.frame(agentproto.DataFrameEnd, nil)
+		g.exit(0)
+		close(exited)
+	})
+	release := make(chan struct{})
+	go func() {
+		<-exited
+		time.Sleep(200 * time.Millisecond) // many times the grace
+		close(release)
+	}()
+	w := &slowWriter{release: release}
+	code, err := c.Exec(dataCtx(t), agent.ExecOptions{Argv: []string{"cat"}, Stdout: w})
+	if err != nil || code != 0 || w.buf.String() != "first second" {
+		t.Errorf("exec: %d, %v, %q; want 0 and the whole output", code, err, w.buf.String())
+	}
+}

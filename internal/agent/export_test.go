@@ -14,3 +14,11 @@ func (c *Client) FreeDataPorts() int { return c.data.freePorts() }
 
 // Cipher is the negotiated cipher of the host's writes.
 func (c *Client) Cipher() string { return c.cipher() }
+
+// SetDataDrainGrace changes how long a data stream may stay silent after
+// its channel closed, for a test, and returns the undo.
+func SetDataDrainGrace(d time.Duration) func() {
+	o := dataDrainGrace
+	dataDrainGrace = d
+	return func() { dataDrainGrace = o }
+}
