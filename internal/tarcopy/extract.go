@@ -125,14 +125,25 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 	src := newTarSource(r)
 	tr := tar.NewReader(src)
 	for {
+		// Skip what is left of the entry (one that was skipped), so src
+		// finds the next header where it expects it.
+		if _, err := io.Copy(io.Discard, tr); err != nil {
+			return fmt.Errorf("read tar: %w", err)
+		}
+		src.beginHeaders()
 		hdr, err := tr.Next()
+		src.endHeaders()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
 			return fmt.Errorf("read tar: %w", err)
 		}
-		if err := x.entry(hdr, tr); err != nil {
+		sparse, err := sparse1x0(hdr)
+		if err != nil {
+			return err
+		}
+		if err := x.entry(hdr, tr, sparse); err != nil {
 			return err
 		}
 	}
@@ -182,7 +193,9 @@ type extractor struct {
 	umask int
 }
 
-func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
+// entry extracts one entry; with sparse, a regular file's content is a
+// PAX GNU sparse 1.0 map and its data regions (see sparse1x0).
+func (x *extractor) entry(hdr *tar.Header, tr io.Reader, sparse bool) error {
 	if len(hdr.Name) > maxNameLen || len(hdr.Linkname) > maxNameLen {
 		return fmt.Errorf("tar entry %s: name or link target longer than %d bytes: %w", quote(hdr.Name), maxNameLen, ErrUnsafePath)
 	}
@@ -227,7 +240,7 @@ func (x *extractor) entry(hdr *tar.Header, tr io.Reader) error {
 			return fmt.Errorf("tar entry %s: %d bytes, more than the %d allowed (raise the limit with --max-file-size): %w",
 				quote(name), hdr.Size, x.opts.MaxFileSize, ErrTooLarge)
 		}
-		return x.create(parent, name, leaf, func(tmp string) error { return x.writeFile(parent, tmp, name, hdr, tr) })
+		return x.create(parent, name, leaf, func(tmp string) error { return x.writeFile(parent, tmp, name, hdr, tr, sparse) })
 	case tar.TypeSymlink:
 		return x.create(parent, name, leaf, func(tmp string) error {
 			if err := unix.Symlinkat(hdr.Linkname, parent, tmp); err != nil {
@@ -518,12 +531,13 @@ func (x *extractor) owner(hdr *tar.Header) (uid, gid int) {
 	return -1, -1
 }
 
-// writeFile creates file leaf in parent with hdr's content from tr,
-// leaving holes where the content is zero. It makes as few system calls
-// as it can (a guest pays dearly for each): open, write, set times,
-// close; chown only to change the owner, chmod only when the mode isn't
-// the one the file was created with.
-func (x *extractor) writeFile(parent int, leaf, name string, hdr *tar.Header, tr io.Reader) error {
+// writeFile creates file leaf in parent with hdr's content from tr (with
+// sparse, a sparse map and the data regions it places), leaving holes
+// where the content is zero. It makes as few system calls as it can (a
+// guest pays dearly for each): open, write, set times, close; chown only
+// to change the owner, chmod only when the mode isn't the one the file
+// was created with.
+func (x *extractor) writeFile(parent int, leaf, name string, hdr *tar.Header, tr io.Reader, sparse bool) error {
 	mode := x.mode(hdr)
 	uid, _ := x.owner(hdr)
 	// The file is created with its final permission bits when the umask
@@ -538,38 +552,26 @@ func (x *extractor) writeFile(parent int, leaf, name string, hdr *tar.Header, tr
 		return notCreated{fmt.Errorf("create: %w", err)}
 	}
 	defer unix.Close(fd)
-	if x.buf == nil {
-		x.buf = make([]byte, copyBufSize)
-	}
-	buf := x.buf
-	var off, end int64 // end: the end of the last write
-	for off < hdr.Size {
-		n, rerr := io.ReadFull(tr, buf[:min(int64(len(buf)), hdr.Size-off)])
-		// Write each run of non-zero blocks at once; skip zero blocks.
-		run := -1
-		for i := 0; i < n; i += holeBlock {
-			e := min(i+holeBlock, n)
-			zero := bytes.Equal(buf[i:e], zeros[:e-i])
-			if !zero && run < 0 {
-				run = i
-			}
-			if zero && run >= 0 {
-				if err := pwriteAll(fd, buf[run:i], off+int64(run)); err != nil {
-					return fmt.Errorf("write: %w", err)
-				}
-				end = off + int64(i)
-				run = -1
-			}
+	var end int64 // the end of the last write
+	if sparse {
+		segs, err := readSparseMap(tr, hdr.Size)
+		if err != nil {
+			return fmt.Errorf("read tar: sparse map: %w", err)
 		}
-		if run >= 0 {
-			if err := pwriteAll(fd, buf[run:n], off+int64(run)); err != nil {
-				return fmt.Errorf("write: %w", err)
+		for _, s := range segs {
+			e, err := x.copyData(fd, tr, s.off, s.len)
+			if err != nil {
+				return err
 			}
-			end = off + int64(n)
+			end = max(end, e)
 		}
-		off += int64(n)
-		if rerr != nil {
-			return fmt.Errorf("read tar: %w", rerr)
+		var one [1]byte
+		if n, _ := tr.Read(one[:]); n > 0 {
+			return fmt.Errorf("read tar: more data than the sparse map places: %w", tar.ErrHeader)
+		}
+	} else {
+		if end, err = x.copyData(fd, tr, 0, hdr.Size); err != nil {
+			return err
 		}
 	}
 	if end < hdr.Size {
@@ -583,6 +585,48 @@ func (x *extractor) writeFile(parent int, leaf, name string, hdr *tar.Header, tr
 	}
 	x.files[name] = true
 	return nil
+}
+
+// copyData writes size bytes of tr at offset start of fd, leaving holes
+// where whole blocks are zero, and returns the end of the last write (0
+// when all was zero).
+func (x *extractor) copyData(fd int, tr io.Reader, start, size int64) (int64, error) {
+	if x.buf == nil {
+		x.buf = make([]byte, copyBufSize)
+	}
+	buf := x.buf
+	var end int64
+	for done := int64(0); done < size; {
+		n, rerr := io.ReadFull(tr, buf[:min(int64(len(buf)), size-done)])
+		off := start + done
+		// Write each run of non-zero blocks at once; skip zero blocks.
+		run := -1
+		for i := 0; i < n; i += holeBlock {
+			e := min(i+holeBlock, n)
+			zero := bytes.Equal(buf[i:e], zeros[:e-i])
+			if !zero && run < 0 {
+				run = i
+			}
+			if zero && run >= 0 {
+				if err := pwriteAll(fd, buf[run:i], off+int64(run)); err != nil {
+					return 0, fmt.Errorf("write: %w", err)
+				}
+				end = off + int64(i)
+				run = -1
+			}
+		}
+		if run >= 0 {
+			if err := pwriteAll(fd, buf[run:n], off+int64(run)); err != nil {
+				return 0, fmt.Errorf("write: %w", err)
+			}
+			end = off + int64(n)
+		}
+		done += int64(n)
+		if rerr != nil {
+			return 0, fmt.Errorf("read tar: %w", rerr)
+		}
+	}
+	return end, nil
 }
 
 // pwriteAll writes b at off in fd.
