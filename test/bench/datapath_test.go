@@ -84,7 +84,8 @@ func BenchmarkDataPath(b *testing.B) {
 	res := d.measure(files)
 	hops := d.guestHops()
 
-	report := func(label, metric string, t time.Duration, size int64, rawT time.Duration, rawSize int64, goal float64, cpu cpuTimes) {
+	report := func(label, metric string, s sample, size int64, rawT time.Duration, rawSize int64, goal float64) {
+		t, cpu := s.t, s.cpu
 		mbps, rawMBps := mb(size, t), mb(rawSize, rawT)
 		ratio := mbps / rawMBps
 		ok := "MET"
@@ -93,14 +94,14 @@ func BenchmarkDataPath(b *testing.B) {
 		}
 		b.ReportMetric(mbps, metric+"-MB/s")
 		b.ReportMetric(ratio, metric+"-ratio")
-		fmt.Printf("%-34s %8v %7.1f MB/s  %.2f of raw (%.1f MB/s), goal >= %.1f: %s  [cpu: cli %v, bangerd %v, qemu %v]\n",
-			label, t.Round(time.Millisecond), mbps, ratio, rawMBps, goal, ok, cpu.cli, cpu.daemon, cpu.qemu)
+		fmt.Printf("%-34s %8v %7.1f MB/s  %.2f of raw (%.1f MB/s), goal >= %.1f: %s  [cpu: cli %v, bangerd %v, qemu %v; samples %v]\n",
+			label, t.Round(time.Millisecond), mbps, ratio, rawMBps, goal, ok, cpu.cli, cpu.daemon, cpu.qemu, rounded(s.all))
 	}
 	fmt.Printf("data path, medians of %d (raw: a bare QEMU with banger's kernel, initrd and command line, one extra virtio-serial port)\n", dpRuns)
-	fmt.Printf("%-34s %8v %7.1f MB/s\n", "raw out (guest dd > port)", raw.out.Round(time.Millisecond), mb(bigSize, raw.out))
-	fmt.Printf("%-34s %8v %7.1f MB/s\n", "raw in (host > port, guest dd)", raw.in.Round(time.Millisecond), mb(bigSize, raw.in))
-	fmt.Printf("%-34s %8v %7.1f MB/s (%d-byte tar stream)\n", "raw tar out (guest tar -c > port)", raw.tarOut.Round(time.Millisecond), mb(raw.tarOutSize, raw.tarOut), raw.tarOutSize)
-	fmt.Printf("%-34s %8v %7.1f MB/s (%d-byte tar stream)\n", "raw tar in (port > guest tar -x)", raw.tarIn.Round(time.Millisecond), mb(raw.tarInSize, raw.tarIn), raw.tarInSize)
+	fmt.Printf("%-34s %8v %7.1f MB/s  [samples %v]\n", "raw out (guest dd > port)", raw.out.Round(time.Millisecond), mb(bigSize, raw.out), raw.all[0])
+	fmt.Printf("%-34s %8v %7.1f MB/s  [samples %v]\n", "raw in (host > port, guest dd)", raw.in.Round(time.Millisecond), mb(bigSize, raw.in), raw.all[1])
+	fmt.Printf("%-34s %8v %7.1f MB/s (%d-byte tar stream)  [samples %v]\n", "raw tar out (guest tar -c > port)", raw.tarOut.Round(time.Millisecond), mb(raw.tarOutSize, raw.tarOut), raw.tarOutSize, raw.all[2])
+	fmt.Printf("%-34s %8v %7.1f MB/s (%d-byte tar stream)  [samples %v]\n", "raw tar in (port > guest tar -x)", raw.tarIn.Round(time.Millisecond), mb(raw.tarInSize, raw.tarIn), raw.tarInSize, raw.all[3])
 	for _, m := range []struct {
 		name string
 		v    float64
@@ -108,14 +109,14 @@ func BenchmarkDataPath(b *testing.B) {
 		{"raw-tar-out-s", raw.tarOut.Seconds()}, {"raw-tar-in-s", raw.tarIn.Seconds()}} {
 		b.ReportMetric(m.v, m.name)
 	}
-	report("(a) vm exec -- cat, out", "a-exec-out", res.execOut.t, bigSize, raw.out, bigSize, 0.8, res.execOut.cpu)
-	report("(b) vm exec, stdin in", "b-exec-in", res.execIn.t, bigSize, raw.in, bigSize, 0.8, res.execIn.cpu)
-	report("(c) vm cp file in", "c-cp-in", res.cpIn.t, bigSize, raw.in, bigSize, 0.8, res.cpIn.cpu)
-	report("(c) vm cp file out", "c-cp-out", res.cpOut.t, bigSize, raw.out, bigSize, 0.8, res.cpOut.cpu)
+	report("(a) vm exec -- cat, out", "a-exec-out", res.execOut, bigSize, raw.out, bigSize, 0.8)
+	report("(b) vm exec, stdin in", "b-exec-in", res.execIn, bigSize, raw.in, bigSize, 0.8)
+	report("(c) vm cp file in", "c-cp-in", res.cpIn, bigSize, raw.in, bigSize, 0.8)
+	report("(c) vm cp file out", "c-cp-out", res.cpOut, bigSize, raw.out, bigSize, 0.8)
 	// A tree's figures compare times: the same tree, as banger's stream
 	// and as GNU tar's.
-	report("(d) vm cp tree in", "d-tree-in", res.treeIn.t, raw.tarInSize, raw.tarIn, raw.tarInSize, 0.5, res.treeIn.cpu)
-	report("(d) vm cp tree out", "d-tree-out", res.treeOut.t, raw.tarOutSize, raw.tarOut, raw.tarOutSize, 0.5, res.treeOut.cpu)
+	report("(d) vm cp tree in", "d-tree-in", res.treeIn, raw.tarInSize, raw.tarIn, raw.tarInSize, 0.5)
+	report("(d) vm cp tree out", "d-tree-out", res.treeOut, raw.tarOutSize, raw.tarOut, raw.tarOutSize, 0.5)
 	data := int64(len(sparseAt) * sparseChunk)
 	for _, s := range []struct {
 		label, metric string
@@ -130,8 +131,8 @@ func BenchmarkDataPath(b *testing.B) {
 		}
 		b.ReportMetric(s.r.t.Seconds(), s.metric+"-s")
 		b.ReportMetric(float64(s.disk)/(1<<20), s.metric+"-disk-MiB")
-		fmt.Printf("%-34s %8v  %.1f MiB on the %s's disk (data %d MiB), goal < 2s and the data's size: %s  [cpu: cli %v, bangerd %v, qemu %v]\n",
-			s.label, s.r.t.Round(time.Millisecond), float64(s.disk)/(1<<20), s.side, data>>20, ok, s.r.cpu.cli, s.r.cpu.daemon, s.r.cpu.qemu)
+		fmt.Printf("%-34s %8v  %.1f MiB on the %s's disk (data %d MiB), goal < 2s and the data's size: %s  [cpu: cli %v, bangerd %v, qemu %v; samples %v]\n",
+			s.label, s.r.t.Round(time.Millisecond), float64(s.disk)/(1<<20), s.side, data>>20, ok, s.r.cpu.cli, s.r.cpu.daemon, s.r.cpu.qemu, rounded(s.r.all))
 	}
 	fmt.Println("hops alone:")
 	for _, h := range hops {
@@ -141,6 +142,15 @@ func BenchmarkDataPath(b *testing.B) {
 }
 
 func mb(size int64, d time.Duration) float64 { return float64(size) / 1e6 / d.Seconds() }
+
+// rounded returns ds rounded to milliseconds, for printing.
+func rounded(ds []time.Duration) []time.Duration {
+	out := make([]time.Duration, len(ds))
+	for i, d := range ds {
+		out[i] = d.Round(time.Millisecond)
+	}
+	return out
+}
 
 // dataFiles are the host's sources of the workloads.
 type dataFiles struct {
@@ -213,6 +223,7 @@ func fileSum(b *testing.B, path string) [32]byte {
 type rawFigures struct {
 	out, in, tarOut, tarIn time.Duration
 	tarOutSize, tarInSize  int64
+	all                    [4][]time.Duration // the samples of out, in, tarOut, tarIn
 }
 
 // measureRaw measures the raw channel of vm, then stops it.
@@ -256,6 +267,7 @@ func measureRaw(b *testing.B, vm *bareVM, f dataFiles) rawFigures {
 		tarOut = append(tarOut, vm.rawOut(b, fmt.Sprintf("tar -cf - -C /root/rt%d . > $PORT", i), r.tarOutSize))
 	}
 	r.out, r.in, r.tarOut, r.tarIn = median(out), median(in), median(tarOut), median(tarIn)
+	r.all = [4][]time.Duration{rounded(out), rounded(in), rounded(tarOut), rounded(tarIn)}
 	return r
 }
 
@@ -278,6 +290,7 @@ type cpuTimes struct{ cli, daemon, qemu time.Duration }
 type sample struct {
 	t   time.Duration
 	cpu cpuTimes
+	all []time.Duration // every sample's time, for a median
 }
 
 // bangerResults are the banger figures (medians).
@@ -331,7 +344,7 @@ func (d *dpVM) run(in string, args ...string) sample {
 		d.b.Fatalf("banger %s: %v\n%s", strings.Join(args, " "), err, errOut.String())
 	}
 	cli := cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
-	return sample{t, cpuTimes{cli, procCPU(d.b, dpid) - d0, procCPU(d.b, qpid) - q0}}
+	return sample{t: t, cpu: cpuTimes{cli, procCPU(d.b, dpid) - d0, procCPU(d.b, qpid) - q0}}
 }
 
 // sh runs script in the guest and returns its output.
@@ -351,7 +364,8 @@ func medianSample(ss []sample) sample {
 		cpu.qemu += s.cpu.qemu
 	}
 	n := time.Duration(len(ss))
-	return sample{median(ts), cpuTimes{(cpu.cli / n).Round(10 * time.Millisecond), (cpu.daemon / n).Round(10 * time.Millisecond), (cpu.qemu / n).Round(10 * time.Millisecond)}}
+	r10 := func(d time.Duration) time.Duration { return d.Round(10 * time.Millisecond) }
+	return sample{median(ts), cpuTimes{r10(cpu.cli / n), r10(cpu.daemon / n), r10(cpu.qemu / n)}, ts}
 }
 
 // times runs f dpRuns times, prepare (untimed) before each.
