@@ -125,14 +125,14 @@ const jsonDataChunk = 32 << 10
 // SendData sends p as stdin data (kind KindStdin), split into frames the
 // daemon accepts: in binary framing p is written as it is, in frames of
 // at most MaxFrameBytes; in JSON lines base64-encoded in frames of 32
-// KiB. p is not retained.
+// KiB. An empty p sends nothing. p is not retained.
 func (s *Stream) SendData(kind Kind, p []byte) error {
 	if kind != KindStdin {
 		return fmt.Errorf("rpc: a client sends no data of kind %d", kind)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for {
+	for len(p) > 0 {
 		var err error
 		n := min(len(p), MaxFrameBytes)
 		if s.bin == nil {
@@ -145,10 +145,8 @@ func (s *Stream) SendData(kind Kind, p []byte) error {
 			return err
 		}
 		p = p[n:]
-		if len(p) == 0 {
-			return nil
-		}
 	}
+	return nil
 }
 
 // Recv returns the next frame. When the call ends it decodes the result

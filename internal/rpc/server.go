@@ -500,27 +500,29 @@ func (c *Call) Send(f api.Frame) error {
 
 // SendData sends p as stream data of kind (KindStdout or KindStderr). In
 // binary framing it is written as it is, in frames of at most MaxDataFrame:
-// no encoding, no copy; in JSON lines as frames with p base64-encoded. p
-// is not retained: the caller may reuse it once SendData returns.
+// no encoding, no copy; in JSON lines as frames with p base64-encoded. An
+// empty p sends nothing. p is not retained: the caller may reuse it once
+// SendData returns.
 func (c *Call) SendData(kind Kind, p []byte) error {
 	if kind != KindStdout && kind != KindStderr {
 		return fmt.Errorf("rpc: a daemon sends no data of kind %d", kind)
+	}
+	if len(p) == 0 {
+		return nil
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.bin == nil {
 		return c.enc.Encode(Message{Frame: &api.Frame{Type: kind.frameType(), Data: p}})
 	}
-	for {
+	for len(p) > 0 {
 		n := min(len(p), MaxDataFrame)
 		if err := c.bin.write(kind, p[:n]); err != nil {
 			return err
 		}
 		p = p[n:]
-		if len(p) == 0 {
-			return nil
-		}
 	}
+	return nil
 }
 
 // Progress sends a progress frame; errors are ignored (the client may
