@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -35,6 +36,9 @@ const (
 	// hostDataChunk is the payload of the frames the host sends (the
 	// host's writes to the socket aren't limited like the guest's).
 	hostDataChunk = 256 << 10
+	// hostReadBuffer is the read buffer in front of a data port: the
+	// guest's frames are 32 KiB, a read takes several when they wait.
+	hostReadBuffer = 256 << 10
 )
 
 // dataDrainGrace is how long the stream may stay silent once the SSH
@@ -111,6 +115,7 @@ type dataConn struct {
 	gen   int
 	token []byte
 	conn  net.Conn
+	r     *bufio.Reader // conn's: several frames per read
 	w     *agentproto.DataWriter
 
 	closeOnce sync.Once
@@ -153,6 +158,7 @@ func (c *Client) openData(ctx context.Context, what string) *dataConn {
 		return nil
 	}
 	d.conn, d.w = conn, agentproto.NewDataWriter(conn)
+	d.r = bufio.NewReaderSize(conn, hostReadBuffer)
 	c.log.Debug(what+" over a data port", "port", port)
 	return d
 }
@@ -235,7 +241,7 @@ func (d *dataConn) readAck() error {
 		d.conn.SetReadDeadline(time.Now().Add(dataAckTimeout))
 	}
 	d.mu.Unlock()
-	err := agentproto.ReadDataAck(d.conn, d.token)
+	err := agentproto.ReadDataAck(d.r, d.token)
 	d.progress()
 	if err != nil {
 		return d.readErr("the guest's answer", err)
@@ -274,7 +280,7 @@ func (d *dataConn) isAborted() bool {
 // frames reads the guest's frames until its End, passing each payload of
 // an allowed kind to fn; kinds the transfer doesn't expect fail it.
 func (d *dataConn) frames(stdout, stderr bool, fn func(kind byte, p []byte)) error {
-	dr := agentproto.NewDataReader(d.conn, agentproto.MaxDataFrame)
+	dr := agentproto.NewDataReader(d.r, agentproto.MaxDataFrame)
 	for {
 		d.progress()
 		kind, p, err := dr.Next()
@@ -318,7 +324,7 @@ type frameReader struct {
 }
 
 func (d *dataConn) reader() *frameReader {
-	return &frameReader{d: d, dr: agentproto.NewDataReader(d.conn, agentproto.MaxDataFrame)}
+	return &frameReader{d: d, dr: agentproto.NewDataReader(d.r, agentproto.MaxDataFrame)}
 }
 
 func (f *frameReader) Read(b []byte) (int, error) {
