@@ -384,3 +384,44 @@ func TestOversizedFrameAndCancelBothModes(t *testing.T) {
 		})
 	}
 }
+
+// A stdin frame's buffer, once released, holds a later frame: a handler
+// that releases its frames costs no allocation per frame.
+func TestReleasedBuffersReused(t *testing.T) {
+	sock := serve(t, nil, func(s *Server) {
+		s.Handle("v1.where", PermWrite, func(ctx context.Context, c *Call) (any, error) {
+			for f := range c.Frames() {
+				if f.Type != api.FrameStdin {
+					return nil, nil
+				}
+				// Answer where the data was, after giving it back.
+				where := fmt.Appendf(nil, "%p", &f.Data[0])
+				c.Release(f)
+				if err := c.SendData(KindStdout, where); err != nil {
+					return nil, err
+				}
+			}
+			return nil, nil
+		}, TakesInput())
+	})
+	s, err := OpenBinary(context.Background(), sock, "v1.where", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	seen := map[string]int{}
+	for range 10 {
+		// One frame at a time: the next is sent once the last was released.
+		if err := s.SendData(KindStdin, make([]byte, 100<<10)); err != nil {
+			t.Fatal(err)
+		}
+		f, err := s.Next(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen[string(f.Data)]++
+	}
+	if len(seen) != 1 {
+		t.Fatalf("10 frames released one by one landed in %d buffers, want 1: %v", len(seen), seen)
+	}
+}
