@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -66,15 +67,11 @@ func (a *app) vmCpCmd() *cobra.Command {
 				}
 				meter := newCopyMeter(a.progress(), "copy "+filepath.Base(src), quiet)
 				defer meter.finish()
-				var wopts tarcopy.WriteOptions
 				if meter.active() {
-					// The stream's size first, from a walk of the tree that
-					// reads no file; the stream then fails rather than grow
-					// past it (a file grew during the copy).
-					wopts.Announce = func(size, _ int64) error { meter.start(size); return nil }
+					go countTar(src, meter)
 				}
 				return sendTar(cmd.Context(), func(w io.Writer) error {
-					return tarcopy.Write(w, src, wopts)
+					return tarcopy.Write(w, src, tarcopy.WriteOptions{})
 				}, func(ctx context.Context, r io.Reader) error {
 					return a.client().VMCopyIn(ctx, api.VMCopyParams{Name: dstVM, Path: dst, Archive: archive}, meter.Reader(r))
 				})
@@ -119,6 +116,20 @@ func (a *app) vmCpCmd() *cobra.Command {
 		"copy out: refuse files larger than this, holes included, e.g. 200G (default 64G)")
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "show no progress bar: only errors on stderr")
 	return cmd
+}
+
+// errCounted ends countTar's walk once it has the stream's size.
+var errCounted = errors.New("stream size counted")
+
+// countTar starts meter with the size of src's tar stream, from a walk of
+// the tree that reads no file (tarcopy.Write's announcement, the stream
+// itself not written), beside the copy: the copy doesn't wait for it, and
+// is the same whether a bar shows or not.
+func countTar(src string, meter *copyMeter) {
+	_ = tarcopy.Write(io.Discard, src, tarcopy.WriteOptions{Announce: func(size, _ int64) error {
+		meter.start(size)
+		return errCounted
+	}})
 }
 
 // sendTar runs send (a copy in) with the stream that write writes (a tar

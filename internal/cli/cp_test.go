@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -111,14 +110,11 @@ func TestCopyOutErrorAfterACompleteTar(t *testing.T) {
 func fakeCopyIn(got *bytes.Buffer, eofs *atomic.Int32) func(context.Context, io.Reader) error {
 	return func(ctx context.Context, r io.Reader) error {
 		eof := make(chan struct{})
-		var mu sync.Mutex
 		go func() {
 			buf := make([]byte, 1000)
 			for {
 				n, err := r.Read(buf)
-				mu.Lock()
 				got.Write(buf[:n])
-				mu.Unlock()
 				if err != nil {
 					if ctx.Err() == nil {
 						eofs.Add(1)
@@ -142,7 +138,7 @@ func fakeCopyIn(got *bytes.Buffer, eofs *atomic.Int32) func(context.Context, io.
 // input: the guest would take the cut stream for a whole one.
 func TestSendTarWriteFails(t *testing.T) {
 	broken := errors.New("read /src/f: input/output error")
-	var got bytes.Buffer
+	var got bytes.Buffer // still written to after the call: not read
 	var eofs atomic.Int32
 	err := sendTar(context.Background(), func(w io.Writer) error {
 		w.Write(make([]byte, 5000))
@@ -156,13 +152,13 @@ func TestSendTarWriteFails(t *testing.T) {
 	}
 
 	// The whole stream, when it is whole.
-	got.Reset()
+	var whole bytes.Buffer
 	err = sendTar(context.Background(), func(w io.Writer) error {
 		_, err := w.Write(make([]byte, 5000))
 		return err
-	}, fakeCopyIn(&got, &eofs))
-	if err != nil || got.Len() != 5000 || eofs.Load() != 1 {
-		t.Errorf("sendTar of a whole stream: %v, %d bytes, %d EOFs; want nil, 5000, 1", err, got.Len(), eofs.Load())
+	}, fakeCopyIn(&whole, &eofs))
+	if err != nil || whole.Len() != 5000 || eofs.Load() != 1 {
+		t.Errorf("sendTar of a whole stream: %v, %d bytes, %d EOFs; want nil, 5000, 1", err, whole.Len(), eofs.Load())
 	}
 
 	// A call that fails (the guest refused an entry) fails the copy with

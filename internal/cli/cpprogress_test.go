@@ -71,11 +71,29 @@ func TestCopyMeterCounts(t *testing.T) {
 				t.Errorf("reader %v: bar output %q lacks %q", viaReader, s, want)
 			}
 		}
-		// Counting after finish shows nothing more.
+		// Counting or starting after finish shows nothing more.
 		n := out.Len()
 		m.count(1)
+		m.start(size)
 		if out.Len() != n {
 			t.Errorf("bytes counted after finish changed the output: %q", out.String()[n:])
+		}
+	}
+}
+
+// The host counts a copy in's size beside the stream: bytes that passed
+// before the size was known count too.
+func TestCopyMeterLateStart(t *testing.T) {
+	var out bytes.Buffer
+	m := newCopyMeter(&progress{w: &out, tty: true}, "copy tree", false)
+	w := m.Writer(io.Discard)
+	w.Write(make([]byte, 5<<20))
+	m.start(12 << 20)
+	w.Write(make([]byte, 7<<20))
+	m.finish()
+	for _, want := range []string{"==> copy tree", "12.0 MiB / 12.0 MiB", "100 %"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("bar output %q lacks %q", out.String(), want)
 		}
 	}
 }
@@ -322,5 +340,19 @@ func TestProgressDrawable(t *testing.T) {
 	defer f.Close()
 	if (&app{stderr: f}).progress().tty || (&app{stderr: &bytes.Buffer{}}).progress().tty {
 		t.Error("a file or a buffer is taken for a terminal")
+	}
+}
+
+// BenchmarkCopyMeter is the cost of counting a stream on a bar, in
+// 128 KiB writes (a binary RPC frame's payload).
+func BenchmarkCopyMeter(b *testing.B) {
+	m := newCopyMeter(&progress{w: io.Discard, tty: true}, "copy big", false)
+	m.start(1 << 50)
+	defer m.finish()
+	w := m.Writer(io.Discard)
+	buf := make([]byte, 128<<10)
+	b.SetBytes(int64(len(buf)))
+	for b.Loop() {
+		w.Write(buf)
 	}
 }

@@ -154,18 +154,20 @@ func showCopyBar(tty, quiet bool, total int64) bool {
 }
 
 // copyMeter shows a `vm cp` transfer on a progress bar: start sets its
-// size (the tar stream's, known before the first byte), count adds the
-// bytes as they pass, finish ends the bar. A meter made with a nil
-// progress, or started under copyBarMin, shows nothing. Its methods may be
-// called from different goroutines.
+// size (the tar stream's: announced by the guest before the first byte,
+// counted on the host beside the stream), count adds the bytes as they
+// pass (before start too), finish ends the bar. A meter made with a nil
+// progress, or started under copyBarMin or after finish, shows nothing.
+// Its methods may be called from different goroutines.
 type copyMeter struct {
-	mu    sync.Mutex
-	p     *progress // nil: show nothing
-	label string
-	quiet bool
-	total int64 // 0: not started, or not shown
-	done  int64
-	last  int64 // done at the last update of the bar
+	mu       sync.Mutex
+	p        *progress // nil: show nothing
+	label    string
+	quiet    bool
+	total    int64 // 0: not started, or not shown
+	done     int64
+	last     int64 // done at the last update of the bar
+	finished bool
 }
 
 // newCopyMeter returns a meter for a copy named label ("copy syslog") on
@@ -185,11 +187,11 @@ func (m *copyMeter) active() bool { return m.p != nil }
 func (m *copyMeter) start(total int64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.p == nil || !showCopyBar(m.p.tty, m.quiet, total) {
+	if m.p == nil || m.finished || !showCopyBar(m.p.tty, m.quiet, total) {
 		return
 	}
-	m.total = total
-	m.p.update(api.Progress{Phase: m.label, Total: total, Unit: "bytes"})
+	m.total, m.last = total, m.done
+	m.p.update(api.Progress{Phase: m.label, Done: m.done, Total: max(total, m.done), Unit: "bytes"})
 }
 
 // copyBarStep is how many bytes pass between two updates of the bar
@@ -214,7 +216,7 @@ func (m *copyMeter) finish() {
 	if m.p != nil {
 		m.p.done()
 	}
-	m.total = 0
+	m.total, m.finished = 0, true
 }
 
 // Writer counts what passes through it to w.
