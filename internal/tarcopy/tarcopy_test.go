@@ -653,3 +653,76 @@ func TestExtractDeepTree(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteLooksForHolesOnlyInSparseFiles: files whose blocks cover their
+// size are neither searched for holes nor opened by the counting walk,
+// and a file with holes is still found and sent sparse.
+func TestWriteLooksForHolesOnlyInSparseFiles(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "tree")
+	os.MkdirAll(filepath.Join(src, "sub"), 0o755)
+	for i := range 10 {
+		os.WriteFile(filepath.Join(src, "sub", fmt.Sprint(i)), bytes.Repeat([]byte{'d'}, 1000), 0o644)
+	}
+	os.WriteFile(filepath.Join(src, "big"), bytes.Repeat([]byte{'b'}, 3<<20), 0o644)
+	os.WriteFile(filepath.Join(src, "empty"), nil, 0o644)
+	makeSparse(t, filepath.Join(src, "sparse"), 64<<20, 1<<20)
+	if a := allocated(t, filepath.Join(src, "sparse")); a > 1<<20 {
+		t.Skipf("the test filesystem doesn't keep holes (%d bytes allocated)", a)
+	}
+	for _, sizeOnly := range []bool{true, false} {
+		var out io.Writer = new(bytes.Buffer)
+		if sizeOnly {
+			out = new(counter)
+		}
+		wk := &walker{w: out, sizeOnly: sizeOnly, maxEntries: -1, names: &ownerNames{users: map[int]string{}, groups: map[int]string{}}, log: logger(nil)}
+		if err := wk.run(src); err != nil {
+			t.Fatal(err)
+		}
+		if wk.holeScans != 1 || wk.entries != 15 {
+			t.Errorf("sizeOnly=%v: %d files searched for holes, %d entries; want 1 and 15", sizeOnly, wk.holeScans, wk.entries)
+		}
+		if sizeOnly {
+			continue
+		}
+		stream := out.(*bytes.Buffer)
+		if stream.Len() > 4<<20 {
+			t.Errorf("stream of %d bytes: the holes were sent", stream.Len())
+		}
+		dest := t.TempDir()
+		if err := Extract(stream, dest, ExtractOptions{Base: "tree"}); err != nil {
+			t.Fatal(err)
+		}
+		if a := allocated(t, filepath.Join(dest, "tree", "sparse")); a > 1<<20 {
+			t.Errorf("sparse: %d bytes allocated", a)
+		}
+		got, err := os.ReadFile(filepath.Join(dest, "tree", "sub", "9"))
+		if err != nil || !bytes.Equal(got, bytes.Repeat([]byte{'d'}, 1000)) {
+			t.Errorf("sub/9: %d bytes, %v", len(got), err)
+		}
+	}
+}
+
+// TestWriteSingleEntries: the entry of a copy of a single file and of
+// a symlink given as the source.
+func TestWriteSingleEntries(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "f"), []byte("x"), 0o600)
+	os.Symlink("f", filepath.Join(dir, "l"))
+	for src, want := range map[string]string{"f": "f 0 1", "l": "l 2 0"} {
+		var b bytes.Buffer
+		if err := Write(&b, filepath.Join(dir, src), WriteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		tr := tar.NewReader(&b)
+		hdr, err := tr.Next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := fmt.Sprintf("%s %c %d", hdr.Name, hdr.Typeflag, hdr.Size); got != want {
+			t.Errorf("%s: entry %q, want %q", src, got, want)
+		}
+		if _, err := tr.Next(); !errors.Is(err, io.EOF) {
+			t.Errorf("%s: more than one entry: %v", src, err)
+		}
+	}
+}

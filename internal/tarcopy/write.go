@@ -2,19 +2,20 @@ package tarcopy
 
 import (
 	"archive/tar"
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"maps"
 	"os"
+	"os/user"
 	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -31,9 +32,16 @@ type WriteOptions struct {
 	// walks the tree twice, and fails with ErrSourceChanged rather than
 	// write more bytes or entries than it announced.
 	Announce func(size, entries int64) error
+	// WriteSize is the size of Write's writes to w (it buffers the
+	// stream): a writer that frames its writes gives its payload size.
+	// 0 means 32 KiB.
+	WriteSize int
 	// Log receives debug messages; nil discards them.
 	Log *slog.Logger
 }
+
+// defaultWriteSize is WriteOptions.WriteSize's default.
+const defaultWriteSize = 32 << 10
 
 // Write writes a tar stream of the file or directory at src (absolute)
 // to w. The top entry is named after the base name of src ("." for "/").
@@ -41,6 +49,12 @@ type WriteOptions struct {
 // entries; sockets are skipped. Files with holes (found with
 // SEEK_DATA/SEEK_HOLE) are stored as PAX GNU sparse 1.0 entries, which
 // carry only their data.
+//
+// Each entry costs few system calls (a guest pays dearly for each):
+// directories are walked by descriptor, an entry is a stat relative to
+// its directory, a regular file an open, its reads and a close; holes
+// are looked for only in files with fewer blocks than their size; the
+// counting walk of Announce opens only those.
 func Write(w io.Writer, src string, opts WriteOptions) error {
 	opts.Log = logger(opts.Log)
 	if !filepath.IsAbs(src) {
@@ -50,20 +64,30 @@ func Write(w io.Writer, src string, opts WriteOptions) error {
 	if _, err := os.Lstat(src); err != nil {
 		return fmt.Errorf("stat source: %w", err)
 	}
+	if opts.WriteSize <= 0 {
+		opts.WriteSize = defaultWriteSize
+	}
+	names := &ownerNames{users: map[int]string{}, groups: map[int]string{}}
 	maxEntries := int64(-1)
 	if opts.Announce != nil {
 		var c counter
-		entries, err := walkTree(&c, src, true, -1, opts.Log)
-		if err != nil {
+		wk := &walker{w: &c, sizeOnly: true, maxEntries: -1, names: names, log: opts.Log}
+		if err := wk.run(src); err != nil {
 			return fmt.Errorf("write tar of %s: %w", src, err)
 		}
-		if err := opts.Announce(c.n, entries); err != nil {
+		if err := opts.Announce(c.n, wk.entries); err != nil {
 			return err
 		}
 		w = &capWriter{w: w, left: c.n}
-		maxEntries = entries
+		maxEntries = wk.entries
 	}
-	if _, err := walkTree(w, src, false, maxEntries, opts.Log); err != nil {
+	bw := bufio.NewWriterSize(w, opts.WriteSize)
+	wk := &walker{w: bw, maxEntries: maxEntries, names: names, log: opts.Log}
+	err := wk.run(src)
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err != nil {
 		return fmt.Errorf("write tar of %s: %w", src, err)
 	}
 	return nil
@@ -89,116 +113,262 @@ func (c *capWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// walkTree writes the tar stream of src to w and returns its number of
-// entries, failing with ErrSourceChanged past maxEntries (when >= 0). With sizeOnly, w is a *counter and file contents are not read:
-// the counter receives the headers and counts the contents.
-func walkTree(w io.Writer, src string, sizeOnly bool, maxEntries int64, log *slog.Logger) (int64, error) {
+// walker writes the tar stream of a tree to w, or, with sizeOnly (w is
+// then a *counter), counts it without reading file contents.
+type walker struct {
+	w          io.Writer
+	tw         *tar.Writer
+	sizeOnly   bool
+	maxEntries int64 // fail with ErrSourceChanged past it, when >= 0
+	entries    int64
+	links      map[inode]string
+	names      *ownerNames
+	buf        []byte
+	log        *slog.Logger
+	// holeScans counts the files searched for holes (tests).
+	holeScans int
+}
+
+type inode struct{ dev, ino uint64 }
+
+func (wk *walker) run(src string) error {
 	top := filepath.Base(src)
 	if top == "/" {
 		top = "."
 	}
-	type inode struct{ dev, ino uint64 }
-	links := map[inode]string{}
-	tw := tar.NewWriter(w)
-	var entries int64
-	err := filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, err := filepath.Rel(src, p)
-		if err != nil {
-			return err
-		}
-		name := top
-		if rel != "." {
-			name = path.Join(top, filepath.ToSlash(rel))
-		}
-		fi, err := d.Info()
-		if err != nil {
-			return err
-		}
-		if fi.Mode()&fs.ModeSocket != 0 {
-			log.Debug("copy: skipping socket", "path", p)
-			return nil
-		}
-		var link string
-		if fi.Mode()&fs.ModeSymlink != 0 {
-			if link, err = os.Readlink(p); err != nil {
-				return err
-			}
-		}
-		hdr, err := tar.FileInfoHeader(fi, link)
+	wk.tw = tar.NewWriter(wk.w)
+	wk.links = map[inode]string{}
+	dir, leaf := filepath.Split(src)
+	if leaf == "" { // "/"
+		dir, leaf = "/", "."
+	}
+	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", dir, err)
+	}
+	defer unix.Close(dfd)
+	if err := wk.entry(dfd, leaf, top, src); err != nil {
+		return err
+	}
+	return wk.tw.Close()
+}
+
+// entry writes the entry leaf of directory dfd, named name in the stream
+// (p in errors), and, for a directory, what it holds.
+func (wk *walker) entry(dfd int, leaf, name, p string) error {
+	var st unix.Stat_t
+	if err := unix.Fstatat(dfd, leaf, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("stat %s: %w", p, err)
+	}
+	hdr := &tar.Header{
+		Name:       name,
+		Mode:       int64(st.Mode & 0o7777),
+		Uid:        int(st.Uid),
+		Gid:        int(st.Gid),
+		Uname:      wk.names.user(int(st.Uid)),
+		Gname:      wk.names.group(int(st.Gid)),
+		ModTime:    time.Unix(st.Mtim.Unix()),
+		AccessTime: time.Unix(st.Atim.Unix()),
+		ChangeTime: time.Unix(st.Ctim.Unix()),
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		hdr.Typeflag, hdr.Size = tar.TypeReg, st.Size
+	case unix.S_IFDIR:
+		hdr.Typeflag = tar.TypeDir
+		hdr.Name += "/"
+	case unix.S_IFLNK:
+		hdr.Typeflag = tar.TypeSymlink
+		link, err := readlinkat(dfd, leaf)
 		if err != nil {
 			return fmt.Errorf("%s: %w", p, err)
 		}
-		hdr.Name = name
-		if fi.IsDir() {
-			hdr.Name += "/"
+		hdr.Linkname = link
+	case unix.S_IFCHR, unix.S_IFBLK:
+		hdr.Typeflag = tar.TypeChar
+		if st.Mode&unix.S_IFMT == unix.S_IFBLK {
+			hdr.Typeflag = tar.TypeBlock
 		}
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok && fi.Mode().IsRegular() && st.Nlink > 1 {
-			key := inode{uint64(st.Dev), st.Ino}
-			if first, seen := links[key]; seen {
-				hdr.Typeflag = tar.TypeLink
-				hdr.Linkname = first
-				hdr.Size = 0
-			} else {
-				links[key] = name
-			}
+		hdr.Devmajor, hdr.Devminor = int64(unix.Major(st.Rdev)), int64(unix.Minor(st.Rdev))
+	case unix.S_IFIFO:
+		hdr.Typeflag = tar.TypeFifo
+	case unix.S_IFSOCK:
+		wk.log.Debug("copy: skipping socket", "path", p)
+		return nil
+	default:
+		return fmt.Errorf("%s: unknown file type %#o", p, st.Mode&unix.S_IFMT)
+	}
+	if hdr.Typeflag == tar.TypeReg && st.Nlink > 1 {
+		key := inode{uint64(st.Dev), st.Ino}
+		if first, seen := wk.links[key]; seen {
+			hdr.Typeflag = tar.TypeLink
+			hdr.Linkname = first
+			hdr.Size = 0
+		} else {
+			wk.links[key] = name
 		}
-		entries++
-		if maxEntries >= 0 && entries > maxEntries {
-			return ErrSourceChanged
-		}
-		if hdr.Typeflag != tar.TypeReg {
-			return tw.WriteHeader(hdr)
-		}
-		f, err := os.Open(p)
-		if err != nil {
+	}
+	wk.entries++
+	if wk.maxEntries >= 0 && wk.entries > wk.maxEntries {
+		return ErrSourceChanged
+	}
+	switch hdr.Typeflag {
+	case tar.TypeReg:
+		return wk.file(dfd, leaf, p, hdr, &st)
+	case tar.TypeDir:
+		if err := wk.tw.WriteHeader(hdr); err != nil {
 			return err
 		}
-		defer f.Close()
-		segs, err := dataSegments(f, hdr.Size)
+		return wk.dir(dfd, leaf, name, p)
+	}
+	return wk.tw.WriteHeader(hdr)
+}
+
+// dir writes the entries of directory leaf of dfd, in name order.
+func (wk *walker) dir(dfd int, leaf, name, p string) error {
+	fd, err := unix.Openat(dfd, leaf, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", p, err)
+	}
+	f := os.NewFile(uintptr(fd), p)
+	defer f.Close()
+	children, err := f.Readdirnames(-1)
+	if err != nil {
+		return fmt.Errorf("read directory %s: %w", p, err)
+	}
+	slices.Sort(children)
+	for _, c := range children {
+		child := name + "/" + c
+		if name == "." {
+			child = c
+		}
+		if err := wk.entry(fd, c, child, filepath.Join(p, c)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// file writes regular file leaf of dfd: a dense file as it is, one with
+// holes as a sparse entry. Only a file with fewer blocks than its size
+// can have holes: the others are neither searched for holes nor, when
+// counting, opened.
+func (wk *walker) file(dfd int, leaf, p string, hdr *tar.Header, st *unix.Stat_t) error {
+	mayHaveHoles := st.Blocks*512 < st.Size
+	if wk.sizeOnly && !mayHaveHoles {
+		// The header as tw would write it, then the padded content,
+		// without reading the file.
+		if err := tar.NewWriter(wk.w).WriteHeader(hdr); err != nil {
+			return err
+		}
+		wk.w.(*counter).n += hdr.Size + pad(hdr.Size)
+		return nil
+	}
+	fd, err := unix.Openat(dfd, leaf, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", p, err)
+	}
+	defer unix.Close(fd)
+	if mayHaveHoles {
+		wk.holeScans++
+		segs, err := dataSegments(fd, hdr.Size)
 		if err != nil {
 			return fmt.Errorf("%s: %w", p, err)
 		}
 		if isSparse(segs, hdr.Size) {
-			return writeSparse(w, tw, hdr, segs, f, sizeOnly)
+			return wk.writeSparse(hdr, segs, fd, p)
 		}
-		if sizeOnly {
-			// The header as tw would write it, then the padded content,
-			// without reading (or copying zeros for) the file.
-			if err := tar.NewWriter(w).WriteHeader(hdr); err != nil {
+		if wk.sizeOnly {
+			if err := tar.NewWriter(wk.w).WriteHeader(hdr); err != nil {
 				return err
 			}
-			w.(*counter).n += hdr.Size + pad(hdr.Size)
+			wk.w.(*counter).n += hdr.Size + pad(hdr.Size)
 			return nil
 		}
-		if err := tw.WriteHeader(hdr); err != nil {
+	}
+	if err := wk.tw.WriteHeader(hdr); err != nil {
+		return err
+	}
+	return wk.copyRange(fd, 0, hdr.Size, wk.tw, p)
+}
+
+// copyRange copies n bytes at off of fd to w.
+func (wk *walker) copyRange(fd int, off, n int64, w io.Writer, p string) error {
+	if wk.buf == nil {
+		wk.buf = make([]byte, 128<<10)
+	}
+	for n > 0 {
+		m, err := unix.Pread(fd, wk.buf[:min(int64(len(wk.buf)), n)], off)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("read %s: %w", p, err)
+		}
+		if m == 0 {
+			return fmt.Errorf("%s: at %d: file shrank: %w", p, off, ErrSourceChanged)
+		}
+		if _, err := w.Write(wk.buf[:m]); err != nil {
 			return err
 		}
-		if _, err := io.CopyN(tw, f, hdr.Size); err != nil {
-			return fmt.Errorf("%s: %w", p, err)
-		}
-		return nil
-	})
-	if err != nil {
-		return 0, err
+		off, n = off+int64(m), n-int64(m)
 	}
-	return entries, tw.Close()
+	return nil
+}
+
+func readlinkat(dfd int, leaf string) (string, error) {
+	for size := 256; ; size *= 2 {
+		b := make([]byte, size)
+		n, err := unix.Readlinkat(dfd, leaf, b)
+		if err != nil {
+			return "", fmt.Errorf("readlink: %w", err)
+		}
+		if n < size {
+			return string(b[:n]), nil
+		}
+	}
+}
+
+// ownerNames looks up user and group names once per id (archive/tar's
+// FileInfoHeader looks again, reading /etc/passwd, for each file of an id
+// without a name).
+type ownerNames struct {
+	users, groups map[int]string
+}
+
+func (o *ownerNames) user(id int) string {
+	name, ok := o.users[id]
+	if !ok {
+		if u, err := user.LookupId(strconv.Itoa(id)); err == nil {
+			name = u.Username
+		}
+		o.users[id] = name
+	}
+	return name
+}
+
+func (o *ownerNames) group(id int) string {
+	name, ok := o.groups[id]
+	if !ok {
+		if g, err := user.LookupGroupId(strconv.Itoa(id)); err == nil {
+			name = g.Name
+		}
+		o.groups[id] = name
+	}
+	return name
 }
 
 // segment is a data region of a file.
 type segment struct{ off, len int64 }
 
-// dataSegments returns the data regions of the first size bytes of f, from
-// SEEK_DATA/SEEK_HOLE; where the filesystem can't tell, the whole file is
-// data.
-func dataSegments(f *os.File, size int64) ([]segment, error) {
+// dataSegments returns the data regions of the first size bytes of fd,
+// from SEEK_DATA/SEEK_HOLE; where the filesystem can't tell, the whole
+// file is data.
+func dataSegments(fd int, size int64) ([]segment, error) {
 	whole := []segment{{0, size}}
 	if size == 0 {
 		return nil, nil
 	}
-	fd := int(f.Fd())
 	var segs []segment
 	for off := int64(0); off < size; {
 		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
@@ -219,9 +389,6 @@ func dataSegments(f *os.File, size int64) ([]segment, error) {
 		segs = append(segs, segment{data, hole - data})
 		off = hole
 	}
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		return nil, err
-	}
 	return segs, nil
 }
 
@@ -239,8 +406,9 @@ func isSparse(segs []segment, size int64) bool {
 // data map (count, then offset and length per line, padded to a block) and
 // the data regions. Go's archive/tar reads this format but can't write it,
 // so the entry is written here, straight to w, between two entries of tw.
-func writeSparse(w io.Writer, tw *tar.Writer, hdr *tar.Header, segs []segment, f *os.File, sizeOnly bool) error {
-	if err := tw.Flush(); err != nil {
+func (wk *walker) writeSparse(hdr *tar.Header, segs []segment, fd int, p string) error {
+	w := wk.w
+	if err := wk.tw.Flush(); err != nil {
 		return err
 	}
 	var sparseMap strings.Builder
@@ -300,15 +468,12 @@ func writeSparse(w io.Writer, tw *tar.Writer, hdr *tar.Header, segs []segment, f
 		return err
 	}
 	for _, s := range segs {
-		if sizeOnly {
+		if wk.sizeOnly {
 			w.(*counter).n += s.len
 			continue
 		}
-		if n, err := io.CopyN(w, io.NewSectionReader(f, s.off, s.len), s.len); err != nil {
-			if errors.Is(err, io.EOF) {
-				err = fmt.Errorf("file shrank: %w", ErrSourceChanged)
-			}
-			return fmt.Errorf("%s: at %d: %w", hdr.Name, s.off+n, err)
+		if err := wk.copyRange(fd, s.off, s.len, w, p); err != nil {
+			return err
 		}
 	}
 	_, err := w.Write(make([]byte, pad(size)))
