@@ -1,6 +1,8 @@
 package guestagent
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,36 +14,65 @@ import (
 )
 
 // acceptCopy decodes a copy channel's request and accepts the channel.
-func acceptCopy(nc ssh.NewChannel, log *slog.Logger) (agentproto.CopyRequest, ssh.Channel, bool) {
+// The returned context ends when the channel closes (the host is gone or
+// cancelled).
+func acceptCopy(nc ssh.NewChannel, log *slog.Logger) (agentproto.CopyRequest, ssh.Channel, context.Context, bool) {
 	var req agentproto.CopyRequest
 	if err := agentproto.UnmarshalPayload(nc.ExtraData(), &req); err != nil {
 		nc.Reject(ssh.ConnectionFailed, "bad copy request: "+err.Error())
-		return req, nil, false
+		return req, nil, nil, false
 	}
 	ch, reqs, err := nc.Accept()
 	if err != nil {
 		log.Warn("accept "+nc.ChannelType(), "err", err)
-		return req, nil, false
+		return req, nil, nil, false
 	}
-	go ssh.DiscardRequests(reqs)
-	return req, ch, true
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		ssh.DiscardRequests(reqs)
+		cancel()
+	}()
+	return req, ch, ctx, true
+}
+
+// copyData sets up a copy's transfer on the data port the request names;
+// the channel closing closes the port. Call the returned stop when done.
+func (s *server) copyData(ctx context.Context, ds *agentproto.DataStream) (*dataConn, func(), error) {
+	dc, err := s.data.acquire(ctx, ds)
+	if err != nil {
+		return nil, nil, err
+	}
+	stop := context.AfterFunc(ctx, dc.Close)
+	return dc, func() { stop(); dc.Close() }, nil
 }
 
 func (s *server) handleCopyIn(nc ssh.NewChannel, log *slog.Logger) {
-	req, ch, ok := acceptCopy(nc, log)
+	req, ch, ctx, ok := acceptCopy(nc, log)
 	if !ok {
 		return
 	}
 	defer ch.Close()
-	err := tarcopy.Extract(ch, req.Path, tarcopy.ExtractOptions{Archive: req.Archive, Log: log})
-	if err == nil {
-		// Read up to the host's EOF (tar padding after the end marker),
-		// so the status follows the whole stream.
-		_, err = io.Copy(io.Discard, ch)
+	var (
+		src       io.Reader = ch
+		closeData           = func() {}
+	)
+	if req.Data != nil {
+		go io.Copy(io.Discard, ch) // the host sends nothing here
+		dc, stop, err := s.copyData(ctx, req.Data)
 		if err != nil {
-			err = fmt.Errorf("read stream: %w", err)
+			log.Warn("copy in", "path", req.Path, "err", err)
+			sendCopyStatus(ch, err, log)
+			return
 		}
+		log.Debug("copy in on a data port", "port", dc.port)
+		closeData = stop
+		src = &frameReader{dr: agentproto.NewDataReader(dc.r, agentproto.MaxDataFrame)}
 	}
+	err := tarcopy.Extract(src, req.Path, tarcopy.ExtractOptions{Archive: req.Archive, Log: log})
+	if err == nil {
+		err = drainStream(src)
+	}
+	closeData() // the port is closed before the status goes out
 	if err != nil {
 		log.Warn("copy in", "path", req.Path, "err", err)
 	} else {
@@ -51,15 +82,23 @@ func (s *server) handleCopyIn(nc ssh.NewChannel, log *slog.Logger) {
 }
 
 func (s *server) handleCopyOut(nc ssh.NewChannel, log *slog.Logger) {
-	req, ch, ok := acceptCopy(nc, log)
+	req, ch, ctx, ok := acceptCopy(nc, log)
 	if !ok {
 		return
 	}
 	defer ch.Close()
 	go io.Copy(io.Discard, ch) // the host sends nothing; keep the window open
+	var (
+		dst  io.Writer = ch
+		dc   *dataConn
+		stop = func() {}
+		fb   *frameBuffer
+	)
+	defer func() { stop() }()
 	// Announce the stream's size first: the host stops a stream that
-	// goes past it.
-	err := tarcopy.Write(ch, req.Path, tarcopy.WriteOptions{Log: log, Announce: func(size, entries int64) error {
+	// goes past it. With a data port, the port is set up after the
+	// announcement (whichever of the two the host waits for first).
+	err := tarcopy.Write(writerFunc(func(p []byte) (int, error) { return dst.Write(p) }), req.Path, tarcopy.WriteOptions{Log: log, Announce: func(size, entries int64) error {
 		payload, err := agentproto.MarshalPayload(agentproto.CopyHeader{Size: size, Entries: entries})
 		if err != nil {
 			return err
@@ -67,13 +106,53 @@ func (s *server) handleCopyOut(nc ssh.NewChannel, log *slog.Logger) {
 		if _, err := ch.SendRequest(agentproto.ReqCopyHeader, false, payload); err != nil {
 			return fmt.Errorf("announce copy size: %w", err)
 		}
+		if req.Data == nil {
+			return nil
+		}
+		if dc, stop, err = s.copyData(ctx, req.Data); err != nil {
+			stop = func() {}
+			return err
+		}
+		log.Debug("copy out on a data port", "port", dc.port)
+		go dc.watchHost(log)
+		fb = newFrameBuffer(dc.w, agentproto.DataFrameData, agentproto.GuestDataChunk)
+		dst = fb
 		return nil
 	}})
+	if req.Data != nil && dc == nil && err == nil {
+		err = errors.New("copy out: the stream was not announced")
+	}
+	if fb != nil {
+		if err == nil {
+			err = fb.Flush()
+		}
+		if err == nil {
+			err = dc.w.End()
+		}
+		if err != nil && dc.isClosed() && ctx.Err() != nil {
+			err = fmt.Errorf("%w (the host went away)", err)
+		}
+	}
+	// The port is closed before the status goes out.
+	stop()
 	if err != nil {
 		log.Warn("copy out", "path", req.Path, "err", err)
 	}
 	sendCopyStatus(ch, err, log)
 }
+
+// drainStream reads up to the host's end of stream (tar padding after the
+// end marker), so the status follows the whole stream.
+func drainStream(r io.Reader) error {
+	if _, err := io.Copy(io.Discard, r); err != nil {
+		return fmt.Errorf("read stream: %w", err)
+	}
+	return nil
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 func sendCopyStatus(ch ssh.Channel, err error, log *slog.Logger) {
 	var st agentproto.CopyStatus

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -44,11 +45,15 @@ type dataPorts struct {
 
 	mu   sync.Mutex
 	devs []string // device names of ports 0..n-1 (last scan)
-	busy [agentproto.MaxDataPorts]bool
+	// busy holds a token per port in a transfer.
+	busy [agentproto.MaxDataPorts]chan struct{}
 }
 
 func newDataPorts(hooks Hooks) *dataPorts {
 	d := &dataPorts{sysfs: "/sys", dev: "/dev"}
+	for i := range d.busy {
+		d.busy[i] = make(chan struct{}, 1)
+	}
 	if hooks.OpenDataPort != nil {
 		d.hooked, d.open = true, hooks.OpenDataPort
 		d.fixed = min(max(hooks.DataPorts, 0), agentproto.MaxDataPorts)
@@ -204,22 +209,17 @@ func (d *dataPorts) acquire(ctx context.Context, ds *agentproto.DataStream) (*da
 		return nil, err
 	}
 	i := ds.Port
-	d.mu.Lock()
-	if d.busy[i] {
-		d.mu.Unlock()
-		return nil, fmt.Errorf("data port %d: %w", i, errDataPortBusy)
-	}
-	d.busy[i] = true
-	d.mu.Unlock()
-	release := func() {
-		d.mu.Lock()
-		d.busy[i] = false
-		d.mu.Unlock()
-	}
-
 	hctx, cancel := context.WithTimeoutCause(ctx, dataHelloTimeout,
 		fmt.Errorf("no host on data port %d after %s", i, dataHelloTimeout))
 	defer cancel()
+	// The host reuses a port once the previous request's channel closed;
+	// the previous transfer may still be winding down here: wait for it.
+	select {
+	case d.busy[i] <- struct{}{}:
+	case <-hctx.Done():
+		return nil, fmt.Errorf("data port %d: %w (%w)", i, errDataPortBusy, context.Cause(hctx))
+	}
+	release := func() { <-d.busy[i] }
 	rwc, err := d.open(hctx, i)
 	if err != nil {
 		release()
@@ -227,7 +227,7 @@ func (d *dataPorts) acquire(ctx context.Context, ds *agentproto.DataStream) (*da
 	}
 	dc := &dataConn{port: i, rwc: rwc, release: release}
 	dc.r = bufio.NewReaderSize(rwc, dataReadBuffer)
-	dc.w = agentproto.NewDataWriter(rwc)
+	dc.w = agentproto.NewDataWriter(portWriter{dc})
 	// The handshake is bounded too: a host that connects and stalls.
 	stop := context.AfterFunc(hctx, func() { rwc.Close() })
 	err = agentproto.ReadDataHello(dc.r, ds.Token)
@@ -254,9 +254,79 @@ type dataConn struct {
 	r       *bufio.Reader
 	w       *agentproto.DataWriter
 	release func()
+	// onFail is called once when the stream breaks (the host went away,
+	// a bad frame, a failed write), before the port is closed.
+	onFail func()
 
 	closed    atomic.Bool
 	closeOnce sync.Once
+	failOnce  sync.Once
+}
+
+// portWriter is the port as the frame writer sees it: a failed write
+// breaks the transfer.
+type portWriter struct{ dc *dataConn }
+
+func (w portWriter) Write(p []byte) (int, error) {
+	n, err := w.dc.rwc.Write(p)
+	if err != nil {
+		w.dc.fail()
+	}
+	return n, err
+}
+
+// fail abandons a broken transfer (unless it was closed by us first):
+// onFail, then the port closed, so that no goroutine stays blocked on it.
+func (dc *dataConn) fail() {
+	if dc.isClosed() {
+		return
+	}
+	dc.failOnce.Do(func() {
+		if dc.onFail != nil {
+			dc.onFail()
+		}
+		dc.Close()
+	})
+}
+
+// feedStdin writes the host's DataFrameData frames to stdin and closes it
+// at the host's DataFrameEnd. It reads on after the End, to see the host
+// go: end of file or a bad frame abandons the transfer. When the command
+// no longer reads its stdin, the host's data is read and dropped.
+func (dc *dataConn) feedStdin(stdin io.WriteCloser, log *slog.Logger) {
+	defer stdin.Close()
+	dr := agentproto.NewDataReader(dc.r, agentproto.MaxDataFrame)
+	in, ended := stdin, false
+	for {
+		kind, p, err := dr.Next()
+		switch {
+		case err == nil && kind == agentproto.DataFrameData && !ended:
+			if in != nil {
+				if _, werr := in.Write(p); werr != nil {
+					in.Close() // the command closed its stdin: drop the rest
+					in = nil
+				}
+			}
+			continue
+		case err == nil && kind == agentproto.DataFrameEnd && !ended:
+			ended = true
+			if in != nil {
+				in.Close()
+				in = nil
+			}
+			continue
+		case err == nil:
+			err = fmt.Errorf("%w: kind %d from the host", agentproto.ErrDataFrame, kind)
+			if ended {
+				err = fmt.Errorf("%w: a frame after the end", agentproto.ErrDataFrame)
+			}
+		}
+		if !dc.isClosed() {
+			log.Warn("data port stream broken, abandoning the transfer", "port", dc.port, "err", err)
+			dc.fail()
+		}
+		return
+	}
 }
 
 // Close closes the port (interrupting a blocked read or write) and frees
@@ -271,3 +341,88 @@ func (dc *dataConn) Close() {
 
 // isClosed tells whether Close was called (errors after it are ours).
 func (dc *dataConn) isClosed() bool { return dc.closed.Load() }
+
+// frameReader reads the payload of the host's DataFrameData frames up to
+// its DataFrameEnd (io.EOF). The host's going away before the end gives
+// io.ErrUnexpectedEOF; another kind, agentproto.ErrDataFrame.
+type frameReader struct {
+	dr  *agentproto.DataReader
+	p   []byte
+	err error
+}
+
+func (r *frameReader) Read(b []byte) (int, error) {
+	for len(r.p) == 0 {
+		if r.err != nil {
+			return 0, r.err
+		}
+		kind, p, err := r.dr.Next()
+		switch {
+		case err != nil:
+			r.err = fmt.Errorf("data port: %w", err)
+		case kind == agentproto.DataFrameEnd:
+			r.err = io.EOF
+		case kind == agentproto.DataFrameData:
+			r.p = p
+		default:
+			r.err = fmt.Errorf("data port: %w: kind %d from the host", agentproto.ErrDataFrame, kind)
+		}
+	}
+	n := copy(b, r.p)
+	r.p = r.p[n:]
+	return n, nil
+}
+
+// frameBuffer is an io.Writer that sends what is written to it as frames
+// of kind, each (but the last, at Flush) a full frame of chunk payload
+// bytes: one port write per frame, however small the writes.
+type frameBuffer struct {
+	w    *agentproto.DataWriter
+	kind byte
+	buf  []byte // header room, then the payload
+	n    int    // payload bytes in buf
+	err  error
+}
+
+func newFrameBuffer(w *agentproto.DataWriter, kind byte, chunk int) *frameBuffer {
+	return &frameBuffer{w: w, kind: kind, buf: make([]byte, agentproto.DataHeaderSize+chunk)}
+}
+
+func (b *frameBuffer) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 && b.err == nil {
+		k := copy(b.buf[agentproto.DataHeaderSize+b.n:], p)
+		b.n += k
+		written += k
+		p = p[k:]
+		if agentproto.DataHeaderSize+b.n == len(b.buf) {
+			b.Flush()
+		}
+	}
+	return written, b.err
+}
+
+// Flush sends the buffered bytes as one frame.
+func (b *frameBuffer) Flush() error {
+	if b.err != nil || b.n == 0 {
+		return b.err
+	}
+	b.err = b.w.WriteFrame(b.kind, b.buf[:agentproto.DataHeaderSize+b.n])
+	b.n = 0
+	return b.err
+}
+
+// watchHost reads the port of a transfer the host sends nothing on (a
+// copy out): its end of file (the host went away) or any byte abandons
+// the transfer, so that no write stays blocked on a port nobody reads.
+func (dc *dataConn) watchHost(log *slog.Logger) {
+	var b [1]byte
+	_, err := io.ReadFull(dc.r, b[:])
+	if !dc.isClosed() {
+		if err == nil {
+			err = fmt.Errorf("%w: unexpected data from the host", agentproto.ErrDataFrame)
+		}
+		log.Warn("data port stream broken, abandoning the transfer", "port", dc.port, "err", err)
+		dc.fail()
+	}
+}

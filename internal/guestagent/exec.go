@@ -41,6 +41,9 @@ type command struct {
 	// user, when not nil, is who an agent session's command runs as
 	// (ExecRequest.User or ExecDefaults.User); nil: root.
 	user *procUser
+	// data, when not nil, moves stdin, stdout and stderr to a data port
+	// (ExecRequest.Data; never with a PTY).
+	data *agentproto.DataStream
 }
 
 // session is one "session" channel.
@@ -73,6 +76,13 @@ type session struct {
 	main         *MainLink
 	execDefaults *agentproto.ExecDefaults
 	attachCancel context.CancelFunc // ends a ReqAttach stream
+	// ctx ends when the channel's requests end (the channel closed: the
+	// host is gone or cancelled).
+	ctx    context.Context
+	cancel context.CancelFunc
+	// dataPorts serves ExecRequest.Data; dc is the command's transfer.
+	dataPorts *dataPorts
+	dc        *dataConn
 
 	mu      sync.Mutex
 	started bool
@@ -92,6 +102,7 @@ func (s *server) handleSession(nc ssh.NewChannel, log *slog.Logger) {
 
 func (ss *session) serve(reqs <-chan *ssh.Request) {
 	defer ss.ch.Close()
+	defer ss.cancel()
 	defer func() {
 		for _, f := range ss.cleanups {
 			f()
@@ -109,7 +120,9 @@ func (ss *session) serve(reqs <-chan *ssh.Request) {
 		}
 	}
 	// The channel is closed (by the client or because the connection
-	// died): a command that still runs is killed with its process group.
+	// died): a command that still runs is killed with its process group,
+	// its data port closed.
+	ss.cancel()
 	ss.mu.Lock()
 	started := ss.started
 	if ss.attachCancel != nil {
@@ -208,7 +221,20 @@ func (ss *session) handleRequest(req *ssh.Request) (ok bool, launch func()) {
 				return false, nil
 			}
 		}
-		c := command{argv: m.Argv, env: m.Env, dir: m.Dir}
+		if m.Data != nil {
+			if err := m.Data.Validate(agentproto.MaxDataPorts); err != nil {
+				ss.log.Warn("bad exec request", "err", err)
+				return false, nil
+			}
+			ss.mu.Lock()
+			pty := ss.ptySet
+			ss.mu.Unlock()
+			if pty {
+				ss.log.Warn("exec request with a data port and a terminal")
+				return false, nil
+			}
+		}
+		c := command{argv: m.Argv, env: m.Env, dir: m.Dir, data: m.Data}
 		user := m.User
 		if d := ss.execDefaults; d != nil {
 			// The image's configuration: explicit values win, the
@@ -411,6 +437,21 @@ func (ss *session) run(c command) {
 	if ss.ptmx != nil {
 		errOut = ss.ch
 	}
+	if c.data != nil {
+		dc, err := ss.dataPorts.acquire(ss.ctx, c.data)
+		if err != nil {
+			// Nothing was started; the message goes on the channel.
+			ss.failStart(errOut, c.argv[0], &dataPortError{err})
+			return
+		}
+		ss.dc = dc
+		dc.onFail = ss.killCommand
+		// The channel closed: the host is gone, free the port.
+		stop := context.AfterFunc(ss.ctx, dc.Close)
+		defer stop()
+		defer dc.Close()
+		errOut = dc.w.Writer(agentproto.DataFrameStderr, 4096)
+	}
 	if ss.ptyErr != nil {
 		ss.failStart(errOut, c.argv[0], ss.ptyErr)
 		return
@@ -516,6 +557,11 @@ func (ss *session) run(c command) {
 		// Reading the master fails with EIO once every slave end is
 		// closed: that is the terminal's end of file.
 		copies.Go(func() { io.Copy(ss.ch, ptmx) })
+	} else if dc := ss.dc; dc != nil {
+		go dc.feedStdin(stdinW, ss.log)
+		outR, errR := outputs[0], outputs[1]
+		copies.Go(func() { dc.w.Pump(agentproto.DataFrameData, outR, agentproto.GuestDataChunk) })
+		copies.Go(func() { dc.w.Pump(agentproto.DataFrameStderr, errR, agentproto.GuestDataChunk) })
 	} else {
 		go func() {
 			io.Copy(stdinW, ss.ch)
@@ -550,6 +596,7 @@ func (ss *session) run(c command) {
 	// Without readers, processes still writing get EPIPE instead of
 	// blocking on a full pipe.
 	closeAll(outputs...)
+	ss.endData()
 	ss.ch.CloseWrite()
 	ss.sendExit(cmd.ProcessState, waitErr)
 }
@@ -583,7 +630,11 @@ func (ss *session) failStart(stderr io.Writer, name string, err error) {
 	var msg string
 	var pe *fs.PathError
 	var pte *ptyError
+	var dpe *dataPortError
 	switch {
+	case errors.As(err, &dpe):
+		status = 255
+		msg = fmt.Sprintf("banger-agent: %v\n", dpe)
 	case errors.As(err, &pte):
 		msg = fmt.Sprintf("banger-agent: %v\n", pte)
 	case errors.As(err, &pe) && pe.Op == "chdir":
@@ -599,6 +650,7 @@ func (ss *session) failStart(stderr io.Writer, name string, err error) {
 	}
 	ss.log.Debug("command start failed", "argv0", name, "err", err)
 	io.WriteString(stderr, msg)
+	ss.endData()
 	ss.ch.CloseWrite()
 	ss.ch.SendRequest("exit-status", false, ssh.Marshal(agentproto.ExitStatusMsg{Status: status}))
 }
@@ -639,6 +691,33 @@ func closeAll(files ...*os.File) {
 		}
 	}
 }
+
+// endData ends the command's data port transfer, if any: the End frame,
+// then the port closed, before the exit status goes on the channel.
+func (ss *session) endData() {
+	if ss.dc == nil {
+		return
+	}
+	if err := ss.dc.w.End(); err != nil && !ss.dc.isClosed() {
+		ss.log.Debug("end of the data stream", "port", ss.dc.port, "err", err)
+	}
+	ss.dc.Close()
+}
+
+// killCommand kills the command's process group (a broken data stream).
+func (ss *session) killCommand() {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.proc != nil && !ss.exited {
+		unix.Kill(-ss.proc.Pid, unix.SIGKILL)
+	}
+}
+
+// dataPortError is a data port that could not be set up for a command.
+type dataPortError struct{ err error }
+
+func (e *dataPortError) Error() string { return e.err.Error() }
+func (e *dataPortError) Unwrap() error { return e.err }
 
 // ptyError is a terminal that could not be allocated.
 type ptyError struct{ err error }

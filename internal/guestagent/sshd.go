@@ -255,7 +255,8 @@ func (s *server) handleLoginSession(nc ssh.NewChannel, acct account, conn ssh.Co
 // agent's own sessions) until its acct is set.
 func (s *server) newSession(ch ssh.Channel, log *slog.Logger) *session {
 	ss := &session{log: log, ch: ch, done: make(chan struct{}), openPTY: s.hooks.OpenPTY,
-		main: s.hooks.Main, execDefaults: s.cfg.ExecDefaults}
+		main: s.hooks.Main, execDefaults: s.cfg.ExecDefaults, dataPorts: s.data}
+	ss.ctx, ss.cancel = context.WithCancel(context.Background())
 	if ss.openPTY == nil {
 		ss.openPTY = pty.Open
 	}
