@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/bangerdev/banger/internal/agentproto"
 )
 
@@ -424,5 +426,67 @@ func (dc *dataConn) watchHost(log *slog.Logger) {
 		}
 		log.Warn("data port stream broken, abandoning the transfer", "port", dc.port, "err", err)
 		dc.fail()
+	}
+}
+
+// pumpFrames is how many frames one read of a command's output can fill.
+const pumpFrames = 32
+
+// pipeSize is the capacity asked for the pipes of a command's output on a
+// data port: a writer fills it without waking the agent at each write.
+const pipeSize = 1 << 20
+
+// pumpPipe copies the pipe r to frames of kind until its end of file, like
+// DataWriter.Pump but with fewer system calls (each costs much in an
+// emulated guest): one readv fills the payloads of up to pumpFrames
+// frames laid out in one buffer with room for their headers, and each
+// frame then goes out in one write (GuestDataChunk: one port write). It
+// returns the first read or write error.
+func pumpPipe(dw *agentproto.DataWriter, kind byte, r *os.File) error {
+	const frame = agentproto.DataHeaderSize + agentproto.GuestDataChunk
+	buf := make([]byte, pumpFrames*frame)
+	iovs := make([][]byte, pumpFrames)
+	for i := range iovs {
+		iovs[i] = buf[i*frame+agentproto.DataHeaderSize : (i+1)*frame]
+	}
+	rc, err := r.SyscallConn()
+	if err != nil {
+		_, err := dw.Pump(kind, r, agentproto.GuestDataChunk)
+		return err
+	}
+	for {
+		var (
+			n    int
+			rerr error
+		)
+		if err := rc.Read(func(fd uintptr) bool {
+			n, rerr = unix.Readv(int(fd), iovs)
+			return rerr != unix.EAGAIN
+		}); err != nil {
+			return err
+		}
+		if rerr == unix.EINTR {
+			continue
+		}
+		if rerr != nil {
+			return &os.PathError{Op: "readv", Path: r.Name(), Err: rerr}
+		}
+		if n == 0 {
+			return nil
+		}
+		for i := 0; n > 0; i++ {
+			k := min(n, agentproto.GuestDataChunk)
+			if err := dw.WriteFrame(kind, buf[i*frame:i*frame+agentproto.DataHeaderSize+k]); err != nil {
+				return err
+			}
+			n -= k
+		}
+	}
+}
+
+// growPipe asks for a pipe of pipeSize bytes (best effort).
+func growPipe(f *os.File) {
+	if rc, err := f.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) { unix.FcntlInt(fd, unix.F_SETPIPE_SZ, pipeSize) })
 	}
 }

@@ -560,8 +560,9 @@ func (ss *session) run(c command) {
 	} else if dc := ss.dc; dc != nil {
 		go dc.feedStdin(stdinW, ss.log)
 		outR, errR := outputs[0], outputs[1]
-		copies.Go(func() { dc.w.Pump(agentproto.DataFrameData, outR, agentproto.GuestDataChunk) })
-		copies.Go(func() { dc.w.Pump(agentproto.DataFrameStderr, errR, agentproto.GuestDataChunk) })
+		growPipe(outR)
+		copies.Go(func() { pumpPipe(dc.w, agentproto.DataFrameData, outR) })
+		copies.Go(func() { pumpPipe(dc.w, agentproto.DataFrameStderr, errR) })
 	} else {
 		go func() {
 			io.Copy(stdinW, ss.ch)
