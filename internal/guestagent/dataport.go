@@ -440,46 +440,74 @@ const pipeSize = 1 << 20
 // DataWriter.Pump but with fewer system calls (each costs much in an
 // emulated guest): one readv fills the payloads of up to pumpFrames
 // frames laid out in one buffer with room for their headers, and each
-// frame then goes out in one write (GuestDataChunk: one port write). It
-// returns the first read or write error.
+// full frame goes out in one write (GuestDataChunk: one port write). A
+// last partial frame is held while the pipe has more (moved to the first
+// frame, completed by the next read) and sent as soon as it is empty, so
+// that a writer's sizes (32 KiB writes are common) don't add a small
+// frame to each full one and nothing waits. It returns the first read or
+// write error.
 func pumpPipe(dw *agentproto.DataWriter, kind byte, r *os.File) error {
-	const frame = agentproto.DataHeaderSize + agentproto.GuestDataChunk
+	const (
+		hdr   = agentproto.DataHeaderSize
+		chunk = agentproto.GuestDataChunk
+		frame = hdr + chunk
+	)
 	buf := make([]byte, pumpFrames*frame)
 	iovs := make([][]byte, pumpFrames)
 	for i := range iovs {
-		iovs[i] = buf[i*frame+agentproto.DataHeaderSize : (i+1)*frame]
+		iovs[i] = buf[i*frame+hdr : (i+1)*frame]
 	}
 	rc, err := r.SyscallConn()
 	if err != nil {
-		_, err := dw.Pump(kind, r, agentproto.GuestDataChunk)
+		_, err := dw.Pump(kind, r, chunk)
 		return err
 	}
+	pending := 0 // payload bytes held in the first frame
 	for {
 		var (
-			n    int
-			rerr error
+			n     int
+			rerr  error
+			flush bool
 		)
+		iovs[0] = buf[hdr+pending : frame]
 		if err := rc.Read(func(fd uintptr) bool {
 			n, rerr = unix.Readv(int(fd), iovs)
-			return rerr != unix.EAGAIN
+			if rerr == unix.EAGAIN {
+				// The pipe is empty: send what is held, else wait.
+				flush = pending > 0
+				return flush
+			}
+			return true
 		}); err != nil {
 			return err
 		}
-		if rerr == unix.EINTR {
+		switch {
+		case flush || (rerr == nil && n == 0):
+			if pending > 0 {
+				if err := dw.WriteFrame(kind, buf[:hdr+pending]); err != nil {
+					return err
+				}
+				pending = 0
+			}
+			if !flush {
+				return nil // end of file
+			}
 			continue
-		}
-		if rerr != nil {
+		case rerr == unix.EINTR:
+			continue
+		case rerr != nil:
 			return &os.PathError{Op: "readv", Path: r.Name(), Err: rerr}
 		}
-		if n == 0 {
-			return nil
-		}
-		for i := 0; n > 0; i++ {
-			k := min(n, agentproto.GuestDataChunk)
-			if err := dw.WriteFrame(kind, buf[i*frame:i*frame+agentproto.DataHeaderSize+k]); err != nil {
+		total := pending + n
+		full := total / chunk
+		for i := range full {
+			if err := dw.WriteFrame(kind, buf[i*frame:(i+1)*frame]); err != nil {
 				return err
 			}
-			n -= k
+		}
+		pending = total % chunk
+		if full > 0 && pending > 0 {
+			copy(buf[hdr:hdr+pending], buf[full*frame+hdr:full*frame+hdr+pending])
 		}
 	}
 }
