@@ -137,8 +137,25 @@ func (c *Client) VMAttach(ctx context.Context, name string, stdout, stderr io.Wr
 }
 
 // VMCopyIn sends a tar stream to be extracted under p.Path in the guest.
+// The stream is sent in full chunks, however small the writes that make
+// it (a tar writer's 512-byte headers, a small file's few bytes).
 func (c *Client) VMCopyIn(ctx context.Context, p api.VMCopyParams, tarStream io.Reader) error {
-	return c.stream(ctx, api.MethodVMCopyIn, p, nil, nil, nil, tarStream, true, nil)
+	return c.stream(ctx, api.MethodVMCopyIn, p, nil, nil, nil, fullReader{tarStream}, true, nil)
+}
+
+// fullReader reads a bulk stream, which nobody waits on piece by piece,
+// in full reads: a read returns less than asked only at the stream's end
+// (or with its error). Each frame then carries a full chunk, and each hop
+// after the CLI (bangerd, the data port, the guest's reads: each costly
+// under TCG) moves a few large pieces rather than one per tar write.
+type fullReader struct{ r io.Reader }
+
+func (f fullReader) Read(p []byte) (int, error) {
+	n, err := io.ReadFull(f.r, p)
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		err = io.EOF // the end, after n bytes
+	}
+	return n, err
 }
 
 // VMCopyOut writes a tar stream of p.Path in the guest to w.

@@ -5,11 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -29,6 +31,7 @@ type fakeDaemon struct {
 	binary  map[string]bool
 	in      map[string][]byte // stdin received per method
 	maxIn   int               // the largest stdin frame
+	frames  map[string][]int  // the sizes of the stdin frames per method
 	execEOF bool
 }
 
@@ -42,6 +45,7 @@ func (d *fakeDaemon) setBinary(c *rpc.Call) {
 type seen struct {
 	binary  map[string]bool
 	in      map[string][]byte
+	frames  map[string][]int
 	maxIn   int
 	execEOF bool
 }
@@ -49,12 +53,12 @@ type seen struct {
 func (d *fakeDaemon) seen() seen {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return seen{maps.Clone(d.binary), maps.Clone(d.in), d.maxIn, d.execEOF}
+	return seen{maps.Clone(d.binary), maps.Clone(d.in), maps.Clone(d.frames), d.maxIn, d.execEOF}
 }
 
 func serveFake(t *testing.T, d *fakeDaemon) *Client {
 	t.Helper()
-	d.binary, d.in = map[string]bool{}, map[string][]byte{}
+	d.binary, d.in, d.frames = map[string]bool{}, map[string][]byte{}, map[string][]int{}
 	sock := filepath.Join(t.TempDir(), "d.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
@@ -75,6 +79,7 @@ func serveFake(t *testing.T, d *fakeDaemon) *Client {
 			case api.FrameStdin:
 				d.in[c.Method] = append(d.in[c.Method], f.Data...)
 				d.maxIn = max(d.maxIn, len(f.Data))
+				d.frames[c.Method] = append(d.frames[c.Method], len(f.Data))
 			}
 			d.mu.Unlock()
 			if f.Type == api.FrameStdin {
@@ -209,3 +214,34 @@ func TestOutputWriteError(t *testing.T) {
 type failWriter struct{}
 
 func (failWriter) Write(p []byte) (int, error) { return 0, fmt.Errorf("disk full") }
+
+// smallWrites yields its data a few bytes per read, as a pipe from a tar
+// writer does.
+type smallWrites struct{ data []byte }
+
+func (s *smallWrites) Read(p []byte) (int, error) {
+	if len(s.data) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), 512)], s.data)
+	s.data = s.data[n:]
+	return n, nil
+}
+
+// A copy in's stream goes in full frames however small its reads: only the
+// last frame is shorter.
+func TestCopyInFullFrames(t *testing.T) {
+	d := &fakeDaemon{}
+	c := serveFake(t, d)
+	in := randomBytes(3*stdinChunk + 1000)
+	if err := c.VMCopyIn(context.Background(), api.VMCopyParams{Name: "x", Path: "/t"}, &smallWrites{in}); err != nil {
+		t.Fatal(err)
+	}
+	got := d.seen()
+	if !bytes.Equal(got.in[api.MethodVMCopyIn], in) {
+		t.Fatalf("daemon got %d bytes, want the %d sent", len(got.in[api.MethodVMCopyIn]), len(in))
+	}
+	if sizes := got.frames[api.MethodVMCopyIn]; !slices.Equal(sizes, []int{stdinChunk, stdinChunk, stdinChunk, 1000}) {
+		t.Fatalf("frames of %v bytes, want 3 of %d and the rest", sizes, stdinChunk)
+	}
+}
