@@ -675,7 +675,7 @@ func TestWriteLooksForHolesOnlyInSparseFiles(t *testing.T) {
 			out = new(counter)
 		}
 		wk := &walker{w: out, sizeOnly: sizeOnly, maxEntries: -1, names: &ownerNames{users: map[int]string{}, groups: map[int]string{}}, log: logger(nil)}
-		if err := wk.run(src); err != nil {
+		if _, err := wk.run(src, nil); err != nil {
 			t.Fatal(err)
 		}
 		if wk.holeScans != 1 || wk.entries != 15 {
@@ -724,5 +724,74 @@ func TestWriteSingleEntries(t *testing.T) {
 		if _, err := tr.Next(); !errors.Is(err, io.EOF) {
 			t.Errorf("%s: more than one entry: %v", src, err)
 		}
+	}
+}
+
+// TestWriteFromRecords: the writing walk after Announce's counting walk
+// takes the entries it recorded (or, past maxRecords, looks again) and
+// writes the stream a single walk writes; a file that shrank or went
+// since fails it.
+func TestWriteFromRecords(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "tree")
+	os.MkdirAll(filepath.Join(src, "a", "b"), 0o755)
+	os.WriteFile(filepath.Join(src, "a", "b", "f"), []byte("f"), 0o644)
+	os.WriteFile(filepath.Join(src, "a", "g"), bytes.Repeat([]byte("g"), 200_000), 0o644)
+	os.Symlink("a/g", filepath.Join(src, "l"))
+	os.Link(filepath.Join(src, "a", "g"), filepath.Join(src, "h"))
+	os.WriteFile(filepath.Join(src, "z"), nil, 0o644)
+	var single bytes.Buffer
+	if err := Write(&single, src, WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	names := func() *ownerNames { return &ownerNames{users: map[int]string{}, groups: map[int]string{}} }
+	for _, max := range []int{1 << 16, 7, 3} {
+		var c counter
+		count := &walker{w: &c, sizeOnly: true, maxEntries: -1, maxRecords: max, names: names(), log: logger(nil)}
+		seen, err := count.run(src, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if (seen != nil) != (max >= 7) {
+			t.Errorf("maxRecords %d: recorded %v for 8 entries", max, seen != nil)
+		}
+		var out bytes.Buffer
+		write := &walker{w: &out, maxEntries: count.entries, names: names(), log: logger(nil)}
+		if _, err := write.run(src, seen); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(out.Bytes(), single.Bytes()) || int64(out.Len()) != c.n {
+			t.Errorf("maxRecords %d: stream of %d bytes (counted %d) differs from a single walk's (%d bytes)", max, out.Len(), c.n, single.Len())
+		}
+	}
+	for name, change := range map[string]func() error{
+		"shrank":      func() error { return os.Truncate(filepath.Join(src, "a", "g"), 100) },
+		"went":        func() error { return os.Remove(filepath.Join(src, "a", "b", "f")) },
+		"dir went":    func() error { return os.RemoveAll(filepath.Join(src, "a", "b")) },
+		"now symlink": func() error { os.Remove(filepath.Join(src, "z")); return os.Symlink("a", filepath.Join(src, "z")) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			var c counter
+			count := &walker{w: &c, sizeOnly: true, maxEntries: -1, maxRecords: 1 << 16, names: names(), log: logger(nil)}
+			seen, err := count.run(src, nil)
+			if err != nil || seen == nil {
+				t.Fatal(err)
+			}
+			if err := change(); err != nil {
+				t.Fatal(err)
+			}
+			defer func() { // put the tree back
+				os.RemoveAll(src)
+				os.MkdirAll(filepath.Join(src, "a", "b"), 0o755)
+				os.WriteFile(filepath.Join(src, "a", "b", "f"), []byte("f"), 0o644)
+				os.WriteFile(filepath.Join(src, "a", "g"), bytes.Repeat([]byte("g"), 200_000), 0o644)
+				os.Symlink("a/g", filepath.Join(src, "l"))
+				os.Link(filepath.Join(src, "a", "g"), filepath.Join(src, "h"))
+				os.WriteFile(filepath.Join(src, "z"), nil, 0o644)
+			}()
+			write := &walker{w: io.Discard, maxEntries: count.entries, names: names(), log: logger(nil)}
+			if _, err := write.run(src, seen); !errors.Is(err, ErrSourceChanged) {
+				t.Errorf("write after the tree changed: %v, want ErrSourceChanged", err)
+			}
+		})
 	}
 }

@@ -69,10 +69,12 @@ func Write(w io.Writer, src string, opts WriteOptions) error {
 	}
 	names := &ownerNames{users: map[int]string{}, groups: map[int]string{}}
 	maxEntries := int64(-1)
+	var seen *record
 	if opts.Announce != nil {
 		var c counter
-		wk := &walker{w: &c, sizeOnly: true, maxEntries: -1, names: names, log: opts.Log}
-		if err := wk.run(src); err != nil {
+		wk := &walker{w: &c, sizeOnly: true, maxEntries: -1, names: names, log: opts.Log, maxRecords: maxRecords}
+		var err error
+		if seen, err = wk.run(src, nil); err != nil {
 			return fmt.Errorf("write tar of %s: %w", src, err)
 		}
 		if err := opts.Announce(c.n, wk.entries); err != nil {
@@ -83,7 +85,7 @@ func Write(w io.Writer, src string, opts WriteOptions) error {
 	}
 	bw := bufio.NewWriterSize(w, opts.WriteSize)
 	wk := &walker{w: bw, maxEntries: maxEntries, names: names, log: opts.Log}
-	err := wk.run(src)
+	_, err := wk.run(src, seen)
 	if err == nil {
 		err = bw.Flush()
 	}
@@ -113,25 +115,48 @@ func (c *capWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// maxRecords bounds the entries the counting walk of Announce records
+// for the writing walk (about 200 bytes each): past it, the writing walk
+// looks at the tree again.
+const maxRecords = 1 << 16
+
+// record is what the counting walk saw of an entry: the writing walk
+// takes the entry's metadata (and a directory's list) from it instead of
+// asking again, and fails with ErrSourceChanged when a file grew, shrank
+// or went.
+type record struct {
+	leaf     string
+	st       unix.Stat_t
+	link     string
+	children []record
+}
+
 // walker writes the tar stream of a tree to w, or, with sizeOnly (w is
 // then a *counter), counts it without reading file contents.
 type walker struct {
-	w          io.Writer
-	tw         *tar.Writer
-	sizeOnly   bool
-	maxEntries int64 // fail with ErrSourceChanged past it, when >= 0
-	entries    int64
-	links      map[inode]string
-	names      *ownerNames
-	buf        []byte
-	log        *slog.Logger
+	// maxRecords, when > 0, has run record the tree, up to that many
+	// entries; recorded counts them.
+	maxRecords, recorded int
+	w                    io.Writer
+	tw                   *tar.Writer
+	sizeOnly             bool
+	maxEntries           int64 // fail with ErrSourceChanged past it, when >= 0
+	entries              int64
+	links                map[inode]string
+	names                *ownerNames
+	buf                  []byte
+	dirBuf               []byte
+	log                  *slog.Logger
 	// holeScans counts the files searched for holes (tests).
 	holeScans int
 }
 
 type inode struct{ dev, ino uint64 }
 
-func (wk *walker) run(src string) error {
+// run walks src; seen is what a previous walk recorded of it (nil:
+// nothing). It returns what it recorded, nil if the tree had more than
+// wk.maxRecords entries.
+func (wk *walker) run(src string, seen *record) (*record, error) {
 	top := filepath.Base(src)
 	if top == "/" {
 		top = "."
@@ -144,21 +169,44 @@ func (wk *walker) run(src string) error {
 	}
 	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", dir, err)
+		return nil, fmt.Errorf("open %s: %w", dir, err)
 	}
 	defer unix.Close(dfd)
-	if err := wk.entry(dfd, leaf, top, src); err != nil {
-		return err
+	var out *record
+	if wk.maxRecords > 0 {
+		out = new(record)
 	}
-	return wk.tw.Close()
+	if err := wk.entry(dfd, leaf, top, src, seen, out); err != nil {
+		return nil, err
+	}
+	if wk.recorded > wk.maxRecords {
+		out = nil
+	}
+	return out, wk.tw.Close()
 }
 
 // entry writes the entry leaf of directory dfd, named name in the stream
-// (p in errors), and, for a directory, what it holds.
-func (wk *walker) entry(dfd int, leaf, name, p string) error {
+// (p in errors), and, for a directory, what it holds. seen, when not nil,
+// is what a previous walk saw of it; out, when not nil, receives what
+// this walk sees.
+func (wk *walker) entry(dfd int, leaf, name, p string, seen, out *record) error {
 	var st unix.Stat_t
-	if err := unix.Fstatat(dfd, leaf, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return fmt.Errorf("stat %s: %w", p, err)
+	var link string
+	if seen != nil {
+		st, link = seen.st, seen.link
+	} else {
+		if err := unix.Fstatat(dfd, leaf, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return fmt.Errorf("stat %s: %w", p, err)
+		}
+		if st.Mode&unix.S_IFMT == unix.S_IFLNK {
+			var err error
+			if link, err = readlinkat(dfd, leaf); err != nil {
+				return fmt.Errorf("%s: %w", p, err)
+			}
+		}
+	}
+	if out != nil {
+		out.leaf, out.st, out.link = leaf, st, link
 	}
 	hdr := &tar.Header{
 		Name:       name,
@@ -179,10 +227,6 @@ func (wk *walker) entry(dfd int, leaf, name, p string) error {
 		hdr.Name += "/"
 	case unix.S_IFLNK:
 		hdr.Typeflag = tar.TypeSymlink
-		link, err := readlinkat(dfd, leaf)
-		if err != nil {
-			return fmt.Errorf("%s: %w", p, err)
-		}
 		hdr.Linkname = link
 	case unix.S_IFCHR, unix.S_IFBLK:
 		hdr.Typeflag = tar.TypeChar
@@ -214,46 +258,99 @@ func (wk *walker) entry(dfd int, leaf, name, p string) error {
 	}
 	switch hdr.Typeflag {
 	case tar.TypeReg:
-		return wk.file(dfd, leaf, p, hdr, &st)
+		return wk.file(dfd, leaf, p, hdr, &st, seen != nil)
 	case tar.TypeDir:
 		if err := wk.tw.WriteHeader(hdr); err != nil {
 			return err
 		}
-		return wk.dir(dfd, leaf, name, p)
+		return wk.dir(dfd, leaf, name, p, seen, out)
 	}
 	return wk.tw.WriteHeader(hdr)
 }
 
-// dir writes the entries of directory leaf of dfd, in name order.
-func (wk *walker) dir(dfd int, leaf, name, p string) error {
+// dir writes the entries of directory leaf of dfd, in name order (those
+// seen lists, when not nil), and records them in out when not nil.
+func (wk *walker) dir(dfd int, leaf, name, p string, seen, out *record) error {
 	fd, err := unix.Openat(dfd, leaf, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", p, err)
+		return changed(fmt.Errorf("open %s: %w", p, err), seen != nil)
 	}
-	f := os.NewFile(uintptr(fd), p)
-	defer f.Close()
-	children, err := f.Readdirnames(-1)
-	if err != nil {
-		return fmt.Errorf("read directory %s: %w", p, err)
+	defer unix.Close(fd)
+	var leaves []string
+	if seen != nil {
+		for _, c := range seen.children {
+			leaves = append(leaves, c.leaf)
+		}
+	} else {
+		leaves, err = wk.readDir(fd)
+		if err != nil {
+			return fmt.Errorf("read directory %s: %w", p, err)
+		}
+		slices.Sort(leaves)
 	}
-	slices.Sort(children)
-	for _, c := range children {
+	if out != nil {
+		wk.recorded += len(leaves)
+		if wk.recorded <= wk.maxRecords {
+			out.children = make([]record, len(leaves))
+		}
+	}
+	for i, c := range leaves {
 		child := name + "/" + c
 		if name == "." {
 			child = c
 		}
-		if err := wk.entry(fd, c, child, filepath.Join(p, c)); err != nil {
+		var cseen, cout *record
+		if seen != nil {
+			cseen = &seen.children[i]
+		}
+		if out != nil && out.children != nil {
+			cout = &out.children[i]
+		}
+		if err := wk.entry(fd, c, child, filepath.Join(p, c), cseen, cout); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
+// readDir lists the names in directory fd.
+func (wk *walker) readDir(fd int) ([]string, error) {
+	if wk.dirBuf == nil {
+		wk.dirBuf = make([]byte, 32<<10)
+	}
+	var names []string
+	for {
+		n, err := unix.Getdents(fd, wk.dirBuf)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if n <= 0 {
+			return names, nil
+		}
+		_, _, names = unix.ParseDirent(wk.dirBuf[:n], -1, names)
+	}
+}
+
+// changed makes err an ErrSourceChanged when the entry was seen by the
+// counting walk and is no longer there as it was.
+func changed(err error, seen bool) error {
+	if seen && (errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP)) {
+		return fmt.Errorf("%w: %w", ErrSourceChanged, err)
+	}
+	return err
+}
+
 // file writes regular file leaf of dfd: a dense file as it is, one with
 // holes as a sparse entry. Only a file with fewer blocks than its size
 // can have holes: the others are neither searched for holes nor, when
 // counting, opened.
-func (wk *walker) file(dfd int, leaf, p string, hdr *tar.Header, st *unix.Stat_t) error {
+//
+// With seen (the size is the counting walk's), a file that grew, shrank
+// or went fails the walk with ErrSourceChanged.
+func (wk *walker) file(dfd int, leaf, p string, hdr *tar.Header, st *unix.Stat_t, seen bool) error {
 	mayHaveHoles := st.Blocks*512 < st.Size
 	if wk.sizeOnly && !mayHaveHoles {
 		// The header as tw would write it, then the padded content,
@@ -266,7 +363,7 @@ func (wk *walker) file(dfd int, leaf, p string, hdr *tar.Header, st *unix.Stat_t
 	}
 	fd, err := unix.Openat(dfd, leaf, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", p, err)
+		return changed(fmt.Errorf("open %s: %w", p, err), seen)
 	}
 	defer unix.Close(fd)
 	if mayHaveHoles {
@@ -289,16 +386,23 @@ func (wk *walker) file(dfd int, leaf, p string, hdr *tar.Header, st *unix.Stat_t
 	if err := wk.tw.WriteHeader(hdr); err != nil {
 		return err
 	}
-	return wk.copyRange(fd, 0, hdr.Size, wk.tw, p)
+	return wk.copyRange(fd, 0, hdr.Size, wk.tw, p, seen)
 }
 
-// copyRange copies n bytes at off of fd to w.
-func (wk *walker) copyRange(fd int, off, n int64, w io.Writer, p string) error {
+// copyRange copies n bytes at off of fd to w. With toEnd, they must be
+// the last bytes of the file (read with one more byte asked for, which
+// costs no system call).
+func (wk *walker) copyRange(fd int, off, n int64, w io.Writer, p string, toEnd bool) error {
 	if wk.buf == nil {
 		wk.buf = make([]byte, 128<<10)
 	}
-	for n > 0 {
-		m, err := unix.Pread(fd, wk.buf[:min(int64(len(wk.buf)), n)], off)
+	extra := int64(0)
+	if toEnd {
+		extra = 1
+	}
+	for n+extra > 0 {
+		want := min(int64(len(wk.buf)), n+extra)
+		m, err := unix.Pread(fd, wk.buf[:want], off)
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -306,12 +410,21 @@ func (wk *walker) copyRange(fd int, off, n int64, w io.Writer, p string) error {
 			return fmt.Errorf("read %s: %w", p, err)
 		}
 		if m == 0 {
+			if n == 0 {
+				return nil // the end, where it was
+			}
 			return fmt.Errorf("%s: at %d: file shrank: %w", p, off, ErrSourceChanged)
+		}
+		if int64(m) > n {
+			return fmt.Errorf("%s: file grew: %w", p, ErrSourceChanged)
 		}
 		if _, err := w.Write(wk.buf[:m]); err != nil {
 			return err
 		}
 		off, n = off+int64(m), n-int64(m)
+		if n == 0 && int64(m) < want {
+			return nil // a short read: the end of the file, where it was
+		}
 	}
 	return nil
 }
@@ -472,7 +585,7 @@ func (wk *walker) writeSparse(hdr *tar.Header, segs []segment, fd int, p string)
 			w.(*counter).n += s.len
 			continue
 		}
-		if err := wk.copyRange(fd, s.off, s.len, w, p); err != nil {
+		if err := wk.copyRange(fd, s.off, s.len, w, p, false); err != nil {
 			return err
 		}
 	}
