@@ -174,46 +174,44 @@ func (s *Stream) Next(result any) (api.Frame, error) {
 		}
 		return reply(msg, result)
 	}
-	for {
-		kind, n, err := readHeader(s.r, &s.hdr)
-		if err != nil {
+	kind, n, err := readHeader(s.r, &s.hdr)
+	if err != nil {
+		return api.Frame{}, readErr(err)
+	}
+	if !s.started && s.hdr[0] == '{' {
+		// JSON lines: a daemon from before binary framing.
+		s.fallBack()
+		return s.Next(result)
+	}
+	s.started = true
+	switch kind {
+	case KindStdout, KindStderr:
+		if n > MaxDataFrame {
+			return api.Frame{}, fmt.Errorf("read from bangerd: a data frame of %d KiB, over %d KiB", n>>10, MaxDataFrame>>10)
+		}
+		if cap(s.buf) < n {
+			s.buf = make([]byte, max(n, 64<<10))
+		}
+		data := s.buf[:n]
+		if _, err := io.ReadFull(s.r, data); err != nil {
 			return api.Frame{}, readErr(err)
 		}
-		if !s.started && s.hdr[0] == '{' {
-			// JSON lines: a daemon from before binary framing.
-			s.fallBack()
-			return s.Next(result)
+		return api.Frame{Type: kind.frameType(), Data: data}, nil
+	case KindMessage:
+		if n > maxReplyBytes {
+			return api.Frame{}, fmt.Errorf("read from bangerd: a message of %d MiB, over %d MiB", n>>20, maxReplyBytes>>20)
 		}
-		s.started = true
-		switch kind {
-		case KindStdout, KindStderr:
-			if n > MaxDataFrame {
-				return api.Frame{}, fmt.Errorf("read from bangerd: a data frame of %d KiB, over %d KiB", n>>10, MaxDataFrame>>10)
-			}
-			if cap(s.buf) < n {
-				s.buf = make([]byte, max(n, 64<<10))
-			}
-			data := s.buf[:n]
-			if _, err := io.ReadFull(s.r, data); err != nil {
-				return api.Frame{}, readErr(err)
-			}
-			return api.Frame{Type: kind.frameType(), Data: data}, nil
-		case KindMessage:
-			if n > maxReplyBytes {
-				return api.Frame{}, fmt.Errorf("read from bangerd: a message of %d MiB, over %d MiB", n>>20, maxReplyBytes>>20)
-			}
-			raw := make([]byte, n)
-			if _, err := io.ReadFull(s.r, raw); err != nil {
-				return api.Frame{}, readErr(err)
-			}
-			var msg Message
-			if err := json.Unmarshal(raw, &msg); err != nil {
-				return api.Frame{}, fmt.Errorf("read from bangerd: %w", err)
-			}
-			return reply(msg, result)
-		default:
-			return api.Frame{}, fmt.Errorf("read from bangerd: a message of unknown kind %d (client and daemon versions differ?)", kind)
+		raw := make([]byte, n)
+		if _, err := io.ReadFull(s.r, raw); err != nil {
+			return api.Frame{}, readErr(err)
 		}
+		var msg Message
+		if err := json.Unmarshal(raw, &msg); err != nil {
+			return api.Frame{}, fmt.Errorf("read from bangerd: %w", err)
+		}
+		return reply(msg, result)
+	default:
+		return api.Frame{}, fmt.Errorf("read from bangerd: a message of unknown kind %d (client and daemon versions differ?)", kind)
 	}
 }
 
