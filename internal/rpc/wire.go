@@ -3,7 +3,7 @@
 //
 // A call is: the client sends a Request (one line of JSON); both sides may
 // then exchange api.Frame messages (progress, stdout, stdin, ...); the
-// server ends the call with a Response carrying a result or an error. The
+// server ends the call with a Message carrying a result or an error. The
 // client closing the connection cancels the call. A client streams frames
 // only to a method registered with TakesInput.
 //
