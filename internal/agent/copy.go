@@ -203,7 +203,9 @@ func (c *Client) CopyOutWith(ctx context.Context, srcPath string, w io.Writer, o
 				copied <- err
 				return
 			}
-			go d.send(nil) // the host's End: it sends nothing
+			// The host sends nothing on a copy out's port, not even an
+			// End: the guest takes any byte from the host as a broken
+			// stream (guestagent's watchHost).
 			src = d.reader()
 		}
 		// The stream goes through an entry counter before w: past the

@@ -1,0 +1,41 @@
+package agent_test
+
+import (
+	"io"
+	"strconv"
+	"testing"
+
+	"github.com/bangerdev/banger/internal/agent"
+)
+
+// BenchmarkExecStdout: a command's stdout to the host through the real
+// guest agent (in this process, over socket pairs), over SSH with each
+// cipher and over a data port. The guest's CPU is the host's here: the
+// figures show the costs on the host, not a TCG guest's.
+func BenchmarkExecStdout(b *testing.B) {
+	const size = 64 << 20
+	for _, bc := range []struct {
+		name    string
+		ports   int
+		ciphers []string
+	}{
+		{"ssh-aes128gcm", 0, agent.CiphersAESNI},
+		{"ssh-chacha20", 0, agent.CiphersSoftware},
+		{"dataport", 1, agent.CiphersSoftware},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			c := serveBench(b, bc.ports, bc.ciphers)
+			b.SetBytes(size)
+			for b.Loop() {
+				var n int64
+				code, err := c.Exec(b.Context(), agent.ExecOptions{
+					Argv:   []string{"head", "-c", strconv.Itoa(size), "/dev/zero"},
+					Stdout: countingWriter{io.Discard, &n},
+				})
+				if err != nil || code != 0 || n != size {
+					b.Fatalf("exec: %d, %v, %d bytes", code, err, n)
+				}
+			}
+		})
+	}
+}
