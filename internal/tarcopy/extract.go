@@ -766,12 +766,11 @@ func (x *extractor) finishDirs() error {
 	slices.Reverse(x.dirs)
 	for _, d := range x.dirs {
 		dir, leaf := path.Split(d.name)
-		parent, err := x.openDir(strings.TrimSuffix(dir, "/"))
+		parent, err := x.parent(strings.TrimSuffix(dir, "/"))
 		if err != nil {
 			return fmt.Errorf("tar entry %s: %w", quote(d.name), err)
 		}
 		fd, err := unix.Openat(parent, leaf, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-		unix.Close(parent)
 		if err != nil {
 			return fmt.Errorf("tar entry %s: %w", quote(d.name), err)
 		}
