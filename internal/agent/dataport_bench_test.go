@@ -39,3 +39,39 @@ func BenchmarkExecStdout(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkExecStdin: the host's bytes into a command's stdin (sh -c
+// 'cat > /dev/null'), as BenchmarkExecStdout.
+func BenchmarkExecStdin(b *testing.B) {
+	const size = 64 << 20
+	for _, bc := range []struct {
+		name    string
+		ports   int
+		ciphers []string
+	}{
+		{"ssh-aes128gcm", 0, agent.CiphersAESNI},
+		{"ssh-chacha20", 0, agent.CiphersSoftware},
+		{"dataport", 1, agent.CiphersSoftware},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			c := serveBench(b, bc.ports, bc.ciphers)
+			b.SetBytes(size)
+			for b.Loop() {
+				code, err := c.Exec(b.Context(), agent.ExecOptions{
+					Argv:  []string{"sh", "-c", "cat > /dev/null"},
+					Stdin: io.LimitReader(zeroReader{}, size),
+				})
+				if err != nil || code != 0 {
+					b.Fatalf("exec: %d, %v", code, err)
+				}
+			}
+		})
+	}
+}
+
+type zeroReader struct{}
+
+func (zeroReader) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
