@@ -530,3 +530,24 @@ func TestFakeGuestSlowWriterAfterTheChannelClosed(t *testing.T) {
 		t.Errorf("exec: %d, %v, %q; want 0 and the whole output", code, err, w.buf.String())
 	}
 }
+
+func TestFakeGuestCopyBadAck(t *testing.T) {
+	badAck := func(g *guestTransfer) {
+		if g.kind == agentproto.ChanCopyOut {
+			send(g.ch, agentproto.ReqCopyHeader, agentproto.CopyHeader{Size: 10, Entries: 1})
+		}
+		agentproto.WriteDataAck(g.port, make([]byte, agentproto.DataTokenSize))
+		io.Copy(io.Discard, g.ch) // until the host closes the channel
+	}
+	c, _ := fakeDataGuest(t, 1, badAck)
+	err := c.CopyIn(dataCtx(t), bytes.NewReader(tarStream(t)), "/dest", agent.CopyOptions{})
+	if !errors.Is(err, agentproto.ErrDataHandshake) {
+		t.Errorf("copy in: %v, want a handshake error", err)
+	}
+	c, _ = fakeDataGuest(t, 1, badAck)
+	var out bytes.Buffer
+	err = c.CopyOut(dataCtx(t), "/tree", &out)
+	if !errors.Is(err, agentproto.ErrDataHandshake) || out.Len() != 0 {
+		t.Errorf("copy out: %v after %d bytes, want a handshake error and nothing written", err, out.Len())
+	}
+}
