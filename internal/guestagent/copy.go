@@ -98,7 +98,11 @@ func (s *server) handleCopyOut(nc ssh.NewChannel, log *slog.Logger) {
 	// Announce the stream's size first: the host stops a stream that
 	// goes past it. With a data port, the port is set up after the
 	// announcement (whichever of the two the host waits for first).
-	err := tarcopy.Write(writerFunc(func(p []byte) (int, error) { return dst.Write(p) }), req.Path, tarcopy.WriteOptions{Log: log, Announce: func(size, entries int64) error {
+	opts := tarcopy.WriteOptions{Log: log}
+	if req.Data != nil {
+		opts.WriteSize = agentproto.GuestDataChunk // one frame per write
+	}
+	opts.Announce = func(size, entries int64) error {
 		payload, err := agentproto.MarshalPayload(agentproto.CopyHeader{Size: size, Entries: entries})
 		if err != nil {
 			return err
@@ -118,7 +122,8 @@ func (s *server) handleCopyOut(nc ssh.NewChannel, log *slog.Logger) {
 		fb = newFrameBuffer(dc.w, agentproto.DataFrameData, agentproto.GuestDataChunk)
 		dst = fb
 		return nil
-	}})
+	}
+	err := tarcopy.Write(writerFunc(func(p []byte) (int, error) { return dst.Write(p) }), req.Path, opts)
 	if req.Data != nil && dc == nil && err == nil {
 		err = errors.New("copy out: the stream was not announced")
 	}
