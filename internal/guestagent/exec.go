@@ -558,6 +558,7 @@ func (ss *session) run(c command) {
 		// closed: that is the terminal's end of file.
 		copies.Go(func() { io.Copy(ss.ch, ptmx) })
 	} else if dc := ss.dc; dc != nil {
+		growPipe(stdinW)
 		go dc.feedStdin(stdinW, ss.log)
 		outR, errR := outputs[0], outputs[1]
 		growPipe(outR)
