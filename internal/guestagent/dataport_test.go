@@ -253,6 +253,7 @@ func runDataExecOn(t *testing.T, c *ssh.Client, dial func() net.Conn, i int, arg
 	if err := handshakeOn(conn, tok); err != nil {
 		t.Fatalf("handshake: %v", err)
 	}
+	conn.SetDeadline(time.Now().Add(3 * time.Minute)) // a slow emulated guest
 	sent := make(chan error, 1)
 	go func() { sent <- sendFrames(conn, bytes.NewReader(stdin), 64<<10) }()
 	var out, errb bytes.Buffer
