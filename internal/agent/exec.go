@@ -1,12 +1,14 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -74,7 +76,14 @@ func (c *Client) Exec(ctx context.Context, opts ExecOptions) (int, error) {
 	}
 	if len(opts.Argv) > 0 && !opts.TTY {
 		if d := c.openData(ctx, "exec "+name); d != nil {
-			return c.execData(ctx, name, opts, d)
+			code, err := c.execData(ctx, name, opts, d)
+			var se *dataSetupError
+			if !errors.As(err, &se) {
+				return code, err
+			}
+			// Nothing ran and no input was read: once more, over SSH.
+			c.log.Warn("exec "+name+" over SSH: the guest could not set up its data port",
+				"port", se.port, "reason", se.reason)
 		}
 	}
 	ch, reqs, err := c.ssh.OpenChannel("session", nil)
@@ -188,9 +197,16 @@ func (c *Client) execData(ctx context.Context, name string, opts ExecOptions, d 
 		close(chClosed)
 	}()
 	d.releaseAfter(chClosed)
-	// The session carries no data: what the guest sends there is dropped.
+	// The session carries no data: what the guest sends on its stdout is
+	// dropped. Its stderr carries only the reason the guest could not set
+	// up the port (then nothing ran): kept, up to setupReasonMax bytes.
 	go io.Copy(io.Discard, ch)
-	go io.Copy(io.Discard, ch.Stderr())
+	reason := &headBuffer{max: setupReasonMax}
+	reasonDone := make(chan struct{})
+	go func() {
+		io.Copy(reason, ch.Stderr())
+		close(reasonDone)
+	}()
 	ch.CloseWrite()
 
 	kill := func() {
@@ -223,9 +239,17 @@ func (c *Client) execData(ctx context.Context, name string, opts ExecOptions, d 
 	// until the guest's End. stdin is sent once the answer is checked.
 	stdout := &stickyWriter{w: orDiscard(opts.Stdout)}
 	stderr := &stickyWriter{w: orDiscard(opts.Stderr)}
+	// acked goes from ackWaiting to ackReceived when the guest answered
+	// (then stdin is read), or to ackGivenUp when the guest reported that
+	// it could not set up the port (then the exec is retried over SSH
+	// and stdin must stay unread).
+	var acked atomic.Int32
 	readc := make(chan error, 1)
 	go func() {
 		err := d.readAck()
+		if err == nil && !acked.CompareAndSwap(ackWaiting, ackReceived) {
+			err = fmt.Errorf("%w: data port %d: an answer after the guest's failure", ErrDataStream, d.port)
+		}
 		if err == nil {
 			go d.send(opts.Stdin)
 			err = d.frames(true, true, func(kind byte, p []byte) {
@@ -250,6 +274,10 @@ func (c *Client) execData(ctx context.Context, name string, opts ExecOptions, d 
 		case res = <-exitc:
 			exited = true
 			d.channelClosed()
+			if setupFailed(res, acked.Load(), reason, reasonDone) && acked.CompareAndSwap(ackWaiting, ackGivenUp) {
+				// No answer will come: don't wait dataDrainGrace for it.
+				d.abort()
+			}
 		case readErr = <-readc:
 			read = true
 			if readErr != nil && ctx.Err() == nil && !exited {
@@ -277,16 +305,17 @@ func (c *Client) execData(ctx context.Context, name string, opts ExecOptions, d 
 			exited = true
 		}
 	}
+	if ctx.Err() != nil {
+		return ctxErr()
+	}
+	// The reader is done: acked no longer changes.
+	if setupFailed(res, acked.Load(), reason, reasonDone) {
+		return res.code, &dataSetupError{port: d.port, reason: strings.TrimSpace(reason.String())}
+	}
 	if readErr != nil {
-		if ctx.Err() != nil {
-			return ctxErr()
-		}
 		return -1, fmt.Errorf("exec %s: %w", name, readErr)
 	}
 	if !res.ok {
-		if ctx.Err() != nil {
-			return ctxErr()
-		}
 		return -1, fmt.Errorf("exec %s: no exit status: %w", name, ErrConnectionLost)
 	}
 	if stdout.err != nil {
@@ -296,6 +325,55 @@ func (c *Client) execData(ctx context.Context, name string, opts ExecOptions, d 
 		return res.code, fmt.Errorf("exec %s: write stderr: %w", name, stderr.err)
 	}
 	return res.code, nil
+}
+
+// The states of a data exec's answer (execData's acked).
+const (
+	ackWaiting int32 = iota
+	ackReceived
+	ackGivenUp
+)
+
+// setupReasonMax bounds the guest's message kept from a data exec's
+// session stderr.
+const setupReasonMax = 4 << 10
+
+// dataSetupError: the guest could not set up the data port of an exec
+// (a port it doesn't have, busy, no preamble): it reported why on the
+// session's stderr with exit status 255 and started nothing.
+type dataSetupError struct {
+	port   int
+	reason string
+}
+
+func (e *dataSetupError) Error() string {
+	return fmt.Sprintf("data port %d: the guest could not set it up: %s", e.port, e.reason)
+}
+
+// setupFailed reports whether a data exec's session ended the way the
+// guest ends a request whose data port it could not set up: no answer on
+// the port, a message on the session's stderr (the guest writes there
+// only then) and exit status 255. It waits for that stderr's end (the
+// channel has closed, it has come).
+func setupFailed(res exitResult, acked int32, reason *headBuffer, reasonDone <-chan struct{}) bool {
+	if !res.ok || res.code != 255 || acked == ackReceived {
+		return false
+	}
+	<-reasonDone
+	return reason.Len() > 0
+}
+
+// headBuffer keeps the first max bytes written to it and drops the rest.
+type headBuffer struct {
+	bytes.Buffer
+	max int
+}
+
+func (h *headBuffer) Write(p []byte) (int, error) {
+	if room := h.max - h.Len(); room > 0 {
+		h.Buffer.Write(p[:min(len(p), room)])
+	}
+	return len(p), nil
 }
 
 func orDiscard(w io.Writer) io.Writer {
