@@ -36,16 +36,30 @@ import (
 //     and checks T against the request's, else fails the request;
 //  3. the guest writes the answer (DataAckMagic, T), which the host
 //     checks (a stale byte from an earlier transfer fails it);
-//  4. both sides send frames (WriteDataFrame): DataFrameData (an exec's
-//     stdin or stdout, a copy's tar stream), DataFrameStderr, and one
-//     DataFrameEnd when they have no more to send;
+//  4. frames (DataWriter) go only in the directions the transfer has,
+//     each direction's stream ended by one DataFrameEnd:
+//     - exec, both ways: the host sends DataFrameData (stdin), then End
+//       at stdin's end of file; the guest sends DataFrameData (stdout)
+//       and DataFrameStderr, then End once the command's output is done;
+//     - copy in, host → guest only: the host sends the tar stream as
+//       DataFrameData, then End; the guest sends nothing after its
+//       answer (no End either: it closes the port, step 5);
+//     - copy out, guest → host only: the guest sends the tar stream as
+//       DataFrameData, then End; the host sends nothing at all after its
+//       preamble (not even an End: the guest takes any byte from the
+//       host as a broken stream);
 //  5. the guest closes the port before it reports the outcome on SSH
 //     (exit-status, ReqCopyStatus) and closes the SSH channel; the host
 //     disconnects. The host uses the port again only after the SSH
 //     channel has closed, so no byte of one transfer reaches another.
 //
 // A side that sees the other go (the host disconnected: the guest reads
-// end of file; the SSH channel closed) abandons the transfer.
+// end of file; the SSH channel closed) abandons the transfer. On a copy
+// in, the host sees the guest close the port without an End: the copy's
+// status on SSH says how it went.
+//
+// internal/agent's dataport_test.go runs the host's side against the
+// guest agent's: it is this contract's test.
 
 // DataPortPrefix starts the names of the data ports; DataPortName(i) is
 // port i's.
