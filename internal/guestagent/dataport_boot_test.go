@@ -89,6 +89,27 @@ func TestBootDataPorts(t *testing.T) {
 		t.Errorf("stderr %q", stderr)
 	}
 
+	// The host connected and sent its preamble before the request: QEMU
+	// takes the connection while the guest has the port closed, and
+	// passes the bytes on once the guest opens it.
+	tok0 := newToken(t)
+	early := dial(0)()
+	if err := agentproto.WriteDataHello(early, tok0); err != nil {
+		t.Fatal(err)
+	}
+	e0 := startDataExec(t, sc, []string{"echo", "early"}, &agentproto.DataStream{Port: 0, Token: tok0})
+	early.SetDeadline(time.Now().Add(time.Minute))
+	if err := agentproto.ReadDataAck(early, tok0); err != nil {
+		t.Fatalf("ack after an early preamble: %v (exit %+v)", err, e0.wait(t))
+	}
+	go sendFrames(early, nil, 0)
+	var eout bytes.Buffer
+	if err := readFrames(early, &eout, io.Discard); err != nil || eout.String() != "early\n" {
+		t.Errorf("early preamble: %q, %v", eout.String(), err)
+	}
+	e0.wait(t)
+	early.Close()
+
 	// Throughput out of the guest (a figure, not a check).
 	start := time.Now()
 	stdout, _, res = runDataExecOn(t, sc, dial(1), 1, []string{"dd", "if=/dev/zero", "bs=128k", "count=763"}, nil, false)
