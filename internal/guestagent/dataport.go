@@ -415,17 +415,27 @@ func (b *frameBuffer) Flush() error {
 }
 
 // watchHost reads the port of a transfer the host sends nothing on (a
-// copy out): its end of file (the host went away) or any byte abandons
-// the transfer, so that no write stays blocked on a port nobody reads.
+// copy out) but, at most, its end frame: its end of file (the host went
+// away) or any other byte abandons the transfer, so that no write stays
+// blocked on a port nobody reads.
 func (dc *dataConn) watchHost(log *slog.Logger) {
-	var b [1]byte
-	_, err := io.ReadFull(dc.r, b[:])
-	if !dc.isClosed() {
+	dr := agentproto.NewDataReader(dc.r, agentproto.DataHeaderSize)
+	ended := false
+	for {
+		kind, _, err := dr.Next()
+		if err == nil && kind == agentproto.DataFrameEnd && !ended {
+			ended = true
+			continue
+		}
+		if dc.isClosed() {
+			return
+		}
 		if err == nil {
 			err = fmt.Errorf("%w: unexpected data from the host", agentproto.ErrDataFrame)
 		}
 		log.Warn("data port stream broken, abandoning the transfer", "port", dc.port, "err", err)
 		dc.fail()
+		return
 	}
 }
 

@@ -641,6 +641,36 @@ func TestDataCopyFailures(t *testing.T) {
 			t.Errorf("copy out to a host gone: no error")
 		}
 	})
+	t.Run("out: the host's end frame", func(t *testing.T) {
+		tok := newToken(t)
+		_, _, statusc := copyChannel(t, c, agentproto.ChanCopyOut, agentproto.CopyRequest{Path: src, Data: &agentproto.DataStream{Port: 0, Token: tok}})
+		conn, err := hostHandshake(t, fp, 0, tok)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sendFrames(conn, nil, 0) // the host has nothing to send: End
+		var archive bytes.Buffer
+		if err := readFrames(conn, &archive, io.Discard); err != nil {
+			t.Fatal(err)
+		}
+		if st := waitStatus(t, statusc); st.Error != "" || archive.Len() < 8<<20 {
+			t.Errorf("copy out with the host's end frame: %q, %d bytes", st.Error, archive.Len())
+		}
+	})
+	t.Run("out: data from the host", func(t *testing.T) {
+		tok := newToken(t)
+		_, _, statusc := copyChannel(t, c, agentproto.ChanCopyOut, agentproto.CopyRequest{Path: src, Data: &agentproto.DataStream{Port: 0, Token: tok}})
+		conn, err := hostHandshake(t, fp, 0, tok)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sendFrames(conn, strings.NewReader("x"), 1)
+		// Not read: the guest's writes block once the socket is full, so
+		// the frame is seen before the copy ends.
+		if st := waitStatus(t, statusc); st.Error == "" {
+			t.Errorf("copy out with data from the host: no error")
+		}
+	})
 	t.Run("out: session closed", func(t *testing.T) {
 		tok := newToken(t)
 		ch, _, statusc := copyChannel(t, c, agentproto.ChanCopyOut, agentproto.CopyRequest{Path: src, Data: &agentproto.DataStream{Port: 0, Token: tok}})
