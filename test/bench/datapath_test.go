@@ -78,25 +78,6 @@ func BenchmarkDataPath(b *testing.B) {
 		b.Fatal(err)
 	}
 	raw := measureRaw(b, bootBare(b, imageDir, vmDir, initrd, cmdline), files)
-
-	e.Must("vm", "start", "dp")
-	d := &dpVM{b: b, e: e, name: "dp", dir: vmDir, work: work}
-	res := d.measure(files)
-	hops := d.guestHops()
-
-	report := func(label, metric string, s sample, size int64, rawT time.Duration, rawSize int64, goal float64) {
-		t, cpu := s.t, s.cpu
-		mbps, rawMBps := mb(size, t), mb(rawSize, rawT)
-		ratio := mbps / rawMBps
-		ok := "MET"
-		if ratio < goal {
-			ok = "not met"
-		}
-		b.ReportMetric(mbps, metric+"-MB/s")
-		b.ReportMetric(ratio, metric+"-ratio")
-		fmt.Printf("%-34s %8v %7.1f MB/s  %.2f of raw (%.1f MB/s), goal >= %.1f: %s  [cpu: cli %v, bangerd %v, qemu %v; samples %v]\n",
-			label, t.Round(time.Millisecond), mbps, ratio, rawMBps, goal, ok, cpu.cli, cpu.daemon, cpu.qemu, rounded(s.all))
-	}
 	fmt.Printf("data path, medians of %d (raw: a bare QEMU with banger's kernel, initrd and command line, one extra virtio-serial port)\n", dpRuns)
 	fmt.Printf("%-34s %8v %7.1f MB/s  [samples %v]\n", "raw out (guest dd > port)", raw.out.Round(time.Millisecond), mb(bigSize, raw.out), raw.all[0])
 	fmt.Printf("%-34s %8v %7.1f MB/s  [samples %v]\n", "raw in (host > port, guest dd)", raw.in.Round(time.Millisecond), mb(bigSize, raw.in), raw.all[1])
@@ -109,36 +90,47 @@ func BenchmarkDataPath(b *testing.B) {
 		{"raw-tar-out-s", raw.tarOut.Seconds()}, {"raw-tar-in-s", raw.tarIn.Seconds()}} {
 		b.ReportMetric(m.v, m.name)
 	}
-	report("(a) vm exec -- cat, out", "a-exec-out", res.execOut, bigSize, raw.out, bigSize, 0.8)
-	report("(b) vm exec, stdin in", "b-exec-in", res.execIn, bigSize, raw.in, bigSize, 0.8)
-	report("(c) vm cp file in", "c-cp-in", res.cpIn, bigSize, raw.in, bigSize, 0.8)
-	report("(c) vm cp file out", "c-cp-out", res.cpOut, bigSize, raw.out, bigSize, 0.8)
-	// A tree's figures compare times: the same tree, as banger's stream
-	// and as GNU tar's.
-	report("(d) vm cp tree in", "d-tree-in", res.treeIn, raw.tarInSize, raw.tarIn, raw.tarInSize, 0.5)
-	report("(d) vm cp tree out", "d-tree-out", res.treeOut, raw.tarOutSize, raw.tarOut, raw.tarOutSize, 0.5)
-	data := int64(len(sparseAt) * sparseChunk)
-	for _, s := range []struct {
-		label, metric string
-		r             sample
-		disk          int64
-		side          string
-	}{{"(e) 2 GiB sparse file in", "e-sparse-in", res.sparseIn, res.sparseInDisk, "guest"},
-		{"(e) 2 GiB sparse file out", "e-sparse-out", res.sparseOut, res.sparseOutDisk, "host"}} {
-		ok := "MET"
-		if s.r.t >= 2*time.Second || s.disk > data+sparseChunk {
-			ok = "not met"
-		}
-		b.ReportMetric(s.r.t.Seconds(), s.metric+"-s")
-		b.ReportMetric(float64(s.disk)/(1<<20), s.metric+"-disk-MiB")
-		fmt.Printf("%-34s %8v  %.1f MiB on the %s's disk (data %d MiB), goal < 2s and the data's size: %s  [cpu: cli %v, bangerd %v, qemu %v; samples %v]\n",
-			s.label, s.r.t.Round(time.Millisecond), float64(s.disk)/(1<<20), s.side, data>>20, ok, s.r.cpu.cli, s.r.cpu.daemon, s.r.cpu.qemu, rounded(s.r.all))
-	}
+
+	e.Must("vm", "start", "dp")
+	d := &dpVM{b: b, e: e, name: "dp", dir: vmDir, work: work}
+	// Each figure is printed once measured, so that a run cut short
+	// still shows what it measured.
+	d.measure(files, raw)
 	fmt.Println("hops alone:")
-	for _, h := range hops {
+	for _, h := range d.guestHops() {
 		b.ReportMetric(h.mbps, h.metric+"-MB/s")
 		fmt.Printf("  %-58s %8.1f MB/s\n", h.label, h.mbps)
 	}
+}
+
+// report prints and reports a banger figure against its raw counterpart
+// (the same size moved in rawT, or for a tree the raw tar stream's).
+func (d *dpVM) report(label, metric string, s sample, size int64, rawT time.Duration, rawSize int64, goal float64) {
+	t, cpu := s.t, s.cpu
+	mbps, rawMBps := mb(size, t), mb(rawSize, rawT)
+	ratio := mbps / rawMBps
+	ok := "MET"
+	if ratio < goal {
+		ok = "not met"
+	}
+	d.b.ReportMetric(mbps, metric+"-MB/s")
+	d.b.ReportMetric(ratio, metric+"-ratio")
+	fmt.Printf("%-34s %8v %7.1f MB/s  %.2f of raw (%.1f MB/s), goal >= %.1f: %s  [cpu: cli %v, bangerd %v, qemu %v; samples %v]\n",
+		label, t.Round(time.Millisecond), mbps, ratio, rawMBps, goal, ok, cpu.cli, cpu.daemon, cpu.qemu, rounded(s.all))
+}
+
+// reportSparse prints and reports a sparse file's figure: its time and the
+// bytes it occupies on side's disk.
+func (d *dpVM) reportSparse(label, metric string, s sample, disk int64, side string) {
+	data := int64(len(sparseAt) * sparseChunk)
+	ok := "MET"
+	if s.t >= 2*time.Second || disk > data+sparseChunk {
+		ok = "not met"
+	}
+	d.b.ReportMetric(s.t.Seconds(), metric+"-s")
+	d.b.ReportMetric(float64(disk)/(1<<20), metric+"-disk-MiB")
+	fmt.Printf("%-34s %8v  %.1f MiB on the %s's disk (data %d MiB), goal < 2s and the data's size: %s  [cpu: cli %v, bangerd %v, qemu %v; samples %v]\n",
+		label, s.t.Round(time.Millisecond), float64(disk)/(1<<20), side, data>>20, ok, s.cpu.cli, s.cpu.daemon, s.cpu.qemu, rounded(s.all))
 }
 
 func mb(size int64, d time.Duration) float64 { return float64(size) / 1e6 / d.Seconds() }
@@ -293,12 +285,6 @@ type sample struct {
 	all []time.Duration // every sample's time, for a median
 }
 
-// bangerResults are the banger figures (medians).
-type bangerResults struct {
-	execOut, execIn, cpIn, cpOut, treeIn, treeOut, sparseIn, sparseOut sample
-	sparseInDisk, sparseOutDisk                                        int64 // bytes on disk (guest, host)
-}
-
 func (d *dpVM) qemuPID() int {
 	p, err := os.ReadFile(filepath.Join(d.dir, "qemu.pid"))
 	if err != nil {
@@ -380,9 +366,9 @@ func times(prepare func(i int), f func(i int) sample) sample {
 	return medianSample(ss)
 }
 
-func (d *dpVM) measure(f dataFiles) bangerResults {
+// measure measures and reports (a) to (e).
+func (d *dpVM) measure(f dataFiles, raw rawFigures) {
 	b := d.b
-	var r bangerResults
 	host := func(i int) string { return filepath.Join(d.work, fmt.Sprintf("out%d", i)) }
 	fresh := func(i int) {
 		os.RemoveAll(host(i))
@@ -392,37 +378,45 @@ func (d *dpVM) measure(f dataFiles) bangerResults {
 	}
 
 	// (c) in: the file the other figures read in the guest.
-	r.cpIn = times(func(int) { d.sh("rm -f /root/big") }, func(int) sample { return d.run("", "vm", "cp", f.big, d.name+":/root") })
+	cpIn := times(func(int) { d.sh("rm -f /root/big") }, func(int) sample { return d.run("", "vm", "cp", f.big, d.name+":/root") })
 	if got := strings.TrimSpace(d.sh("stat -c %s /root/big")); got != strconv.Itoa(bigSize) {
 		b.Fatalf("vm cp in: /root/big has %s bytes, want %d", got, bigSize)
 	}
+	d.report("(c) vm cp file in", "c-cp-in", cpIn, bigSize, raw.in, bigSize, 0.8)
 	// (a), (b)
-	r.execOut = times(nil, func(int) sample { return d.run("", "vm", "exec", d.name, "--", "cat", "/root/big") })
-	r.execIn = times(nil, func(int) sample { return d.run(f.big, "vm", "exec", d.name, "--", "sh", "-c", "cat > /dev/null") })
+	d.report("(a) vm exec -- cat, out", "a-exec-out",
+		times(nil, func(int) sample { return d.run("", "vm", "exec", d.name, "--", "cat", "/root/big") }), bigSize, raw.out, bigSize, 0.8)
+	d.report("(b) vm exec, stdin in", "b-exec-in",
+		times(nil, func(int) sample { return d.run(f.big, "vm", "exec", d.name, "--", "sh", "-c", "cat > /dev/null") }), bigSize, raw.in, bigSize, 0.8)
 	// (c) out
-	r.cpOut = times(fresh, func(i int) sample { return d.run("", "vm", "cp", d.name+":/root/big", host(i)) })
+	cpOut := times(fresh, func(i int) sample { return d.run("", "vm", "cp", d.name+":/root/big", host(i)) })
 	if fileSum(b, filepath.Join(host(0), "big")) != f.bigSum {
 		b.Fatal("vm cp out: the file differs from the one copied in")
 	}
+	d.report("(c) vm cp file out", "c-cp-out", cpOut, bigSize, raw.out, bigSize, 0.8)
 
 	// (d)
-	r.treeIn = times(func(int) { d.sh("rm -rf /root/tree") }, func(int) sample { return d.run("", "vm", "cp", f.tree, d.name+":/root") })
+	treeIn := times(func(int) { d.sh("rm -rf /root/tree") }, func(int) sample { return d.run("", "vm", "cp", f.tree, d.name+":/root") })
 	if n := strings.TrimSpace(d.sh("find /root/tree -type f | wc -l")); n != strconv.Itoa(treeFiles) {
 		b.Fatalf("vm cp tree in: %s files in the guest, want %d", n, treeFiles)
 	}
-	r.treeOut = times(fresh, func(i int) sample { return d.run("", "vm", "cp", d.name+":/root/tree", host(i)) })
+	// A tree's figures compare times: the same tree, as banger's stream
+	// and as GNU tar's.
+	d.report("(d) vm cp tree in", "d-tree-in", treeIn, raw.tarInSize, raw.tarIn, raw.tarInSize, 0.5)
+	treeOut := times(fresh, func(i int) sample { return d.run("", "vm", "cp", d.name+":/root/tree", host(i)) })
 	if n := countFiles(b, filepath.Join(host(0), "tree")); n != treeFiles {
 		b.Fatalf("vm cp tree out: %d files on the host, want %d", n, treeFiles)
 	}
+	d.report("(d) vm cp tree out", "d-tree-out", treeOut, raw.tarOutSize, raw.tarOut, raw.tarOutSize, 0.5)
 
 	// (e)
-	r.sparseIn = times(func(int) { d.sh("rm -f /root/sparse") }, func(int) sample { return d.run("", "vm", "cp", f.sparse, d.name+":/root") })
+	sparseIn := times(func(int) { d.sh("rm -f /root/sparse") }, func(int) sample { return d.run("", "vm", "cp", f.sparse, d.name+":/root") })
 	var size, blocks, blockSize int64
 	if _, err := fmt.Sscan(d.sh("stat -c '%s %b %B' /root/sparse"), &size, &blocks, &blockSize); err != nil || size != sparseSize {
 		b.Fatalf("vm cp sparse in: size %d (%v), want %d", size, err, int64(sparseSize))
 	}
-	r.sparseInDisk = blocks * blockSize
-	r.sparseOut = times(fresh, func(i int) sample { return d.run("", "vm", "cp", d.name+":/root/sparse", host(i)) })
+	d.reportSparse("(e) 2 GiB sparse file in", "e-sparse-in", sparseIn, blocks*blockSize, "guest")
+	sparseOut := times(fresh, func(i int) sample { return d.run("", "vm", "cp", d.name+":/root/sparse", host(i)) })
 	p := filepath.Join(host(0), "sparse")
 	var st syscall.Stat_t
 	if err := syscall.Stat(p, &st); err != nil {
@@ -431,11 +425,10 @@ func (d *dpVM) measure(f dataFiles) bangerResults {
 	if st.Size != sparseSize || fileSum(b, p) != f.sparseSum {
 		b.Fatalf("vm cp sparse out: %d bytes or content differs from the source", st.Size)
 	}
-	r.sparseOutDisk = st.Blocks * 512
+	d.reportSparse("(e) 2 GiB sparse file out", "e-sparse-out", sparseOut, st.Blocks*512, "host")
 	for i := 0; i < dpRuns; i++ {
 		os.RemoveAll(host(i))
 	}
-	return r
 }
 
 func countFiles(b *testing.B, dir string) int {
