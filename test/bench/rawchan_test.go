@@ -32,6 +32,7 @@ type bareVM struct {
 	rawSock string
 	rawDev  string // the raw port's device in the guest
 	stop    func() // kills the VM (also at the benchmark's end)
+	pid     int    // QEMU's
 }
 
 // bootBare boots a bare QEMU like bareBoot, with the raw port added, and
@@ -82,7 +83,7 @@ func bootBare(b *testing.B, imageDir, vmDir, initrd, cmdline string) *bareVM {
 		b.Fatalf("bare boot: %v", err)
 	}
 	b.Cleanup(func() { ac.Close() })
-	vm := &bareVM{agent: ac, rawSock: raw, stop: func() { ac.Close(); stop() }}
+	vm := &bareVM{agent: ac, rawSock: raw, stop: func() { ac.Close(); stop() }, pid: cmd.Process.Pid}
 	vm.rawDev = strings.TrimSpace(vm.sh(b, `for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name)" = `+rawPortName+` ] && echo /dev/${p##*/}; done`))
 	if vm.rawDev == "" {
 		b.Fatal("bare boot: the raw port is not in the guest")
