@@ -48,6 +48,8 @@ import (
 //       DataFrameData, then End; the host sends nothing at all after its
 //       preamble (not even an End: the guest takes any byte from the
 //       host as a broken stream);
+//     a Data or Stderr frame carries at least one byte (an empty one
+//     fails the transfer);
 //  5. the guest closes the port before it reports the outcome on SSH
 //     (exit-status, ReqCopyStatus) and closes the SSH channel; the host
 //     disconnects. The host uses the port again only after the SSH
@@ -260,7 +262,8 @@ func NewDataReader(r io.Reader, max int) *DataReader {
 // Next returns the next frame's kind and payload (valid until the next
 // call). After a DataFrameEnd frame it returns that kind with no payload.
 // A stream that ends before DataFrameEnd gives io.ErrUnexpectedEOF; an
-// unknown kind or a payload over the limit, ErrDataFrame.
+// unknown kind, a payload over the limit, an End with a payload or a Data
+// or Stderr frame without one, ErrDataFrame.
 func (dr *DataReader) Next() (byte, []byte, error) {
 	if _, err := io.ReadFull(dr.r, dr.hdr[:]); err != nil {
 		if errors.Is(err, io.EOF) {
@@ -278,6 +281,10 @@ func (dr *DataReader) Next() (byte, []byte, error) {
 		return 0, nil, fmt.Errorf("%w: payload of %d bytes, the limit is %d", ErrDataFrame, n, dr.max)
 	case kind == DataFrameEnd && n != 0:
 		return 0, nil, fmt.Errorf("%w: end frame with a payload", ErrDataFrame)
+	case kind != DataFrameEnd && n == 0:
+		// A sender never has a reason for one; refused, it can't keep a
+		// receiver waiting while passing nothing on.
+		return 0, nil, fmt.Errorf("%w: empty frame of kind %d", ErrDataFrame, kind)
 	}
 	if cap(dr.buf) < int(n) {
 		dr.buf = make([]byte, max(int(n), 32<<10))

@@ -101,6 +101,8 @@ func TestDataFrameLimits(t *testing.T) {
 		"nonzero padding":  {frame(DataFrameData, 0, 1), 0, ErrDataFrame},
 		"over the limit":   {frame(DataFrameData, 10, 0), 9, ErrDataFrame},
 		"end with payload": {frame(DataFrameEnd, 1, 0), 0, ErrDataFrame},
+		"empty data":       {frame(DataFrameData, 0, 0), 0, ErrDataFrame},
+		"empty stderr":     {frame(DataFrameStderr, 0, 0), 0, ErrDataFrame},
 		"cut payload":      {frame(DataFrameData, 10, 0)[:DataHeaderSize+5], 0, io.ErrUnexpectedEOF},
 		"cut header":       {frame(DataFrameData, 0, 0)[:3], 0, io.ErrUnexpectedEOF},
 	} {

@@ -424,9 +424,10 @@ func TestDataExecBadFrames(t *testing.T) {
 		{"unknown kind", func(h []byte) { agentproto.PutDataHeader(h, 9, 0) }},
 		{"stderr from the host", func(h []byte) { agentproto.PutDataHeader(h, agentproto.DataFrameStderr, 0) }},
 		{"over the limit", func(h []byte) { agentproto.PutDataHeader(h, agentproto.DataFrameData, agentproto.MaxDataFrame+1) }},
+		{"empty data", func(h []byte) { agentproto.PutDataHeader(h, agentproto.DataFrameData, 0) }},
 		{"after the end", func(h []byte) {
 			agentproto.PutDataHeader(h[:agentproto.DataHeaderSize], agentproto.DataFrameEnd, 0)
-			agentproto.PutDataHeader(h[agentproto.DataHeaderSize:], agentproto.DataFrameData, 0)
+			agentproto.PutDataHeader(h[agentproto.DataHeaderSize:], agentproto.DataFrameData, 1)
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -436,8 +437,9 @@ func TestDataExecBadFrames(t *testing.T) {
 			if err != nil {
 				t.Fatalf("handshake: %v", err)
 			}
-			hdr := make([]byte, 2*agentproto.DataHeaderSize)
-			tc.hdr(hdr)
+			// Room for a second header and its one byte of payload.
+			hdr := make([]byte, 2*agentproto.DataHeaderSize+1)
+			tc.hdr(hdr[:2*agentproto.DataHeaderSize])
 			if hdr[agentproto.DataHeaderSize] == 0 {
 				hdr = hdr[:agentproto.DataHeaderSize]
 			}
