@@ -20,9 +20,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ErrSourceChanged is returned by Write when the stream would be larger,
-// or hold more entries, than it announced (a file grew or was created
-// during the copy).
+// ErrSourceChanged is returned by Write when the stream would differ
+// from what it announced: more bytes or entries (a file grew or was
+// created during the copy), or a file it counted that shrank, went or was
+// replaced (another file, a FIFO).
 var ErrSourceChanged = errors.New("source changed during the copy")
 
 // WriteOptions tune Write.
@@ -348,8 +349,11 @@ func changed(err error, seen bool) error {
 // can have holes: the others are neither searched for holes nor, when
 // counting, opened.
 //
-// With seen (the size is the counting walk's), a file that grew, shrank
-// or went fails the walk with ErrSourceChanged.
+// With seen (st is the counting walk's), a file that grew, shrank, went
+// or is no longer the same regular file (another inode, a FIFO put in its
+// place) fails the walk with ErrSourceChanged. The open never blocks
+// (O_NONBLOCK: a FIFO put in the file's place would wait for a writer;
+// a regular file ignores the flag).
 func (wk *walker) file(dfd int, leaf, p string, hdr *tar.Header, st *unix.Stat_t, seen bool) error {
 	mayHaveHoles := st.Blocks*512 < st.Size
 	if wk.sizeOnly && !mayHaveHoles {
@@ -361,11 +365,22 @@ func (wk *walker) file(dfd int, leaf, p string, hdr *tar.Header, st *unix.Stat_t
 		wk.w.(*counter).n += hdr.Size + pad(hdr.Size)
 		return nil
 	}
-	fd, err := unix.Openat(dfd, leaf, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	fd, err := unix.Openat(dfd, leaf, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return changed(fmt.Errorf("open %s: %w", p, err), seen)
 	}
 	defer unix.Close(fd)
+	if seen {
+		// The stat is the counting walk's: check that the name still
+		// leads to that file (one more system call per file).
+		var now unix.Stat_t
+		if err := unix.Fstat(fd, &now); err != nil {
+			return fmt.Errorf("stat %s: %w", p, err)
+		}
+		if now.Mode&unix.S_IFMT != unix.S_IFREG || now.Dev != st.Dev || now.Ino != st.Ino {
+			return fmt.Errorf("%s: no longer the file it was: %w", p, ErrSourceChanged)
+		}
+	}
 	if mayHaveHoles {
 		wk.holeScans++
 		segs, err := dataSegments(fd, hdr.Size)
