@@ -362,21 +362,35 @@ func listen(path string, gid int) (net.Listener, error) {
 		return nil, fmt.Errorf("socket %s: another bangerd is already serving it", path)
 	}
 	_ = os.Remove(path)
-	old := unix.Umask(0o117)
-	l, err := net.Listen("unix", path)
-	unix.Umask(old)
+	// The socket is made in a private directory (0700) beside path, given
+	// its mode and group there, then renamed to path: it is never
+	// reachable with another mode, and the process's umask (shared by
+	// every goroutine, which create files meanwhile) stays as it is.
+	tmp, err := os.MkdirTemp(filepath.Dir(path), ".bangerd-socket-")
+	if err != nil {
+		return nil, fmt.Errorf("create socket: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	tp := filepath.Join(tmp, "s")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: tp, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o660); err != nil {
+	l.SetUnlinkOnClose(false) // the daemon removes path when it stops
+	fail := func(what string, err error) (net.Listener, error) {
 		l.Close()
-		return nil, fmt.Errorf("chmod socket: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	if err := os.Chmod(tp, 0o660); err != nil {
+		return fail("chmod socket", err)
 	}
 	if gid >= 0 {
-		if err := os.Chown(path, 0, gid); err != nil {
-			l.Close()
-			return nil, fmt.Errorf("chown socket: %w", err)
+		if err := os.Chown(tp, 0, gid); err != nil {
+			return fail("chown socket", err)
 		}
+	}
+	if err := os.Rename(tp, path); err != nil {
+		return fail("create socket "+path, err)
 	}
 	return l, nil
 }

@@ -143,18 +143,21 @@ func (cf *confinedFiles) addSet(f *os.File, opaque string) string {
 	return "/dev/fdset/" + strconv.Itoa(cf.sets)
 }
 
-// listen creates a unix socket only root can reach and passes its
-// listening descriptor.
+// listen creates a unix socket only root can reach (mode 0600, in the
+// VM's directory, 0700, from the start) and passes its listening
+// descriptor. The mode is set after the bind, not with the process's
+// umask, which every goroutine of the daemon shares.
 func (cf *confinedFiles) listen(path string) (int, error) {
-	old := unix.Umask(0o177)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	unix.Umask(old)
 	if err != nil {
 		return 0, fmt.Errorf("create socket: %w", err)
 	}
 	l.SetUnlinkOnClose(false)
 	cf.listeners = append(cf.listeners, l)
 	cf.removeOnFailure = append(cf.removeOnFailure, path)
+	if err := os.Chmod(path, 0o600); err != nil {
+		return 0, fmt.Errorf("socket %s: %w", path, err)
+	}
 	f, err := l.File()
 	if err != nil {
 		return 0, fmt.Errorf("socket %s: %w", path, err)
