@@ -637,7 +637,8 @@ func resolveOCIArchive(file string, want v1.Platform, tempDir string) (*Source, 
 		return nil, err
 	}
 	cleanup := func() { os.RemoveAll(dir) }
-	if err := tarcopy.Extract(f, dir, tarcopy.ExtractOptions{}); err != nil {
+	// Inside bangerd: other goroutines may change the umask meanwhile.
+	if err := tarcopy.Extract(f, dir, tarcopy.ExtractOptions{UmaskMayChange: true}); err != nil {
 		cleanup()
 		return nil, fmt.Errorf("unpack %s: %w: %w", file, err, errdefs.ErrInvalid)
 	}

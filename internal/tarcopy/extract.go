@@ -67,6 +67,12 @@ type ExtractOptions struct {
 	MaxFileSize int64
 	// Log receives warnings about skipped entries; nil discards them.
 	Log *slog.Logger
+	// UmaskMayChange tells that the process may change its umask (which
+	// every goroutine shares) while Extract runs, as a daemon might:
+	// every file is then created 0600 and given its mode afterwards (one
+	// more system call per file). Without it, a file is created with its
+	// final mode when the umask read at the start allows it.
+	UmaskMayChange bool
 }
 
 // Extract unpacks the tar stream r under the absolute directory dest,
@@ -99,7 +105,10 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 		opts.MaxFileSize = DefaultMaxFileSize
 	}
 	opts.Log = logger(opts.Log)
-	x := &extractor{opts: opts, files: map[string]bool{}, deepFD: -1, umask: processUmask()}
+	x := &extractor{opts: opts, files: map[string]bool{}, deepFD: -1, umask: -1}
+	if !opts.UmaskMayChange {
+		x.umask = processUmask()
+	}
 	firstNew, err := mkdirAllNew(filepath.Clean(dest))
 	if err != nil {
 		return err
