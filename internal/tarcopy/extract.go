@@ -93,7 +93,8 @@ type ExtractOptions struct {
 // Existing directories are merged into; an existing non-directory is
 // replaced atomically (the new entry is written under a temporary name and
 // exchanged with it; the old one is removed once the copy succeeded).
-// Extract reads r to its end, past the tar's end marker. On error, every
+// Extract reads r to its end, past the tar's end marker; a stream without
+// the marker (cut short, even between two entries) fails. On error, every
 // entry this call created (and the parts of dest it created) is removed,
 // the entries it replaced are put back, and the error names the offending
 // entry.
@@ -132,7 +133,8 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 	}()
 
 	src := newTarSource(r)
-	tr := tar.NewReader(src)
+	end := &endMarker{r: src}
+	tr := tar.NewReader(end)
 	for {
 		// Skip what is left of the entry (one that was skipped), so src
 		// finds the next header where it expects it.
@@ -140,9 +142,16 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 			return fmt.Errorf("read tar: %w", err)
 		}
 		src.beginHeaders()
+		end.begin()
 		hdr, err := tr.Next()
 		src.endHeaders()
+		end.watch = false
 		if errors.Is(err, io.EOF) {
+			if !end.seen() {
+				// archive/tar takes a stream that stops between two
+				// entries for a whole one.
+				return fmt.Errorf("read tar: the stream ends without the tar's end marker (it was cut short): %w", io.ErrUnexpectedEOF)
+			}
 			break
 		}
 		if err != nil {
@@ -166,6 +175,44 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 	// finishDirs makes a directory read-only).
 	x.dropBackups()
 	return x.finishDirs()
+}
+
+// endMarker watches what tar.Reader reads while it looks for the next
+// header: archive/tar's Next returns io.EOF alike for the end-of-archive
+// marker (two zero blocks) and for a stream that simply stops where a
+// header should be (or after a single zero block), so a stream cut
+// between two entries would pass for a whole one. Next reads, from the
+// start of its call, the previous entry's padding (less than a block of
+// zeros), the entry's headers (each with non-zero bytes) and, at the end,
+// the marker: only a marker leaves two blocks of zeros at the end of what
+// it read.
+type endMarker struct {
+	r     io.Reader
+	watch bool
+	// zeros counts the zero bytes at the end of what was read while
+	// watching.
+	zeros int
+}
+
+func (m *endMarker) begin() { m.watch, m.zeros = true, 0 }
+
+// seen reports whether the last read ended with the end marker.
+func (m *endMarker) seen() bool { return m.zeros >= 2*512 }
+
+func (m *endMarker) Read(p []byte) (int, error) {
+	n, err := m.r.Read(p)
+	if m.watch && n > 0 {
+		i := n - 1
+		for i >= 0 && p[i] == 0 {
+			i--
+		}
+		if i < 0 {
+			m.zeros += n
+		} else {
+			m.zeros = n - 1 - i
+		}
+	}
+	return n, err
 }
 
 type dirMeta struct {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -791,6 +792,75 @@ func TestWriteFromRecords(t *testing.T) {
 			write := &walker{w: io.Discard, maxEntries: count.entries, names: names(), log: logger(nil)}
 			if _, err := write.run(src, seen); !errors.Is(err, ErrSourceChanged) {
 				t.Errorf("write after the tree changed: %v, want ErrSourceChanged", err)
+			}
+		})
+	}
+}
+
+// TestExtractNeedsTheEndMarker cuts a stream where one entry ends and the
+// next begins, and inside the end marker: archive/tar takes such a
+// stream for a whole one, Extract must not (a copy cut there would pass
+// for complete, its last entries missing).
+func TestExtractNeedsTheEndMarker(t *testing.T) {
+	var b bytes.Buffer
+	tw := tar.NewWriter(&b)
+	var cuts []int                             // where each entry begins, then where the marker does
+	long := "tree/" + strings.Repeat("n", 150) // a PAX header before it
+	for _, e := range []struct {
+		name string
+		typ  byte
+		body []byte
+	}{
+		{"tree/", tar.TypeDir, nil},
+		{"tree/zeros", tar.TypeReg, make([]byte, 1500)}, // ends with zeros, then padding
+		{long, tar.TypeReg, []byte("long")},
+		{"tree/empty", tar.TypeReg, nil},
+		{"tree/last", tar.TypeReg, make([]byte, 512)},
+	} {
+		if err := tw.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		cuts = append(cuts, b.Len())
+		hdr := &tar.Header{Name: e.name, Typeflag: e.typ, Mode: 0o644, Size: int64(len(e.body)), ModTime: time.Unix(1600000000, 0)}
+		if err := tw.WriteHeader(hdr); err != nil {
+			t.Fatal(err)
+		}
+		tw.Write(e.body)
+	}
+	tw.Flush()
+	marker := b.Len()
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	stream := b.Bytes()
+	if len(stream) != marker+1024 {
+		t.Fatalf("stream of %d bytes, the marker at %d", len(stream), marker)
+	}
+	cuts = append(cuts[1:], marker, marker+512)
+
+	for _, cut := range cuts {
+		t.Run(fmt.Sprint("cut at ", cut), func(t *testing.T) {
+			dest := t.TempDir()
+			os.WriteFile(filepath.Join(dest, "mine"), []byte("mine"), 0o644)
+			before := snapshot(t, dest)
+			err := Extract(bytes.NewReader(stream[:cut]), dest, ExtractOptions{})
+			if !errors.Is(err, io.ErrUnexpectedEOF) || !strings.Contains(err.Error(), "end marker") {
+				t.Fatalf("extract of the stream cut at %d of %d bytes: %v, want a missing end marker", cut, len(stream), err)
+			}
+			if after := snapshot(t, dest); fmt.Sprint(after) != fmt.Sprint(before) {
+				t.Errorf("destination after the cut copy:\n%v\nwant what was there before:\n%v", after, before)
+			}
+		})
+	}
+	for name, s := range map[string][]byte{
+		"whole":            stream,
+		"record padding":   append(slices.Clone(stream), make([]byte, 10240-len(stream)%10240)...),
+		"only the marker":  make([]byte, 1024),
+		"no entries, tail": append(make([]byte, 1024), "after the marker"...),
+	} {
+		t.Run(name, func(t *testing.T) {
+			if err := Extract(bytes.NewReader(s), t.TempDir(), ExtractOptions{}); err != nil {
+				t.Fatalf("extract: %v", err)
 			}
 		})
 	}
