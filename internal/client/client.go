@@ -181,8 +181,22 @@ const stdinChunk = rpc.MaxFrameBytes
 // read returns: an interactive stdin is sent as it is typed), or an EOF at
 // once when stdin is nil; the daemon refuses frames sent to any other
 // method. Progress frames go to progress, when given.
+//
+// A call with input asks the daemon first whether it reads binary framing
+// (rpc.ProbeBinary: a daemon from before it can't take binary input) and
+// speaks JSON lines to one that doesn't.
 func (c *Client) stream(ctx context.Context, method string, params, result any, stdout, stderr io.Writer, stdin io.Reader, input bool, resize <-chan [2]int, progress ...ProgressFunc) error {
-	s, err := rpc.OpenBinary(ctx, c.Socket, method, params)
+	open := rpc.OpenBinary
+	if stdin != nil || input || resize != nil {
+		binary, err := rpc.ProbeBinary(ctx, c.Socket)
+		if err != nil {
+			return err
+		}
+		if !binary {
+			open = rpc.Open
+		}
+	}
+	s, err := open(ctx, c.Socket, method, params)
 	if err != nil {
 		return err
 	}

@@ -164,8 +164,9 @@ func (s *Stream) Recv(result any) (api.Frame, error) {
 //
 // A daemon from before binary framing ignores the request's flag and
 // answers in JSON lines: Next then reads JSON lines, and Send and SendData
-// write them. A call that sent input before the first answer fails with
-// that daemon's error.
+// write them. Input sent before its first answer would be lost on it (a
+// binary message is no line: the call fails or waits for good): a call
+// with input asks ProbeBinary first.
 func (s *Stream) Next(result any) (api.Frame, error) {
 	if s.r == nil || !s.binary {
 		var msg Message
@@ -213,6 +214,26 @@ func (s *Stream) Next(result any) (api.Frame, error) {
 	default:
 		return api.Frame{}, fmt.Errorf("read from bangerd: a message of unknown kind %d (client and daemon versions differ?)", kind)
 	}
+}
+
+// ProbeBinary reports whether the daemon at socketPath reads binary
+// framing (MethodBinaryProbe): a daemon from before it answers in JSON
+// lines, and takes a binary message for a bad line. It costs one
+// connection and one message each way.
+func ProbeBinary(ctx context.Context, socketPath string) (bool, error) {
+	s, err := OpenBinary(ctx, socketPath, MethodBinaryProbe, nil)
+	if err != nil {
+		return false, err
+	}
+	defer s.Close()
+	_, err = s.Next(nil)
+	switch {
+	case errors.Is(err, io.EOF):
+		return s.binary, nil // answered in binary framing, unless it fell back
+	case errors.Is(err, errdefs.ErrUnknownMethod):
+		return false, nil
+	}
+	return false, err
 }
 
 // fallBack switches the stream to JSON lines, the header just read being

@@ -256,6 +256,10 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 			return *msg.Frame, true, nil
 		}
 	}
+	if req.Method == MethodBinaryProbe {
+		call.finish(struct{}{}, nil)
+		return
+	}
 	m, ok := s.methods[req.Method]
 	if !ok {
 		call.finish(nil, fmt.Errorf("method %s (client and daemon versions differ?): %w", errdefs.Quote(req.Method), errdefs.ErrUnknownMethod))

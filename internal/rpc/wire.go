@@ -17,7 +17,9 @@
 //     the result; an error); KindStdout, KindStderr (daemon → client) and
 //     KindStdin (client → daemon) carry raw bytes of one stream, with no
 //     encoding and no copy beyond the socket's. Bulk streams (exec, cp,
-//     logs, attach, tunnels) use it.
+//     logs, attach, tunnels) use it. A daemon from before it answers in
+//     JSON lines, which the client follows; a call that sends input asks
+//     first (ProbeBinary), since such a daemon can't read binary input.
 package rpc
 
 import (
@@ -111,6 +113,11 @@ type WireError struct {
 	Code    string `json:"code"`
 	Message string `json:"message"`
 }
+
+// MethodBinaryProbe is answered by the server itself, with an empty
+// result in the request's framing: a daemon from before binary framing
+// answers it with an unknown-method error in JSON lines (see ProbeBinary).
+const MethodBinaryProbe = "rpc.binary_framing"
 
 // Kind is what a binary message carries.
 type Kind uint8
