@@ -547,7 +547,11 @@ func (ss *session) run(c command) {
 		ss.failStart(errOut, c.argv[0], err)
 		return
 	}
-	ss.log.Debug("command started", "argv", c.argv, "pid", cmd.Process.Pid, "pty", ss.ptmx != nil)
+	dataPort := -1 // the streams' path: -1 over SSH, else the data port
+	if ss.dc != nil {
+		dataPort = ss.dc.port
+	}
+	ss.log.Debug("command started", "argv", c.argv, "pid", cmd.Process.Pid, "pty", ss.ptmx != nil, "data_port", dataPort)
 
 	if ss.ptmx != nil {
 		ptmx := ss.ptmx
