@@ -455,7 +455,8 @@ const pipeSize = 1 << 20
 // frame, completed by the next read) and sent as soon as it is empty, so
 // that a writer's sizes (32 KiB writes are common) don't add a small
 // frame to each full one and nothing waits. It returns the first read or
-// write error.
+// write error; a held frame is sent before a read error is returned (r
+// closed once the output's grace ran out: nothing read is dropped).
 func pumpPipe(dw *agentproto.DataWriter, kind byte, r *os.File) error {
 	const (
 		hdr   = agentproto.DataHeaderSize
@@ -489,6 +490,11 @@ func pumpPipe(dw *agentproto.DataWriter, kind byte, r *os.File) error {
 			}
 			return true
 		}); err != nil {
+			// The pipe was closed (the output's grace ran out): what
+			// was read from it still goes out, as over SSH.
+			if pending > 0 {
+				dw.WriteFrame(kind, buf[:hdr+pending])
+			}
 			return err
 		}
 		switch {
@@ -506,6 +512,9 @@ func pumpPipe(dw *agentproto.DataWriter, kind byte, r *os.File) error {
 		case rerr == unix.EINTR:
 			continue
 		case rerr != nil:
+			if pending > 0 {
+				dw.WriteFrame(kind, buf[:hdr+pending])
+			}
 			return &os.PathError{Op: "readv", Path: r.Name(), Err: rerr}
 		}
 		total := pending + n
