@@ -32,7 +32,7 @@ func TestPumpPipeClosedHoldingAFrame(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer w.Close() // kept open: a background process still holds it
+	defer w.Close()    // kept open: a background process still holds it
 	const n = 40 << 10 // a full frame and a partial one
 	if _, err := w.Write(bytes.Repeat([]byte("x"), n)); err != nil {
 		t.Fatal(err)
