@@ -68,7 +68,9 @@ func (s *server) handleCopyIn(nc ssh.NewChannel, log *slog.Logger) {
 		closeData = stop
 		src = &frameReader{dr: agentproto.NewDataReader(dc.r, agentproto.MaxDataFrame)}
 	}
-	err := tarcopy.Extract(src, req.Path, tarcopy.ExtractOptions{Archive: req.Archive, Log: log})
+	// Sync: the copy is on the VM's disk before the host hears it
+	// succeeded (a VM killed right after keeps it).
+	err := tarcopy.Extract(src, req.Path, tarcopy.ExtractOptions{Archive: req.Archive, Log: log, Sync: true})
 	if err == nil {
 		err = drainStream(src)
 	}

@@ -65,6 +65,13 @@ type ExtractOptions struct {
 	// MaxFileSize bounds the size of each regular file (its apparent size,
 	// holes included); 0 means DefaultMaxFileSize.
 	MaxFileSize int64
+	// Sync makes the copy durable before Extract returns: the
+	// destination's file system is synced (syncfs) once the copy stands.
+	// A guest's copy in needs it: the guest's page cache dies with the VM
+	// (a VM killed after a copy lost the file's tail, the copy having been
+	// reported whole). Entries on other file systems mounted under the
+	// destination are not covered.
+	Sync bool
 	// Log receives warnings about skipped entries; nil discards them.
 	Log *slog.Logger
 	// UmaskMayChange tells that the process may change its umask (which
@@ -174,7 +181,15 @@ func Extract(r io.Reader, dest string, opts ExtractOptions) (err error) {
 	// Past this point the copy stands: what it replaced goes (before
 	// finishDirs makes a directory read-only).
 	x.dropBackups()
-	return x.finishDirs()
+	if err := x.finishDirs(); err != nil {
+		return err
+	}
+	if opts.Sync {
+		if err := ignoringEINTR(func() error { return unix.Syncfs(x.root) }); err != nil {
+			return fmt.Errorf("sync the copy to disk under %s: %w", quote(dest), err)
+		}
+	}
+	return nil
 }
 
 // endMarker watches what tar.Reader reads while it looks for the next
