@@ -38,3 +38,26 @@ func TestDataPortSetupFailureRetriesOverSSH(t *testing.T) {
 		t.Errorf("%d dials of port 1, want 1", dials1.Load())
 	}
 }
+
+// failingReader returns its data, then an error (not EOF).
+type failingReader struct{ data []byte }
+
+func (f *failingReader) Read(p []byte) (int, error) {
+	if len(f.data) == 0 {
+		return 0, errors.New("stdin broke")
+	}
+	n := copy(p, f.data)
+	f.data = f.data[n:]
+	return n, nil
+}
+
+// A stdin that fails to read ends the command's stdin on a data port, as
+// over SSH: cat ends instead of waiting for more.
+func TestDataPortStdinReadError(t *testing.T) {
+	g := serveData(t, 1)
+	var out bytes.Buffer
+	code, err := g.c.Exec(dataCtx(t), agent.ExecOptions{Argv: []string{"cat"}, Stdin: &failingReader{data: []byte("abc")}, Stdout: &out})
+	if err != nil || code != 0 || out.String() != "abc" || g.dials.Load() != 1 {
+		t.Errorf("cat with a failing stdin: %d, %v, %q, %d dials; want 0 and abc over the port", code, err, out.String(), g.dials.Load())
+	}
+}

@@ -37,9 +37,9 @@ type ExecOptions struct {
 	// optionally ":group"; agent protocol 1.4). Empty: the image's user
 	// (agentproto.ExecDefaults), else root.
 	User string
-	// Stdin feeds the command's standard input; its EOF closes it. When
-	// nil, the command's stdin is empty. Exec does not wait for a Read
-	// that is still blocked when the command ends.
+	// Stdin feeds the command's standard input; its EOF (or a read
+	// error) closes it. When nil, the command's stdin is empty. Exec does
+	// not wait for a Read that is still blocked when the command ends.
 	Stdin io.Reader
 	// Stdout and Stderr receive the command's output (discarded when nil).
 	// With TTY, both streams arrive merged on Stdout.
@@ -251,7 +251,13 @@ func (c *Client) execData(ctx context.Context, name string, opts ExecOptions, d 
 			err = fmt.Errorf("%w: data port %d: an answer after the guest's failure", ErrDataStream, d.port)
 		}
 		if err == nil {
-			go d.send(opts.Stdin)
+			go func() {
+				// A stdin that fails to read ends the command's stdin
+				// too, as over SSH.
+				if d.send(opts.Stdin) != nil {
+					d.w.End()
+				}
+			}()
 			err = d.frames(true, true, func(kind byte, p []byte) {
 				if kind == agentproto.DataFrameStderr {
 					stderr.Write(p)
