@@ -173,8 +173,9 @@ type Recoverer interface {
 type DataDialer interface {
 	// DialData connects to data port port (0 <= port <
 	// len(h.DataSockets)). A port serves one connection at a time: a
-	// second dial waits until the first is closed. On a VM that is not
-	// running: an error wrapping ErrNotRunning.
+	// second connection is not served until the first is closed (the
+	// dial itself doesn't wait for that). On a VM that is not running:
+	// an error wrapping ErrNotRunning.
 	DialData(ctx context.Context, h Handle, port int) (net.Conn, error)
 }
 

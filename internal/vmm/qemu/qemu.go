@@ -663,8 +663,9 @@ func (d *Driver) DialAgent(ctx context.Context, h vmm.Handle) (net.Conn, error) 
 }
 
 // DialData implements vmm.DataDialer: a connection to data port port's
-// socket. A port serves one connection at a time: a second dial waits
-// until the first is closed.
+// socket. A port serves one connection at a time: a second connection is
+// not served until the first is closed (the connect itself returns at
+// once, into the socket's backlog, or fails with EAGAIN when it is full).
 func (d *Driver) DialData(ctx context.Context, h vmm.Handle, port int) (net.Conn, error) {
 	if !d.Alive(h) {
 		return nil, fmt.Errorf("dial data port %d: %w", port, vmm.ErrNotRunning)
