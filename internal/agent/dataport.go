@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -38,7 +39,7 @@ const (
 	hostDataChunk = 256 << 10
 	// hostReadBuffer is the read buffer in front of a data port: the
 	// guest's frames are 32 KiB, a read takes several when they wait.
-	hostReadBuffer = 256 << 10
+	hostReadBuffer = 1 << 20
 )
 
 // dataDrainGrace is how long the stream may stay silent once the SSH
@@ -277,25 +278,77 @@ func (d *dataConn) isAborted() bool {
 	}
 }
 
-// frames reads the guest's frames until its End, passing each payload of
-// an allowed kind to fn; kinds the transfer doesn't expect fail it.
+// coalesceMax bounds what frames passes on at once. The guest's frames
+// carry at most 32 KiB (agentproto.GuestDataChunk); consecutive payloads of
+// one kind that are already read from the port are joined, so the hops
+// after this one (the RPC's frames, the CLI's writes) make a few large
+// writes instead of many small ones. Nothing waits for more bytes: a
+// payload is held back only while the next frame is whole in the buffer.
+const coalesceMax = 512 << 10
+
+// frames reads the guest's frames until its End, passing the payloads of
+// allowed kinds to fn, consecutive ones of one kind joined when they are
+// already read (coalesceMax); kinds the transfer doesn't expect fail it.
+// Everything passed on before an error or the End is passed to fn first.
 func (d *dataConn) frames(stdout, stderr bool, fn func(kind byte, p []byte)) error {
 	dr := agentproto.NewDataReader(d.r, agentproto.MaxDataFrame)
+	var (
+		acc     []byte
+		accKind byte
+	)
+	flush := func() {
+		if len(acc) > 0 {
+			fn(accKind, acc)
+			acc = acc[:0]
+		}
+	}
 	for {
 		d.progress()
 		kind, p, err := dr.Next()
 		if err != nil {
+			flush()
 			return d.readErr("read frame", err)
 		}
 		switch {
 		case kind == agentproto.DataFrameEnd:
+			flush()
 			return nil
 		case kind == agentproto.DataFrameData && stdout, kind == agentproto.DataFrameStderr && stderr:
-			fn(kind, p)
+			if len(acc) > 0 && kind != accKind {
+				flush()
+			}
+			more := d.nextFrameBuffered()
+			if len(acc) == 0 && !more {
+				fn(kind, p) // alone: no copy
+				continue
+			}
+			if acc == nil {
+				acc = make([]byte, 0, coalesceMax+agentproto.GuestDataChunk)
+			}
+			accKind = kind
+			acc = append(acc, p...)
+			if !more || len(acc) >= coalesceMax {
+				flush()
+			}
 		default:
+			flush()
 			return fmt.Errorf("%w: data port %d: %w: unexpected frame of kind %d", ErrDataStream, d.port, agentproto.ErrDataFrame, kind)
 		}
 	}
+}
+
+// nextFrameBuffered reports whether the next frame, header and payload, is
+// already in the read buffer (so reading it won't wait for the guest).
+func (d *dataConn) nextFrameBuffered() bool {
+	n := d.r.Buffered()
+	if n < agentproto.DataHeaderSize {
+		return false
+	}
+	hdr, err := d.r.Peek(agentproto.DataHeaderSize)
+	if err != nil {
+		return false
+	}
+	return uint64(n) >= uint64(agentproto.DataHeaderSize)+uint64(binary.BigEndian.Uint32(hdr[4:8]))
 }
 
 // send writes r to the port as data frames, then End when r ended (not
