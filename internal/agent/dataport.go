@@ -268,16 +268,6 @@ func (d *dataConn) closedChannel() bool {
 	return d.chClosed
 }
 
-// isAborted reports whether the port was disconnected by the host.
-func (d *dataConn) isAborted() bool {
-	select {
-	case <-d.aborted:
-		return true
-	default:
-		return false
-	}
-}
-
 // coalesceMax bounds what frames passes on at once. The guest's frames
 // carry at most 32 KiB (agentproto.GuestDataChunk); consecutive payloads of
 // one kind that are already read from the port are joined, so the hops
