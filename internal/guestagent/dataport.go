@@ -141,7 +141,7 @@ func (d *dataPorts) openDevice(ctx context.Context, i int) (io.ReadWriteCloser, 
 		return nil, fmt.Errorf("open data port %d: %w", i, err)
 	}
 	stop := context.AfterFunc(ctx, func() { f.Close() })
-	first, err := waitForData(ctx, f)
+	first, err := waitForHostBackoff(ctx, f, time.Millisecond, dataPollMax)
 	if !stop() || err != nil {
 		f.Close()
 		if ctx.Err() != nil {
@@ -150,27 +150,6 @@ func (d *dataPorts) openDevice(ctx context.Context, i int) (io.ReadWriteCloser, 
 		return nil, fmt.Errorf("wait for the host on data port %d: %w", i, err)
 	}
 	return &replayPort{File: f, pending: first}, nil
-}
-
-// waitForData reads r until it yields data, pausing after each empty read
-// (0 bytes or EOF: the host side is not connected), 1 ms at first, up to
-// dataPollMax. It returns the data read.
-func waitForData(ctx context.Context, r io.Reader) ([]byte, error) {
-	buf := make([]byte, 4096)
-	pause := time.Millisecond
-	for {
-		n, err := r.Read(buf)
-		if n > 0 {
-			return buf[:n], nil
-		}
-		if err != nil && !errors.Is(err, io.EOF) {
-			return nil, err
-		}
-		if err := sleepCtx(ctx, pause); err != nil {
-			return nil, err
-		}
-		pause = min(2*pause, dataPollMax)
-	}
 }
 
 // replayPort is an opened data port whose reads first return the bytes

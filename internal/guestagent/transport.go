@@ -124,7 +124,14 @@ func (s *server) servePortOnce(ctx context.Context, name string, f *os.File) err
 // each empty read (0 bytes or EOF: the host side is not connected). It
 // returns the data read, which the caller must not lose.
 func waitForHost(ctx context.Context, r io.Reader) ([]byte, error) {
+	return waitForHostBackoff(ctx, r, hostPollInterval, hostPollInterval)
+}
+
+// waitForHostBackoff is waitForHost pausing first, then twice as long
+// after each empty read, up to most.
+func waitForHostBackoff(ctx context.Context, r io.Reader, first, most time.Duration) ([]byte, error) {
 	buf := make([]byte, 4096)
+	pause := first
 	for {
 		n, err := r.Read(buf)
 		if n > 0 {
@@ -133,9 +140,10 @@ func waitForHost(ctx context.Context, r io.Reader) ([]byte, error) {
 		if err != nil && !errors.Is(err, io.EOF) {
 			return nil, err
 		}
-		if err := sleepCtx(ctx, hostPollInterval); err != nil {
+		if err := sleepCtx(ctx, pause); err != nil {
 			return nil, err
 		}
+		pause = min(2*pause, most)
 	}
 }
 
