@@ -8,21 +8,25 @@ import (
 	"github.com/bangerdev/banger/internal/agent"
 )
 
+// execBenchPaths are the paths the exec benchmarks compare: SSH with
+// each cipher, and a data port.
+var execBenchPaths = []struct {
+	name    string
+	ports   int
+	ciphers []string
+}{
+	{"ssh-aes128gcm", 0, agent.CiphersAESNI},
+	{"ssh-chacha20", 0, agent.CiphersSoftware},
+	{"dataport", 1, agent.CiphersSoftware},
+}
+
 // BenchmarkExecStdout: a command's stdout to the host through the real
 // guest agent (in this process, over socket pairs), over SSH with each
 // cipher and over a data port. The guest's CPU is the host's here: the
 // figures show the costs on the host, not a TCG guest's.
 func BenchmarkExecStdout(b *testing.B) {
 	const size = 64 << 20
-	for _, bc := range []struct {
-		name    string
-		ports   int
-		ciphers []string
-	}{
-		{"ssh-aes128gcm", 0, agent.CiphersAESNI},
-		{"ssh-chacha20", 0, agent.CiphersSoftware},
-		{"dataport", 1, agent.CiphersSoftware},
-	} {
+	for _, bc := range execBenchPaths {
 		b.Run(bc.name, func(b *testing.B) {
 			c := serveBench(b, bc.ports, bc.ciphers)
 			b.SetBytes(size)
@@ -44,15 +48,7 @@ func BenchmarkExecStdout(b *testing.B) {
 // 'cat > /dev/null'), as BenchmarkExecStdout.
 func BenchmarkExecStdin(b *testing.B) {
 	const size = 64 << 20
-	for _, bc := range []struct {
-		name    string
-		ports   int
-		ciphers []string
-	}{
-		{"ssh-aes128gcm", 0, agent.CiphersAESNI},
-		{"ssh-chacha20", 0, agent.CiphersSoftware},
-		{"dataport", 1, agent.CiphersSoftware},
-	} {
+	for _, bc := range execBenchPaths {
 		b.Run(bc.name, func(b *testing.B) {
 			c := serveBench(b, bc.ports, bc.ciphers)
 			b.SetBytes(size)

@@ -174,14 +174,7 @@ func bareBoot(b *testing.B, imageDir, vmDir, initrd, cmdline string) (agentAt, r
 		b.Fatal(err)
 	}
 	start := time.Now()
-	cmd := exec.Command("qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
-		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-		"-kernel", filepath.Join(imageDir, "vmlinuz"), "-initrd", initrd,
-		"-append", cmdline,
-		"-chardev", "file,id=console,path="+filepath.Join(dir, "console.log"), "-serial", "chardev:console",
-		"-drive", "id=root,file="+overlay+",format=qcow2,if=none", "-device", "virtio-blk-device,drive=root",
-		"-device", "virtio-serial-device", "-chardev", "socket,id=agent,path="+sock+",server=on,wait=off",
-		"-device", "virtserialport,chardev=agent,name="+agentproto.VirtioPortName)
+	cmd := bareQEMU(imageDir, initrd, cmdline, dir, overlay, sock)
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
@@ -212,6 +205,22 @@ func bareBoot(b *testing.B, imageDir, vmDir, initrd, cmdline string) (agentAt, r
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// bareQEMU is the command line of a bare QEMU booting banger's kernel,
+// initrd and command line with the same devices as banger's VMs: console
+// log in dir, overlay as the root disk, the agent's virtio-serial port on
+// sock; extra adds arguments (more ports).
+func bareQEMU(imageDir, initrd, cmdline, dir, overlay, sock string, extra ...string) *exec.Cmd {
+	args := []string{"-M", "microvm", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-kernel", filepath.Join(imageDir, "vmlinuz"), "-initrd", initrd,
+		"-append", cmdline,
+		"-chardev", "file,id=console,path=" + filepath.Join(dir, "console.log"), "-serial", "chardev:console",
+		"-drive", "id=root,file=" + overlay + ",format=qcow2,if=none", "-device", "virtio-blk-device,drive=root",
+		"-device", "virtio-serial-device", "-chardev", "socket,id=agent,path=" + sock + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name=" + agentproto.VirtioPortName}
+	return exec.Command("qemu-system-x86_64", append(args, extra...)...)
 }
 
 // makeImage makes a sparse ext4 image of the given size.

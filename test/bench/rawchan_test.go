@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/agent"
-	"github.com/bangerdev/banger/internal/agentproto"
 )
 
 // rawPortName is the extra virtio-serial port of the bare QEMU that
@@ -57,14 +56,7 @@ func bootBare(b *testing.B, imageDir, vmDir, initrd, cmdline string) *bareVM {
 	if err != nil {
 		b.Fatal(err)
 	}
-	cmd := exec.Command("qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
-		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-		"-kernel", filepath.Join(imageDir, "vmlinuz"), "-initrd", initrd,
-		"-append", cmdline,
-		"-chardev", "file,id=console,path="+filepath.Join(dir, "console.log"), "-serial", "chardev:console",
-		"-drive", "id=root,file="+overlay+",format=qcow2,if=none", "-device", "virtio-blk-device,drive=root",
-		"-device", "virtio-serial-device", "-chardev", "socket,id=agent,path="+sock+",server=on,wait=off",
-		"-device", "virtserialport,chardev=agent,name="+agentproto.VirtioPortName,
+	cmd := bareQEMU(imageDir, initrd, cmdline, dir, overlay, sock,
 		"-chardev", "socket,id=raw,path="+raw+",server=on,wait=off",
 		"-device", "virtserialport,chardev=raw,name="+rawPortName)
 	if err := cmd.Start(); err != nil {
