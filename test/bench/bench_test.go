@@ -32,6 +32,8 @@ import (
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/client"
+	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/qemu"
 	"github.com/bangerdev/banger/test/harness"
 )
 
@@ -212,7 +214,7 @@ func bareBoot(b *testing.B, imageDir, vmDir, initrd, cmdline string) (agentAt, r
 // log in dir, overlay as the root disk, the agent's virtio-serial port on
 // sock; extra adds arguments (more ports).
 func bareQEMU(imageDir, initrd, cmdline, dir, overlay, sock string, extra ...string) *exec.Cmd {
-	args := []string{"-M", "microvm", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
+	args := []string{"-M", "microvm", "-accel", "tcg", "-cpu", qemu.CPUModel(vmm.AccelTCG), "-smp", "2", "-m", "1024",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-kernel", filepath.Join(imageDir, "vmlinuz"), "-initrd", initrd,
 		"-append", cmdline,

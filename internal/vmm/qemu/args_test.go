@@ -34,7 +34,7 @@ func TestBuildArgsTCG(t *testing.T) {
 		"-name", "banger-0123abcd,process=banger-dev",
 		"-M", "microvm",
 		"-accel", "tcg",
-		"-cpu", "max",
+		"-cpu", "max,-erms,-fsrm",
 		"-smp", "2",
 		"-m", "1024",
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",

@@ -440,16 +440,12 @@ func probeFormat(path string) (string, error) {
 // BuildConfinedArgs returns the arguments of a confined QEMU: BuildArgs's
 // machine, with every file and socket replaced by the descriptors of cf.
 func buildConfinedArgs(spec vmm.Spec, accel string, cf *confinedFiles) []string {
-	cpu := "max"
-	if accel == vmm.AccelKVM {
-		cpu = "host"
-	}
 	args := []string{
 		"-name", "banger-" + escape(spec.ID) + ",process=banger-" + escape(spec.Name),
 		"-sandbox", Sandbox,
 		"-M", "microvm",
 		"-accel", accel,
-		"-cpu", cpu,
+		"-cpu", CPUModel(accel),
 		"-smp", strconv.Itoa(spec.CPUs),
 		"-m", strconv.Itoa(spec.MemoryMiB),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
