@@ -46,6 +46,13 @@ func (s *server) copyData(ctx context.Context, ds *agentproto.DataStream) (*data
 	return dc, func() { stop(); dc.Close() }, nil
 }
 
+// A copy in on a data port reads ahead into copyInBuffers buffers of
+// copyInBufferSize bytes.
+const (
+	copyInBuffers    = 4
+	copyInBufferSize = 1 << 20
+)
+
 func (s *server) handleCopyIn(nc ssh.NewChannel, log *slog.Logger) {
 	req, ch, ctx, ok := acceptCopy(nc, log)
 	if !ok {
@@ -65,12 +72,17 @@ func (s *server) handleCopyIn(nc ssh.NewChannel, log *slog.Logger) {
 			return
 		}
 		log.Debug("copy in on a data port", "port", dc.port)
-		closeData = stop
-		src = &frameReader{dr: agentproto.NewDataReader(dc.r, agentproto.MaxDataFrame)}
+		// The port is read ahead of the extraction: the guest's two
+		// vCPUs take bytes off the port and write files at once.
+		ra := newReadAhead(&frameReader{dr: agentproto.NewDataReader(dc.r, agentproto.MaxDataFrame)}, copyInBuffers, copyInBufferSize)
+		closeData = func() { stop(); ra.Close() }
+		src = ra
 	}
 	// Sync: the copy is on the VM's disk before the host hears it
-	// succeeded (a VM killed right after keeps it).
-	err := tarcopy.Extract(src, req.Path, tarcopy.ExtractOptions{Archive: req.Archive, Log: log, Sync: true})
+	// succeeded (a VM killed right after keeps it). DirectIO: large files
+	// skip the page cache, whose per-page work costs the emulated CPU more
+	// than the bytes (docs/dev/data-path.md).
+	err := tarcopy.Extract(src, req.Path, tarcopy.ExtractOptions{Archive: req.Archive, Log: log, Sync: true, DirectIO: true})
 	if err == nil {
 		err = drainStream(src)
 	}

@@ -72,6 +72,14 @@ type ExtractOptions struct {
 	// reported whole). Entries on other file systems mounted under the
 	// destination are not covered.
 	Sync bool
+	// DirectIO writes the data of large files (DirectMin and more, not
+	// sparse) with O_DIRECT, past the page cache. A guest under TCG needs
+	// it: there the page cache's work for each 4 KiB page costs several
+	// times the copy itself (200 MiB written through the page cache took
+	// 1.4–1.9 s of guest CPU, written direct 0.5 s). The files are then
+	// not in the page cache. A file system that refuses O_DIRECT, and a
+	// file's unaligned tail, are written through the page cache.
+	DirectIO bool
 	// Log receives warnings about skipped entries; nil discards them.
 	Log *slog.Logger
 	// UmaskMayChange tells that the process may change its umask (which
@@ -258,8 +266,9 @@ type extractor struct {
 	// previous entry; deepFD is a parent deeper than the cache keeps.
 	cache  dirCache
 	deepFD int
-	// buf is the copy buffer of every file.
-	buf []byte
+	// buf is the copy buffer of every file; dbuf, aligned, that of
+	// files written with O_DIRECT.
+	buf, dbuf []byte
 	// umask is the process's file mode creation mask, -1 if unknown.
 	umask int
 }
@@ -641,7 +650,12 @@ func (x *extractor) writeFile(parent int, leaf, name string, hdr *tar.Header, tr
 			return fmt.Errorf("read tar: more data than the sparse map places: %w", tar.ErrHeader)
 		}
 	} else {
-		if end, err = x.copyData(fd, tr, 0, hdr.Size); err != nil {
+		if x.opts.DirectIO && hdr.Size >= DirectMin && setDirect(fd, true) == nil {
+			end, err = x.copyDirect(fd, tr, hdr.Size)
+		} else {
+			end, err = x.copyData(fd, tr, 0, hdr.Size)
+		}
+		if err != nil {
 			return err
 		}
 	}
@@ -665,7 +679,16 @@ func (x *extractor) copyData(fd int, tr io.Reader, start, size int64) (int64, er
 	if x.buf == nil {
 		x.buf = make([]byte, copyBufSize)
 	}
-	buf := x.buf
+	return copyRuns(tr, x.buf, start, size, func(b []byte, off int64) error {
+		return pwriteAll(fd, b, off)
+	})
+}
+
+// copyRuns reads size bytes of tr through buf and hands each run of
+// non-zero blocks to write with its offset (start plus its place in the
+// stream), skipping zero blocks; it returns the end of the last run (0
+// when all was zero).
+func copyRuns(tr io.Reader, buf []byte, start, size int64, write func(b []byte, off int64) error) (int64, error) {
 	var end int64
 	for done := int64(0); done < size; {
 		n, rerr := io.ReadFull(tr, buf[:min(int64(len(buf)), size-done)])
@@ -679,7 +702,7 @@ func (x *extractor) copyData(fd int, tr io.Reader, start, size int64) (int64, er
 				run = i
 			}
 			if zero && run >= 0 {
-				if err := pwriteAll(fd, buf[run:i], off+int64(run)); err != nil {
+				if err := write(buf[run:i], off+int64(run)); err != nil {
 					return 0, fmt.Errorf("write: %w", err)
 				}
 				end = off + int64(i)
@@ -687,7 +710,7 @@ func (x *extractor) copyData(fd int, tr io.Reader, start, size int64) (int64, er
 			}
 		}
 		if run >= 0 {
-			if err := pwriteAll(fd, buf[run:n], off+int64(run)); err != nil {
+			if err := write(buf[run:n], off+int64(run)); err != nil {
 				return 0, fmt.Errorf("write: %w", err)
 			}
 			end = off + int64(n)
@@ -702,17 +725,94 @@ func (x *extractor) copyData(fd int, tr io.Reader, start, size int64) (int64, er
 
 // pwriteAll writes b at off in fd.
 func pwriteAll(fd int, b []byte, off int64) error {
-	for len(b) > 0 {
-		n, err := unix.Pwrite(fd, b, off)
+	_, err := pwriteN(fd, b, off)
+	return err
+}
+
+// pwriteN writes b at off in fd and returns how much it wrote.
+func pwriteN(fd int, b []byte, off int64) (int, error) {
+	done := 0
+	for done < len(b) {
+		n, err := unix.Pwrite(fd, b[done:], off+int64(done))
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
 		if err != nil {
-			return err
+			return done, err
 		}
-		b, off = b[n:], off+int64(n)
+		done += n
 	}
-	return nil
+	return done, nil
+}
+
+// DirectMin is the size from which ExtractOptions.DirectIO writes a file
+// with O_DIRECT.
+const DirectMin = 8 << 20
+
+// directAlign is the alignment of O_DIRECT buffers, offsets and lengths:
+// a page, a multiple of every logical block size a disk has.
+const directAlign = 4096
+
+// directBufSize is the size of the O_DIRECT copy buffer (one write each).
+const directBufSize = 1 << 20
+
+// setDirect sets or clears O_DIRECT on fd; the file system may refuse to
+// set it (EINVAL).
+func setDirect(fd int, on bool) error {
+	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil {
+		return err
+	}
+	if on {
+		flags |= unix.O_DIRECT
+	} else {
+		flags &^= unix.O_DIRECT
+	}
+	_, err = unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags)
+	return err
+}
+
+// copyDirect writes a file's size bytes of tr from offset 0 of fd, which
+// has O_DIRECT set, leaving holes where whole blocks are zero, and returns
+// the end of the last write. Writes are aligned but for the file's tail,
+// which goes through the page cache (O_DIRECT cleared), as does all that
+// follows a write the file system refuses (EINVAL).
+func (x *extractor) copyDirect(fd int, tr io.Reader, size int64) (int64, error) {
+	if x.dbuf == nil {
+		b := make([]byte, directBufSize+directAlign)
+		if o := int(uintptr(unsafe.Pointer(&b[0])) % directAlign); o != 0 {
+			b = b[directAlign-o:]
+		}
+		x.dbuf = b[:directBufSize:directBufSize]
+	}
+	direct := true
+	write := func(b []byte, off int64) error {
+		if direct {
+			// Offsets are aligned (runs start at block boundaries of
+			// an aligned buffer); only the file's last run can end
+			// unaligned.
+			n := len(b) &^ (directAlign - 1)
+			w, err := pwriteN(fd, b[:n], off)
+			switch {
+			case err == nil:
+			case errors.Is(err, unix.EINVAL):
+				// Refused (an odd alignment rule): what is left goes
+				// through the page cache.
+			default:
+				return err
+			}
+			b, off = b[w:], off+int64(w)
+			if len(b) == 0 {
+				return nil
+			}
+			if err := setDirect(fd, false); err != nil {
+				return err
+			}
+			direct = false
+		}
+		return pwriteAll(fd, b, off)
+	}
+	return copyRuns(tr, x.dbuf, 0, size, write)
 }
 
 func ignoringEINTR(f func() error) error {

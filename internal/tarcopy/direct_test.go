@@ -1,0 +1,106 @@
+package tarcopy
+
+import (
+	"bytes"
+	"crypto/rand"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestExtractDirectIO: with DirectIO a large file's data is written past
+// the page cache (none of its pages are cached after the copy but the
+// tail's, written through it), its zero blocks stay holes, and its bytes
+// are the stream's; without DirectIO the same file is cached. A file
+// below DirectMin is written through the page cache.
+func TestExtractDirectIO(t *testing.T) {
+	big := make([]byte, DirectMin+1<<20+2*4096+123)
+	rand.Read(big)
+	clear(big[4<<20 : 5<<20]) // a hole in the middle
+	small := make([]byte, 1<<20)
+	rand.Read(small)
+	stream := tarOf(t, entry{name: "big", body: string(big)}, entry{name: "small", body: string(small)})
+
+	dir := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	pageCacheFS := st.Type == unix.TMPFS_MAGIC // its files are page cache
+
+	for _, direct := range []bool{true, false} {
+		dest := filepath.Join(dir, map[bool]string{true: "direct", false: "buffered"}[direct])
+		if err := Extract(bytes.NewReader(stream), dest, ExtractOptions{DirectIO: direct}); err != nil {
+			t.Fatalf("direct=%v: %v", direct, err)
+		}
+		bigPath := filepath.Join(dest, "big")
+		if !pageCacheFS {
+			res := resident(t, bigPath)
+			last := len(res) - 1
+			cachedData := 0
+			for i, r := range res[:last] {
+				if r && (i < 4<<20/4096 || i >= 5<<20/4096) {
+					cachedData++
+				}
+			}
+			if direct && (cachedData != 0 || !res[last]) {
+				t.Errorf("DirectIO: %d data pages of %s cached (want 0), tail cached %v (want true)", cachedData, bigPath, res[last])
+			}
+			if !direct && cachedData == 0 {
+				t.Errorf("without DirectIO no page of %s is cached", bigPath)
+			}
+			if sres := resident(t, filepath.Join(dest, "small")); !sres[0] {
+				t.Errorf("direct=%v: the small file was not written through the page cache", direct)
+			}
+		}
+		fi, err := os.Stat(bigPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if alloc := fi.Sys().(*syscall.Stat_t).Blocks * 512; alloc > int64(len(big))-1<<20+64<<10 {
+			t.Errorf("direct=%v: %d bytes allocated for %d with a 1 MiB hole", direct, alloc, len(big))
+		}
+		for name, want := range map[string][]byte{"big": big, "small": small} {
+			got, err := os.ReadFile(filepath.Join(dest, name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("direct=%v: %s differs from the stream's", direct, name)
+			}
+		}
+	}
+}
+
+// resident tells, per page of the file at path, whether it is in the page
+// cache.
+func resident(t *testing.T, path string) []bool {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	vec := make([]byte, (len(m)+4095)/4096)
+	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+		t.Fatal("mincore:", errno)
+	}
+	res := make([]bool, len(vec))
+	for i, v := range vec {
+		res[i] = v&1 != 0
+	}
+	return res
+}
