@@ -13,6 +13,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/sockbuf"
 )
 
 func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
@@ -85,6 +86,9 @@ func open(ctx context.Context, socketPath, method string, params any, binary boo
 	}
 	s := &Stream{conn: conn, enc: json.NewEncoder(conn)}
 	if binary {
+		// Input (stdin, a copy in) runs ahead of the daemon's reads;
+		// best effort (without privileges, up to net.core.wmem_max).
+		sockbuf.GrowSend(conn, sockbuf.Stream)
 		s.r = bufio.NewReaderSize(conn, 64<<10)
 		s.bin = &binOut{w: conn}
 		s.binary = true

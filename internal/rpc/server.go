@@ -18,6 +18,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/api"
 	"github.com/bangerdev/banger/internal/errdefs"
+	"github.com/bangerdev/banger/internal/sockbuf"
 )
 
 // Peer is the process at the other end of a connection: its credentials
@@ -147,6 +148,12 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 				return nil
 			}
 			return fmt.Errorf("accept: %w", err)
+		}
+		// A stream's frames queue in the kernel while the client is
+		// behind, rather than stalling the daemon's reads of the VM
+		// (best effort: the call works with any buffer).
+		if _, err := sockbuf.GrowSend(conn, sockbuf.Stream); err != nil {
+			s.log.Debug("rpc: send buffer", "err", err)
 		}
 		s.wg.Add(1)
 		go func() {

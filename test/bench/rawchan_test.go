@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/agent"
+	"github.com/bangerdev/banger/internal/sockbuf"
 )
 
 // rawPortName is the extra virtio-serial port of the bare QEMU that
@@ -142,6 +143,11 @@ func (vm *bareVM) rawIn(b *testing.B, script string, src func(w io.Writer) error
 		b.Fatal(err)
 	}
 	defer conn.Close()
+	// The send buffer banger's own sockets get (sockbuf.Stream), so that
+	// the host side is never what slows the guest.
+	if _, err := sockbuf.GrowSend(conn, sockbuf.Stream); err != nil {
+		b.Fatal(err)
+	}
 	start := time.Now()
 	sent := make(chan error, 1)
 	go func() { sent <- src(conn) }()

@@ -37,6 +37,7 @@ import (
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/errdefs"
 	"github.com/bangerdev/banger/internal/kvmcheck"
+	"github.com/bangerdev/banger/internal/sockbuf"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -678,6 +679,9 @@ func (d *Driver) DialData(ctx context.Context, h vmm.Handle, port int) (net.Conn
 	if err != nil {
 		return nil, fmt.Errorf("dial data port %d: %w", port, err)
 	}
+	// Input for the guest queues in the kernel while QEMU is behind
+	// (best effort: the port works with any buffer).
+	sockbuf.GrowSend(conn, sockbuf.Stream)
 	return conn, nil
 }
 
