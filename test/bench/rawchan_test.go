@@ -84,7 +84,11 @@ func bootBare(b *testing.B, imageDir, vmDir, initrd, cmdline string) *bareVM {
 	}
 	// Measure once the guest has booted, as banger's VM is (vm start
 	// --wait-boot): systemd starting its services takes the guest's CPU.
-	vm.sh(b, "systemctl is-system-running --wait >/dev/null || true")
+	// The agent answers before systemd runs (banger's init starts it
+	// first), so wait for systemd's socket before asking it.
+	if st := strings.TrimSpace(vm.sh(b, `for i in $(seq 600); do [ -S /run/systemd/private ] && break; sleep 0.1; done; systemctl is-system-running --wait || true`)); st != "running" && st != "degraded" {
+		b.Fatalf("bare boot: systemd is %q, want running (or degraded)", st)
+	}
 	return vm
 }
 
