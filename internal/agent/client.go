@@ -72,7 +72,8 @@ type Client struct {
 	done  chan struct{}
 	proto string // the agent's protocol version
 
-	data dataPool // the data ports (UseDataPorts)
+	data     dataPool // the data ports (UseDataPorts)
+	directIO bool     // copies in ask for CopyRequest.DirectIO (WithDirectCopyIn)
 
 	closeOnce sync.Once
 	closeErr  error
@@ -82,7 +83,8 @@ type Client struct {
 type DialOption func(*dialConfig)
 
 type dialConfig struct {
-	ciphers []string
+	ciphers  []string
+	directIO bool
 }
 
 // WithCiphers sets the SSH ciphers the client offers, preferred first
@@ -90,6 +92,13 @@ type dialConfig struct {
 // Without it, x/crypto/ssh's default order (AES-GCM first).
 func WithCiphers(ciphers ...string) DialOption {
 	return func(c *dialConfig) { c.ciphers = ciphers }
+}
+
+// WithDirectCopyIn makes copies in ask the agent to write large files past
+// the guest's page cache (agentproto.CopyRequest.DirectIO): for a guest
+// whose CPU is emulated (TCG), where that saves most of a copy's CPU.
+func WithDirectCopyIn(on bool) DialOption {
+	return func(c *dialConfig) { c.directIO = on }
 }
 
 // Cipher preferences for WithCiphers.
@@ -149,7 +158,7 @@ func Dial(ctx context.Context, dial DialFunc, keys Keys, log *slog.Logger, opts 
 		}
 		return nil, fmt.Errorf("agent handshake: %w", err)
 	}
-	c := &Client{ssh: ssh.NewClient(sc, chans, reqs), log: log, done: make(chan struct{})}
+	c := &Client{ssh: ssh.NewClient(sc, chans, reqs), log: log, done: make(chan struct{}), directIO: dc.directIO}
 	go func() {
 		c.ssh.Wait()
 		close(c.done)

@@ -47,7 +47,7 @@ func (c *Client) CopyIn(ctx context.Context, tarStream io.Reader, destDir string
 	}
 	d := c.openData(ctx, "copy in")
 	defer d.abort()
-	ch, reqs, err := c.openCopy(ctx, agentproto.ChanCopyIn, agentproto.CopyRequest{Path: destDir, Archive: opts.Archive, Data: d.stream()}, d)
+	ch, reqs, err := c.openCopy(ctx, agentproto.ChanCopyIn, agentproto.CopyRequest{Path: destDir, Archive: opts.Archive, Data: d.stream(), DirectIO: c.directIO}, d)
 	if err != nil {
 		return fmt.Errorf("copy in to %s: %w", destDir, err)
 	}

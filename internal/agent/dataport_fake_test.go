@@ -26,11 +26,13 @@ import (
 
 // guestTransfer is one request the fake guest received.
 type guestTransfer struct {
-	kind  string // agentproto.ReqExecArgv, ChanCopyIn, ChanCopyOut
-	data  *agentproto.DataStream
-	ch    ssh.Channel
-	port  net.Conn // the guest's end, after the host's preamble was checked; nil without Data
-	token []byte
+	kind string // agentproto.ReqExecArgv, ChanCopyIn, ChanCopyOut
+	data *agentproto.DataStream
+	// directIO is a copy request's DirectIO.
+	directIO bool
+	ch       ssh.Channel
+	port     net.Conn // the guest's end, after the host's preamble was checked; nil without Data
+	token    []byte
 }
 
 // ack writes the guest's answer.
@@ -67,8 +69,8 @@ func (g *guestTransfer) status(msg string) {
 }
 
 // fakeDataGuest serves handle for each transfer; it returns the client
-// with n data ports and a count of the host's dials.
-func fakeDataGuest(t *testing.T, n int, handle func(g *guestTransfer)) (*agent.Client, *atomic.Int32) {
+// (dialed with opts) with n data ports and a count of the host's dials.
+func fakeDataGuest(t *testing.T, n int, handle func(g *guestTransfer), opts ...agent.DialOption) (*agent.Client, *atomic.Int32) {
 	t.Helper()
 	km, err := agent.GenerateKeys()
 	if err != nil {
@@ -173,7 +175,7 @@ func fakeDataGuest(t *testing.T, n int, handle func(g *guestTransfer)) (*agent.C
 					continue
 				}
 				go ssh.DiscardRequests(creqs)
-				go run(&guestTransfer{kind: nc.ChannelType(), data: cr.Data, ch: ch})
+				go run(&guestTransfer{kind: nc.ChannelType(), data: cr.Data, ch: ch, directIO: cr.DirectIO})
 			default:
 				nc.Reject(ssh.UnknownChannelType, "no")
 			}
@@ -182,7 +184,7 @@ func fakeDataGuest(t *testing.T, n int, handle func(g *guestTransfer)) (*agent.C
 	t.Cleanup(func() { guest.Close(); <-done })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := agent.Dial(ctx, func(context.Context) (net.Conn, error) { return host, nil }, keys, nil)
+	c, err := agent.Dial(ctx, func(context.Context) (net.Conn, error) { return host, nil }, keys, nil, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -549,5 +551,31 @@ func TestFakeGuestCopyBadAck(t *testing.T) {
 	err = c.CopyOut(dataCtx(t), "/tree", &out)
 	if !errors.Is(err, agentproto.ErrDataHandshake) || out.Len() != 0 {
 		t.Errorf("copy out: %v after %d bytes, want a handshake error and nothing written", err, out.Len())
+	}
+}
+
+// TestDirectCopyInFollowsTheOption: copies in ask the agent for O_DIRECT
+// writes only when the client was dialed WithDirectCopyIn(true).
+func TestDirectCopyInFollowsTheOption(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		asked := make(chan bool, 1)
+		c, _ := fakeDataGuest(t, 1, func(g *guestTransfer) {
+			asked <- g.directIO
+			g.ack(t)
+			dr := agentproto.NewDataReader(g.port, 0)
+			for {
+				kind, _, err := dr.Next()
+				if err != nil || kind == agentproto.DataFrameEnd {
+					break
+				}
+			}
+			g.status("")
+		}, agent.WithDirectCopyIn(on))
+		if err := c.CopyIn(dataCtx(t), bytes.NewReader(tarStream(t)), "/dest", agent.CopyOptions{}); err != nil {
+			t.Fatalf("copy in: %v", err)
+		}
+		if got := <-asked; got != on {
+			t.Errorf("WithDirectCopyIn(%v): the request's DirectIO is %v", on, got)
+		}
 	}
 }

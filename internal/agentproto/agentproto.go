@@ -23,8 +23,8 @@ import (
 // ChanDirectTCPIP. 1.4: Config.Process (the VM's main process),
 // Config.ExecDefaults, ExecRequest.User, ReqAttach, Info.MainProcess.
 // 1.5: data ports (datastream.go): ExecRequest.Data, CopyRequest.Data,
-// Info.DataPorts.
-const Version = "1.5"
+// Info.DataPorts. 1.6: CopyRequest.DirectIO.
+const Version = "1.6"
 
 // VirtioPortName is the name of the virtio-serial port carrying the agent
 // connection (/sys/class/virtio-ports/*/name in the guest).
@@ -317,6 +317,11 @@ type CopyRequest struct {
 	// DataStream); the channel then carries no data, only the copy's
 	// header and status.
 	Data *DataStream `json:"data,omitempty"`
+	// DirectIO (ChanCopyIn, since 1.6) asks the agent to write large
+	// files past the guest's page cache (O_DIRECT). The host asks for it
+	// when the guest's CPU is emulated (TCG), where the page cache's work
+	// per 4 KiB page costs more than the bytes; an older agent ignores it.
+	DirectIO bool `json:"direct_io,omitempty"`
 }
 
 // CopyHeader is the payload of ReqCopyHeader.

@@ -32,7 +32,10 @@ func (d *Daemon) connectAgent(ctx context.Context, r *runningVM, keys agent.Keys
 	dial := func(ctx context.Context) (net.Conn, error) { return d.driver.DialAgent(ctx, r.handle) }
 	ctx, cancel := r.untilExit(ctx)
 	defer cancel()
-	c, err := agent.WaitReady(ctx, dial, keys, d.log, agent.WithCiphers(agentCiphers(r.handle.Accel)...))
+	// A guest whose CPU is emulated gets ChaCha20 first and copies in
+	// past its page cache (docs/dev/data-path.md).
+	tcg := r.handle.Accel != vmm.AccelKVM
+	c, err := agent.WaitReady(ctx, dial, keys, d.log, agent.WithCiphers(agentCiphers(r.handle.Accel)...), agent.WithDirectCopyIn(tcg))
 	if err != nil {
 		if r.hasExited() {
 			return nil, errExitedDuringBoot

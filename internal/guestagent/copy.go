@@ -79,10 +79,11 @@ func (s *server) handleCopyIn(nc ssh.NewChannel, log *slog.Logger) {
 		src = ra
 	}
 	// Sync: the copy is on the VM's disk before the host hears it
-	// succeeded (a VM killed right after keeps it). DirectIO: large files
-	// skip the page cache, whose per-page work costs the emulated CPU more
-	// than the bytes (docs/dev/data-path.md).
-	err := tarcopy.Extract(src, req.Path, tarcopy.ExtractOptions{Archive: req.Archive, Log: log, Sync: true, DirectIO: true})
+	// succeeded (a VM killed right after keeps it). DirectIO, when the
+	// host asks (a guest under TCG): large files skip the page cache,
+	// whose per-page work costs the emulated CPU more than the bytes
+	// (docs/dev/data-path.md).
+	err := tarcopy.Extract(src, req.Path, tarcopy.ExtractOptions{Archive: req.Archive, Log: log, Sync: true, DirectIO: req.DirectIO})
 	if err == nil {
 		err = drainStream(src)
 	}

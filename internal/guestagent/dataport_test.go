@@ -22,6 +22,7 @@ import (
 	"github.com/bangerdev/banger/internal/agent"
 	"github.com/bangerdev/banger/internal/agentproto"
 	"github.com/bangerdev/banger/internal/guestagent"
+	"github.com/bangerdev/banger/internal/tarcopy"
 )
 
 // fakePorts are data ports for Hooks.OpenDataPort: the test's host side
@@ -504,7 +505,7 @@ func TestDataCopy(t *testing.T) {
 	c := rawClient(t, fp.hooks())
 	src := filepath.Join(t.TempDir(), "tree")
 	buildTree(t, src)
-	big := make([]byte, 5<<20+777)
+	big := make([]byte, tarcopy.DirectMin+777) // written with O_DIRECT in, and its tail
 	rand.Read(big)
 	if err := os.WriteFile(filepath.Join(src, "big"), big, 0o644); err != nil {
 		t.Fatal(err)
@@ -564,7 +565,7 @@ func TestDataCopy(t *testing.T) {
 	// In, on the same port.
 	dst := filepath.Join(t.TempDir(), "dst")
 	tok = newToken(t)
-	_, _, statusc = copyChannel(t, c, agentproto.ChanCopyIn, agentproto.CopyRequest{Path: dst, Archive: true, Data: &agentproto.DataStream{Port: 0, Token: tok}})
+	_, _, statusc = copyChannel(t, c, agentproto.ChanCopyIn, agentproto.CopyRequest{Path: dst, Archive: true, DirectIO: true, Data: &agentproto.DataStream{Port: 0, Token: tok}})
 	conn, err = hostHandshake(t, fp, 0, tok)
 	if err != nil {
 		t.Fatalf("handshake: %v", err)

@@ -25,7 +25,8 @@ type readAhead struct {
 	once sync.Once
 }
 
-// newReadAhead reads r ahead of its reader into n buffers of size bytes.
+// newReadAhead reads r ahead of its reader into at most n buffers of size
+// bytes, allocated as they are needed (a small copy takes one).
 func newReadAhead(r io.Reader, n, size int) *readAhead {
 	ra := &readAhead{
 		full: make(chan []byte, n),
@@ -33,36 +34,48 @@ func newReadAhead(r io.Reader, n, size int) *readAhead {
 		stop: make(chan struct{}),
 		done: make(chan struct{}),
 	}
-	for range n {
-		ra.free <- make([]byte, size)
-	}
-	go ra.fill(r)
+	go ra.fill(r, n, size)
 	return ra
 }
 
-func (ra *readAhead) fill(r io.Reader) {
+func (ra *readAhead) fill(r io.Reader, n, size int) {
 	defer close(ra.done)
 	defer close(ra.full)
+	made := 0
 	for {
 		var buf []byte
 		select {
 		case buf = <-ra.free:
-		case <-ra.stop:
-			ra.err = io.ErrClosedPipe
-			return
+		default:
+			if made < n {
+				buf = make([]byte, size)
+				made++
+				break
+			}
+			select {
+			case buf = <-ra.free:
+			case <-ra.stop:
+				ra.err = io.ErrClosedPipe
+				return
+			}
 		}
-		n, err := 0, error(nil)
-		for n < len(buf) && err == nil {
+		var (
+			got int
+			err error
+		)
+		for got < len(buf) && err == nil {
 			var m int
-			m, err = r.Read(buf[n:])
-			n += m
-			if len(ra.full) == 0 {
+			m, err = r.Read(buf[got:])
+			got += m
+			if got > 0 && len(ra.full) == 0 {
 				break // the reader has nothing left: hand over what there is
 			}
 		}
-		if n > 0 {
+		if got == 0 {
+			ra.free <- buf // never blocks: n buffers, n places
+		} else {
 			select {
-			case ra.full <- buf[:n]:
+			case ra.full <- buf[:got]:
 			case <-ra.stop:
 				ra.err = io.ErrClosedPipe
 				return

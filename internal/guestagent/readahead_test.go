@@ -76,7 +76,7 @@ func TestReadAheadReadsAheadOfAnIdleReader(t *testing.T) {
 	}
 }
 
-func TestReadAheadCloseStopsTheReader(t *testing.T) {
+func TestReadAheadCloseAfterTheSourceCloses(t *testing.T) {
 	pr, pw := io.Pipe()
 	ra := newReadAhead(pr, 2, 1024)
 	if _, err := pw.Write([]byte("abc")); err != nil {
@@ -99,4 +99,41 @@ func TestReadAheadCloseStopsTheReader(t *testing.T) {
 	if _, err := ra.Read(b[:]); err == nil {
 		t.Fatal("a read after Close succeeded")
 	}
+}
+
+// TestReadAheadCloseStopsFilling: with the reader gone and the source
+// never ending, the goroutine waits with every buffer full; Close stops
+// it without the source's help.
+func TestReadAheadCloseStopsFilling(t *testing.T) {
+	src := &countingReader{r: zeroReader{}, n: make(chan int, 1<<20)}
+	ra := newReadAhead(src, 2, 1024)
+	deadline := time.After(10 * time.Second)
+	for total := 0; total < 2*1024; {
+		select {
+		case n := <-src.n:
+			total += n
+		case <-deadline:
+			t.Fatalf("read %d bytes ahead, want the 2 buffers filled", total)
+		}
+	}
+	done := make(chan struct{})
+	go func() { ra.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not stop a goroutine waiting to hand over a buffer")
+	}
+	var b [4096]byte
+	n, err := io.ReadFull(ra, b[:])
+	if n > 2*1024 || err == nil {
+		t.Fatalf("after Close: read %d bytes, %v; want at most what was read ahead, then an error", n, err)
+	}
+}
+
+// zeroReader reads zeros without end.
+type zeroReader struct{}
+
+func (zeroReader) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
 }

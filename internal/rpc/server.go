@@ -149,12 +149,6 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			}
 			return fmt.Errorf("accept: %w", err)
 		}
-		// A stream's frames queue in the kernel while the client is
-		// behind, rather than stalling the daemon's reads of the VM
-		// (best effort: the call works with any buffer).
-		if _, err := sockbuf.GrowSend(conn, sockbuf.Stream); err != nil {
-			s.log.Debug("rpc: send buffer", "err", err)
-		}
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
@@ -286,6 +280,16 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 		if err := s.authorize(peer, m.perm); err != nil {
 			call.finish(nil, err)
 			return
+		}
+	}
+	if call.bin != nil {
+		// A bulk stream's frames queue in the kernel while the client
+		// is behind, rather than stalling the daemon's reads of the VM;
+		// only for an authorized binary call (as root the buffer isn't
+		// bounded by wmem_max). Best effort: the call works with any
+		// buffer.
+		if _, err := sockbuf.GrowSend(conn, sockbuf.Stream); err != nil {
+			s.log.Debug("rpc: send buffer", "err", err)
 		}
 	}
 	cctx, cancel := context.WithCancel(ctx)
