@@ -49,7 +49,6 @@ func (a *app) vmCpCmd() *cobra.Command {
 			"rate, ETA; -q hides it); piped or redirected, only errors go to stderr.",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			oneThread()
 			srcVM, src, srcRemote := splitRemote(args[0])
 			dstVM, dst, dstRemote := splitRemote(args[1])
 			switch {

@@ -609,16 +609,14 @@ func (a *app) vmAttachCmd() *cobra.Command {
 	}
 }
 
-// oneThread runs a command that relays a stream (vm exec, vm cp) with one
+// oneThread runs a command that only relays a stream (vm exec) with one
 // thread running Go code, unless the user set GOMAXPROCS. The CLI shares
 // the host's cores with the VM (under TCG, QEMU's emulated CPUs want all
 // of them), and with more threads the Go scheduler spins between the
-// stream's bursts and wakes a thread at each hand-over between the
-// stream's goroutines (a copy's tar reader and writer), taking the CPU the
-// guest needs: vm exec of 200 MiB out of a TCG guest took 2.8 s with one
-// thread against 3.2 s with two, vm cp of a 200 MiB file out 0.72 s
-// against 0.95 s, the CLI's CPU 0.2 s against 0.3–0.5 s
-// (docs/dev/data-path.md).
+// stream's bursts, taking the CPU the guest needs: vm exec of 200 MiB out
+// of a TCG guest took 2.8 s with one thread against 3.2 s with two
+// (docs/dev/data-path.md). vm cp, which also packs or unpacks tar, gained
+// nothing measurable from it (five samples each way) and keeps its threads.
 func oneThread() {
 	if os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(1)
