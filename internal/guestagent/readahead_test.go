@@ -89,13 +89,7 @@ func TestReadAheadCloseAfterTheSourceCloses(t *testing.T) {
 	// The goroutine is blocked reading the pipe: closing the source
 	// (as a data port is closed) lets Close return.
 	pr.CloseWithError(errors.New("port closed"))
-	done := make(chan struct{})
-	go func() { ra.Close(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("Close did not return once the source was closed")
-	}
+	closeWithin(t, ra, "Close did not return once the source was closed")
 	if _, err := ra.Read(b[:]); err == nil {
 		t.Fatal("a read after Close succeeded")
 	}
@@ -116,13 +110,7 @@ func TestReadAheadCloseStopsFilling(t *testing.T) {
 			t.Fatalf("read %d bytes ahead, want the 2 buffers filled", total)
 		}
 	}
-	done := make(chan struct{})
-	go func() { ra.Close(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("Close did not stop a goroutine waiting to hand over a buffer")
-	}
+	closeWithin(t, ra, "Close did not stop a goroutine waiting to hand over a buffer")
 	var b [4096]byte
 	n, err := io.ReadFull(ra, b[:])
 	if n > 2*1024 || err == nil {
@@ -136,4 +124,16 @@ type zeroReader struct{}
 func (zeroReader) Read(p []byte) (int, error) {
 	clear(p)
 	return len(p), nil
+}
+
+// closeWithin closes ra, failing with msg when Close takes 10 s.
+func closeWithin(t *testing.T, ra *readAhead, msg string) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { ra.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal(msg)
+	}
 }
